@@ -1,0 +1,246 @@
+package node
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/vmesh/vmesh/ca"
+	"github.com/vmesh/vmesh/discovery"
+	"github.com/vmesh/vmesh/internal/field"
+	"github.com/vmesh/vmesh/proxy"
+	"github.com/vmesh/vmesh/rules"
+)
+
+// DefaultConfigPath is where the agent looks for its configuration.
+const DefaultConfigPath = "/etc/vmesh/vmesh.toml"
+
+// Config is the whole configuration of one host: one TOML file.
+type Config struct {
+	Node     Section          `toml:"node"`
+	Admin    AdminConfig      `toml:"admin"`
+	Proxy    proxy.Config     `toml:"proxy"`
+	Gossip   discovery.Config `toml:"gossip"`
+	CA       ca.Config        `toml:"ca"`
+	Rules    rules.Config     `toml:"rules"`
+	Services []ServiceConfig  `toml:"service"`
+}
+
+// Section is the [node] section: the host itself.
+type Section struct {
+	// Name is the host's name in the mesh and in its SPIFFE ID
+	// (spiffe://<trust_domain>/node/<name>). Default: the hostname.
+	Name string `toml:"name"`
+	// DataDir holds the state database, keys and certificates.
+	// Default /var/lib/vmesh.
+	DataDir string `toml:"data_dir"`
+	// LogLevel is debug, info (default), warn or error.
+	LogLevel string `toml:"log_level"`
+	// LogFormat is "text" (default) or "json".
+	LogFormat string `toml:"log_format"`
+	// DrainTimeout is how long a stopping agent lets established
+	// connections finish before closing them. Default 10s.
+	DrainTimeout time.Duration `toml:"drain_timeout"`
+}
+
+// AdminConfig is the [admin] section.
+type AdminConfig struct {
+	// Addr serves the read-only admin HTTP API (/metrics, /ready, /live, JSON
+	// views). Default 127.0.0.1:4191; open it to the network for Prometheus.
+	Addr netip.AddrPort `toml:"addr"`
+	// Socket is the control socket for mutating operations (token create,
+	// revoke, reload); its file mode guards it. Default /run/vmesh/admin.sock.
+	Socket string `toml:"socket"`
+}
+
+// ServiceConfig is one [[service]] this host offers.
+type ServiceConfig struct {
+	// Name of the service; its identity is spiffe://<td>/svc/<name>. Required.
+	Name string `toml:"name"`
+	// Port the service listens on. Required.
+	Port uint16 `toml:"port"`
+	// Protocol is "auto" (default: detect), "http1", "http2" or "opaque"
+	// (no detection: mTLS and TCP metrics only).
+	Protocol string `toml:"protocol"`
+	// Policy overrides proxy.default_policy for this service.
+	Policy proxy.Policy `toml:"policy"`
+	// Allow lists the SPIFFE IDs allowed to connect, with '*' matching one
+	// path segment or a trailing '**' any rest, e.g.
+	// "spiffe://prod.example/svc/web". Empty: the policy alone decides.
+	Allow []string `toml:"allow"`
+	// Weight for load balancing, 1-1000. Default 100.
+	Weight int `toml:"weight"`
+	// Labels are free-form facts gossiped with the service (e.g. version).
+	Labels map[string]string `toml:"labels"`
+	// Health is the service's health check. Default: a TCP connect every 10s.
+	Health discovery.HealthCheck `toml:"health"`
+}
+
+// ServiceProtocol returns the protocol, resolving the default.
+func (s *ServiceConfig) ServiceProtocol() string {
+	if s.Protocol == "" {
+		return "auto"
+	}
+	return s.Protocol
+}
+
+// ServiceWeight returns the weight, resolving the default.
+func (s *ServiceConfig) ServiceWeight() int {
+	if s.Weight == 0 {
+		return 100
+	}
+	return s.Weight
+}
+
+// DefaultConfig returns a fresh, complete configuration with every default
+// set. Fields that need the host (node name) are resolved at start-up.
+func DefaultConfig() Config {
+	return Config{
+		Node: Section{
+			DataDir:      "/var/lib/vmesh",
+			LogLevel:     "info",
+			LogFormat:    "text",
+			DrainTimeout: 10 * time.Second,
+		},
+		Admin: AdminConfig{
+			Addr:   netip.MustParseAddrPort("127.0.0.1:4191"),
+			Socket: "/run/vmesh/admin.sock",
+		},
+		Proxy:  proxy.DefaultConfig(),
+		Gossip: discovery.DefaultConfig(),
+		CA:     ca.DefaultConfig(),
+		Rules:  rules.DefaultConfig(),
+	}
+}
+
+// NodeName returns the configured node name or the hostname.
+func (c *Config) NodeName() string {
+	if c.Node.Name != "" {
+		return c.Node.Name
+	}
+	h, err := os.Hostname()
+	if err != nil || h == "" {
+		return "localhost"
+	}
+	return strings.ToLower(h)
+}
+
+var (
+	nameRE     = regexp.MustCompile(`^[a-z0-9]([a-z0-9\-_.]{0,61}[a-z0-9])?$`)
+	logLevels  = []string{"debug", "info", "warn", "error"}
+	protocols  = []string{"auto", "http1", "http2", "opaque"}
+	spiffePath = regexp.MustCompile(`^spiffe://[a-z0-9.\-_*]+(/[A-Za-z0-9.\-_*]+)*$`)
+)
+
+// ValidName reports whether s is usable as a node or service name (it ends
+// up in SPIFFE IDs, metric labels and file names).
+func ValidName(s string) bool { return nameRE.MatchString(s) }
+
+// Validate checks the whole configuration without changing it and returns
+// every problem found, each naming its key (a field.List).
+func (c *Config) Validate() error {
+	var errs field.List
+	if c.Node.Name != "" && !ValidName(c.Node.Name) {
+		errs.Add("node.name", "%q is not a valid name (lower-case letters, digits, '-', '_', '.'; at most 63)", c.Node.Name)
+	}
+	if c.Node.DataDir == "" {
+		errs.Add("node.data_dir", "is required")
+	}
+	if !slices.Contains(logLevels, c.Node.LogLevel) {
+		errs.Add("node.log_level", "must be one of %s, got %q", strings.Join(logLevels, ", "), c.Node.LogLevel)
+	}
+	switch c.Node.LogFormat {
+	case "text", "json":
+	default:
+		errs.Add("node.log_format", "must be \"text\" or \"json\", got %q", c.Node.LogFormat)
+	}
+	if c.Node.DrainTimeout < 0 {
+		errs.Add("node.drain_timeout", "must not be negative, got %s", c.Node.DrainTimeout)
+	}
+	if !c.Admin.Addr.IsValid() || c.Admin.Addr.Port() == 0 {
+		errs.Add("admin.addr", "must be an address with a non-zero port, e.g. 127.0.0.1:4191")
+	}
+	if c.Admin.Socket == "" {
+		errs.Add("admin.socket", "is required")
+	}
+	errs.Merge("proxy", c.Proxy.Validate())
+	errs.Merge("gossip", c.Gossip.Validate())
+	errs.Merge("ca", c.CA.Validate())
+	errs.Merge("rules", c.Rules.Validate())
+
+	names := map[string]int{}
+	for i := range c.Services {
+		s := &c.Services[i]
+		key := fmt.Sprintf("service[%d]", i+1)
+		switch {
+		case s.Name == "":
+			errs.Add(key+".name", "is required")
+		case !ValidName(s.Name):
+			errs.Add(key+".name", "%q is not a valid name (lower-case letters, digits, '-', '_', '.')", s.Name)
+		default:
+			if j, dup := names[s.Name]; dup {
+				errs.Add(key+".name", "service %q is already declared as service[%d]", s.Name, j)
+			}
+			names[s.Name] = i + 1
+		}
+		if s.Port == 0 {
+			errs.Add(key+".port", "is required (1-65535)")
+		}
+		if !slices.Contains(protocols, s.ServiceProtocol()) {
+			errs.Add(key+".protocol", "must be one of %s, got %q", strings.Join(protocols, ", "), s.Protocol)
+		}
+		if s.Policy != "" && !s.Policy.Valid() {
+			errs.Add(key+".policy", "unknown policy %q (want all-unauthenticated, all-authenticated, deny or audit)", s.Policy)
+		}
+		for j, a := range s.Allow {
+			if !spiffePath.MatchString(a) {
+				errs.Add(key+".allow", "entry %d: %q is not a SPIFFE ID pattern like \"spiffe://td/svc/name\"", j+1, a)
+			}
+		}
+		if w := s.ServiceWeight(); w < 1 || w > 1000 {
+			errs.Add(key+".weight", "must be 1-1000, got %d", s.Weight)
+		}
+		errs.Merge(key+".health", s.Health.Validate())
+	}
+	c.validatePorts(&errs)
+	return errs.Err()
+}
+
+// validatePorts refuses two things on one port, and service ports that are
+// also skip ports (their traffic would silently bypass the mesh).
+func (c *Config) validatePorts(errs *field.List) {
+	type owner struct{ key string }
+	used := map[uint16]owner{}
+	claim := func(key string, p uint16) {
+		if p == 0 {
+			return
+		}
+		if o, ok := used[p]; ok {
+			errs.Add(key, "port %d is already used by %s", p, o.key)
+			return
+		}
+		used[p] = owner{key}
+	}
+	claim("proxy.outbound_addr", c.Proxy.OutboundAddr.Port())
+	claim("proxy.inbound_addr", c.Proxy.InboundAddr.Port())
+	claim("admin.addr", c.Admin.Addr.Port())
+	claim("gossip.bind_addr", c.Gossip.BindAddr.Port())
+	if c.CA.Role == ca.RoleServer {
+		claim("ca.listen_addr", c.CA.ListenAddr.Port())
+	}
+	for i := range c.Services {
+		s := &c.Services[i]
+		key := fmt.Sprintf("service[%d].port", i+1)
+		claim(key, s.Port)
+		if s.Port != 0 && slices.Contains(c.Rules.SkipInboundPorts, s.Port) {
+			errs.Add(key, "port %d is also in rules.skip_inbound_ports: its traffic would bypass the mesh", s.Port)
+		}
+		if s.Port != 0 && slices.Contains(c.Rules.SkipOutboundPorts, s.Port) {
+			errs.Add(key, "port %d is also in rules.skip_outbound_ports: its traffic would bypass the mesh", s.Port)
+		}
+	}
+}

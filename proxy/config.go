@@ -1,0 +1,119 @@
+package proxy
+
+import (
+	"net/netip"
+	"time"
+
+	"github.com/vmesh/vmesh/internal/field"
+)
+
+// DefaultOpaquePorts are the ports on which no protocol detection is done,
+// Linkerd's default list: SMTP (25, 587), MySQL (3306), Galera (4444),
+// PostgreSQL (5432), Redis (6379), Elasticsearch (9300), memcached (11211).
+// Server-speaks-first protocols would otherwise wait the detect timeout.
+func DefaultOpaquePorts() []uint16 {
+	return []uint16{25, 587, 3306, 4444, 5432, 6379, 9300, 11211}
+}
+
+// Policy is a default authorization policy for inbound connections.
+type Policy string
+
+// The default policies, as in Linkerd.
+const (
+	// PolicyAllUnauthenticated allows every client, meshed or not.
+	PolicyAllUnauthenticated Policy = "all-unauthenticated"
+	// PolicyAllAuthenticated allows only clients with a valid mesh SVID.
+	PolicyAllAuthenticated Policy = "all-authenticated"
+	// PolicyDeny refuses every connection.
+	PolicyDeny Policy = "deny"
+	// PolicyAudit allows every client but logs and counts what would be denied.
+	PolicyAudit Policy = "audit"
+)
+
+// Valid reports whether p is one of the known policies.
+func (p Policy) Valid() bool {
+	switch p {
+	case PolicyAllUnauthenticated, PolicyAllAuthenticated, PolicyDeny, PolicyAudit:
+		return true
+	}
+	return false
+}
+
+// Config is the [proxy] section of the configuration.
+type Config struct {
+	// OutboundAddr is where the outbound proxy listens; the OUTPUT redirect
+	// sends the host's TCP connections here. Default 127.0.0.1:4140.
+	OutboundAddr netip.AddrPort `toml:"outbound_addr"`
+	// InboundAddr is where the inbound proxy listens: the PREROUTING redirect
+	// target and where peer proxies dial with mTLS. Default 0.0.0.0:4143.
+	InboundAddr netip.AddrPort `toml:"inbound_addr"`
+	// DetectTimeout bounds the first read used for protocol detection.
+	// Default 10s. A server-speaks-first service on a non-opaque port waits
+	// this long before its first byte.
+	DetectTimeout time.Duration `toml:"detect_timeout"`
+	// ConnectTimeout bounds dialing a peer proxy or a local service.
+	// Default 1s.
+	ConnectTimeout time.Duration `toml:"connect_timeout"`
+	// OpaquePorts skip protocol detection (still mTLS, authorization and TCP
+	// metrics). Default: DefaultOpaquePorts. An empty list disables the
+	// default list.
+	OpaquePorts []uint16 `toml:"opaque_ports"`
+	// DefaultPolicy authorizes inbound connections to services that do not
+	// set their own policy. Default "all-unauthenticated" (Linkerd's).
+	DefaultPolicy Policy `toml:"default_policy"`
+	// OutboundUnknown says what to do with outbound connections to addresses
+	// the mesh does not know: "passthrough" (default) or "deny".
+	OutboundUnknown string `toml:"outbound_unknown"`
+}
+
+// DefaultConfig returns a fresh proxy configuration with every default set.
+func DefaultConfig() Config {
+	return Config{
+		OutboundAddr:    netip.MustParseAddrPort("127.0.0.1:4140"),
+		InboundAddr:     netip.MustParseAddrPort("0.0.0.0:4143"),
+		DetectTimeout:   10 * time.Second,
+		ConnectTimeout:  time.Second,
+		OpaquePorts:     DefaultOpaquePorts(),
+		DefaultPolicy:   PolicyAllUnauthenticated,
+		OutboundUnknown: "passthrough",
+	}
+}
+
+// Validate checks c without changing it. Keys are relative to [proxy].
+func (c *Config) Validate() error {
+	var errs field.List
+	if c == nil {
+		return nil
+	}
+	switch {
+	case !c.OutboundAddr.IsValid() || c.OutboundAddr.Port() == 0:
+		errs.Add("outbound_addr", "must be an address with a non-zero port, e.g. 127.0.0.1:4140")
+	}
+	switch {
+	case !c.InboundAddr.IsValid() || c.InboundAddr.Port() == 0:
+		errs.Add("inbound_addr", "must be an address with a non-zero port, e.g. 0.0.0.0:4143")
+	}
+	switch {
+	case c.DetectTimeout <= 0:
+		errs.Add("detect_timeout", "must be positive, e.g. \"10s\"")
+	case c.DetectTimeout > 5*time.Minute:
+		errs.Add("detect_timeout", "must be at most 5m, got %s", c.DetectTimeout)
+	}
+	if c.ConnectTimeout <= 0 {
+		errs.Add("connect_timeout", "must be positive, e.g. \"1s\"")
+	}
+	for i, p := range c.OpaquePorts {
+		if p == 0 {
+			errs.Add("opaque_ports", "entry %d: port 0 is not a port", i+1)
+		}
+	}
+	if !c.DefaultPolicy.Valid() {
+		errs.Add("default_policy", "unknown policy %q (want all-unauthenticated, all-authenticated, deny or audit)", c.DefaultPolicy)
+	}
+	switch c.OutboundUnknown {
+	case "passthrough", "deny":
+	default:
+		errs.Add("outbound_unknown", "must be \"passthrough\" or \"deny\", got %q", c.OutboundUnknown)
+	}
+	return errs.Err()
+}
