@@ -70,6 +70,7 @@ with mTLS, protocol detection, authorization and golden metrics.`,
 		newAgentCmd(),
 		newConfigCmd(),
 		newVersionCmd(),
+		newStatCmd(),
 	)
 	return root
 }
