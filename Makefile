@@ -31,7 +31,16 @@ unit:
 
 test: check unit
 
+# bench: the benchmark harness (bench/, ~12 minutes on 2 cores, as root):
+# vmesh vs direct vs HAProxy on test-bed hosts; prints a table, writes
+# bench/results/<date>.json and rewrites the results section of
+# BENCHMARKS.md. Then the packages' go test -bench micro-benchmarks.
+# BENCHFLAGS passes harness flags, e.g. BENCHFLAGS="-bench.rounds 1".
+BENCHFLAGS ?=
 bench:
+	bash bench/deps.sh
+	cd bench && VMESH_BENCH=1 $(GO) test -tags $(TAGS) -run '^TestBench$$' -v -timeout 30m . \
+	  -args -bench.doc ../BENCHMARKS.md $(BENCHFLAGS)
 	$(GO) test -tags $(TAGS) -run '^$$' -bench . -benchtime 2x ./...
 
 clean:

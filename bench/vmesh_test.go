@@ -1,0 +1,93 @@
+package bench
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmesh/vmesh/internal/testbed"
+)
+
+// setupVMesh starts vmesh agents on client and server (the CA host, which
+// offers the benchmark services) and waits until the client's agent routes
+// to the server's services. An error makes the column unavailable.
+func setupVMesh(t *testing.T, tl *tools, client, server *testbed.Host) (*column, error) {
+	dir := filepath.Join(tl.dir, "vmesh")
+	sdir, cdir := filepath.Join(dir, server.Name), filepath.Join(dir, client.Name)
+	for _, d := range []string{sdir, cdir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, err
+		}
+	}
+	scfg := AgentConfig{
+		Name: server.Name, Addr: server.Addr, DataDir: filepath.Join(sdir, "data"),
+		Socket: filepath.Join(sdir, "admin.sock"), CAServer: true, CADir: filepath.Join(sdir, "ca"),
+		Services: Services,
+	}
+	if out, err := server.Try(tl.vmesh, "ca", "init", "--trust-domain", TrustDomain, "--dir", scfg.CADir); err != nil {
+		return nil, fmt.Errorf("vmesh ca init: %v %s", err, out)
+	}
+	spath := filepath.Join(sdir, "vmesh.toml")
+	if err := os.WriteFile(spath, []byte(scfg.TOML()), 0o600); err != nil {
+		return nil, err
+	}
+	if out, err := server.Try(tl.vmesh, "config", "check", spath); err != nil {
+		return nil, fmt.Errorf("server config: %v %s", err, out)
+	}
+	sp := server.Start(t, "prlimit", nofileArg(), "--", tl.vmesh, "agent", "--config", spath)
+	if err := waitReady(server, tl, sp.Process.Pid, 30*time.Second); err != nil {
+		return nil, fmt.Errorf("server agent: %w", err)
+	}
+
+	token, err := server.Try(tl.vmesh, "token", "create", "--config", spath, "--node", client.Name)
+	if err != nil {
+		return nil, fmt.Errorf("vmesh token create: %w", err)
+	}
+	ccfg := AgentConfig{
+		Name: client.Name, Addr: client.Addr, DataDir: filepath.Join(cdir, "data"),
+		Socket: filepath.Join(cdir, "admin.sock"), Join: []netip.Addr{server.Addr},
+		Token: strings.TrimSpace(token),
+	}
+	cpath := filepath.Join(cdir, "vmesh.toml")
+	if err := os.WriteFile(cpath, []byte(ccfg.TOML()), 0o600); err != nil {
+		return nil, err
+	}
+	cp := client.Start(t, "prlimit", nofileArg(), "--", tl.vmesh, "agent", "--config", cpath)
+	if err := waitReady(client, tl, cp.Process.Pid, 30*time.Second); err != nil {
+		return nil, fmt.Errorf("client agent: %w", err)
+	}
+	c := &column{name: VMesh, client: client, server: server, target: map[string]string{},
+		procs:    []proc{{host: client.Name, pid: cp.Process.Pid}, {host: server.Name, pid: sp.Process.Pid}},
+		controls: map[string]string{client.Name: ccfg.Socket, server.Name: scfg.Socket}}
+	for _, s := range Services {
+		c.target[s.Name] = fmt.Sprintf("%s:%d", server.Addr, s.Port)
+	}
+	return c, nil
+}
+
+// waitReady polls the agent's /ready in its host until it answers 200, or
+// fails early if the agent process exits.
+func waitReady(h *testbed.Host, tl *tools, pid int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	var last error
+	for time.Now().Before(deadline) {
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
+			return fmt.Errorf("agent exited (%v)", last)
+		}
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+			if f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:])); len(f) > 0 && f[0] == "Z" {
+				return fmt.Errorf("agent exited (%v)", last)
+			}
+		}
+		_, last = h.Try(tl.benchtool, "get", "-url", "http://127.0.0.1:4191/ready")
+		if last == nil {
+			return nil
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return fmt.Errorf("not ready after %s: %v", timeout, last)
+}
