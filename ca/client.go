@@ -908,4 +908,3 @@ func readAPIError(resp *http.Response) error {
 	}
 	return &APIError{Status: resp.StatusCode, Message: m.Message}
 }
-
