@@ -826,7 +826,7 @@ func (c *Client) fetchRoots(ctx context.Context, base, fp string) ([]*x509.Certi
 		return nil, fmt.Errorf("fetching roots: %w", err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
+	if resp.StatusCode/100 != 2 {
 		return nil, fmt.Errorf("fetching roots: %w", readAPIError(resp))
 	}
 	var rr api.RootsResponse
@@ -881,7 +881,7 @@ func (c *Client) post(ctx context.Context, url string, in, out any) error {
 		return fmt.Errorf("calling ca: %w", err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusCreated {
+	if resp.StatusCode/100 != 2 {
 		return readAPIError(resp)
 	}
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(out); err != nil {

@@ -282,6 +282,7 @@ func (s *Server) newAuthority(interKey *ecdsa.PrivateKey) (*authority.Authority,
 		authority.WithX509RootCerts(s.root),
 		authority.WithX509Signer(s.inter, interKey),
 		authority.WithAuthorizeRenewFunc(s.authorizeRenew),
+		authority.WithX509Enforcers(provisioner.CertificateEnforcerFunc(s.addGrant)),
 		authority.WithQuietInit(),
 	)
 	if err != nil {
@@ -424,13 +425,56 @@ func (s *Server) authorizeRenew(ctx context.Context, p *provisioner.Controller, 
 	switch {
 	case err != nil:
 		return errs.InternalServerErr(err)
-	case r == nil:
-		return errs.Unauthorized("renewal refused: node %s is unknown to this ca", name)
-	case r.Revoked:
+	case r != nil && r.Revoked:
 		s.log.Warn("renewal refused: node revoked", "node", name)
 		return errs.Unauthorized("renewal refused: node %s is revoked", name)
 	}
 	return provisioner.DefaultAuthorizeRenew(ctx, p, cert)
+}
+
+// granted returns the services node may get: this CA's record when it has
+// one (the latest token), else the grant carried in the node SVID (a node
+// that joined through another CA host sharing the intermediate).
+func (s *Server) granted(node string, nodeCert *x509.Certificate) ([]string, error) {
+	rec, err := s.getNode(node)
+	switch {
+	case err != nil:
+		return nil, err
+	case rec != nil && rec.Revoked:
+		return nil, fmt.Errorf("node %s is revoked", node)
+	case rec != nil:
+		return rec.Services, nil
+	}
+	g, ok, err := certGrant(nodeCert)
+	switch {
+	case err != nil:
+		return nil, err
+	case !ok:
+		return nil, fmt.Errorf("node %s is unknown to this ca and its certificate carries no grant", node)
+	}
+	return g, nil
+}
+
+// addGrant runs on every certificate the authority signs (not renewals):
+// a node SVID gets the services this CA recorded for the node.
+func (s *Server) addGrant(c *x509.Certificate) error {
+	if len(c.URIs) != 1 {
+		return nil
+	}
+	kind, node, err := parseIDURL(c.URIs[0], s.td)
+	if err != nil || kind != kindNode {
+		return nil
+	}
+	rec, err := s.getNode(node)
+	if err != nil || rec == nil {
+		return err
+	}
+	ext, err := grantExtension(rec.Services)
+	if err != nil {
+		return err
+	}
+	c.ExtraExtensions = append(c.ExtraExtensions, ext)
+	return nil
 }
 
 // issue signs csr for exactly the SPIFFE ID id, in-process, through the
@@ -740,21 +784,15 @@ func (s *Server) handleSVID(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusForbidden, "%s is not a service id", id)
 		return
 	}
-	rec, err := s.getNode(node)
+	granted, err := s.granted(node, r.TLS.PeerCertificates[0])
 	switch {
 	case err != nil:
-		writeError(w, http.StatusInternalServerError, "%v", err)
+		s.log.Warn("service svid refused", "node", node, "service", svc, "err", err)
+		writeError(w, http.StatusForbidden, "%v", err)
 		return
-	case rec == nil:
-		writeError(w, http.StatusForbidden, "node %s is unknown to this ca", node)
-		return
-	case rec.Revoked:
-		s.log.Warn("service svid refused: node revoked", "node", node, "service", svc)
-		writeError(w, http.StatusForbidden, "node %s is revoked", node)
-		return
-	case !slices.Contains(rec.Services, svc):
+	case !slices.Contains(granted, svc):
 		s.log.Warn("service svid refused: not granted", "node", node, "service", svc)
-		writeError(w, http.StatusForbidden, "node %s was not granted service %q (granted: %s)", node, svc, strings.Join(rec.Services, ","))
+		writeError(w, http.StatusForbidden, "node %s was not granted service %q (granted: %s)", node, svc, strings.Join(granted, ","))
 		return
 	}
 	chain, err := s.issue(r.Context(), csr, id)
