@@ -277,6 +277,28 @@ func TestKernelRedirect(t *testing.T) {
 		dial(t, h2, h1addr(22), "ssh-1")
 		expect(t, ssh, "ssh-1", netip.AddrPort{})
 	})
+	t.Run("docker dns added after vmesh still reached", func(t *testing.T) {
+		// Docker (re)writes its embedded-DNS rules after vmesh installed,
+		// so vmesh's jump comes first in OUTPUT: TCP DNS must still reach
+		// Docker's DNAT, not the outbound proxy.
+		dns := listen(t, h1, "127.0.0.11:40000")
+		for _, args := range [][]string{
+			{"-t", "nat", "-N", "DOCKER_OUTPUT"},
+			{"-t", "nat", "-A", "OUTPUT", "-d", "127.0.0.11/32", "-j", "DOCKER_OUTPUT"},
+			{"-t", "nat", "-A", "DOCKER_OUTPUT", "-d", "127.0.0.11/32", "-p", "tcp", "--dport", "53", "-j", "DNAT", "--to-destination", "127.0.0.11:40000"},
+		} {
+			h1.Run(t, "iptables", args...)
+		}
+		dial(t, h1, netip.MustParseAddrPort("127.0.0.11:53"), "dns-1")
+		expect(t, dns, "dns-1", netip.MustParseAddrPort("127.0.0.11:53"))
+		in(t, h1, func() error {
+			diff, err := a.Installed(ctx, Build(kernelState()))
+			if err == nil && diff != "" {
+				err = fmt.Errorf("Docker's rules made vmesh's look stale:\n%s", diff)
+			}
+			return err
+		})
+	})
 	for name, l := range map[string]*listener{"4140": out, "4143": inb, "22": ssh, "8080": svc, "h2:80": remote80, "h2:5432": remote5432} {
 		select {
 		case g := <-l.got:
