@@ -1,6 +1,7 @@
 package node
 
 import (
+	_ "embed"
 	"fmt"
 	"net/netip"
 	"os"
@@ -244,3 +245,10 @@ func (c *Config) validatePorts(errs *field.List) {
 		}
 	}
 }
+
+//go:embed default.toml
+var defaultTOML string
+
+// DefaultTOML returns the default configuration as commented TOML, for
+// `vmesh config default`. Parsing it yields DefaultConfig().
+func DefaultTOML() string { return defaultTOML }
