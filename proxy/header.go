@@ -102,8 +102,7 @@ func readHeader(r io.Reader) (transportHeader, error) {
 	if n > maxHeaderBody {
 		return transportHeader{}, fmt.Errorf("%w: %d bytes", errHeaderTooLarge, n)
 	}
-	var buf [maxHeaderBody]byte
-	body := buf[:n]
+	body := make([]byte, n) // n is small and bounded
 	if _, err := io.ReadFull(r, body); err != nil {
 		return transportHeader{}, fmt.Errorf("reading transport header body: %w", err)
 	}
