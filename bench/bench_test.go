@@ -24,7 +24,7 @@ import (
 var (
 	flagRounds  = flag.Int("bench.rounds", 3, "rounds of each measurement (interleaved across columns); the median is reported")
 	flagDur     = flag.Duration("bench.dur", 5*time.Second, "duration of each timed load run")
-	flagColumns = flag.String("bench.columns", "direct,haproxy,vmesh", "columns to run")
+	flagColumns = flag.String("bench.columns", "direct,haproxy,vmesh-proxy,vmesh", "columns to run")
 	flagOnly    = flag.String("bench.only", "", "scenarios to run (comma list of fixed,max,bulk,conns,redis,memory); empty: all")
 	flagHold    = flag.Int("bench.hold", 10000, "idle proxied connections to open for the memory scenario")
 	flagOut     = flag.String("bench.out", "results", "directory for the JSON results; empty: none")
@@ -37,16 +37,17 @@ var (
 const nobodyUID = "65534"
 
 // TestBench is the benchmark harness; `make bench` runs it. It builds a
-// four-host test bed: vmesh agents on h1 (client) and h2 (server, CA), and
-// h3 (client) / h4 (server) for the direct and HAProxy columns, so that the
-// vmesh hosts' iptables rules never touch the other columns' traffic.
+// six-host test bed: vmesh agents on h1 (client) and h2 (server, CA); h3
+// (client) and h4 (server) for the direct and HAProxy columns; h5 and h6 for
+// vmesh's proxy alone (bench/meshproxy). Each pair has its own iptables
+// rules, which never touch another column's traffic.
 func TestBench(t *testing.T) {
 	if os.Getenv("VMESH_BENCH") != "1" {
 		t.Skip("benchmark harness: run with VMESH_BENCH=1 (make bench)")
 	}
 	testbed.Require(t)
 	tl := prepareTools(t)
-	bed := testbed.New(t, 4)
+	bed := testbed.New(t, 6)
 	r := &run{t: t, tools: tl, bed: bed, report: &Report{
 		Date:    time.Now().UTC().Format(time.RFC3339),
 		Machine: machine(tl),
@@ -56,9 +57,16 @@ func TestBench(t *testing.T) {
 		Unavailable: map[string]string{},
 	}}
 	want := strings.Split(*flagColumns, ",")
+	r.report.Notes = append(r.report.Notes, "load average before the run: "+loadavg())
+	for _, h := range bed.Hosts {
+		// Connection-rate runs leave tens of thousands of TIME_WAIT sockets
+		// on the side that closes first; without reuse, connect() then
+		// crawls through the ephemeral ports (tens of ms per connection).
+		h.Run(t, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1")
+	}
 
 	// Backends on both server hosts.
-	for _, h := range []*testbed.Host{bed.Hosts[1], bed.Hosts[3]} {
+	for _, h := range []*testbed.Host{bed.Hosts[1], bed.Hosts[3], bed.Hosts[5]} {
 		startBackends(t, tl, h)
 	}
 	direct := &column{name: Direct, client: bed.Hosts[2], server: bed.Hosts[3], target: map[string]string{}}
@@ -71,6 +79,14 @@ func TestBench(t *testing.T) {
 	if slices.Contains(want, HAProxy) {
 		if c, err := setupHAProxy(t, tl, bed.Hosts[2], bed.Hosts[3]); err != nil {
 			r.report.Unavailable[HAProxy] = err.Error()
+		} else {
+			r.columns = append(r.columns, c)
+		}
+	}
+	if slices.Contains(want, VMeshProxy) {
+		if c, err := setupMeshProxy(t, tl, bed.Hosts[4], bed.Hosts[5]); err != nil {
+			t.Logf("vmesh-proxy column unavailable: %v", err)
+			r.report.Unavailable[VMeshProxy] = err.Error()
 		} else {
 			r.columns = append(r.columns, c)
 		}
@@ -123,7 +139,8 @@ func TestBench(t *testing.T) {
 	}
 	r.setTargets()
 	r.report.Finish()
-	r.report.Notes = append(r.report.Notes, fmt.Sprintf("whole harness run: %s", time.Since(start).Round(time.Second)))
+	r.report.Notes = append(r.report.Notes, fmt.Sprintf("whole harness run: %s; load average after: %s",
+		time.Since(start).Round(time.Second), loadavg()))
 
 	var buf bytes.Buffer
 	r.report.WriteText(&buf)
@@ -680,6 +697,20 @@ func (r *run) save() {
 		}
 		r.t.Logf("results section of %s rewritten", *flagDoc)
 	}
+}
+
+// loadavg returns the machine's 1, 5 and 15-minute load averages: other
+// work on the machine skews a run, and this shows it.
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
 }
 
 func machine(tl *tools) Machine {

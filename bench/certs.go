@@ -9,6 +9,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"math/big"
+	"net/url"
 	"os"
 	"path/filepath"
 	"time"
@@ -90,6 +91,73 @@ func WritePeerCerts(dir string) (PeerCerts, error) {
 		return PeerCerts{}, err
 	}
 	return pc, nil
+}
+
+// WriteSVIDs writes a throw-away mesh PKI for the vmesh-proxy column (the
+// proxy package run without the agent): root.pem, and for each node
+// node-<name>.pem (spiffe://td/node/<name>) and svc-<service>.pem
+// (spiffe://td/svc/<service>) for the services it offers, each a leaf with
+// its key. It returns the root's path.
+func WriteSVIDs(dir, td string, nodes map[string][]string) (string, error) {
+	now := time.Now()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return "", fmt.Errorf("generating root key: %w", err)
+	}
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: td + " bench root"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		return "", fmt.Errorf("creating root: %w", err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	root := filepath.Join(dir, "root.pem")
+	if err := os.WriteFile(root, pemBlock("CERTIFICATE", caDER), 0o644); err != nil {
+		return "", fmt.Errorf("writing root: %w", err)
+	}
+	serial := int64(1)
+	issue := func(id *url.URL, path string) error {
+		serial++
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return fmt.Errorf("generating key for %s: %w", id, err)
+		}
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(serial),
+			NotBefore:    now.Add(-time.Hour),
+			NotAfter:     now.Add(24 * time.Hour),
+			URIs:         []*url.URL{id},
+			KeyUsage:     x509.KeyUsageDigitalSignature,
+			ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+		if err != nil {
+			return fmt.Errorf("creating %s: %w", id, err)
+		}
+		kder, err := x509.MarshalECPrivateKey(key)
+		if err != nil {
+			return fmt.Errorf("encoding key of %s: %w", id, err)
+		}
+		return os.WriteFile(path, append(pemBlock("CERTIFICATE", der), pemBlock("EC PRIVATE KEY", kder)...), 0o600)
+	}
+	for node, svcs := range nodes {
+		if err := issue(&url.URL{Scheme: "spiffe", Host: td, Path: "/node/" + node}, filepath.Join(dir, "node-"+node+".pem")); err != nil {
+			return "", err
+		}
+		for _, s := range svcs {
+			if err := issue(&url.URL{Scheme: "spiffe", Host: td, Path: "/svc/" + s}, filepath.Join(dir, "svc-"+s+".pem")); err != nil {
+				return "", err
+			}
+		}
+	}
+	return root, nil
 }
 
 func pemBlock(typ string, der []byte) []byte {

@@ -15,6 +15,8 @@ const (
 	Direct  = "direct"
 	HAProxy = "haproxy"
 	VMesh   = "vmesh"
+	// VMeshProxy is vmesh's data path alone (bench/meshproxy).
+	VMeshProxy = "vmesh-proxy"
 )
 
 // Report is one harness run: what bench/results/<date>.json holds.

@@ -30,6 +30,7 @@ type tools struct {
 	fortio    string
 	benchtool string
 	vmesh     string
+	meshproxy string
 	versions  string
 }
 
@@ -77,6 +78,8 @@ func prepareTools(t *testing.T) *tools {
 	gobuild(t, tl.benchtool, "./benchtool")
 	tl.vmesh = filepath.Join(bin, "vmesh")
 	gobuild(t, tl.vmesh, "../cmd/vmesh")
+	tl.meshproxy = filepath.Join(bin, "meshproxy")
+	gobuild(t, tl.meshproxy, "./meshproxy")
 
 	var vs []string
 	ver := func(name string, args ...string) {
@@ -246,7 +249,7 @@ func (r *run) profile() {
 				r.t.Log(err)
 				continue
 			}
-			top, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=25", r.tools.vmesh, path).CombinedOutput()
+			top, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=30", path).CombinedOutput()
 			if err != nil {
 				r.t.Logf("pprof -top %s: %v: %s", path, err, top)
 				continue

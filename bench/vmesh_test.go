@@ -91,3 +91,59 @@ func waitReady(h *testbed.Host, tl *tools, pid int, timeout time.Duration) error
 	}
 	return fmt.Errorf("not ready after %s: %v", timeout, last)
 }
+
+// setupMeshProxy starts the vmesh-proxy column: bench/meshproxy (the proxy
+// package with a static catalog and harness-made SVIDs) on both hosts, with
+// the rules `vmesh rules install` puts in place for the same configuration
+// the agents would have.
+func setupMeshProxy(t *testing.T, tl *tools, client, server *testbed.Host) (*column, error) {
+	dir := filepath.Join(tl.dir, "meshproxy")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	var names, specs []string
+	for _, s := range Services {
+		proto := "auto"
+		if s.Opaque {
+			proto = "opaque"
+		}
+		names = append(names, s.Name)
+		specs = append(specs, fmt.Sprintf("%s:%d:%s", s.Name, s.Port, proto))
+	}
+	root, err := WriteSVIDs(dir, TrustDomain, map[string][]string{client.Name: nil, server.Name: names})
+	if err != nil {
+		return nil, err
+	}
+	// Rules from the agents' own configurations.
+	for _, a := range []struct {
+		h   *testbed.Host
+		cfg AgentConfig
+	}{
+		{client, AgentConfig{Name: client.Name, Addr: client.Addr, DataDir: dir, Socket: filepath.Join(dir, "c.sock"), Token: "unused"}},
+		{server, AgentConfig{Name: server.Name, Addr: server.Addr, DataDir: dir, Socket: filepath.Join(dir, "s.sock"), CAServer: true, Services: Services}},
+	} {
+		p := filepath.Join(dir, a.h.Name+".toml")
+		if err := os.WriteFile(p, []byte(a.cfg.TOML()), 0o600); err != nil {
+			return nil, err
+		}
+		if out, err := a.h.Try(tl.vmesh, "rules", "install", "--config", p); err != nil {
+			return nil, fmt.Errorf("vmesh rules install on %s: %v %s", a.h.Name, err, out)
+		}
+	}
+	ctl := map[string]string{client.Name: filepath.Join(dir, client.Name+".pprof.sock"), server.Name: filepath.Join(dir, server.Name+".pprof.sock")}
+	sp := server.Start(t, "prlimit", nofileArg(), "--", tl.meshproxy, "-td", TrustDomain, "-root", root,
+		"-node", filepath.Join(dir, "node-"+server.Name+".pem"), "-svc-dir", dir,
+		"-local", strings.Join(specs, ","), "-control", ctl[server.Name])
+	cp := client.Start(t, "prlimit", nofileArg(), "--", tl.meshproxy, "-td", TrustDomain, "-root", root,
+		"-node", filepath.Join(dir, "node-"+client.Name+".pem"), "-peer", server.Addr.String(),
+		"-remote", strings.Join(specs, ","), "-control", ctl[client.Name])
+	waitListening(t, server, 4143)
+	waitListening(t, client, 4140)
+	c := &column{name: VMeshProxy, client: client, server: server, target: map[string]string{},
+		procs:    []proc{{host: client.Name, pid: cp.Process.Pid}, {host: server.Name, pid: sp.Process.Pid}},
+		controls: ctl}
+	for _, s := range Services {
+		c.target[s.Name] = fmt.Sprintf("%s:%d", server.Addr, s.Port)
+	}
+	return c, nil
+}
