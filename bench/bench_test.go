@@ -643,6 +643,9 @@ func (r *run) memoryHold() {
 			r.report.Add(gMem, "per idle proxied connection (both hosts)", "KB", "lower", c.name,
 				float64(after-before)/1024/float64(res.Open))
 			r.report.Add(gMem, fmt.Sprintf("time to open %d connections", res.Open), "s", "lower", c.name, res.Seconds)
+			if *flagPprof {
+				r.heapProfiles(c, res.Open)
+			}
 		}
 		stdin.Close()
 		io.Copy(io.Discard, stdout)

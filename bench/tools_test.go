@@ -259,6 +259,43 @@ func (r *run) profile() {
 	}
 }
 
+// heapProfiles saves the heap profiles of a column's proxies while they
+// hold n idle connections, and logs their goroutine counts and top
+// allocation sites: where the memory per connection goes.
+func (r *run) heapProfiles(c *column, n int) {
+	for host, sock := range c.controls {
+		g, err := fetchUnix(sock, "/debug/pprof/goroutine?debug=1", 30*time.Second)
+		if err == nil {
+			first := strings.SplitN(string(g), "\n", 2)[0]
+			msg := fmt.Sprintf("memory, %s on %s with %d idle connections: %s", c.name, host, n, first)
+			r.t.Log(msg)
+			r.report.Notes = append(r.report.Notes, msg)
+		}
+		b, err := fetchUnix(sock, "/debug/pprof/heap", 30*time.Second)
+		if err != nil {
+			r.t.Logf("heap profile %s %s: %v", c.name, host, err)
+			continue
+		}
+		dir := *flagOut
+		if dir == "" {
+			dir = r.tools.dir
+		}
+		os.MkdirAll(dir, 0o755)
+		stamp := strings.NewReplacer(":", "", "-", "").Replace(r.report.Date)
+		path := filepath.Join(dir, fmt.Sprintf("%s-%s-%s.heap.pprof", stamp, c.name, host))
+		if err := os.WriteFile(path, b, 0o644); err != nil {
+			r.t.Log(err)
+			continue
+		}
+		top, err := exec.Command("go", "tool", "pprof", "-top", "-sample_index=inuse_space", "-nodecount=20", path).CombinedOutput()
+		if err != nil {
+			r.t.Logf("pprof -top %s: %v: %s", path, err, top)
+			continue
+		}
+		r.t.Logf("heap of the %s proxy on %s holding %d idle connections (%s):\n%s", c.name, host, n, path, top)
+	}
+}
+
 // fetchUnix GETs path from an HTTP server on a unix socket.
 func fetchUnix(sock, path string, timeout time.Duration) ([]byte, error) {
 	cl := &http.Client{Timeout: timeout, Transport: &http.Transport{
