@@ -507,8 +507,28 @@ func TestTwoCAs(t *testing.T) {
 	if err := na.obtainNode(context.Background(), na.node); err != nil {
 		t.Fatalf("renewing through the other ca: %v", err)
 	}
-	if n := nodeCert(na.Client); n.SerialNumber.Cmp(old.SerialNumber) == 0 {
+	n := nodeCert(na.Client)
+	if n.SerialNumber.Cmp(old.SerialNumber) == 0 {
 		t.Error("not renewed")
+	}
+	// The renewed node SVID still carries A's grant, so B issues na's
+	// granted service and refuses the others.
+	if g, ok, err := certGrant(n); !ok || err != nil || len(g) != 1 || g[0] != "web" {
+		t.Errorf("grant in renewed node svid: %v %v %v", g, ok, err)
+	}
+	if err := na.obtainService(context.Background(), "web"); err != nil {
+		t.Errorf("service svid from the other ca: %v", err)
+	}
+	_, csr, _ := newCSR(ServiceID(testTD, "db"))
+	if _, err := na.requestService(context.Background(), csr); apiStatus(err) != http.StatusForbidden {
+		t.Errorf("ungranted service from the other ca: %v, want 403", err)
+	}
+	// A revocation on B applies on B even though the grant travels.
+	if err := b.Revoke("na"); err != nil {
+		t.Fatal(err)
+	}
+	if err := na.obtainService(context.Background(), "web"); apiStatus(err) != http.StatusForbidden {
+		t.Errorf("service svid after revocation on B: %v, want 403", err)
 	}
 	// Both hosts' SVIDs chain to the same roots: they talk mTLS.
 	m := serveMesh(t, nb.Client)
@@ -643,4 +663,40 @@ func signDirect(t *testing.T, dir string, mod func(*x509.Certificate)) [][]byte 
 		t.Fatal(err)
 	}
 	return [][]byte{der, inter.Raw}
+}
+
+// TestMalformedRequests: garbage to the API gets clear 4xx answers.
+func TestMalformedRequests(t *testing.T) {
+	ca := startCA(t, initDir(t), "")
+	tok, _ := ca.CreateToken("m", []string{"web"}, 0)
+	c := startClient(t, ClientOptions{NodeName: "m", DB: openDB(t, ""), Token: tok})
+	waitReady(t, c.Client)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		path string
+		body any
+		want int
+	}{
+		{signPath, map[string]string{"ott": ""}, http.StatusBadRequest},
+		{signPath, "not an object", http.StatusBadRequest},
+		{signPath, map[string]string{"ott": "x.y.z", "csr": "nope"}, http.StatusUnauthorized},
+		{svidPath, map[string]string{"csr": "nope"}, http.StatusBadRequest},
+		{svidPath, 42, http.StatusBadRequest},
+		{svidPath, map[string]string{"csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"}, http.StatusBadRequest},
+		{"/1.0/rekey", map[string]string{"csr": "nope"}, http.StatusBadRequest},
+		{"/1.0/revoke", map[string]string{}, http.StatusMethodNotAllowed}, // not mounted: 404 or 405
+	} {
+		var out map[string]any
+		err := c.post(ctx, ca.url+tc.path, tc.body, &out)
+		got := apiStatus(err)
+		if tc.path == "/1.0/revoke" {
+			if got != http.StatusNotFound && got != http.StatusMethodNotAllowed {
+				t.Errorf("%s: %v, want not mounted", tc.path, err)
+			}
+			continue
+		}
+		if got != tc.want {
+			t.Errorf("%s %v: %v, want %d", tc.path, tc.body, err, tc.want)
+		}
+	}
 }

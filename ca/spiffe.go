@@ -63,12 +63,21 @@ func parseIDURL(u *url.URL, td string) (kind, name string, err error) {
 // VerifySVID verifies a peer's X.509-SVID chain as presented in a TLS
 // handshake (leaf first, then intermediates) against the mesh roots and
 // returns the leaf's SPIFFE ID. It checks the chain, that the leaf has exactly
-// one URI SAN, the spiffe scheme, the trust domain and an extended key usage
-// for TLS; it does no hostname check. Use it from
+// one URI SAN (and no other SAN), the spiffe scheme, the trust domain, that
+// the ID is a node or service ID, and an extended key usage for TLS; it does
+// no hostname check. Use it from
 // tls.Config.VerifyPeerCertificate with InsecureSkipVerify set, or on
 // tls.ConnectionState.PeerCertificates.
 func VerifySVID(rawCerts [][]byte, roots *x509.CertPool, trustDomain string) (spiffeID string, err error) {
-	return verifySVID(rawCerts, roots, trustDomain, time.Now())
+	id, err := verifySVID(rawCerts, roots, trustDomain, time.Now())
+	if err != nil {
+		return "", err
+	}
+	// Only workload identities: not the CA API's own certificate.
+	if _, _, err := ParseID(id, trustDomain); err != nil {
+		return "", fmt.Errorf("verifying peer svid: %w", err)
+	}
+	return id, nil
 }
 
 func verifySVID(rawCerts [][]byte, roots *x509.CertPool, td string, now time.Time) (string, error) {

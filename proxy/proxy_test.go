@@ -21,8 +21,9 @@ import (
 )
 
 // echoServer accepts connections and echoes, half-closing when the client does.
-func echoServer(t testing.TB) netip.AddrPort {
-	ln := listenLocal(t)
+func echoServer(t testing.TB) netip.AddrPort { return serveEcho(listenLocal(t)) }
+
+func serveEcho(ln net.Listener) netip.AddrPort {
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -135,15 +136,15 @@ func TestHTTP1ThroughMesh(t *testing.T) {
 	if got := metric(t, a.reg, "response_total", map[string]string{"status_code": "200", "classification": "success"}); got != 3 {
 		t.Errorf("response_total{200,success} = %v, want 3", got)
 	}
-	// Three requests on keep-alive connections: at most one mTLS connection.
 	if got := metric(t, b.reg, "tcp_refused_total", nil); got != 0 {
 		t.Errorf("tcp_refused_total = %v", got)
 	}
 }
 
 // grpcLike serves an h2c handler that streams and sets gRPC trailers.
-func grpcLike(t testing.TB) netip.AddrPort {
-	ln := listenLocal(t)
+func grpcLike(t testing.TB) netip.AddrPort { return serveGRPCLike(t, listenLocal(t)) }
+
+func serveGRPCLike(t testing.TB, ln net.Listener) netip.AddrPort {
 	h2s := &http2.Server{}
 	go func() {
 		for {
@@ -238,8 +239,9 @@ func TestH2CStreamingTrailers(t *testing.T) {
 }
 
 // upgradeServer answers an Upgrade: echo request with 101 and then echoes.
-func upgradeServer(t testing.TB) netip.AddrPort {
-	ln := listenLocal(t)
+func upgradeServer(t testing.TB) netip.AddrPort { return serveUpgrade(t, listenLocal(t)) }
+
+func serveUpgrade(t testing.TB, ln net.Listener) netip.AddrPort {
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Upgrade") != "echo" {
 			http.Error(w, "want upgrade", 400)
@@ -283,8 +285,9 @@ func TestUpgrade(t *testing.T) {
 }
 
 // speaksFirst is a server that greets before reading.
-func speaksFirst(t testing.TB) netip.AddrPort {
-	ln := listenLocal(t)
+func speaksFirst(t testing.TB) netip.AddrPort { return serveSpeaksFirst(listenLocal(t)) }
+
+func serveSpeaksFirst(ln net.Listener) netip.AddrPort {
 	go func() {
 		for {
 			c, err := ln.Accept()
