@@ -2,7 +2,6 @@ package node
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -410,6 +410,7 @@ func (a *Agent) buildDiscovery(cfg Config) error {
 
 func (a *Agent) buildProxy(cfg Config) error {
 	p, err := proxy.New(cfg.Proxy, proxy.Options{
+		Dialer:     markDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
 		Catalog:    catalogAdapter{a.disc},
 		Identity:   a.caClient,
 		Services:   proxyServices(cfg),
@@ -433,6 +434,29 @@ func (a *Agent) buildRules(cfg Config) error {
 	a.applier = ap
 	a.ruleset = rules.Build(cfg.RulesState(a.uid()))
 	return nil
+}
+
+// markDialer returns a dialer whose connections carry the firewall mark
+// the rules exempt from redirection (SO_MARK needs CAP_NET_ADMIN, which the
+// agent has for iptables). A zero mark means a plain dialer.
+func markDialer(mark uint32, timeout time.Duration) *net.Dialer {
+	d := &net.Dialer{Timeout: timeout, KeepAlive: 30 * time.Second}
+	if mark == 0 {
+		return d
+	}
+	d.Control = func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, int(mark))
+		}); err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("setting SO_MARK (needs CAP_NET_ADMIN): %w", serr)
+		}
+		return nil
+	}
+	return d
 }
 
 // catalogAdapter gives the proxy discovery's lookups in its own terms.
@@ -523,5 +547,3 @@ func advertiseAddr(cfg Config) netip.Addr {
 	}
 	return netip.MustParseAddr("127.0.0.1")
 }
-
-var _ = tls.VersionTLS13
