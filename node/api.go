@@ -22,6 +22,7 @@ type Status struct {
 	NotReady    string              `json:"not_ready,omitempty"`
 	UID         int                 `json:"uid"`
 	Role        string              `json:"ca_role"`
+	CAURL       string              `json:"ca_url,omitempty"`
 	Identities  []ca.IdentityStatus `json:"identities"`
 	Members     []discovery.Member  `json:"members"`
 	Outbound    string              `json:"outbound"`
@@ -78,6 +79,7 @@ func (a *Agent) status(ctx context.Context) Status {
 	if a.caClient != nil {
 		st.Identity = a.caClient.NodeID()
 		st.Identities = a.caClient.Status()
+		st.CAURL = a.caClient.CAURL()
 	}
 	if a.disc != nil {
 		st.Members = a.disc.Members()

@@ -374,6 +374,21 @@ allow = ["spiffe://e2e.test/node/ca1"]
 	})
 
 	t.Logf("step: %s", "SIGTERM: the host")
+	// vmesh check: all green on a healthy host; names missing rules and a
+	// stopped CA.
+	if out, err := cli.Try(vmeshBin, "check", "-c", cli.cfg); err != nil || strings.Contains(out, "×") {
+		t.Errorf("vmesh check on a healthy host: %v\n%s", err, out)
+	}
+	cli.Run(t, "iptables", "-t", "nat", "-F", "VMESH_OUTPUT")
+	out, err = cli.Try(vmeshBin, "check", "-c", cli.cfg)
+	if err == nil || !strings.Contains(out, "× iptables: rules are missing or not current") {
+		t.Errorf("vmesh check with missing rules: %v\n%s", err, out)
+	}
+	cli.Run(t, vmeshBin, "reload", "--socket", cli.socket()) // puts the rules back
+	if out, err := cli.Try(vmeshBin, "check", "-c", cli.cfg); err != nil {
+		t.Errorf("vmesh check after reload restored the rules: %v\n%s", err, out)
+	}
+
 	// SIGTERM: the host's iptables are exactly as before the agent started.
 	web.stop(t, syscall.SIGTERM)
 	if after := web.natRules(t); after != rulesBefore {
@@ -382,6 +397,12 @@ allow = ["spiffe://e2e.test/node/ca1"]
 	if !strings.Contains(web.log.String(), "rules changed") {
 		t.Error("the agent never logged its rule changes")
 	}
+	caH.stop(t, syscall.SIGTERM)
+	out, err = cli.Try(vmeshBin, "check", "-c", cli.cfg)
+	if err == nil || !strings.Contains(out, "× ca: cannot reach the CA at "+caH.Addr.String()+":4192") {
+		t.Errorf("vmesh check with the CA stopped: %v\n%s", err, out)
+	}
+
 	var members []struct{ Name, State string }
 	cli.waitFor(t, "web to leave", 10*time.Second, func() bool {
 		out, err := cli.Try(vmeshBin, "members", "-o", "json")

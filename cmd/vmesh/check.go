@@ -93,10 +93,13 @@ func runChecks(ctx context.Context, configPath, admin string, now time.Time) []c
 	} else {
 		add("agent", "fail", "running but not ready: "+st.NotReady, "journalctl -u vmesh -e says why")
 	}
-	if st.UID == 0 {
-		add("user", "warn", "the agent runs as root, so root's own connections bypass the mesh",
-			"run it as the vmesh user (systemd/vmesh.service does)")
-	} else {
+	switch {
+	case st.UID == 0 && cfg.Rules.ProxyMark == 0 && cfg.Rules.ProxyUID < 0:
+		add("user", "warn", "the agent runs as root without rules.proxy_mark, so all of root's connections bypass the mesh",
+			"run it as the vmesh user (systemd/vmesh.service does) or set rules.proxy_mark")
+	case st.UID == 0:
+		add("user", "ok", "the agent runs as root; only its own marked connections are exempt from redirection", "")
+	default:
 		add("user", "ok", fmt.Sprintf("the agent runs as uid %d; that uid's traffic is exempt from redirection", st.UID), "")
 	}
 
@@ -141,8 +144,8 @@ func runChecks(ctx context.Context, configPath, admin string, now time.Time) []c
 	switch {
 	case cfg.CA.Role == ca.RoleServer:
 		caAddr = net.JoinHostPort("127.0.0.1", fmt.Sprint(cfg.CA.ListenAddr.Port()))
-	case cfg.CA.URL != "":
-		if u, err := url.Parse(cfg.CA.URL); err == nil {
+	case st.CAURL != "":
+		if u, err := url.Parse(st.CAURL); err == nil {
 			caAddr = u.Host
 		}
 	}
