@@ -69,6 +69,9 @@ type NodeEntry struct {
 	Identity  string         `json:"identity"`
 	Version   uint64         `json:"version"`
 	Services  []ServiceEntry `json:"services"`
+	// Leaving is set in the last entry of a host that is leaving gracefully
+	// (it has no services then).
+	Leaving bool `json:"leaving,omitempty"`
 }
 
 // Endpoint is one service instance as the proxy needs it.

@@ -70,6 +70,11 @@ func encodeEntry(n *NodeEntry) []byte {
 	e.string(n.Node)
 	e.string(n.Identity)
 	e.uint(uint64(n.ProxyPort))
+	var nflags byte
+	if n.Leaving {
+		nflags |= 1
+	}
+	e.byte(nflags)
 	e.uint(uint64(len(n.Addrs)))
 	for _, a := range n.Addrs {
 		e.bytes(a.AsSlice())
@@ -245,6 +250,7 @@ func (d *decoder) entry() NodeEntry {
 	n.Node = d.string()
 	n.Identity = d.string()
 	n.ProxyPort = uint16(d.uint(65535))
+	n.Leaving = d.byte()&1 != 0
 	na := d.count(maxAddrs, 2)
 	for range na {
 		p := d.raw(16)

@@ -126,22 +126,19 @@ func (g *delegate) NotifyLeave(n *memberlist.Node) {
 	if n.Name == d.name {
 		return
 	}
-	state := StateDead
-	if n.State == memberlist.StateLeft {
-		state = StateLeft
-	}
+	// n.State is not maintained by memberlist: a host that left says so in
+	// its last catalog entry (which may also arrive after this event).
 	d.mu.Lock()
 	m := d.members[n.Name]
 	if m == nil {
 		m = &member{}
 		d.members[n.Name] = m
 	}
-	m.addr, m.state, m.since = nodeAddr(n), state, time.Now()
-	if state == StateLeft {
-		delete(d.entries, n.Name)
-		d.dirtyPeers[n.Name] = nil
-		d.kick(d.slow)
+	m.addr, m.state, m.since = nodeAddr(n), StateDead, time.Now()
+	if pe := d.entries[n.Name]; pe != nil && pe.entry.Leaving {
+		d.markLeftLocked(n.Name)
 	}
+	state := m.state
 	d.countAliveLocked()
 	d.mu.Unlock()
 	d.log.Info("host gone", "node", n.Name, "state", state)
@@ -150,6 +147,9 @@ func (g *delegate) NotifyLeave(n *memberlist.Node) {
 
 func (d *Discovery) memberAlive(n *memberlist.Node) {
 	if n.Name == d.name {
+		d.mu.Lock()
+		d.selfAddr = nodeAddr(n)
+		d.mu.Unlock()
 		return
 	}
 	meta, err := decodeMeta(n.Meta)
@@ -179,6 +179,14 @@ func (d *Discovery) memberAlive(n *memberlist.Node) {
 		d.log.Info("host alive", "node", n.Name, "addr", addr)
 	}
 	d.kick(d.dirty)
+}
+
+// markLeftLocked records that a dead host had left gracefully: it is not
+// reconnected to, and forgotten from the peers remembered for rejoining.
+func (d *Discovery) markLeftLocked(name string) {
+	d.members[name].state = StateLeft
+	d.dirtyPeers[name] = nil
+	d.kick(d.slow)
 }
 
 func (d *Discovery) countAliveLocked() {
@@ -211,6 +219,9 @@ func (d *Discovery) mergeEntry(e NodeEntry, raw []byte, rebroadcast bool) {
 	d.entries[e.Node] = &peerEntry{entry: &e, raw: raw, at: time.Now()}
 	m := d.members[e.Node]
 	visible := m != nil && m.state == StateAlive
+	if e.Leaving && m != nil && m.state == StateDead {
+		d.markLeftLocked(e.Node)
+	}
 	d.mu.Unlock()
 	if rebroadcast {
 		d.broadcast(e.Node, e.Version, raw)
@@ -235,7 +246,8 @@ func (d *Discovery) notice(node string, version uint64, rebroadcast bool) {
 }
 
 // wantLocked reports whether version is newer than the entry held for
-// node, and if so asks node for its entry (at most every pullBackoff).
+// node, and if so asks node for its entry (once per version, again after
+// pullBackoff if it has not come).
 func (d *Discovery) wantLocked(node string, version uint64) bool {
 	if pe := d.entries[node]; pe != nil && pe.entry.Version >= version {
 		return false
@@ -243,10 +255,10 @@ func (d *Discovery) wantLocked(node string, version uint64) bool {
 	if version == 0 {
 		return false
 	}
-	if t, ok := d.pullAt[node]; ok && time.Since(t) < pullBackoff {
-		return true
+	if p, ok := d.pullAt[node]; ok && version <= p.version && time.Since(p.at) < pullBackoff {
+		return true // already asked for this version
 	}
-	d.pullAt[node] = time.Now()
+	d.pullAt[node] = pull{at: time.Now(), version: version}
 	req := encodeRequest(d.name)
 	d.enqueue(func() {
 		// The entry often arrives meanwhile (a joining host learns of its

@@ -35,7 +35,7 @@ const (
 	pullBackoff      = 2 * time.Second  // between two pulls of one host's entry
 	reconnectTimeout = 24 * time.Hour   // stop reconnecting to a dead host after
 	unknownEntryTTL  = 10 * time.Minute // entries of hosts never seen as members
-	updateMetaWait   = 5 * time.Second  // UpdateNode timeout
+	updateMetaWait   = time.Second      // UpdateNode timeout
 	sendTimeout      = 5 * time.Second
 	workQueueLen     = 1024
 	reconnectPerTick = 3
@@ -128,11 +128,14 @@ type Discovery struct {
 	selfRaw     []byte
 	entries     map[string]*peerEntry
 	members     map[string]*member
-	pullAt      map[string]time.Time
+	pullAt      map[string]pull
 	storedPeers map[string]storedPeer
 	dirtyPeers  map[string]*storedPeer // nil value: delete
 	saveVersion bool
 	checkGen    uint64
+	leaving     bool // Leave was called: publish no services
+	selfAddr    netip.AddrPort
+	metaSent    uint64 // version last put in memberlist's metadata (slowLoop only)
 }
 
 type localService struct {
@@ -148,6 +151,12 @@ type peerEntry struct {
 	entry *NodeEntry
 	raw   []byte // encoded msgEntry, owned
 	at    time.Time
+}
+
+// pull is the last request for a host's entry.
+type pull struct {
+	at      time.Time
+	version uint64
 }
 
 type member struct {
@@ -198,7 +207,7 @@ func New(opts Options) (*Discovery, error) {
 		subs:        map[chan struct{}]struct{}{},
 		entries:     map[string]*peerEntry{},
 		members:     map[string]*member{},
-		pullAt:      map[string]time.Time{},
+		pullAt:      map[string]pull{},
 		storedPeers: map[string]storedPeer{},
 		dirtyPeers:  map[string]*storedPeer{},
 	}
@@ -243,12 +252,8 @@ func (d *Discovery) Ready() <-chan struct{} { return d.ready }
 // LocalAddr returns the gossip address this host advertises, once Ready.
 func (d *Discovery) LocalAddr() netip.AddrPort {
 	d.mu.Lock()
-	ml := d.ml
-	d.mu.Unlock()
-	if ml == nil {
-		return netip.AddrPort{}
-	}
-	return nodeAddr(ml.LocalNode())
+	defer d.mu.Unlock()
+	return d.selfAddr
 }
 
 // Run joins the cluster and keeps this host's part of it going until ctx is
@@ -289,7 +294,7 @@ func (d *Discovery) Run(ctx context.Context) error {
 	d.mu.Unlock()
 	close(d.ready)
 	d.lifeMu.Unlock()
-	d.log.Info("gossip started", "addr", nodeAddr(ml.LocalNode()), "encrypted", d.keyring != nil)
+	d.log.Info("gossip started", "addr", d.LocalAddr(), "encrypted", d.keyring != nil)
 
 	select {
 	case <-ctx.Done():
@@ -364,6 +369,18 @@ func (d *Discovery) Leave(timeout time.Duration) error {
 		return nil
 	}
 	d.left.Store(true)
+	// First the catalog: peers drop this host's endpoints and will record
+	// it as left (memberlist's events do not tell left from dead).
+	d.mu.Lock()
+	d.leaving = true
+	for i := range d.local {
+		if d.local[i].stop != nil {
+			d.local[i].stop()
+		}
+	}
+	d.publishLocked()
+	d.mu.Unlock()
+	d.rebuild()
 	if err := ml.Leave(timeout); err != nil {
 		return fmt.Errorf("leaving the cluster: %w", err)
 	}
@@ -485,8 +502,12 @@ func (d *Discovery) localEntryLocked() *NodeEntry {
 		Identity:  d.identity,
 		Version:   d.version,
 		Services:  make([]ServiceEntry, 0, len(d.local)),
+		Leaving:   d.leaving,
 	}
 	for i := range d.local {
+		if d.leaving {
+			break
+		}
 		s := &d.local[i]
 		e.Services = append(e.Services, ServiceEntry{
 			Name:     s.Name,
@@ -610,7 +631,11 @@ func (d *Discovery) slowLoop(ctx context.Context) {
 		d.mu.Lock()
 		ml := d.ml
 		d.mu.Unlock()
-		if !bytes2Equal(ml.LocalNode().Meta, *d.meta.Load()) {
+		d.mu.Lock()
+		version := d.version
+		d.mu.Unlock()
+		if !d.left.Load() && version != d.metaSent {
+			d.metaSent = version
 			if err := ml.UpdateNode(updateMetaWait); err != nil {
 				d.log.Debug("updating gossip metadata", "err", err)
 			}
@@ -620,17 +645,24 @@ func (d *Discovery) slowLoop(ctx context.Context) {
 }
 
 // sendTo sends msg reliably (TCP) to the member called name, if alive.
+//
+// Nodes returned by memberlist (Members, LocalNode) point into its live
+// state and cannot be read without racing with it; this package only reads
+// nodes inside event callbacks and keeps its own copies.
 func (d *Discovery) sendTo(name string, msg []byte) {
 	d.mu.Lock()
 	ml := d.ml
+	m := d.members[name]
+	var to *memberlist.Node
+	if m != nil && m.state == StateAlive {
+		to = &memberlist.Node{Name: name, Addr: m.addr.Addr().AsSlice(), Port: m.addr.Port()}
+	}
 	d.mu.Unlock()
-	for _, n := range ml.Members() {
-		if n.Name == name {
-			if err := ml.SendReliable(n, msg); err != nil {
-				d.log.Debug("sending catalog message", "to", name, "err", err)
-			}
-			return
-		}
+	if to == nil {
+		return
+	}
+	if err := ml.SendReliable(to, msg); err != nil {
+		d.log.Debug("sending catalog message", "to", name, "err", err)
 	}
 }
 
@@ -659,7 +691,7 @@ func (d *Discovery) joinOnce() {
 	d.mu.Lock()
 	ml := d.ml
 	d.mu.Unlock()
-	self := nodeAddr(ml.LocalNode())
+	self := d.LocalAddr()
 	alone := d.numAlive.Load() <= 1
 	var cands []string
 	add := func(a netip.AddrPort) {
@@ -734,35 +766,20 @@ type Member struct {
 }
 
 // Members returns the hosts of the cluster, this one included, sorted by
-// name: those alive or suspect, and those recently dead or left.
+// name: those alive, and those dead or left in the last 24 hours.
+// Memberlist does not expose its suspect state, so a suspect host shows as
+// alive until it is declared dead.
 func (d *Discovery) Members() []Member {
-	d.mu.Lock()
-	ml := d.ml
-	d.mu.Unlock()
-	var live []*memberlist.Node
-	if ml != nil {
-		live = ml.Members()
-	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	out := make([]Member, 0, len(d.members)+1)
-	seen := map[string]bool{}
-	for _, n := range live {
-		seen[n.Name] = true
-		state := StateAlive
-		if n.State == memberlist.StateSuspect {
-			state = StateSuspect
-		}
-		out = append(out, d.memberLocked(n.Name, nodeAddr(n), state))
+	self := d.selfAddr
+	if !self.IsValid() {
+		self = netip.AddrPortFrom(d.advertise, d.cfg.BindAddr.Port())
 	}
-	if !seen[d.name] {
-		seen[d.name] = true
-		out = append(out, d.memberLocked(d.name, d.gossipAddrLocked(), StateAlive))
-	}
+	out = append(out, d.memberLocked(d.name, self, StateAlive))
 	for name, m := range d.members {
-		if !seen[name] && (m.state == StateDead || m.state == StateLeft) {
-			out = append(out, d.memberLocked(name, m.addr, m.state))
-		}
+		out = append(out, d.memberLocked(name, m.addr, m.state))
 	}
 	slices.SortFunc(out, func(a, b Member) int {
 		if a.Name < b.Name {
@@ -774,10 +791,6 @@ func (d *Discovery) Members() []Member {
 		return 0
 	})
 	return out
-}
-
-func (d *Discovery) gossipAddrLocked() netip.AddrPort {
-	return netip.AddrPortFrom(d.advertise, d.cfg.BindAddr.Port())
 }
 
 func (d *Discovery) memberLocked(name string, addr netip.AddrPort, state string) Member {
@@ -810,8 +823,6 @@ func cloneMap(m map[string]string) map[string]string {
 	}
 	return c
 }
-
-func bytes2Equal(a, b []byte) bool { return string(a) == string(b) }
 
 // probe runs one health check against addr.
 func (d *Discovery) probe(ctx context.Context, hc *HealthCheck, addr netip.AddrPort) error {
