@@ -53,6 +53,7 @@ type meshHost struct {
 	dir   string
 	cfg   string
 	agent *exec.Cmd
+	done  chan struct{} // closed when the agent has exited
 	log   *lockedLog
 }
 
@@ -118,7 +119,7 @@ func (m *meshHost) start(t *testing.T) {
 	}
 	done := make(chan struct{})
 	go func() { cmd.Wait(); close(done) }()
-	m.agent = cmd
+	m.agent, m.done = cmd, done
 	log := m.log
 	t.Cleanup(func() {
 		cancel()
@@ -137,17 +138,11 @@ func (m *meshHost) start(t *testing.T) {
 func (m *meshHost) stop(t *testing.T, sig syscall.Signal) {
 	t.Helper()
 	m.agent.Process.Signal(sig)
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if err := m.agent.Process.Signal(syscall.Signal(0)); err != nil {
-			return
-		}
-		if m.agent.ProcessState != nil {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
+	select {
+	case <-m.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s: agent did not exit after %v", m.name, sig)
 	}
-	t.Fatalf("%s: agent did not exit after %v", m.name, sig)
 }
 
 func (m *meshHost) waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
