@@ -280,6 +280,12 @@ func (r *run) checkPath(c *column) error {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		out, err = r.client(c, 10*time.Second, r.tools.benchtool, "get", "-url", c.url("/whoami"))
+		// Through a proxy the backend must not see the client host's own
+		// address (that would be a passthrough: the mesh does not know the
+		// service yet).
+		if err == nil && c.name != Direct && strings.HasPrefix(out, c.client.Addr.String()+":") {
+			err = fmt.Errorf("not proxied: the backend saw %s", strings.TrimSpace(out))
+		}
 		if err == nil || time.Now().After(deadline) {
 			break
 		}

@@ -15,6 +15,8 @@ type AgentConfig struct {
 	Addr    netip.Addr // the host's address, advertised to gossip
 	DataDir string
 	Socket  string // control socket (per host: the file system is shared)
+	// KeyFile holds the gossip encryption key; "" means unencrypted.
+	KeyFile string
 	// Join lists the hosts to join.
 	Join []netip.Addr
 	// CAServer makes this host hold the CA (made by `vmesh ca init` in
@@ -37,7 +39,8 @@ func (a AgentConfig) TOML() string {
 	for _, j := range a.Join {
 		join = append(join, q(j.String()))
 	}
-	fmt.Fprintf(&b, "[gossip]\nadvertise_addr = %s\njoin = [%s]\nretry_interval = \"500ms\"\n\n", q(a.Addr.String()), strings.Join(join, ", "))
+	fmt.Fprintf(&b, "[gossip]\nadvertise_addr = %s\njoin = [%s]\nretry_interval = \"500ms\"\nkey_file = %s\n\n",
+		q(a.Addr.String()), strings.Join(join, ", "), q(a.KeyFile))
 	fmt.Fprintf(&b, "[ca]\ntrust_domain = %s\n", q(TrustDomain))
 	if a.CADir != "" {
 		fmt.Fprintf(&b, "dir = %s\n", q(a.CADir))

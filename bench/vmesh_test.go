@@ -23,9 +23,17 @@ func setupVMesh(t *testing.T, tl *tools, client, server *testbed.Host) (*column,
 			return nil, err
 		}
 	}
+	key, err := server.Try(tl.vmesh, "keygen")
+	if err != nil {
+		return nil, fmt.Errorf("vmesh keygen: %w", err)
+	}
+	keyFile := filepath.Join(dir, "gossip.key")
+	if err := os.WriteFile(keyFile, []byte(strings.TrimSpace(key)+"\n"), 0o600); err != nil {
+		return nil, err
+	}
 	scfg := AgentConfig{
 		Name: server.Name, Addr: server.Addr, DataDir: filepath.Join(sdir, "data"),
-		Socket: filepath.Join(sdir, "admin.sock"), CAServer: true, CADir: filepath.Join(sdir, "ca"),
+		Socket: filepath.Join(sdir, "admin.sock"), KeyFile: keyFile, CAServer: true, CADir: filepath.Join(sdir, "ca"),
 		Services: Services,
 	}
 	if out, err := server.Try(tl.vmesh, "ca", "init", "--trust-domain", TrustDomain, "--dir", scfg.CADir); err != nil {
@@ -43,13 +51,13 @@ func setupVMesh(t *testing.T, tl *tools, client, server *testbed.Host) (*column,
 		return nil, fmt.Errorf("server agent: %w", err)
 	}
 
-	token, err := server.Try(tl.vmesh, "token", "create", "--config", spath, "--node", client.Name)
+	token, err := server.Try(tl.vmesh, "token", "create", "--socket", scfg.Socket, "--node", client.Name)
 	if err != nil {
 		return nil, fmt.Errorf("vmesh token create: %w", err)
 	}
 	ccfg := AgentConfig{
 		Name: client.Name, Addr: client.Addr, DataDir: filepath.Join(cdir, "data"),
-		Socket: filepath.Join(cdir, "admin.sock"), Join: []netip.Addr{server.Addr},
+		Socket: filepath.Join(cdir, "admin.sock"), KeyFile: keyFile, Join: []netip.Addr{server.Addr},
 		Token: strings.TrimSpace(token),
 	}
 	cpath := filepath.Join(cdir, "vmesh.toml")

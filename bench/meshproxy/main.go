@@ -28,6 +28,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/vmesh/vmesh/proxy"
 )
@@ -41,8 +42,9 @@ func main() {
 	remote := flag.String("remote", "", "remote services name:port:protocol,...")
 	local := flag.String("local", "", "local services name:port:protocol,...")
 	control := flag.String("control", "", "unix socket serving /debug/pprof")
+	mark := flag.Uint("mark", 0x4143, "SO_MARK on the proxy's own connections (the rules' proxy_mark), 0: none")
 	flag.Parse()
-	if err := run(*td, *root, *nodeCert, *svcDir, *peer, *remote, *local, *control); err != nil {
+	if err := run(*td, *root, *nodeCert, *svcDir, *peer, *remote, *local, *control, uint32(*mark)); err != nil {
 		fmt.Fprintln(os.Stderr, "meshproxy:", err)
 		os.Exit(1)
 	}
@@ -103,7 +105,26 @@ func (c catalog) Lookup(a netip.AddrPort) (proxy.Endpoint, bool) {
 	return ep, ok
 }
 
-func run(td, root, nodeCert, svcDir, peer, remote, local, control string) error {
+// markDialer marks the proxy's own connections so the rules exempt them (a
+// root agent is exempted by mark, not by uid), as node does for the agent.
+func markDialer(mark uint32) *net.Dialer {
+	d := &net.Dialer{Timeout: time.Second, KeepAlive: 30 * time.Second}
+	if mark == 0 {
+		return d
+	}
+	d.Control = func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, int(mark))
+		}); err != nil {
+			return err
+		}
+		return serr
+	}
+	return d
+}
+
+func run(td, root, nodeCert, svcDir, peer, remote, local, control string, mark uint32) error {
 	pem, err := os.ReadFile(root)
 	if err != nil {
 		return fmt.Errorf("reading root: %w", err)
@@ -154,7 +175,9 @@ func run(td, root, nodeCert, svcDir, peer, remote, local, control string) error 
 	}
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	p, err := proxy.New(proxy.DefaultConfig(), proxy.Options{Catalog: cat, Identity: id, Services: ls, Logger: log})
+	p, err := proxy.New(proxy.DefaultConfig(), proxy.Options{
+		Catalog: cat, Identity: id, Services: ls, Logger: log, Dialer: markDialer(mark),
+	})
 	if err != nil {
 		return err
 	}
