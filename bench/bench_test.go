@@ -29,7 +29,7 @@ var (
 	flagHold    = flag.Int("bench.hold", 10000, "idle proxied connections to open for the memory scenario")
 	flagOut     = flag.String("bench.out", "results", "directory for the JSON results; empty: none")
 	flagDoc     = flag.String("bench.doc", "", "Markdown file whose results section to rewrite (make bench: ../BENCHMARKS.md); empty: none")
-	flagPprof   = flag.Bool("bench.pprof", true, "take CPU profiles of the vmesh agents under HTTP load (via the control socket)")
+	flagPprof   = flag.Bool("bench.pprof", true, "profile the vmesh proxies (control socket /debug/pprof): CPU under wrk, iperf3 and new connections, heap holding idle connections")
 )
 
 // nobody runs every load client: vmesh's rules never redirect the agent's
@@ -431,7 +431,9 @@ func (r *run) maxThroughput() {
 	}
 	r.flushPeaks(gMax)
 	if *flagPprof {
-		r.profile()
+		r.profile("wrk16", func(c *column, secs int) {
+			r.client(c, time.Duration(secs+60)*time.Second, "wrk", "-t", "2", "-c", "16", "-d", strconv.Itoa(secs)+"s", c.url("/"))
+		})
 	}
 }
 
@@ -470,6 +472,12 @@ func (r *run) bulk() {
 		})
 	}
 	r.flushPeaks(gBulk)
+	if *flagPprof {
+		r.profile("iperf1", func(c *column, secs int) {
+			host, port := splitHostPort(c.target["iperf"])
+			r.client(c, time.Duration(secs+60)*time.Second, "iperf3", "-c", host, "-p", port, "-t", strconv.Itoa(secs), "-J")
+		})
+	}
 }
 
 func splitHostPort(hp string) (string, string) {
@@ -537,6 +545,12 @@ func (r *run) newConns() {
 		return nil
 	})
 	r.flushPeaks(gConns)
+	if *flagPprof {
+		r.profile("dial", func(c *column, secs int) {
+			r.client(c, time.Duration(secs+60)*time.Second, r.tools.benchtool, "dial", "-addr", c.target["echo"],
+				"-c", "16", "-t", fmt.Sprintf("%ds", secs))
+		})
+	}
 }
 
 func (r *run) redis() {

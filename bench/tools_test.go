@@ -208,9 +208,10 @@ func setupHAProxy(t *testing.T, tl *tools, client, server *testbed.Host) (*colum
 	return c, nil
 }
 
-// profile takes CPU profiles of the vmesh agents during a wrk run and logs
-// their top functions; the profiles are saved next to the JSON results.
-func (r *run) profile() {
+// profile takes CPU profiles of the vmesh proxies while load(c, seconds)
+// runs and logs their top functions; the profiles are saved next to the
+// JSON results as <date>-<column>-<host>-<label>.cpu.pprof.
+func (r *run) profile(label string, load func(c *column, secs int)) {
 	for _, c := range r.columns {
 		if len(c.controls) == 0 {
 			continue
@@ -229,7 +230,7 @@ func (r *run) profile() {
 			}()
 		}
 		time.Sleep(200 * time.Millisecond)
-		r.client(c, time.Duration(secs+60)*time.Second, "wrk", "-t", "2", "-c", "16", "-d", strconv.Itoa(secs)+"s", c.url("/"))
+		load(c, secs)
 		for range c.controls {
 			g := <-ch
 			if g.err != nil {
@@ -244,7 +245,7 @@ func (r *run) profile() {
 			}
 			os.MkdirAll(dir, 0o755)
 			stamp := strings.NewReplacer(":", "", "-", "").Replace(r.report.Date)
-			path := filepath.Join(dir, fmt.Sprintf("%s-%s-%s.cpu.pprof", stamp, c.name, g.host))
+			path := filepath.Join(dir, fmt.Sprintf("%s-%s-%s-%s.cpu.pprof", stamp, c.name, g.host, label))
 			if err := os.WriteFile(path, g.data, 0o644); err != nil {
 				r.t.Log(err)
 				continue
@@ -254,7 +255,7 @@ func (r *run) profile() {
 				r.t.Logf("pprof -top %s: %v: %s", path, err, top)
 				continue
 			}
-			r.t.Logf("CPU profile of the %s agent on %s under wrk -c 16 (%s):\n%s", c.name, g.host, path, top)
+			r.t.Logf("CPU profile of the %s proxy on %s under %s (%s):\n%s", c.name, g.host, label, path, top)
 		}
 	}
 }
