@@ -10,7 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// BenchmarkCatalogConvergence runs 50 agents in one process over an
+// BenchmarkCatalogConvergence runs 50 and 100 agents in one process over an
 // in-memory transport (memNetwork), with memberlist's LAN timings. Each
 // iteration changes one host's services and waits until every host holds
 // the new entry. It reports:
@@ -20,7 +20,7 @@ import (
 //   - B/host/s: gossip bytes sent per host per second during the loop
 //     (memberlist's probes and gossip plus the catalog traffic).
 func BenchmarkCatalogConvergence(b *testing.B) {
-	for _, n := range []int{50} {
+	for _, n := range []int{50, 100} {
 		b.Run(fmt.Sprintf("hosts=%d", n), func(b *testing.B) { benchConvergence(b, n) })
 	}
 }
@@ -77,7 +77,7 @@ func benchConvergence(b *testing.B, n int) {
 		}
 		return true
 	}
-	waitBench(b, 60*time.Second, func() bool {
+	waitBench(b, 180*time.Second, func() bool {
 		for _, d := range agents {
 			if len(d.Catalog()) != n {
 				return false

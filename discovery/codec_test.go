@@ -143,3 +143,23 @@ func FuzzDecodeMessage(f *testing.F) {
 		}
 	})
 }
+
+func TestKeys(t *testing.T) {
+	k1, err := GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2, _ := GenerateKey()
+	keys, err := ParseKeys([]byte("# cluster keys\n" + k1 + "\n\n  " + k2 + "  \n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) != 2 || len(keys[0]) != 32 {
+		t.Fatalf("ParseKeys = %d keys, first %d bytes; want 2 keys of 32", len(keys), len(keys[0]))
+	}
+	for _, bad := range []string{"", "# only a comment\n", "not base64!\n", "c2hvcnQ=\n", k1 + "\n" + k1 + "\n"} {
+		if _, err := ParseKeys([]byte(bad)); err == nil {
+			t.Errorf("ParseKeys(%q) accepted", bad)
+		}
+	}
+}
