@@ -36,3 +36,10 @@ bench:
 
 clean:
 	rm -rf bin
+
+# compose-test: the three-host docker-compose example end to end (build, up,
+# smoke, down; down runs whatever happens). Needs root, docker, docker-compose
+# 1.29, debootstrap and tcpdump; see examples/compose/README.md.
+.PHONY: compose-test
+compose-test:
+	@cd examples/compose && trap './down.sh' EXIT && ./up.sh && ./smoke.sh
