@@ -252,3 +252,22 @@ var defaultTOML string
 // DefaultTOML returns the default configuration as commented TOML, for
 // `vmesh config default`. Parsing it yields DefaultConfig().
 func DefaultTOML() string { return defaultTOML }
+
+// RulesState is the input of rules.Build for this configuration, with uid
+// the agent's own uid (used when rules.proxy_uid is -1).
+func (c *Config) RulesState(uid uint32) rules.State {
+	own := []uint16{c.Admin.Addr.Port(), c.Gossip.BindAddr.Port()}
+	if c.CA.Role == ca.RoleServer {
+		own = append(own, c.CA.ListenAddr.Port())
+	}
+	var svc []uint16
+	for _, s := range c.Services {
+		svc = append(svc, s.Port)
+	}
+	return c.Rules.State(rules.State{
+		InboundPort:  c.Proxy.InboundAddr.Port(),
+		OutboundPort: c.Proxy.OutboundAddr.Port(),
+		OwnPorts:     own,
+		ServicePorts: svc,
+	}, uid)
+}

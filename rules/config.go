@@ -34,6 +34,10 @@ type Config struct {
 	// IPv6 programs ip6tables too: "auto" (default: when the host has IPv6),
 	// "on" or "off".
 	IPv6 string `toml:"ipv6"`
+	// Backend is the iptables backend: "auto" (default: the one that
+	// already holds the host's rules, else that of the iptables on PATH),
+	// "nft" or "legacy".
+	Backend string `toml:"backend"`
 }
 
 // DefaultConfig returns a fresh rules configuration with every default set.
@@ -45,6 +49,7 @@ func DefaultConfig() Config {
 		ProxyGID:         -1,
 		OnStop:           "remove",
 		IPv6:             "auto",
+		Backend:          "auto",
 	}
 }
 
@@ -80,5 +85,39 @@ func (c *Config) Validate() error {
 	default:
 		errs.Add("ipv6", "must be \"auto\", \"on\" or \"off\", got %q", c.IPv6)
 	}
+	switch c.Backend {
+	case "auto", "nft", "legacy":
+	default:
+		errs.Add("backend", "must be \"auto\", \"nft\" or \"legacy\", got %q", c.Backend)
+	}
+	for i, p := range c.ExcludeOutboundCIDRs {
+		if !p.IsValid() {
+			errs.Add("exclude_outbound_cidrs", "entry %d: not a CIDR", i+1)
+		}
+	}
 	return errs.Err()
+}
+
+// State returns base with this section's settings filled in: capture-all,
+// skip ports, excluded CIDRs and the proxy uid/gid, where ProxyUID -1 becomes
+// agentUID (the uid the agent runs as). base carries what other sections
+// own: the proxy ports, vmesh's own ports and the service ports.
+func (c *Config) State(base State, agentUID uint32) State {
+	s := base
+	s.CaptureAllInbound = c.CaptureAllInbound
+	s.SkipInboundPorts = append([]uint16(nil), c.SkipInboundPorts...)
+	s.SkipOutboundPorts = append([]uint16(nil), c.SkipOutboundPorts...)
+	s.ExcludeOutboundCIDRs = append([]netip.Prefix(nil), c.ExcludeOutboundCIDRs...)
+	s.ProxyUID = agentUID
+	if c.ProxyUID >= 0 {
+		s.ProxyUID = uint32(c.ProxyUID)
+	}
+	s.ProxyGID = c.ProxyGID
+	return s
+}
+
+// ApplierOptions returns the applier options this section sets (IPv6 and
+// Backend); the caller adds its Logger.
+func (c *Config) ApplierOptions() ApplierOptions {
+	return ApplierOptions{IPv6: c.IPv6, Backend: c.Backend}
 }

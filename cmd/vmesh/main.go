@@ -5,9 +5,12 @@ package main
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 
 	"github.com/spf13/cobra"
+
+	"github.com/vmesh/vmesh/node"
 )
 
 // Exit codes scripts can rely on.
@@ -71,6 +74,7 @@ with mTLS, protocol detection, authorization and golden metrics.`,
 		newConfigCmd(),
 		newVersionCmd(),
 		newStatCmd(),
+		newRulesCmd(),
 	)
 	return root
 }
@@ -91,4 +95,9 @@ func noArgs(c *cobra.Command, args []string) error {
 		return usageError{err}
 	}
 	return nil
+}
+
+// cliLogger logs to stderr for one-shot commands.
+func cliLogger() *slog.Logger {
+	return node.NewLogger(os.Stderr, "info", "text")
 }
