@@ -256,10 +256,9 @@ func DefaultTOML() string { return defaultTOML }
 // RulesState is the input of rules.Build for this configuration, with uid
 // the agent's own uid (used when rules.proxy_uid is -1).
 func (c *Config) RulesState(uid uint32) rules.State {
-	own := []uint16{c.Admin.Addr.Port(), c.Gossip.BindAddr.Port()}
-	if c.CA.Role == ca.RoleServer {
-		own = append(own, c.CA.ListenAddr.Port())
-	}
+	// The CA port is vmesh's own on every host: a client's renewals must
+	// reach the CA host unproxied whatever uid the agent runs as.
+	own := []uint16{c.Admin.Addr.Port(), c.Gossip.BindAddr.Port(), c.CA.ListenAddr.Port()}
 	var svc []uint16
 	for _, s := range c.Services {
 		svc = append(svc, s.Port)

@@ -57,6 +57,12 @@ type State struct {
 	ProxyUID uint32
 	// ProxyGID, when >= 0, also exempts traffic of that gid. Negative: none.
 	ProxyGID int
+	// NoUIDExemption drops the ProxyUID rule: a root agent exempts its own
+	// connections by ProxyMark only, so root's other programs stay meshed.
+	NoUIDExemption bool
+	// ProxyMark, when non-zero, exempts packets with this firewall mark: the
+	// proxy sets it (SO_MARK) on the connections it opens.
+	ProxyMark uint32
 }
 
 // Rule is one nat-table rule: the chain it is appended to and its arguments
@@ -140,7 +146,12 @@ func build(s State, v6 bool) Rules {
 
 	// Outbound: the exemptions live in our own chain, never in OUTPUT itself
 	// (a RETURN there would skip Docker's DNS DNAT that follows it).
-	add(OutboundChain, "out-uid", "-m", "owner", "--uid-owner", strconv.FormatUint(uint64(s.ProxyUID), 10), "-j", "RETURN")
+	if s.ProxyMark != 0 {
+		add(OutboundChain, "out-mark", "-m", "mark", "--mark", "0x"+strconv.FormatUint(uint64(s.ProxyMark), 16), "-j", "RETURN")
+	}
+	if !s.NoUIDExemption {
+		add(OutboundChain, "out-uid", "-m", "owner", "--uid-owner", strconv.FormatUint(uint64(s.ProxyUID), 10), "-j", "RETURN")
+	}
 	if s.ProxyGID >= 0 {
 		add(OutboundChain, "out-gid", "-m", "owner", "--gid-owner", strconv.Itoa(s.ProxyGID), "-j", "RETURN")
 	}

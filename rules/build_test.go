@@ -107,6 +107,22 @@ func TestBuildGolden(t *testing.T) {
 ` + outTail,
 		},
 		{
+			name: "root agent: exempt by mark, not by uid",
+			state: with(func(s *State) {
+				s.ProxyUID = 0
+				s.NoUIDExemption = true
+				s.ProxyMark = 0x4143
+				s.ServicePorts = []uint16{80}
+			}),
+			v4: head +
+				`-A VMESH_INBOUND -p tcp -m addrtype --dst-type LOCAL -m multiport --dports 80 -m comment --comment "vmesh/in-redirect" -j REDIRECT --to-ports 4143
+-A VMESH_OUTPUT -m mark --mark 0x4143 -m comment --comment "vmesh/out-mark" -j RETURN
+-A VMESH_OUTPUT -o lo -m comment --comment "vmesh/out-lo" -j RETURN
+-A VMESH_OUTPUT -m addrtype --dst-type LOCAL -m comment --comment "vmesh/out-local" -j RETURN
+-A VMESH_OUTPUT -p tcp -m multiport --dports 4140,4143,4191,4192,7946 -m comment --comment "vmesh/out-skip" -j RETURN
+` + outTail,
+		},
+		{
 			name: "gid, other proxy ports, excluded CIDRs per family",
 			state: with(func(s *State) {
 				s.ProxyUID = 0
@@ -236,10 +252,20 @@ func TestConfigState(t *testing.T) {
 		SkipOutboundPorts: []uint16{25},
 		ProxyUID:          1000,
 		ProxyGID:          -1,
+		ProxyMark:         0x4143,
 	}
 	if d := cmp.Diff(want, s, cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); d != "" {
 		t.Errorf("State (-want +got):\n%s", d)
 	}
+	// A root agent exempts itself by mark only; a non-root one by uid too.
+	if st := c.State(State{}, 0); !st.NoUIDExemption {
+		t.Error("root agent with a mark still exempts all of root's traffic")
+	}
+	c.ProxyMark = 0
+	if st := c.State(State{}, 0); st.NoUIDExemption {
+		t.Error("root agent without a mark has no exemption at all")
+	}
+	c.ProxyMark = 0x4143
 	c.ProxyUID = 7
 	if got := c.State(State{}, 1000).ProxyUID; got != 7 {
 		t.Errorf("configured proxy uid 7 gave %d", got)

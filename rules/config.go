@@ -23,10 +23,17 @@ type Config struct {
 	// ExcludeOutboundCIDRs are destinations never redirected outbound.
 	ExcludeOutboundCIDRs []netip.Prefix `toml:"exclude_outbound_cidrs"`
 	// ProxyUID is the uid whose traffic is never redirected (the uid vmesh
-	// runs as). Default -1: the agent's own uid at start-up.
+	// runs as). Default -1: the agent's own uid at start-up — except root:
+	// a root agent exempts its own connections by ProxyMark alone, so that
+	// root's programs stay meshed.
 	ProxyUID int `toml:"proxy_uid"`
 	// ProxyGID, when >= 0, also exempts traffic of that gid. Default -1: off.
 	ProxyGID int `toml:"proxy_gid"`
+	// ProxyMark is the firewall mark (SO_MARK) the proxy puts on the
+	// connections it opens; marked traffic is never redirected. Default
+	// 0x4143; 0 turns it off (then only the uid exempts the proxy, and a
+	// root agent must not run with proxy_uid = -1... see ProxyUID).
+	ProxyMark uint32 `toml:"proxy_mark"`
 	// OnStop is what happens to the rules when the agent stops:
 	// "remove" (default, fail open: traffic flows unproxied) or "keep"
 	// (fail closed: redirected traffic is refused until the agent returns).
@@ -47,6 +54,7 @@ func DefaultConfig() Config {
 		SkipInboundPorts: []uint16{22},
 		ProxyUID:         -1,
 		ProxyGID:         -1,
+		ProxyMark:        0x4143,
 		OnStop:           "remove",
 		IPv6:             "auto",
 		Backend:          "auto",
@@ -109,9 +117,11 @@ func (c *Config) State(base State, agentUID uint32) State {
 	s.SkipOutboundPorts = append([]uint16(nil), c.SkipOutboundPorts...)
 	s.ExcludeOutboundCIDRs = append([]netip.Prefix(nil), c.ExcludeOutboundCIDRs...)
 	s.ProxyUID = agentUID
+	s.NoUIDExemption = c.ProxyUID < 0 && agentUID == 0 && c.ProxyMark != 0
 	if c.ProxyUID >= 0 {
 		s.ProxyUID = uint32(c.ProxyUID)
 	}
+	s.ProxyMark = c.ProxyMark
 	s.ProxyGID = c.ProxyGID
 	return s
 }
