@@ -747,6 +747,13 @@ func (c *Client) verifyCA(raw [][]byte, _ [][]*x509.Certificate) error {
 	return nil
 }
 
+// CAURL returns the CA API this client renews against, or "" before it
+// knows one.
+func (c *Client) CAURL() string {
+	u, _ := c.caURL()
+	return u
+}
+
 func (c *Client) caURL() (string, error) {
 	if c.opts.CAURL != "" {
 		return strings.TrimSuffix(c.opts.CAURL, "/"), nil

@@ -1,6 +1,8 @@
 package discovery
 
 import (
+	"context"
+	"net/netip"
 	"time"
 
 	"github.com/vmesh/vmesh/internal/field"
@@ -117,4 +119,98 @@ func (h *HealthCheck) Validate() error {
 		errs.Add("unhealthy_threshold", "must be at least 1, got %d", h.UnhealthyThreshold)
 	}
 	return errs.Err()
+}
+
+// reconcileChecksLocked starts a checker for every local service that has
+// none, once Run has started. Checkers of services that changed or went away
+// were stopped by SetLocal.
+func (d *Discovery) reconcileChecksLocked() {
+	if d.runCtx == nil {
+		return
+	}
+	for i := range d.local {
+		s := &d.local[i]
+		if s.running {
+			continue
+		}
+		d.checkGen++
+		ctx, cancel := context.WithCancel(d.runCtx)
+		s.gen, s.stop, s.running = d.checkGen, cancel, true
+		d.wg.Add(1)
+		go d.runCheck(ctx, s.Service, s.gen)
+	}
+}
+
+// runCheck checks one local service until ctx is done. The first result
+// sets the state; after that it takes Rise passes in a row to become passing
+// and Fall failures in a row to become failing. The service is dialled
+// directly on this host's advertised address, never through the proxy.
+func (d *Discovery) runCheck(ctx context.Context, svc Service, gen uint64) {
+	defer d.wg.Done()
+	hc := svc.Health
+	addr := netip.AddrPortFrom(d.checkAddr(), svc.Port)
+	state := HealthUnknown
+	passes, fails := 0, 0
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		err := d.probe(ctx, &hc, addr)
+		if ctx.Err() != nil {
+			return
+		}
+		next := state
+		if err == nil {
+			passes, fails = passes+1, 0
+			if state == HealthUnknown || passes >= hc.Rise() {
+				next = HealthPassing
+			}
+		} else {
+			passes, fails = 0, fails+1
+			if state == HealthUnknown || fails >= hc.Fall() {
+				next = HealthFailing
+			}
+		}
+		if next != state {
+			state = next
+			d.log.Info("service health changed", "service", svc.Name, "addr", addr, "health", state, "err", err)
+			d.setHealth(svc.Name, gen, state)
+		}
+		t.Reset(hc.Every())
+	}
+}
+
+func (d *Discovery) checkAddr() netip.Addr {
+	if d.advertise.IsUnspecified() {
+		if d.advertise.Is6() {
+			return netip.IPv6Loopback()
+		}
+		return netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	}
+	return d.advertise
+}
+
+// setHealth records a check result of the checker generation gen, and
+// publishes the entry if the state changed.
+func (d *Discovery) setHealth(name string, gen uint64, h Health) {
+	d.mu.Lock()
+	changed := false
+	for i := range d.local {
+		s := &d.local[i]
+		if s.Name == name && s.gen == gen && s.health != h {
+			s.health = h
+			changed = true
+		}
+	}
+	if changed {
+		d.publishLocked()
+	}
+	d.mu.Unlock()
+	if changed {
+		d.rebuild()
+	}
 }

@@ -73,6 +73,7 @@ type Proxy struct {
 
 	mu        sync.Mutex
 	outLn     net.Listener
+	outLn6    net.Listener // [::1] at the outbound port, when IPv6 loopback exists
 	inLn      net.Listener
 	conns     map[net.Conn]struct{}
 	draining  bool
@@ -180,6 +181,16 @@ func (p *Proxy) Listen() error {
 		return fmt.Errorf("listening for inbound connections: %w", err)
 	}
 	p.outLn, p.inLn = out, in
+	// ip6tables redirects a host's IPv6 connections to [::1] at the same
+	// port: listen there too, or they would be refused. A host without IPv6
+	// loopback has no IPv6 connections to redirect.
+	if p.cfg.OutboundAddr.Addr() == netip.AddrFrom4([4]byte{127, 0, 0, 1}) {
+		if out6, err := lc.Listen(context.Background(), "tcp6", netip.AddrPortFrom(netip.IPv6Loopback(), p.cfg.OutboundAddr.Port()).String()); err == nil {
+			p.outLn6 = out6
+		} else {
+			p.log.Debug("no IPv6 outbound listener", "err", err)
+		}
+	}
 	return nil
 }
 
@@ -210,19 +221,24 @@ func (p *Proxy) Run(ctx context.Context) error {
 // which closes the proxy. Listen must have succeeded.
 func (p *Proxy) Serve(ctx context.Context) error {
 	p.mu.Lock()
-	out, in := p.outLn, p.inLn
+	out, out6, in := p.outLn, p.outLn6, p.inLn
 	p.mu.Unlock()
 	if out == nil {
 		return errors.New("serving: Listen has not succeeded")
 	}
 	stop := context.AfterFunc(ctx, func() { p.Close() })
 	defer stop()
-	errc := make(chan error, 3)
+	errc := make(chan error, 4)
+	loops := 3
 	go func() { errc <- p.h1.Serve(p.h1ln) }()
 	go func() { errc <- p.acceptLoop(out, p.handleOutbound) }()
 	go func() { errc <- p.acceptLoop(in, p.handleInbound) }()
+	if out6 != nil {
+		loops++
+		go func() { errc <- p.acceptLoop(out6, p.handleOutbound) }()
+	}
 	var errs []error
-	for range 3 {
+	for range loops {
 		if err := <-errc; err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, http.ErrServerClosed) {
 			errs = append(errs, err)
 		}
@@ -311,6 +327,9 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 func (p *Proxy) closeListenersLocked() {
 	if p.outLn != nil {
 		p.outLn.Close()
+	}
+	if p.outLn6 != nil {
+		p.outLn6.Close()
 	}
 	if p.inLn != nil {
 		p.inLn.Close()

@@ -75,6 +75,15 @@ with mTLS, protocol detection, authorization and golden metrics.`,
 		newVersionCmd(),
 		newStatCmd(),
 		newRulesCmd(),
+		newCACmd(),
+		newTokenCmd(),
+		newNodeCmd(),
+		newKeygenCmd(),
+		newKeyringCmd(),
+		newReloadCmd(),
+		newMembersCmd(),
+		newServicesCmd(),
+		newCheckCmd(),
 	)
 	return root
 }

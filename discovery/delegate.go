@@ -1,0 +1,355 @@
+package discovery
+
+import (
+	"bytes"
+	"errors"
+	"net/netip"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// delegate connects Discovery to memberlist: it implements
+// memberlist.Delegate (catalog payloads) and memberlist.EventDelegate
+// (membership changes).
+//
+// Concurrency rules. Memberlist calls these methods from its own goroutines
+// (packet handler, stream handlers, gossip and probe loops), concurrently,
+// and the event methods with its node lock held. Therefore every method:
+//   - is safe for concurrent use (state lives in Discovery under d.mu);
+//   - never blocks: it holds d.mu only for map updates, decodes and encodes
+//     in memory, and hands anything slow (network sends, bbolt writes,
+//     metadata updates, snapshot rebuilds) to Discovery's goroutines with
+//     non-blocking channel sends, dropping and counting when a queue is full;
+//   - never calls into memberlist (it could deadlock on the node lock);
+//   - copies any part of a buffer it keeps: memberlist reuses them.
+type delegate struct{ d *Discovery }
+
+var (
+	_ memberlist.Delegate      = (*delegate)(nil)
+	_ memberlist.EventDelegate = (*delegate)(nil)
+)
+
+// NodeMeta returns the metadata prepared by publishLocked (≤ 512 bytes).
+func (g *delegate) NodeMeta(limit int) []byte {
+	m := *g.d.meta.Load()
+	if len(m) > limit {
+		return nil
+	}
+	return m
+}
+
+// NotifyMsg handles a broadcast or a reliably sent catalog message.
+func (g *delegate) NotifyMsg(buf []byte) {
+	d := g.d
+	msg, err := decodeMessage(buf)
+	if err != nil {
+		d.reject(err)
+		return
+	}
+	switch msg.typ {
+	case msgEntry:
+		d.mergeEntry(msg.entry, bytes.Clone(buf), true)
+	case msgNotice:
+		d.notice(msg.node, msg.version, true)
+	case msgRequest:
+		from := msg.node
+		d.enqueue(func() {
+			d.mu.Lock()
+			raw := d.selfRaw
+			d.mu.Unlock()
+			d.sendTo(from, raw)
+		})
+	default:
+		d.reject(errMalformed)
+	}
+}
+
+// GetBroadcasts hands queued catalog messages to memberlist's gossip.
+func (g *delegate) GetBroadcasts(overhead, limit int) [][]byte {
+	return g.d.queue.GetBroadcasts(overhead, limit)
+}
+
+// LocalState is this host's side of a push/pull: its own entry and those of
+// the hosts it holds alive.
+func (g *delegate) LocalState(join bool) []byte {
+	d := g.d
+	d.mu.Lock()
+	list := make([][]byte, 0, len(d.entries)+1)
+	list = append(list, d.selfRaw)
+	for name, pe := range d.entries {
+		if m := d.members[name]; m != nil && m.state == StateAlive {
+			list = append(list, pe.raw)
+		}
+	}
+	d.mu.Unlock()
+	return encodeState(list)
+}
+
+// MergeRemoteState merges a peer's side of a push/pull, keeping the newest
+// entry of each host.
+func (g *delegate) MergeRemoteState(buf []byte, join bool) {
+	d := g.d
+	if len(buf) == 0 {
+		return
+	}
+	msg, err := decodeMessage(buf)
+	if err == nil && msg.typ != msgState {
+		err = errMalformed
+	}
+	if err != nil {
+		d.reject(err)
+		return
+	}
+	for _, raw := range msg.entries {
+		m, err := decodeMessage(raw)
+		if err == nil && m.typ != msgEntry {
+			err = errMalformed
+		}
+		if err != nil {
+			d.reject(err)
+			continue
+		}
+		d.mergeEntry(m.entry, bytes.Clone(raw), false)
+	}
+}
+
+// NotifyJoin records a host that became alive.
+func (g *delegate) NotifyJoin(n *memberlist.Node) { g.d.memberAlive(n) }
+
+// NotifyUpdate records a host whose metadata changed.
+func (g *delegate) NotifyUpdate(n *memberlist.Node) { g.d.memberAlive(n) }
+
+// NotifyLeave records a host that died or left; its endpoints disappear.
+func (g *delegate) NotifyLeave(n *memberlist.Node) {
+	d := g.d
+	if n.Name == d.name {
+		return
+	}
+	// n.State is not maintained by memberlist: a host that left says so in
+	// its last catalog entry (which may also arrive after this event).
+	d.mu.Lock()
+	m := d.members[n.Name]
+	if m == nil {
+		m = &member{}
+		d.members[n.Name] = m
+	}
+	m.addr, m.state, m.since = nodeAddr(n), StateDead, time.Now()
+	if pe := d.entries[n.Name]; pe != nil && pe.entry.Leaving {
+		d.markLeftLocked(n.Name)
+	}
+	state := m.state
+	d.countAliveLocked()
+	d.mu.Unlock()
+	d.log.Info("host gone", "node", n.Name, "state", state)
+	d.kick(d.dirty)
+}
+
+func (d *Discovery) memberAlive(n *memberlist.Node) {
+	if n.Name == d.name {
+		d.mu.Lock()
+		d.selfAddr = nodeAddr(n)
+		d.mu.Unlock()
+		return
+	}
+	meta, err := decodeMeta(n.Meta)
+	if err != nil {
+		d.reject(err)
+	}
+	addr := nodeAddr(n)
+	d.mu.Lock()
+	m := d.members[n.Name]
+	if m == nil {
+		m = &member{}
+		d.members[n.Name] = m
+	}
+	wasAlive := m.state == StateAlive
+	m.addr, m.state, m.meta = addr, StateAlive, meta
+	if !wasAlive {
+		m.since = time.Now()
+	}
+	if p, ok := d.storedPeers[n.Name]; !ok || p.Addr != addr {
+		d.dirtyPeers[n.Name] = &storedPeer{Addr: addr}
+		d.kick(d.slow)
+	}
+	d.countAliveLocked()
+	d.wantLocked(n.Name, meta.version)
+	d.mu.Unlock()
+	if !wasAlive {
+		d.log.Info("host alive", "node", n.Name, "addr", addr)
+	}
+	d.kick(d.dirty)
+}
+
+// markLeftLocked records that a dead host had left gracefully: it is not
+// reconnected to, and forgotten from the peers remembered for rejoining.
+func (d *Discovery) markLeftLocked(name string) {
+	d.members[name].state = StateLeft
+	d.dirtyPeers[name] = nil
+	d.kick(d.slow)
+}
+
+func (d *Discovery) countAliveLocked() {
+	n := int64(1)
+	for _, m := range d.members {
+		if m.state == StateAlive {
+			n++
+		}
+	}
+	d.numAlive.Store(n)
+}
+
+// mergeEntry keeps e if it is newer than what this host holds, and passes
+// it on (when it came by broadcast) so that it spreads epidemically.
+func (d *Discovery) mergeEntry(e NodeEntry, raw []byte, rebroadcast bool) {
+	if e.Node == d.name {
+		return
+	}
+	d.mu.Lock()
+	old := d.entries[e.Node]
+	if old != nil && old.entry.Version >= e.Version {
+		d.mu.Unlock()
+		return
+	}
+	if old == nil && len(d.entries) >= maxEntries {
+		d.mu.Unlock()
+		d.metrics.rejected.WithLabelValues(rejectTooMany).Inc()
+		return
+	}
+	d.entries[e.Node] = &peerEntry{entry: &e, raw: raw, at: time.Now()}
+	m := d.members[e.Node]
+	visible := m != nil && m.state == StateAlive
+	if e.Leaving && m != nil && m.state == StateDead {
+		d.markLeftLocked(e.Node)
+	}
+	d.mu.Unlock()
+	if rebroadcast {
+		d.broadcast(e.Node, e.Version, raw)
+	}
+	if visible {
+		d.kick(d.dirty)
+	}
+}
+
+// notice handles "host node is at version": pass it on and pull the entry
+// if this host's copy is older.
+func (d *Discovery) notice(node string, version uint64, rebroadcast bool) {
+	if node == d.name {
+		return
+	}
+	d.mu.Lock()
+	newer := d.wantLocked(node, version)
+	d.mu.Unlock()
+	if newer && rebroadcast {
+		d.queue.QueueBroadcast(&broadcast{node: node, msg: encodeNotice(node, version)})
+	}
+}
+
+// wantLocked reports whether version is newer than the entry held for
+// node, and if so asks node for its entry (once per version, again after
+// pullBackoff if it has not come).
+func (d *Discovery) wantLocked(node string, version uint64) bool {
+	if pe := d.entries[node]; pe != nil && pe.entry.Version >= version {
+		return false
+	}
+	if version == 0 {
+		return false
+	}
+	if p, ok := d.pullAt[node]; ok && version <= p.version && time.Since(p.at) < pullBackoff {
+		return true // already asked for this version
+	}
+	d.pullAt[node] = pull{at: time.Now(), version: version}
+	req := encodeRequest(d.name)
+	d.enqueue(func() {
+		// The entry often arrives meanwhile (a joining host learns of its
+		// peers just before their entries); ask only if still needed.
+		d.mu.Lock()
+		pe := d.entries[node]
+		d.mu.Unlock()
+		if pe == nil || pe.entry.Version < version {
+			d.sendTo(node, req)
+		}
+	})
+	return true
+}
+
+func (d *Discovery) reject(err error) {
+	reason := rejectMalformed
+	if errors.Is(err, errOversized) {
+		reason = rejectOversized
+	}
+	d.metrics.rejected.WithLabelValues(reason).Inc()
+	d.log.Debug("refused a gossip payload", "reason", reason)
+}
+
+// nodeMeta is what a host puts in its memberlist metadata.
+type nodeMeta struct {
+	version   uint64
+	proxyPort uint16
+	addrs     []netip.Addr
+	roles     []string
+}
+
+// encodeMeta encodes m, dropping roles that would not fit in memberlist's
+// 512 bytes.
+func encodeMeta(m nodeMeta) []byte {
+	e := encoder{}
+	e.byte(wireFormat)
+	e.uint(m.version)
+	e.uint(uint64(m.proxyPort))
+	addrs := m.addrs[:min(len(m.addrs), 8)]
+	e.uint(uint64(len(addrs)))
+	for _, a := range addrs {
+		e.bytes(a.AsSlice())
+	}
+	var roles []string
+	size := len(e.b) + 1
+	for _, r := range m.roles {
+		if size+len(r)+2 > memberlist.MetaMaxSize || len(r) > 64 {
+			break
+		}
+		size += len(r) + 2
+		roles = append(roles, r)
+	}
+	e.uint(uint64(len(roles)))
+	for _, r := range roles {
+		e.string(r)
+	}
+	return e.b
+}
+
+func decodeMeta(buf []byte) (nodeMeta, error) {
+	var m nodeMeta
+	if len(buf) == 0 {
+		return m, nil // a host that does not run vmesh's discovery
+	}
+	if len(buf) > memberlist.MetaMaxSize {
+		return m, errOversized
+	}
+	d := decoder{b: buf}
+	if d.byte() != wireFormat {
+		return nodeMeta{}, errMalformed
+	}
+	m.version = d.uint(1<<64 - 1)
+	m.proxyPort = uint16(d.uint(65535))
+	na := d.count(maxAddrs, 2)
+	for range na {
+		a, ok := netip.AddrFromSlice(d.raw(16))
+		if !ok {
+			d.fail(errMalformed)
+			break
+		}
+		m.addrs = append(m.addrs, a)
+	}
+	nr := d.count(64, 1)
+	for range nr {
+		m.roles = append(m.roles, d.string())
+	}
+	if d.err == nil && len(d.b) != 0 {
+		d.err = errMalformed
+	}
+	if d.err != nil {
+		return nodeMeta{}, d.err
+	}
+	return m, nil
+}
