@@ -42,11 +42,12 @@ esac
 
 # as_vmesh runs a command as user vmesh with CAP_NET_ADMIN as its only
 # (ambient) capability, like the unit's User=vmesh + AmbientCapabilities=.
-as_vmesh() {
-  setpriv --reuid=vmesh --regid=vmesh --init-groups \
-    --inh-caps=-all,+net_admin --ambient-caps=-all,+net_admin \
-    --bounding-set=-all,+net_admin --no-new-privs -- "$@"
-}
+# A simple command (not a function) when started with &, so that $! is the
+# agent's own PID (setpriv execs it) and SIGTERM reaches the agent.
+as_vmesh_cmd=(setpriv --reuid=vmesh --regid=vmesh --init-groups
+  --inh-caps=-all,+net_admin --ambient-caps=-all,+net_admin
+  --bounding-set=-all,+net_admin --no-new-privs --)
+as_vmesh() { "${as_vmesh_cmd[@]}" "$@"; }
 
 # wait_for FILE: until FILE is non-empty, for at most wait_secs.
 wait_for() {
@@ -54,6 +55,18 @@ wait_for() {
   until [ -s "$1" ]; do
     if [ $SECONDS -ge $end ]; then log "no $1 after ${wait_secs}s"; return 1; fi
     sleep 0.2
+  done
+}
+
+# wait_ports PORT...: until something listens on each TCP port (the app is up
+# before the agent health-checks it).
+wait_ports() {
+  local end=$((SECONDS + wait_secs)) p
+  for p in "$@"; do
+    until ss -Hltn "sport = :$p" | grep -q .; do
+      if [ $SECONDS -ge $end ]; then log "nothing listens on port $p after ${wait_secs}s"; return 1; fi
+      sleep 0.1
+    done
   done
 }
 
@@ -116,7 +129,7 @@ start_app() {
 }
 
 start_agent() {
-  as_vmesh vmesh agent --config "$conf" &
+  "${as_vmesh_cmd[@]}" vmesh agent --config "$conf" &
   agent_pid=$!
   pids+=("$agent_pid")
 }
@@ -165,6 +178,10 @@ if [ "$mesh" = on ]; then
 fi
 
 start_app
+case "$role" in
+  ca) wait_ports 6379 || shutdown 1 ;;
+  web) wait_ports 80 8081 || shutdown 1 ;;
+esac
 if [ "$mesh" = on ]; then
   start_agent
   wait_ready || shutdown 1

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # smoke.sh: prove the running example (./up.sh) is a working mesh.
 #
-#   1. the three agents see each other: `vmesh members` shows 3 alive;
+#   1. the three agents see each other: `vmesh members` shows 3 alive, and
+#      client's catalog has the 3 services, healthy;
 #   2. curl on client reaches nginx on web through the mesh;
 #   3. redis-cli on client runs PING/SET/GET against redis on ca through it;
 #   4. it is mTLS: web's metrics count the request with tls="true" and the
@@ -65,6 +66,15 @@ members_alive() {
 for s in "${services[@]}"; do
   eventually "vmesh members on $s shows 3 alive" members_alive "$s"
 done
+
+services_passing() {
+  local out s
+  out=$(x client vmesh services 2>&1) || { echo "$out"; return 1; }
+  for s in redis web web-admin; do
+    grep -Eq "^$s +.* passing *$" <<<"$out" || { echo "$out"; echo "($s is not listed as passing)"; return 1; }
+  done
+}
+eventually "vmesh services on client lists redis, web, web-admin passing" services_passing
 
 # The capture for check 4 runs from here on.
 if command -v tcpdump >/dev/null; then
