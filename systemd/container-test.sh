@@ -10,7 +10,8 @@
 # Mount-namespace sandboxing is not applied inside a container (see
 # systemd-analyze security in systemd_test.go for that).
 #
-#   systemd/container-test.sh [probe|agent|all]   (default all; keeps nothing)
+#   systemd/container-test.sh [probe|agent|all]   (default all)
+#   KEEP=1  leave the container (vmesh-sdtest) and its network for a look
 #   VMESH_BIN=path  binary to install (default: make build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ cleanup() {
   docker rm -f "$name" >/dev/null 2>&1 || true
   docker network rm "$net" >/dev/null 2>&1 || true
 }
-trap cleanup EXIT
+[ -n "${KEEP:-}" ] || trap cleanup EXIT
 cleanup
 
 examples/compose/build-base.sh >&2
@@ -108,8 +109,10 @@ EOF
   if x curl -fsS -o /dev/null --max-time 2 http://127.0.0.1:4191/ready; then ok "agent: /ready"; else fail "agent: /ready"; fi
 
   x systemctl reload vmesh || true
-  sleep 1
-  if [ "$(x systemctl is-active vmesh)" = active ] && [ "$(main_pid)" = "$pid" ]; then ok "agent: reload keeps it running (PID $pid)"
+  end=$((SECONDS + 10))
+  until x journalctl -u vmesh --no-pager | grep -q 'configuration reloaded' || [ $SECONDS -ge $end ]; do sleep 0.2; done
+  if [ "$(x systemctl is-active vmesh)" = active ] && [ "$(main_pid)" = "$pid" ] &&
+    x journalctl -u vmesh --no-pager | grep -q 'configuration reloaded'; then ok "agent: reload re-read the config, same PID $pid"
   else fail "agent: reload (active: $(x systemctl is-active vmesh), PID $pid -> $(main_pid))"; fi
 
   x kill -KILL "$pid" || true
