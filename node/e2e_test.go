@@ -425,3 +425,57 @@ func addJoin(t *testing.T, path, addr string) {
 		t.Fatal(err)
 	}
 }
+
+// TestDevAgent runs the README's first command, `vmesh agent -dev`, on a
+// fresh host: it becomes ready with its own CA, installs its rules, serves a
+// meshed request to itself through the mesh's admin view, and leaves the
+// host's iptables as it found them.
+func TestDevAgent(t *testing.T) {
+	bed := testbed.New(t, 1)
+	h := bed.Hosts[0]
+	before := (&meshHost{Host: h}).natRules(t)
+	m := &meshHost{Host: h, name: "dev"}
+	m.log = newLockedLog()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cmd := h.Command(ctx, vmeshBin, "agent", "-dev")
+	cmd.Stdout, cmd.Stderr = m.log, m.log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	m.agent, m.done = cmd, done
+	defer func() {
+		if t.Failed() {
+			t.Logf("dev agent log:\n%s", m.log.String())
+		}
+	}()
+	m.waitFor(t, "the dev agent to be ready", 60*time.Second, func() bool {
+		select {
+		case <-done:
+			t.Fatalf("dev agent exited:\n%s", m.log.String())
+		default:
+		}
+		_, err := h.Try("curl", "-sf", "http://127.0.0.1:4191/ready")
+		return err == nil
+	})
+	rules := m.natRules(t)
+	if !strings.Contains(rules, "VMESH_OUTPUT") || !strings.Contains(rules, "--to-ports 4140") {
+		t.Fatalf("dev agent installed no redirect rules:\n%s", rules)
+	}
+	if out := h.Run(t, vmeshBin, "members"); !strings.Contains(out, "alive") {
+		t.Fatalf("vmesh members on the dev host: %s", out)
+	}
+	dataDir := regexp.MustCompile(`data dir (\S+),`).FindStringSubmatch(m.log.String())
+	if dataDir == nil {
+		t.Fatalf("dev agent did not say where its data dir is:\n%s", m.log.String())
+	}
+	m.stop(t, syscall.SIGTERM)
+	if after := m.natRules(t); after != before {
+		t.Errorf("iptables after the dev agent stopped:\n%s\nwant:\n%s", after, before)
+	}
+	if _, err := os.Stat(dataDir[1]); !os.IsNotExist(err) {
+		t.Errorf("throw-away data dir %s is still there (%v)", dataDir[1], err)
+	}
+}
