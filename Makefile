@@ -29,7 +29,8 @@ lint: check
 unit:
 	$(GO) test -race -tags $(TAGS) -timeout 20m ./...
 
-test: check unit
+# test: what CI runs. The compose example needs root and a Docker engine.
+test: check unit compose-test
 
 bench:
 	$(GO) test -tags $(TAGS) -run '^$$' -bench . -benchtime 2x ./...

@@ -479,3 +479,36 @@ func TestDevAgent(t *testing.T) {
 		t.Errorf("throw-away data dir %s is still there (%v)", dataDir[1], err)
 	}
 }
+
+// TestCleanup: `vmesh agent --cleanup` (systemd's ExecStopPost) removes the
+// rules a crashed agent left, except when the operator chose fail closed
+// (rules.on_stop = "keep"); --force removes them anyway.
+func TestCleanup(t *testing.T) {
+	bed := testbed.New(t, 1)
+	m := newMeshHost(t, bed.Hosts[0], "h")
+	before := m.natRules(t)
+	for _, tc := range []struct {
+		onStop string
+		force  bool
+		kept   bool
+	}{{"remove", false, false}, {"keep", false, true}, {"keep", true, false}} {
+		m.writeConfig(t, "", fmt.Sprintf("[rules]\non_stop = %q\n[[service]]\nname = \"web\"\nport = 8080\n", tc.onStop))
+		m.Run(t, vmeshBin, "rules", "install", "-c", m.cfg)
+		if !strings.Contains(m.natRules(t), "VMESH_INBOUND") {
+			t.Fatal("rules install installed nothing")
+		}
+		args := []string{"agent", "--cleanup", "-c", m.cfg}
+		if tc.force {
+			args = append(args, "--force")
+		}
+		m.Run(t, vmeshBin, args...)
+		after := m.natRules(t)
+		if kept := after != before; kept != tc.kept {
+			t.Errorf("on_stop=%s force=%v: rules kept = %v, want %v\n%s", tc.onStop, tc.force, kept, tc.kept, after)
+		}
+	}
+	m.Run(t, vmeshBin, "rules", "uninstall", "-c", m.cfg)
+	if after := m.natRules(t); after != before {
+		t.Errorf("rules uninstall left:\n%s", after)
+	}
+}
