@@ -24,10 +24,12 @@ const (
 type Config struct {
 	// Role is "client" (default) or "server".
 	Role Role `toml:"role"`
-	// TrustDomain is the SPIFFE trust domain, e.g. "prod.example". Required.
+	// TrustDomain is the SPIFFE trust domain, e.g. "prod.example".
+	// Default "vmesh.local". All hosts of a mesh must agree.
 	TrustDomain string `toml:"trust_domain"`
 	// URL is the CA API, e.g. "https://198.18.0.2:4192". Optional on a
-	// client whose token carries it; unused on a server.
+	// client whose token carries it. On a server it is the URL written into
+	// join tokens (ServerOptions.URL); default https://<advertise address>:<listen port>.
 	URL string `toml:"url"`
 	// Token is a one-time join token from `vmesh token create`, used on
 	// first start only. TokenFile is read instead when set.
@@ -46,6 +48,7 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		Role:         RoleClient,
+		TrustDomain:  "vmesh.local",
 		ListenAddr:   netip.MustParseAddrPort("0.0.0.0:4192"),
 		CertLifetime: 24 * time.Hour,
 	}

@@ -2,4 +2,45 @@
 // smallstep/certificates, and the certificate client every host runs: join
 // tokens, node and workload X.509-SVIDs, renewal, the trust bundle, and the
 // verification of peers' SPIFFE identities.
+//
+// # CA hosts
+//
+// [Init] creates the root, the intermediate and the join-token key in a CA
+// directory (`vmesh ca init`). A host holding that directory runs a [Server]:
+// smallstep's authority (authority.NewEmbedded) on the CA's own bbolt file,
+// serving over TLS:
+//
+//   - smallstep's routes under /1.0: roots, sign (join with a token), renew
+//     and rekey (node SVIDs, mTLS with the current node SVID);
+//   - POST /vmesh/1.0/svid: service SVIDs, mTLS with the caller's node SVID.
+//
+// Service SVIDs use vmesh's own endpoint rather than an X5C provisioner: the
+// node proves itself by the TLS handshake it already makes, and the grant
+// (which services that node's token allowed) and the revocation list are
+// checked in one place before smallstep signs. Only node SVIDs renew through
+// smallstep's routes; a service SVID is always re-requested, so a revoked node
+// cannot keep its services alive.
+//
+// [Server.CreateToken] mints a single-use JWK token (sub =
+// spiffe://TD/node/NAME, aud = the CA's sign URL, sha = the root fingerprint)
+// and records the node's granted services in the CA database. The node SVID
+// carries the grant in a non-critical extension, so every CA host sharing the
+// intermediate can issue that node's service SVIDs; a token only works on the
+// CA that minted it. [Server.Revoke] refuses the node's renewals and service
+// SVIDs on that CA host (revoke on each CA host).
+//
+// # Every host
+//
+// A [Client] joins once with a token (pinning the root by fingerprint), or
+// in-process from a local [Server] on a CA host, then keeps its node SVID and
+// one SVID per declared service, renewed at about 2/3 of their lifetime with
+// jitter, node first. Key and chains persist in the node's bbolt file (bucket
+// "ca/identity"), so a restarted host keeps its identity without a token. TLS
+// takes certificates through [Client.GetCertificate] and
+// [Client.GetClientCertificate], so rotation needs no restart, and checks
+// peers with [VerifySVID].
+//
+// SPIFFE IDs: spiffe://TD/node/NAME for hosts, spiffe://TD/svc/NAME for
+// services, spiffe://TD/ca for the CA API's own certificate (clients accept
+// the CA API only with that ID; VerifySVID refuses it as a peer).
 package ca

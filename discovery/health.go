@@ -110,7 +110,8 @@ func (h *HealthCheck) Validate() error {
 		errs.Add("timeout", "must be positive, got %s", h.Timeout)
 	}
 	if h.CheckTimeout() >= h.Every() {
-		errs.Add("timeout", "must be shorter than interval (%s), got %s", h.Every(), h.CheckTimeout())
+		errs.Add("timeout", "must be shorter than interval (%s%s), got %s%s", h.Every(), defaultNote(h.Interval == 0),
+			h.CheckTimeout(), defaultNote(h.Timeout == 0))
 	}
 	if h.HealthyThreshold < 0 {
 		errs.Add("healthy_threshold", "must be at least 1, got %d", h.HealthyThreshold)
@@ -213,4 +214,11 @@ func (d *Discovery) setHealth(name string, gen uint64, h Health) {
 	if changed {
 		d.rebuild()
 	}
+}
+
+func defaultNote(isDefault bool) string {
+	if isDefault {
+		return ", the default"
+	}
+	return ""
 }

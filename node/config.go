@@ -1,6 +1,7 @@
 package node
 
 import (
+	_ "embed"
 	"fmt"
 	"net/netip"
 	"os"
@@ -243,4 +244,29 @@ func (c *Config) validatePorts(errs *field.List) {
 			errs.Add(key, "port %d is also in rules.skip_outbound_ports: its traffic would bypass the mesh", s.Port)
 		}
 	}
+}
+
+//go:embed default.toml
+var defaultTOML string
+
+// DefaultTOML returns the default configuration as commented TOML, for
+// `vmesh config default`. Parsing it yields DefaultConfig().
+func DefaultTOML() string { return defaultTOML }
+
+// RulesState is the input of rules.Build for this configuration, with uid
+// the agent's own uid (used when rules.proxy_uid is -1).
+func (c *Config) RulesState(uid uint32) rules.State {
+	// The CA port is vmesh's own on every host: a client's renewals must
+	// reach the CA host unproxied whatever uid the agent runs as.
+	own := []uint16{c.Admin.Addr.Port(), c.Gossip.BindAddr.Port(), c.CA.ListenAddr.Port()}
+	var svc []uint16
+	for _, s := range c.Services {
+		svc = append(svc, s.Port)
+	}
+	return c.Rules.State(rules.State{
+		InboundPort:  c.Proxy.InboundAddr.Port(),
+		OutboundPort: c.Proxy.OutboundAddr.Port(),
+		OwnPorts:     own,
+		ServicePorts: svc,
+	}, uid)
 }

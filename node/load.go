@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"reflect"
+	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -120,6 +122,8 @@ func tidy(errs field.List) field.List {
 	return out
 }
 
+var typeErrRE = regexp.MustCompile(`^toml: (?:line (\d+) )?\(last key "([^"]*)"\): (.*)$`)
+
 // decodeError turns a decoder error into a field error with key and line.
 func decodeError(err error, section string) *field.Error {
 	var pe toml.ParseError
@@ -132,6 +136,11 @@ func decodeError(err error, section string) *field.Error {
 			key = "(syntax)"
 		}
 		return &field.Error{Key: key, Line: pe.Position.Line, Msg: pe.Message}
+	}
+	// Type mismatches come as plain errors in a fixed form.
+	if m := typeErrRE.FindStringSubmatch(err.Error()); m != nil {
+		line, _ := strconv.Atoi(m[1])
+		return &field.Error{Key: m[2], Line: line, Msg: m[3]}
 	}
 	if section == "" {
 		section = "(file)"

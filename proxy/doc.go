@@ -1,7 +1,77 @@
 // Package proxy is vmesh's data path: the outbound listener that receives the
 // host's redirected TCP connections and the inbound listener that peer proxies
 // dial with mTLS. It owns original-destination lookup, protocol detection,
-// the transport header between proxies, authorization, load balancing and the
-// golden metrics. It learns about the mesh and its certificates only through
-// the small interfaces it declares, which node fills in.
+// the transport header between proxies, authorization and the golden
+// metrics. It learns about the mesh and its certificates only through the
+// small interfaces it declares (Catalog, Identity, VerifyPeerFunc), which
+// node fills in.
+//
+// # Connections
+//
+// Outbound (127.0.0.1:4140): SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST for IPv6)
+// gives the destination; a connection whose original destination is its own
+// local address was not redirected and is closed. Catalog.Lookup decides:
+//   - unknown address (or an Endpoint without ProxyAddr): plain TCP
+//     passthrough, spliced by the kernel, counted with tls="no_identity"; or
+//     closed when Config.OutboundUnknown is "deny".
+//   - meshed endpoint on an opaque port (Endpoint.Opaque, Protocol "opaque"
+//     or Config.OpaquePorts): mTLS to Endpoint.ProxyAddr with ALPN
+//     "vmesh.transport/v1", a transport header (header.go: preface, u32
+//     length, tag-length-value fields, at most 1 KiB), then the bytes.
+//   - otherwise one detection read (up to 1 KiB, Config.DetectTimeout):
+//     HTTP/1 or HTTP/2 requests are proxied one by one over pooled,
+//     multiplexed HTTP/2 (ALPN "h2") mTLS connections, one pool per (peer
+//     proxy, service identity), with the original protocol in
+//     l5d-orig-proto and the target port in vmesh-dst-port; anything else,
+//     or silence until the timeout (a server that speaks first), goes opaque.
+//     HTTP/1 Upgrade requests (WebSocket) take the opaque transport with
+//     protocol http1 and then carry raw bytes.
+//
+// Every mTLS client handshake sends SNI = Endpoint.Service and fails unless
+// the server's SPIFFE ID is exactly Endpoint.Identity. TLS 1.3 only, session
+// tickets resumed through a shared LRU session cache, X25519MLKEM768 then
+// X25519 (see curvePreferences), 16 KiB records from the first byte.
+//
+// Inbound (0.0.0.0:4143): a connection redirected from a service port is an
+// unmeshed client: the service's policy decides with no identity
+// (all-authenticated refuses), then it is relayed to its original
+// destination. A direct connection must complete mTLS with a valid SVID
+// (VerifyPeer); by ALPN it then carries HTTP/2 requests (each authorized,
+// 403 with l5d-proxy-error when denied) or one transport header whose port
+// must be a declared LocalService, else the connection is closed: the
+// inbound proxy is never a relay to arbitrary ports.
+//
+// Authorization is an in-memory lookup per LocalService: Policy (or
+// Config.DefaultPolicy) plus Allow patterns ("*" one segment, trailing "**"
+// any rest); audit allows and logs what it would deny.
+//
+// # Metrics
+//
+// Linkerd's names: request_total, response_total (+status_code,
+// classification; gRPC grpc-status counts), response_latency_ms (Linkerd
+// buckets), tcp_open_total, tcp_close_total, tcp_open_connections,
+// tcp_read_bytes_total / tcp_write_bytes_total (bytes read from / written to
+// the accepted connection), with labels direction, service, client_id
+// (inbound), server_id (outbound), tls; inbound_{http,tcp}_authz_allow_total
+// and _deny_total (+reason); tcp_refused_total{direction,reason} for
+// connections refused before authorization. Label values come from declared
+// services, issued identities and constants, never from addresses.
+//
+// # Use from node
+//
+//	p, err := proxy.New(cfg.Proxy, proxy.Options{
+//		Catalog:    catalogAdapter,   // required: Lookup(netip.AddrPort) (Endpoint, bool)
+//		Identity:   caClientAdapter,  // required: GetCertificate, GetClientCertificate, Roots, TrustDomain
+//		VerifyPeer: ca.VerifyPeer,    // optional: default checks Roots() and the trust domain
+//		Services:   localServices,    // optional: the declared services at start
+//		Logger:     log.With("component", "proxy"),
+//		Registerer: registry,
+//		// Dialer: optional; the proxy's own sockets must escape the OUTPUT
+//		// redirect (the rules exempt the proxy's uid).
+//	})
+//	err = p.Listen()              // binds both listeners; report ready after this
+//	go p.Serve(ctx)               // returns when ctx is done (closes) or after Shutdown/Close
+//	err = p.SetServices(updated)  // on reload: atomic swap, established connections stay
+//	err = p.Shutdown(drainCtx)    // on SIGTERM: stop accepting, drain, then close the rest
+//	p.Close()                     // idempotent; closes everything now
 package proxy

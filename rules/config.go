@@ -23,10 +23,17 @@ type Config struct {
 	// ExcludeOutboundCIDRs are destinations never redirected outbound.
 	ExcludeOutboundCIDRs []netip.Prefix `toml:"exclude_outbound_cidrs"`
 	// ProxyUID is the uid whose traffic is never redirected (the uid vmesh
-	// runs as). Default -1: the agent's own uid at start-up.
+	// runs as). Default -1: the agent's own uid at start-up — except root:
+	// a root agent exempts its own connections by ProxyMark alone, so that
+	// root's programs stay meshed.
 	ProxyUID int `toml:"proxy_uid"`
 	// ProxyGID, when >= 0, also exempts traffic of that gid. Default -1: off.
 	ProxyGID int `toml:"proxy_gid"`
+	// ProxyMark is the firewall mark (SO_MARK) the proxy puts on the
+	// connections it opens; marked traffic is never redirected. Default
+	// 0x4143; 0 turns it off (then only the uid exempts the proxy, and a
+	// root agent must not run with proxy_uid = -1... see ProxyUID).
+	ProxyMark uint32 `toml:"proxy_mark"`
 	// OnStop is what happens to the rules when the agent stops:
 	// "remove" (default, fail open: traffic flows unproxied) or "keep"
 	// (fail closed: redirected traffic is refused until the agent returns).
@@ -34,6 +41,10 @@ type Config struct {
 	// IPv6 programs ip6tables too: "auto" (default: when the host has IPv6),
 	// "on" or "off".
 	IPv6 string `toml:"ipv6"`
+	// Backend is the iptables backend: "auto" (default: the one that
+	// already holds the host's rules, else that of the iptables on PATH),
+	// "nft" or "legacy".
+	Backend string `toml:"backend"`
 }
 
 // DefaultConfig returns a fresh rules configuration with every default set.
@@ -43,8 +54,10 @@ func DefaultConfig() Config {
 		SkipInboundPorts: []uint16{22},
 		ProxyUID:         -1,
 		ProxyGID:         -1,
+		ProxyMark:        0x4143,
 		OnStop:           "remove",
 		IPv6:             "auto",
+		Backend:          "auto",
 	}
 }
 
@@ -80,5 +93,41 @@ func (c *Config) Validate() error {
 	default:
 		errs.Add("ipv6", "must be \"auto\", \"on\" or \"off\", got %q", c.IPv6)
 	}
+	switch c.Backend {
+	case "auto", "nft", "legacy":
+	default:
+		errs.Add("backend", "must be \"auto\", \"nft\" or \"legacy\", got %q", c.Backend)
+	}
+	for i, p := range c.ExcludeOutboundCIDRs {
+		if !p.IsValid() {
+			errs.Add("exclude_outbound_cidrs", "entry %d: not a CIDR", i+1)
+		}
+	}
 	return errs.Err()
+}
+
+// State returns base with this section's settings filled in: capture-all,
+// skip ports, excluded CIDRs and the proxy uid/gid, where ProxyUID -1 becomes
+// agentUID (the uid the agent runs as). base carries what other sections
+// own: the proxy ports, vmesh's own ports and the service ports.
+func (c *Config) State(base State, agentUID uint32) State {
+	s := base
+	s.CaptureAllInbound = c.CaptureAllInbound
+	s.SkipInboundPorts = append([]uint16(nil), c.SkipInboundPorts...)
+	s.SkipOutboundPorts = append([]uint16(nil), c.SkipOutboundPorts...)
+	s.ExcludeOutboundCIDRs = append([]netip.Prefix(nil), c.ExcludeOutboundCIDRs...)
+	s.ProxyUID = agentUID
+	s.NoUIDExemption = c.ProxyUID < 0 && agentUID == 0 && c.ProxyMark != 0
+	if c.ProxyUID >= 0 {
+		s.ProxyUID = uint32(c.ProxyUID)
+	}
+	s.ProxyMark = c.ProxyMark
+	s.ProxyGID = c.ProxyGID
+	return s
+}
+
+// ApplierOptions returns the applier options this section sets (IPv6 and
+// Backend); the caller adds its Logger.
+func (c *Config) ApplierOptions() ApplierOptions {
+	return ApplierOptions{IPv6: c.IPv6, Backend: c.Backend}
 }

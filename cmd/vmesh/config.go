@@ -1,0 +1,61 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmesh/vmesh/internal/field"
+	"github.com/vmesh/vmesh/node"
+)
+
+func newConfigCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "config",
+		Short: "Check a configuration file or print the default one",
+		Args:  noArgs,
+	}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "check FILE",
+		Short: "Check a configuration file and print every problem, each with its key and line",
+		Long: `Check decodes and validates FILE as the agent would, and prints every problem
+found (not only the first), each naming its key and line. Exit code 0: valid;
+2: invalid; 1: the file could not be read.`,
+		Args: exactArgs(1),
+		RunE: func(c *cobra.Command, args []string) error {
+			_, err := node.LoadConfig(args[0])
+			if err == nil {
+				fmt.Fprintf(c.OutOrStdout(), "%s: ok\n", args[0])
+				return nil
+			}
+			list, ok := err.(field.List)
+			if !ok {
+				return err
+			}
+			for _, e := range list {
+				fmt.Fprintf(c.ErrOrStderr(), "%s:%s\n", args[0], formatFieldError(e))
+			}
+			fmt.Fprintf(c.ErrOrStderr(), "%s: %d problem(s)\n", args[0], len(list))
+			return silentError{exitUsage}
+		},
+	})
+	cmd.AddCommand(&cobra.Command{
+		Use:   "default",
+		Short: "Print the default configuration, every key commented",
+		Args:  noArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			_, err := fmt.Fprint(c.OutOrStdout(), node.DefaultTOML())
+			return err
+		},
+	})
+	return cmd
+}
+
+// formatFieldError renders "LINE: key: message" (compiler style after the
+// file name).
+func formatFieldError(e *field.Error) string {
+	if e.Line > 0 {
+		return fmt.Sprintf("%d: %s: %s", e.Line, e.Key, e.Msg)
+	}
+	return fmt.Sprintf(" %s: %s", e.Key, e.Msg)
+}

@@ -1,0 +1,283 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vmesh/vmesh/ca"
+	"github.com/vmesh/vmesh/discovery"
+	"github.com/vmesh/vmesh/node"
+)
+
+func newCACmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "ca", Short: "Manage the mesh's certificate authority", Args: noArgs}
+	var td, dir string
+	initCmd := &cobra.Command{
+		Use:   "init",
+		Short: "Create the root and intermediate CA (ECDSA P-256); refuses to overwrite",
+		Long: `Create a root (10 years) and an intermediate (1 year) for the trust domain in
+DIR, keys mode 0600, and print the root's fingerprint. A host whose ca.dir
+holds the intermediate can run with ca.role = "server". The root key can then
+be moved offline.`,
+		Args: noArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if !ca.ValidTrustDomain(td) {
+				return usageError{fmt.Errorf("--trust-domain %q is not a valid SPIFFE trust domain", td)}
+			}
+			fp, err := ca.Init(dir, td)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.OutOrStdout(), "CA created in %s for trust domain %s\nroot fingerprint: %s\n", dir, td, fp)
+			return nil
+		},
+	}
+	initCmd.Flags().StringVar(&td, "trust-domain", "vmesh.local", "SPIFFE trust domain")
+	initCmd.Flags().StringVar(&dir, "dir", "/var/lib/vmesh/ca", "directory for the CA's keys and certificates")
+	cmd.AddCommand(initCmd)
+	return cmd
+}
+
+// controlFlag adds --socket to cmd and returns a getter for the client.
+func controlFlag(cmd *cobra.Command) func() *node.ControlClient {
+	var socket string
+	cmd.Flags().StringVar(&socket, "socket", "/run/vmesh/admin.sock", "the agent's control socket")
+	return func() *node.ControlClient { return node.NewControlClient(socket) }
+}
+
+func newTokenCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "token", Short: "Join tokens for new hosts", Args: noArgs}
+	var nodeName string
+	var services []string
+	var ttl time.Duration
+	create := &cobra.Command{
+		Use:   "create",
+		Short: "Mint a single-use join token on a CA host (asks the running agent)",
+		Long: `Mint a one-time join token for host NODE, allowed the given services. The new
+host puts it in ca.token (or ca.token_file); it is used once, on first start.
+Runs on a CA host: the token is minted by the running agent over its control
+socket.`,
+		Args: noArgs,
+	}
+	client := controlFlag(create)
+	create.RunE = func(c *cobra.Command, _ []string) error {
+		if nodeName == "" {
+			return usageError{fmt.Errorf("--node is required")}
+		}
+		var resp node.TokenResponse
+		err := client().Do(c.Context(), http.MethodPost, "/v1/token",
+			node.TokenRequest{Node: nodeName, Services: services, TTL: ttl.String()}, &resp)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(c.OutOrStdout(), resp.Token)
+		return nil
+	}
+	create.Flags().StringVar(&nodeName, "node", "", "the new host's node name (required)")
+	create.Flags().StringSliceVar(&services, "services", nil, "services the host may get certificates for (comma-separated)")
+	create.Flags().DurationVar(&ttl, "ttl", 15*time.Minute, "how long the token is valid")
+	cmd.AddCommand(create)
+	return cmd
+}
+
+func newNodeCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "node", Short: "Manage mesh hosts on a CA host", Args: noArgs}
+	revoke := &cobra.Command{
+		Use:   "revoke NAME",
+		Short: "Refuse NAME's renewals and certificate requests from now on",
+		Args:  exactArgs(1),
+	}
+	client := controlFlag(revoke)
+	revoke.RunE = func(c *cobra.Command, args []string) error {
+		if err := client().Do(c.Context(), http.MethodPost, "/v1/revoke", node.NodeRequest{Node: args[0]}, nil); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.OutOrStdout(), "node %s revoked: its certificates will not be renewed\n", args[0])
+		return nil
+	}
+	cmd.AddCommand(revoke)
+	return cmd
+}
+
+func newKeygenCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "keygen",
+		Short: "Print a new gossip encryption key (base64, for gossip.key_file)",
+		Args:  noArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			k, err := discovery.GenerateKey()
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(c.OutOrStdout(), k)
+			return nil
+		},
+	}
+}
+
+func newKeyringCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "keyring",
+		Short: "Rotate gossip keys on a running agent: install, use, remove, list",
+		Long: `Rotate the cluster key without downtime: on every host 'install' the new key,
+then on every host 'use' it, then 'remove' the old one (and update
+gossip.key_file so a restart keeps the new key).`,
+		Args: noArgs,
+	}
+	for _, op := range []string{"install", "use", "remove", "list"} {
+		op := op
+		sub := &cobra.Command{Use: op + map[bool]string{true: "", false: " KEY"}[op == "list"], Short: op + " a gossip key"}
+		if op == "list" {
+			sub.Args = noArgs
+		} else {
+			sub.Args = exactArgs(1)
+		}
+		client := controlFlag(sub)
+		sub.RunE = func(c *cobra.Command, args []string) error {
+			req := node.KeyRequest{Op: op}
+			if len(args) == 1 {
+				req.Key = args[0]
+			}
+			var resp node.KeyResponse
+			if err := client().Do(c.Context(), http.MethodPost, "/v1/keyring", req, &resp); err != nil {
+				return err
+			}
+			for i, k := range resp.Keys {
+				mark := ""
+				if i == 0 {
+					mark = " (primary)"
+				}
+				fmt.Fprintf(c.OutOrStdout(), "%s%s\n", k, mark)
+			}
+			return nil
+		}
+		cmd.AddCommand(sub)
+	}
+	return cmd
+}
+
+func newReloadCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "reload",
+		Short: "Ask the running agent to re-read its configuration (like SIGHUP), and say whether it took",
+		Args:  noArgs,
+	}
+	client := controlFlag(cmd)
+	cmd.RunE = func(c *cobra.Command, _ []string) error {
+		if err := client().Do(c.Context(), http.MethodPost, "/v1/reload", nil, nil); err != nil {
+			return err
+		}
+		fmt.Fprintln(c.OutOrStdout(), "configuration reloaded")
+		return nil
+	}
+	return cmd
+}
+
+// adminGet fetches a JSON view from the admin API.
+func adminGet(ctx context.Context, admin, path string, out any) error {
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+admin+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("cannot reach the agent's admin API at %s (is it running?): %w", admin, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 32<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s: %s", path, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return json.Unmarshal(body, out)
+}
+
+// outputFlags adds --admin and -o to cmd.
+func outputFlags(cmd *cobra.Command) (admin, output *string) {
+	admin = cmd.Flags().String("admin", "127.0.0.1:4191", "the agent's admin address")
+	output = cmd.Flags().StringP("output", "o", "table", "table or json")
+	return
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func newMembersCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "members", Short: "List the mesh's hosts as this agent sees them", Args: noArgs}
+	admin, output := outputFlags(cmd)
+	cmd.RunE = func(c *cobra.Command, _ []string) error {
+		var ms []discovery.Member
+		if err := adminGet(c.Context(), *admin, "/v1/members", &ms); err != nil {
+			return err
+		}
+		if *output == "json" {
+			return printJSON(c.OutOrStdout(), ms)
+		}
+		sort.Slice(ms, func(i, j int) bool { return ms[i].Name < ms[j].Name })
+		tw := tabwriter.NewWriter(c.OutOrStdout(), 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "NAME\tADDRESS\tSTATE\tSERVICES\tROLES")
+		for _, m := range ms {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", m.Name, m.Addr, m.State, m.Services, strings.Join(m.Roles, ","))
+		}
+		return tw.Flush()
+	}
+	return cmd
+}
+
+func newServicesCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "services", Short: "List the mesh's services and their endpoints", Args: noArgs}
+	admin, output := outputFlags(cmd)
+	cmd.RunE = func(c *cobra.Command, _ []string) error {
+		var entries []discovery.NodeEntry
+		if err := adminGet(c.Context(), *admin, "/v1/services", &entries); err != nil {
+			return err
+		}
+		if *output == "json" {
+			return printJSON(c.OutOrStdout(), entries)
+		}
+		type row struct{ svc, node, addr, proto, health string }
+		var rows []row
+		for _, e := range entries {
+			for _, s := range e.Services {
+				proto := s.Protocol
+				if s.Opaque && proto != "opaque" {
+					proto += " (opaque)"
+				}
+				addr := "-"
+				if len(e.Addrs) > 0 {
+					addr = fmt.Sprintf("%s:%d", e.Addrs[0], s.Port)
+				}
+				rows = append(rows, row{s.Name, e.Node, addr, proto, string(s.Health)})
+			}
+		}
+		sort.Slice(rows, func(i, j int) bool {
+			if rows[i].svc != rows[j].svc {
+				return rows[i].svc < rows[j].svc
+			}
+			return rows[i].node < rows[j].node
+		})
+		tw := tabwriter.NewWriter(c.OutOrStdout(), 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "SERVICE\tNODE\tADDRESS\tPROTOCOL\tHEALTH")
+		for _, r := range rows {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.svc, r.node, r.addr, r.proto, r.health)
+		}
+		return tw.Flush()
+	}
+	return cmd
+}

@@ -1,0 +1,236 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"github.com/spf13/cobra"
+)
+
+func newStatCmd() *cobra.Command {
+	var admin string
+	var window time.Duration
+	cmd := &cobra.Command{
+		Use:   "stat",
+		Short: "Show golden metrics per service: success rate, requests/s, latency percentiles",
+		Long: `Stat scrapes the local agent's /metrics twice, WINDOW apart, and shows for each
+direction and service the success rate, requests per second and p50/p95/p99
+latency of HTTP traffic in that window, plus open TCP connections.`,
+		Args: noArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			ctx := c.Context()
+			before, err := scrape(ctx, admin)
+			if err != nil {
+				return err
+			}
+			select {
+			case <-time.After(window):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			after, err := scrape(ctx, admin)
+			if err != nil {
+				return err
+			}
+			rows := goldenStats(before, after, window)
+			tw := tabwriter.NewWriter(c.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "DIRECTION\tSERVICE\tSUCCESS\tRPS\tP50_MS\tP95_MS\tP99_MS\tTCP_CONNS")
+			for _, r := range rows {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%.1f\t%s\t%s\t%s\t%.0f\n", r.direction, r.service,
+					pct(r.success), r.rps, ms(r.p50), ms(r.p95), ms(r.p99), r.tcpConns)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().StringVar(&admin, "admin", "127.0.0.1:4191", "the agent's admin address")
+	cmd.Flags().DurationVar(&window, "window", 2*time.Second, "how long to measure")
+	return cmd
+}
+
+func scrape(ctx context.Context, admin string) (map[string]*dto.MetricFamily, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+admin+"/metrics", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach the agent's admin API at %s (is it running?): %w", admin, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("scraping %s: %s", admin, resp.Status)
+	}
+	return parseMetrics(resp.Body)
+}
+
+func parseMetrics(r io.Reader) (map[string]*dto.MetricFamily, error) {
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	mf, err := p.TextToMetricFamilies(r)
+	if err != nil {
+		return nil, fmt.Errorf("parsing metrics: %w", err)
+	}
+	return mf, nil
+}
+
+type statRow struct {
+	direction, service string
+	success, rps       float64 // success is NaN without responses
+	p50, p95, p99      float64 // NaN without requests
+	tcpConns           float64
+}
+
+type statKey struct{ direction, service string }
+
+func labelsOf(m *dto.Metric) map[string]string {
+	out := map[string]string{}
+	for _, l := range m.GetLabel() {
+		out[l.GetName()] = l.GetValue()
+	}
+	return out
+}
+
+// sumBy adds a counter's (or gauge's) values per (direction, service),
+// optionally only where label k has value v.
+func sumBy(mf map[string]*dto.MetricFamily, name, k, v string) map[statKey]float64 {
+	out := map[statKey]float64{}
+	f, ok := mf[name]
+	if !ok {
+		return out
+	}
+	for _, m := range f.GetMetric() {
+		l := labelsOf(m)
+		if k != "" && l[k] != v {
+			continue
+		}
+		key := statKey{l["direction"], l["service"]}
+		switch {
+		case m.Counter != nil:
+			out[key] += m.Counter.GetValue()
+		case m.Gauge != nil:
+			out[key] += m.Gauge.GetValue()
+		}
+	}
+	return out
+}
+
+// buckets adds the latency histogram's cumulative buckets per key.
+func buckets(mf map[string]*dto.MetricFamily) map[statKey]map[float64]float64 {
+	out := map[statKey]map[float64]float64{}
+	f, ok := mf["response_latency_ms"]
+	if !ok {
+		return out
+	}
+	for _, m := range f.GetMetric() {
+		l := labelsOf(m)
+		key := statKey{l["direction"], l["service"]}
+		if out[key] == nil {
+			out[key] = map[float64]float64{}
+		}
+		hasInf := false
+		for _, b := range m.GetHistogram().GetBucket() {
+			out[key][b.GetUpperBound()] += float64(b.GetCumulativeCount())
+			hasInf = hasInf || math.IsInf(b.GetUpperBound(), 1)
+		}
+		if !hasInf {
+			out[key][math.Inf(1)] += float64(m.GetHistogram().GetSampleCount())
+		}
+	}
+	return out
+}
+
+func goldenStats(before, after map[string]*dto.MetricFamily, window time.Duration) []statRow {
+	reqA, reqB := sumBy(after, "request_total", "", ""), sumBy(before, "request_total", "", "")
+	respA, respB := sumBy(after, "response_total", "", ""), sumBy(before, "response_total", "", "")
+	okA, okB := sumBy(after, "response_total", "classification", "success"), sumBy(before, "response_total", "classification", "success")
+	conns := sumBy(after, "tcp_open_connections", "", "")
+	latA, latB := buckets(after), buckets(before)
+	keys := map[statKey]bool{}
+	for k := range reqA {
+		keys[k] = true
+	}
+	for k := range conns {
+		keys[k] = true
+	}
+	var rows []statRow
+	for k := range keys {
+		r := statRow{direction: k.direction, service: k.service, tcpConns: conns[k]}
+		if r.service == "" {
+			r.service = "(unknown)"
+		}
+		r.rps = (reqA[k] - reqB[k]) / window.Seconds()
+		r.success = math.NaN()
+		if d := respA[k] - respB[k]; d > 0 {
+			r.success = (okA[k] - okB[k]) / d
+		}
+		delta := map[float64]float64{}
+		for ub, n := range latA[k] {
+			delta[ub] = n - latB[k][ub]
+		}
+		r.p50, r.p95, r.p99 = quantile(delta, 0.50), quantile(delta, 0.95), quantile(delta, 0.99)
+		rows = append(rows, r)
+	}
+	sort.Slice(rows, func(i, j int) bool {
+		if rows[i].direction != rows[j].direction {
+			return rows[i].direction < rows[j].direction
+		}
+		return rows[i].service < rows[j].service
+	})
+	return rows
+}
+
+// quantile interpolates q from cumulative bucket counts, as Prometheus'
+// histogram_quantile does. NaN without observations.
+func quantile(cum map[float64]float64, q float64) float64 {
+	bounds := make([]float64, 0, len(cum))
+	for ub := range cum {
+		bounds = append(bounds, ub)
+	}
+	sort.Float64s(bounds)
+	if len(bounds) == 0 {
+		return math.NaN()
+	}
+	total := cum[bounds[len(bounds)-1]]
+	if total <= 0 {
+		return math.NaN()
+	}
+	rank := q * total
+	prevUB, prevCount := 0.0, 0.0
+	for _, ub := range bounds {
+		c := cum[ub]
+		if c >= rank {
+			if math.IsInf(ub, 1) {
+				return prevUB
+			}
+			if c == prevCount {
+				return ub
+			}
+			return prevUB + (ub-prevUB)*(rank-prevCount)/(c-prevCount)
+		}
+		prevUB, prevCount = ub, c
+	}
+	return prevUB
+}
+
+func pct(f float64) string {
+	if math.IsNaN(f) {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f%%", f*100)
+}
+
+func ms(f float64) string {
+	if math.IsNaN(f) {
+		return "-"
+	}
+	return strings.TrimSuffix(strings.TrimRight(fmt.Sprintf("%.2f", f), "0"), ".")
+}

@@ -1,0 +1,549 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/vmesh/vmesh/ca"
+	"github.com/vmesh/vmesh/discovery"
+	"github.com/vmesh/vmesh/proxy"
+	"github.com/vmesh/vmesh/rules"
+)
+
+// Options are what the agent is built from.
+type Options struct {
+	// Config is the validated configuration. Required.
+	Config Config
+	// ConfigPath is re-read on Reload. Optional: without it Reload fails.
+	ConfigPath string
+	// Logger is the root logger. Optional: nil discards.
+	Logger *slog.Logger
+	// Notify tells systemd about state changes (READY=1, RELOADING=1,
+	// STOPPING=1). Optional: nil uses sd_notify, which does nothing outside
+	// systemd.
+	Notify func(state string)
+	// UID is the uid whose traffic the rules exempt when rules.proxy_uid is
+	// -1. Optional: zero value means os.Getuid().
+	UID *uint32
+}
+
+// Agent is one host's vmesh: CA (server and/or client), discovery, proxy
+// and rules, with the admin API and the control socket.
+type Agent struct {
+	opts Options
+	log  *slog.Logger
+
+	mu  sync.Mutex // guards cfg during reloads
+	cfg Config
+
+	reg      *prometheus.Registry
+	db       *bolt.DB
+	caServer *ca.Server
+	caClient *ca.Client
+	disc     *discovery.Discovery
+	prx      *proxy.Proxy
+	applier  *rules.Applier
+	ruleset  *rules.Ruleset
+	advAddr  netip.Addr
+
+	ready    readiness
+	adminLn  net.Listener
+	ctlLn    net.Listener
+	adminSrv *http.Server
+	ctlSrv   *http.Server
+
+	closeOnce sync.Once
+}
+
+// New checks opts and builds the agent; it starts nothing and touches
+// neither the network nor the disk.
+func New(opts Options) (*Agent, error) {
+	if err := opts.Config.Validate(); err != nil {
+		return nil, err
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Notify == nil {
+		opts.Notify = func(state string) { daemon.SdNotify(false, state) }
+	}
+	a := &Agent{opts: opts, log: opts.Logger.With("subsystem", "agent"), cfg: opts.Config}
+	a.ready.set("starting")
+	return a, nil
+}
+
+func (a *Agent) uid() uint32 {
+	if a.opts.UID != nil {
+		return *a.opts.UID
+	}
+	return uint32(os.Getuid())
+}
+
+func (a *Agent) sub(name string) *slog.Logger { return a.opts.Logger.With("subsystem", name) }
+
+// Run starts everything in an order that never exposes the host to broken
+// traffic, and blocks until ctx is done; it then shuts down (see shutdown).
+//
+// Order: data dir and database; admin API and control socket (so /live and
+// /ready answer from the start); CA; discovery (joins in the background);
+// proxy listeners; then — only once this host has its certificates and the
+// listeners are bound — the iptables rules, /ready, and READY to systemd.
+// Redirected traffic therefore always lands on a live proxy that can do
+// mTLS, and a host that cannot get certificates keeps its network as it was.
+func (a *Agent) Run(ctx context.Context) (err error) {
+	defer func() {
+		if err != nil {
+			a.Close()
+		}
+	}()
+	cfg := a.config()
+	if err := a.openState(cfg); err != nil {
+		return err
+	}
+	a.reg = prometheus.NewRegistry()
+	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	a.advAddr = advertiseAddr(cfg)
+
+	if err := a.startAPIs(cfg); err != nil {
+		return err
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return serveUntil(gctx, a.adminSrv, a.adminLn) })
+	g.Go(func() error { return serveUntil(gctx, a.ctlSrv, a.ctlLn) })
+
+	if err := a.buildCA(cfg); err != nil {
+		return err
+	}
+	if a.caServer != nil {
+		g.Go(func() error { return a.caServer.Run(gctx) })
+	}
+	g.Go(func() error { return a.caClient.Run(gctx) })
+
+	if err := a.buildDiscovery(cfg); err != nil {
+		return err
+	}
+	g.Go(func() error { return a.disc.Run(gctx) })
+
+	if err := a.buildProxy(cfg); err != nil {
+		return err
+	}
+	if err := a.prx.Listen(); err != nil {
+		return fmt.Errorf("binding proxy listeners: %w", err)
+	}
+	g.Go(func() error { return a.prx.Serve(gctx) })
+
+	// Wait for certificates before redirecting anything.
+	a.ready.set("waiting for certificates from the CA")
+	if err := a.waitIdentity(gctx); err != nil {
+		return a.finish(g, err)
+	}
+	if cfg.Rules.Enabled {
+		if err := a.buildRules(cfg); err != nil {
+			return a.finish(g, err)
+		}
+		a.ready.set("installing iptables rules")
+		if err := a.applier.Apply(gctx, a.ruleset); err != nil {
+			return a.finish(g, fmt.Errorf("installing iptables rules: %w", err))
+		}
+	}
+	a.ready.set("")
+	a.opts.Notify(daemon.SdNotifyReady)
+	a.log.Info("vmesh is ready", "node", cfg.NodeName(), "identity", a.caClient.NodeID(),
+		"outbound", a.prx.OutboundAddr(), "inbound", a.prx.InboundAddr(), "rules", cfg.Rules.Enabled)
+
+	<-gctx.Done()
+	return a.finish(g, nil)
+}
+
+// finish shuts down and waits for every subsystem.
+func (a *Agent) finish(g *errgroup.Group, cause error) error {
+	a.shutdown()
+	werr := g.Wait()
+	if cause != nil {
+		return cause
+	}
+	if werr != nil && !errors.Is(werr, context.Canceled) {
+		return werr
+	}
+	return nil
+}
+
+// shutdown: not ready; leave the cluster (peers stop sending new
+// connections at once); remove the rules when on_stop = "remove" — before
+// the proxy stops accepting, so no new connection is refused in between;
+// drain established connections for drain_timeout; close everything.
+// With on_stop = "keep" the rules stay and redirected traffic is refused
+// until the agent returns (fail closed).
+func (a *Agent) shutdown() {
+	cfg := a.config()
+	a.opts.Notify(daemon.SdNotifyStopping)
+	a.ready.set("shutting down")
+	if a.disc != nil {
+		if err := a.disc.Leave(2 * time.Second); err != nil {
+			a.log.Warn("leaving the cluster", "err", err)
+		}
+	}
+	if a.applier != nil && cfg.Rules.OnStop == "remove" {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if err := a.applier.Uninstall(ctx); err != nil {
+			a.log.Error("removing iptables rules", "err", err)
+		}
+		cancel()
+	}
+	if a.prx != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), cfg.Node.DrainTimeout)
+		if err := a.prx.Shutdown(ctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			a.log.Warn("draining connections", "err", err)
+		}
+		cancel()
+	}
+	a.Close()
+}
+
+// Close releases everything; safe to call more than once and after a
+// partial start.
+func (a *Agent) Close() error {
+	a.closeOnce.Do(func() {
+		if a.prx != nil {
+			a.prx.Close()
+		}
+		if a.disc != nil {
+			a.disc.Close()
+		}
+		if a.caClient != nil {
+			a.caClient.Close()
+		}
+		if a.caServer != nil {
+			a.caServer.Close()
+		}
+		if a.adminSrv != nil {
+			a.adminSrv.Close()
+		} else if a.adminLn != nil {
+			a.adminLn.Close()
+		}
+		if a.ctlSrv != nil {
+			a.ctlSrv.Close()
+		} else if a.ctlLn != nil {
+			a.ctlLn.Close()
+		}
+		if a.ctlLn != nil {
+			os.Remove(a.config().Admin.Socket)
+		}
+		if a.db != nil {
+			a.db.Close()
+		}
+	})
+	return nil
+}
+
+func (a *Agent) config() Config {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cfg
+}
+
+// openState creates the data dir (0700) and opens the agent's database.
+func (a *Agent) openState(cfg Config) error {
+	if err := os.MkdirAll(cfg.Node.DataDir, 0o700); err != nil {
+		return fmt.Errorf("creating data dir: %w", err)
+	}
+	path := filepath.Join(cfg.Node.DataDir, "vmesh.db")
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if err != nil {
+		if errors.Is(err, bolt.ErrTimeout) {
+			return fmt.Errorf("opening %s: it is locked: is another agent running with this data dir?", path)
+		}
+		return fmt.Errorf("opening state database: %w", err)
+	}
+	a.db = db
+	return nil
+}
+
+func (a *Agent) startAPIs(cfg Config) error {
+	ln, err := net.Listen("tcp", cfg.Admin.Addr.String())
+	if err != nil {
+		return fmt.Errorf("binding admin API: %w", err)
+	}
+	a.adminLn = ln
+	a.adminSrv = &http.Server{Handler: adminMux(a.reg, &a.ready, a.views()), ReadHeaderTimeout: 10 * time.Second}
+	cl, err := listenControl(cfg.Admin.Socket)
+	if err != nil {
+		return err
+	}
+	a.ctlLn = cl
+	a.ctlSrv = &http.Server{Handler: a.controlMux(), ReadHeaderTimeout: 10 * time.Second}
+	return nil
+}
+
+// serveUntil serves srv on ln until ctx is done.
+func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// caDir is where the CA material lives.
+func caDir(cfg Config) string {
+	if cfg.CA.Dir != "" {
+		return cfg.CA.Dir
+	}
+	return filepath.Join(cfg.Node.DataDir, "ca")
+}
+
+func (a *Agent) buildCA(cfg Config) error {
+	var err error
+	if cfg.CA.Role == ca.RoleServer {
+		a.caServer, err = ca.NewServer(ca.ServerOptions{
+			Config:     cfg.CA,
+			Dir:        caDir(cfg),
+			DBPath:     filepath.Join(cfg.Node.DataDir, "ca.db"),
+			URL:        "https://" + netip.AddrPortFrom(a.advAddr, cfg.CA.ListenAddr.Port()).String(),
+			Logger:     a.sub("ca-server"),
+			Registerer: a.reg,
+		})
+		if err != nil {
+			return fmt.Errorf("starting the CA: %w", err)
+		}
+	}
+	token := cfg.CA.Token
+	if cfg.CA.TokenFile != "" {
+		b, err := os.ReadFile(cfg.CA.TokenFile)
+		switch {
+		case err == nil:
+			token = strings.TrimSpace(string(b))
+		case errors.Is(err, os.ErrNotExist):
+			// Fine once the identity is in the database.
+		default:
+			return fmt.Errorf("reading ca.token_file: %w", err)
+		}
+	}
+	a.caClient, err = ca.NewClient(ca.ClientOptions{
+		Config:      cfg.CA,
+		NodeName:    cfg.NodeName(),
+		Services:    serviceNames(cfg),
+		DB:          a.db,
+		Token:       token,
+		LocalServer: a.caServer,
+		Logger:      a.sub("ca"),
+		Registerer:  a.reg,
+	})
+	if err != nil {
+		return fmt.Errorf("starting the certificate client: %w", err)
+	}
+	return nil
+}
+
+func (a *Agent) waitIdentity(ctx context.Context) error {
+	t := time.NewTicker(15 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-a.caClient.Ready():
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+			a.log.Warn("still waiting for certificates from the CA: no traffic is redirected until they arrive")
+		}
+	}
+}
+
+func (a *Agent) buildDiscovery(cfg Config) error {
+	var keys [][]byte
+	if cfg.Gossip.KeyFile != "" {
+		k, err := discovery.ReadKeyFile(cfg.Gossip.KeyFile)
+		if err != nil {
+			return fmt.Errorf("reading gossip.key_file: %w", err)
+		}
+		keys = k
+	} else {
+		a.log.Warn("gossip is not encrypted: set gossip.key_file (make a key with `vmesh keygen`)")
+	}
+	var roles []string
+	if cfg.CA.Role == ca.RoleServer {
+		roles = append(roles, "ca")
+	}
+	d, err := discovery.New(discovery.Options{
+		Config:        cfg.Gossip,
+		NodeName:      cfg.NodeName(),
+		AdvertiseAddr: a.advAddr,
+		ProxyPort:     cfg.Proxy.InboundAddr.Port(),
+		TrustDomain:   cfg.CA.TrustDomain,
+		Roles:         roles,
+		DB:            a.db,
+		Keys:          keys,
+		Logger:        a.sub("discovery"),
+		Registerer:    a.reg,
+	})
+	if err != nil {
+		return fmt.Errorf("starting discovery: %w", err)
+	}
+	if err := d.SetLocal(discoveryServices(cfg)); err != nil {
+		return fmt.Errorf("publishing local services: %w", err)
+	}
+	a.disc = d
+	return nil
+}
+
+func (a *Agent) buildProxy(cfg Config) error {
+	p, err := proxy.New(cfg.Proxy, proxy.Options{
+		Dialer:     markDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
+		Catalog:    catalogAdapter{a.disc},
+		Identity:   a.caClient,
+		Services:   proxyServices(cfg),
+		Logger:     a.sub("proxy"),
+		Registerer: a.reg,
+	})
+	if err != nil {
+		return fmt.Errorf("starting the proxy: %w", err)
+	}
+	a.prx = p
+	return nil
+}
+
+func (a *Agent) buildRules(cfg Config) error {
+	opts := cfg.Rules.ApplierOptions()
+	opts.Logger = a.sub("rules")
+	ap, err := rules.NewApplier(opts)
+	if err != nil {
+		return err
+	}
+	a.applier = ap
+	a.ruleset = rules.Build(cfg.RulesState(a.uid()))
+	return nil
+}
+
+// markDialer returns a dialer whose connections carry the firewall mark
+// the rules exempt from redirection (SO_MARK needs CAP_NET_ADMIN, which the
+// agent has for iptables). A zero mark means a plain dialer.
+func markDialer(mark uint32, timeout time.Duration) *net.Dialer {
+	d := &net.Dialer{Timeout: timeout, KeepAlive: 30 * time.Second}
+	if mark == 0 {
+		return d
+	}
+	d.Control = func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, int(mark))
+		}); err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("setting SO_MARK (needs CAP_NET_ADMIN): %w", serr)
+		}
+		return nil
+	}
+	return d
+}
+
+// catalogAdapter gives the proxy discovery's lookups in its own terms.
+type catalogAdapter struct{ d *discovery.Discovery }
+
+func (c catalogAdapter) Lookup(addr netip.AddrPort) (proxy.Endpoint, bool) {
+	e, ok := c.d.Lookup(addr)
+	if !ok {
+		return proxy.Endpoint{}, false
+	}
+	return proxy.Endpoint{
+		Node:      e.Node,
+		Service:   e.Service,
+		Addr:      e.Addr,
+		ProxyAddr: e.Proxy,
+		Identity:  e.Identity,
+		Protocol:  e.Protocol,
+		Opaque:    e.Opaque,
+		Healthy:   e.Healthy,
+	}, true
+}
+
+func serviceNames(cfg Config) []string {
+	out := make([]string, 0, len(cfg.Services))
+	for _, s := range cfg.Services {
+		out = append(out, s.Name)
+	}
+	return out
+}
+
+func discoveryServices(cfg Config) []discovery.Service {
+	out := make([]discovery.Service, 0, len(cfg.Services))
+	for _, s := range cfg.Services {
+		out = append(out, discovery.Service{
+			Name:     s.Name,
+			Port:     s.Port,
+			Protocol: s.ServiceProtocol(),
+			Opaque:   s.ServiceProtocol() == "opaque" || slices.Contains(cfg.Proxy.OpaquePorts, s.Port),
+			Weight:   s.ServiceWeight(),
+			Labels:   s.Labels,
+			Identity: ca.ServiceID(cfg.CA.TrustDomain, s.Name),
+			Health:   s.Health,
+		})
+	}
+	return out
+}
+
+func proxyServices(cfg Config) []proxy.LocalService {
+	out := make([]proxy.LocalService, 0, len(cfg.Services))
+	for _, s := range cfg.Services {
+		out = append(out, proxy.LocalService{
+			Name:     s.Name,
+			Port:     s.Port,
+			Protocol: s.ServiceProtocol(),
+			Policy:   s.Policy,
+			Allow:    s.Allow,
+		})
+	}
+	return out
+}
+
+// advertiseAddr is gossip.advertise_addr, else the bind address when it is
+// specific, else the first global unicast IPv4 address of the host.
+func advertiseAddr(cfg Config) netip.Addr {
+	if cfg.Gossip.AdvertiseAddr.IsValid() {
+		return cfg.Gossip.AdvertiseAddr
+	}
+	if b := cfg.Gossip.BindAddr.Addr(); b.IsValid() && !b.IsUnspecified() {
+		return b
+	}
+	addrs, _ := net.InterfaceAddrs()
+	var fallback netip.Addr
+	for _, a := range addrs {
+		p, err := netip.ParsePrefix(a.String())
+		if err != nil {
+			continue
+		}
+		ip := p.Addr()
+		if ip.Is4() && ip.IsGlobalUnicast() {
+			return ip
+		}
+		if !fallback.IsValid() && ip.IsGlobalUnicast() {
+			fallback = ip
+		}
+	}
+	if fallback.IsValid() {
+		return fallback
+	}
+	return netip.MustParseAddr("127.0.0.1")
+}

@@ -1,0 +1,319 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"slices"
+	"time"
+
+	"github.com/vmesh/vmesh/ca"
+	"github.com/vmesh/vmesh/discovery"
+	"github.com/vmesh/vmesh/rules"
+)
+
+// Status is the agent's view of itself, for `vmesh check` (GET /v1/status).
+type Status struct {
+	Node        string              `json:"node"`
+	Identity    string              `json:"identity"`
+	Ready       bool                `json:"ready"`
+	NotReady    string              `json:"not_ready,omitempty"`
+	UID         int                 `json:"uid"`
+	Role        string              `json:"ca_role"`
+	CAURL       string              `json:"ca_url,omitempty"`
+	Identities  []ca.IdentityStatus `json:"identities"`
+	Members     []discovery.Member  `json:"members"`
+	Outbound    string              `json:"outbound"`
+	Inbound     string              `json:"inbound"`
+	Rules       RulesStatus         `json:"rules"`
+	GossipKeyed bool                `json:"gossip_encrypted"`
+	ConfigPath  string              `json:"config_path,omitempty"`
+}
+
+// RulesStatus says whether the iptables rules are as the config wants.
+type RulesStatus struct {
+	Enabled bool   `json:"enabled"`
+	Backend string `json:"backend,omitempty"`
+	Drift   string `json:"drift,omitempty"` // "" when installed and current
+	Error   string `json:"error,omitempty"`
+}
+
+// views are the read-only JSON endpoints of the admin API.
+func (a *Agent) views() map[string]http.HandlerFunc {
+	return map[string]http.HandlerFunc{
+		"/v1/members": func(w http.ResponseWriter, _ *http.Request) {
+			if a.disc == nil {
+				writeError(w, http.StatusServiceUnavailable, errors.New("discovery is not running yet"))
+				return
+			}
+			writeJSON(w, http.StatusOK, a.disc.Members())
+		},
+		"/v1/services": func(w http.ResponseWriter, _ *http.Request) {
+			if a.disc == nil {
+				writeError(w, http.StatusServiceUnavailable, errors.New("discovery is not running yet"))
+				return
+			}
+			writeJSON(w, http.StatusOK, a.disc.Catalog())
+		},
+		"/v1/status": func(w http.ResponseWriter, r *http.Request) {
+			writeJSON(w, http.StatusOK, a.status(r.Context()))
+		},
+	}
+}
+
+func (a *Agent) status(ctx context.Context) Status {
+	cfg := a.config()
+	why := a.ready.why()
+	st := Status{
+		Node:        cfg.NodeName(),
+		Ready:       why == "",
+		NotReady:    why,
+		UID:         os.Getuid(),
+		Role:        string(cfg.CA.Role),
+		GossipKeyed: cfg.Gossip.KeyFile != "",
+		ConfigPath:  a.opts.ConfigPath,
+		Rules:       RulesStatus{Enabled: cfg.Rules.Enabled},
+	}
+	if a.caClient != nil {
+		st.Identity = a.caClient.NodeID()
+		st.Identities = a.caClient.Status()
+		st.CAURL = a.caClient.CAURL()
+	}
+	if a.disc != nil {
+		st.Members = a.disc.Members()
+	}
+	if a.prx != nil {
+		st.Outbound = a.prx.OutboundAddr().String()
+		st.Inbound = a.prx.InboundAddr().String()
+	}
+	if a.applier != nil && cfg.Rules.Enabled {
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		drift, err := a.applier.Installed(ctx, rules.Build(cfg.RulesState(a.uid())))
+		st.Rules.Drift = drift
+		st.Rules.Backend = a.applier.Backend()
+		if err != nil {
+			st.Rules.Error = err.Error()
+		}
+	}
+	return st
+}
+
+// TokenRequest asks a CA host for a join token (POST /v1/token).
+type TokenRequest struct {
+	Node     string   `json:"node"`
+	Services []string `json:"services"`
+	TTL      string   `json:"ttl,omitempty"`
+}
+
+// TokenResponse carries the token.
+type TokenResponse struct {
+	Token string `json:"token"`
+}
+
+// NodeRequest names a node (POST /v1/revoke).
+type NodeRequest struct {
+	Node string `json:"node"`
+}
+
+// KeyRequest changes the gossip keyring (POST /v1/keyring).
+type KeyRequest struct {
+	Op  string `json:"op"` // install, use, remove, list
+	Key string `json:"key,omitempty"`
+}
+
+// KeyResponse lists the keys in use (base64), primary first.
+type KeyResponse struct {
+	Keys []string `json:"keys"`
+}
+
+// ReloadResponse says what a reload did.
+type ReloadResponse struct {
+	Reloaded bool `json:"reloaded"`
+}
+
+// controlMux serves the control socket.
+func (a *Agent) controlMux() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/token", func(w http.ResponseWriter, r *http.Request) {
+		var req TokenRequest
+		if err := readJSON(r, &req); err != nil {
+			writeError(w, http.StatusBadRequest, err)
+			return
+		}
+		if a.caServer == nil {
+			writeError(w, http.StatusConflict, errors.New("this host does not hold the CA (ca.role is not \"server\")"))
+			return
+		}
+		ttl := 15 * time.Minute
+		if req.TTL != "" {
+			d, err := time.ParseDuration(req.TTL)
+			if err != nil || d <= 0 || d > 24*time.Hour {
+				writeError(w, http.StatusBadRequest, fmt.Errorf("ttl must be a duration between 1s and 24h, got %q", req.TTL))
+				return
+			}
+			ttl = d
+		}
+		if !ValidName(req.Node) {
+			writeError(w, http.StatusBadRequest, fmt.Errorf("node %q is not a valid name", req.Node))
+			return
+		}
+		for _, s := range req.Services {
+			if !ValidName(s) {
+				writeError(w, http.StatusBadRequest, fmt.Errorf("service %q is not a valid name", s))
+				return
+			}
+		}
+		tok, err := a.caServer.CreateToken(req.Node, req.Services, ttl)
+		if err != nil {
+			writeError(w, http.StatusInternalServerError, err)
+			return
+		}
+		a.log.Info("join token created", "for_node", req.Node, "services", req.Services, "ttl", ttl)
+		writeJSON(w, http.StatusOK, TokenResponse{Token: tok})
+	})
+	mux.HandleFunc("POST /v1/revoke", func(w http.ResponseWriter, r *http.Request) {
+		var req NodeRequest
+		if err := readJSON(r, &req); err != nil {
+			writeError(w, http.StatusBadRequest, err)
+			return
+		}
+		if a.caServer == nil {
+			writeError(w, http.StatusConflict, errors.New("this host does not hold the CA (ca.role is not \"server\")"))
+			return
+		}
+		if err := a.caServer.Revoke(req.Node); err != nil {
+			writeError(w, http.StatusBadRequest, err)
+			return
+		}
+		a.log.Warn("node revoked", "revoked_node", req.Node)
+		writeJSON(w, http.StatusOK, struct{}{})
+	})
+	mux.HandleFunc("POST /v1/reload", func(w http.ResponseWriter, r *http.Request) {
+		if err := a.Reload(r.Context()); err != nil {
+			writeError(w, http.StatusBadRequest, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, ReloadResponse{Reloaded: true})
+	})
+	mux.HandleFunc("POST /v1/keyring", func(w http.ResponseWriter, r *http.Request) {
+		var req KeyRequest
+		if err := readJSON(r, &req); err != nil {
+			writeError(w, http.StatusBadRequest, err)
+			return
+		}
+		if a.disc == nil {
+			writeError(w, http.StatusServiceUnavailable, errors.New("discovery is not running yet"))
+			return
+		}
+		var err error
+		if req.Op != "list" {
+			var keys [][]byte
+			keys, err = discovery.ParseKeys([]byte(req.Key))
+			if err == nil && len(keys) != 1 {
+				err = errors.New("give exactly one key")
+			}
+			if err == nil {
+				switch req.Op {
+				case "install":
+					err = a.disc.InstallKey(keys[0])
+				case "use":
+					err = a.disc.UseKey(keys[0])
+				case "remove":
+					err = a.disc.RemoveKey(keys[0])
+				default:
+					err = fmt.Errorf("unknown op %q (install, use, remove, list)", req.Op)
+				}
+			}
+		}
+		if err != nil {
+			writeError(w, http.StatusBadRequest, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, KeyResponse{Keys: a.disc.Keys()})
+	})
+	addPprof(mux)
+	return mux
+}
+
+// Reload re-reads the configuration file and applies what can change
+// without a restart: services (catalog, certificates, authorization),
+// policy, opaque and skip ports, and the rules. A bad file, or a change to
+// something that cannot be reloaded, is refused and the running
+// configuration stays.
+func (a *Agent) Reload(ctx context.Context) error {
+	if a.opts.ConfigPath == "" {
+		return errors.New("reload: the agent was started without a config file")
+	}
+	a.opts.Notify("RELOADING=1")
+	defer a.opts.Notify("READY=1")
+	next, err := LoadConfig(a.opts.ConfigPath)
+	if err != nil {
+		a.log.Error("reload refused: the configuration is invalid; the running one stays", "err", err)
+		return fmt.Errorf("reload refused, the running configuration stays: %w", err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	prev := a.cfg
+	if err := reloadable(prev, next); err != nil {
+		a.log.Error("reload refused; the running configuration stays", "err", err)
+		return fmt.Errorf("reload refused, the running configuration stays: %w", err)
+	}
+	if a.caClient != nil {
+		if err := a.caClient.SetServices(serviceNames(next)); err != nil {
+			return fmt.Errorf("reload: requesting certificates: %w", err)
+		}
+	}
+	if a.prx != nil {
+		if err := a.prx.SetServices(proxyServices(next)); err != nil {
+			return fmt.Errorf("reload: proxy services: %w", err)
+		}
+	}
+	if a.disc != nil {
+		if err := a.disc.SetLocal(discoveryServices(next)); err != nil {
+			return fmt.Errorf("reload: publishing services: %w", err)
+		}
+	}
+	if a.applier != nil && next.Rules.Enabled {
+		rs := rules.Build(next.RulesState(a.uid()))
+		if err := a.applier.Apply(ctx, rs); err != nil {
+			return fmt.Errorf("reload: iptables rules: %w", err)
+		}
+		a.ruleset = rs
+	}
+	a.cfg = next
+	a.log.Info("configuration reloaded", "services", serviceNames(next))
+	return nil
+}
+
+// reloadable refuses changes that need a restart.
+func reloadable(prev, next Config) error {
+	var fixed []string
+	check := func(name string, same bool) {
+		if !same {
+			fixed = append(fixed, name)
+		}
+	}
+	check("node.name", prev.NodeName() == next.NodeName())
+	check("node.data_dir", prev.Node.DataDir == next.Node.DataDir)
+	check("admin", prev.Admin == next.Admin)
+	check("proxy.outbound_addr", prev.Proxy.OutboundAddr == next.Proxy.OutboundAddr)
+	check("proxy.inbound_addr", prev.Proxy.InboundAddr == next.Proxy.InboundAddr)
+	check("proxy.detect_timeout", prev.Proxy.DetectTimeout == next.Proxy.DetectTimeout)
+	check("proxy.connect_timeout", prev.Proxy.ConnectTimeout == next.Proxy.ConnectTimeout)
+	check("proxy.opaque_ports", slices.Equal(prev.Proxy.OpaquePorts, next.Proxy.OpaquePorts))
+	check("proxy.default_policy", prev.Proxy.DefaultPolicy == next.Proxy.DefaultPolicy)
+	check("proxy.outbound_unknown", prev.Proxy.OutboundUnknown == next.Proxy.OutboundUnknown)
+	check("gossip.bind_addr", prev.Gossip.BindAddr == next.Gossip.BindAddr)
+	check("gossip.advertise_addr", prev.Gossip.AdvertiseAddr == next.Gossip.AdvertiseAddr)
+	check("ca.role", prev.CA.Role == next.CA.Role)
+	check("ca.trust_domain", prev.CA.TrustDomain == next.CA.TrustDomain)
+	check("ca.listen_addr", prev.CA.ListenAddr == next.CA.ListenAddr)
+	check("rules.enabled", prev.Rules.Enabled == next.Rules.Enabled)
+	if len(fixed) > 0 {
+		return fmt.Errorf("these settings change only with a restart: %v", fixed)
+	}
+	return nil
+}

@@ -1,0 +1,177 @@
+package node
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+
+	"github.com/vmesh/vmesh/internal/field"
+)
+
+func TestDefaultTOMLIsDefaultConfig(t *testing.T) {
+	got, err := ParseConfig([]byte(DefaultTOML()))
+	if err != nil {
+		t.Fatalf("default config does not parse: %v", err)
+	}
+	if diff := cmp.Diff(DefaultConfig(), got, cmpopts.EquateComparable(netip.AddrPort{}, netip.Addr{}, netip.Prefix{}), cmpopts.EquateEmpty()); diff != "" {
+		t.Fatalf("`vmesh config default` differs from DefaultConfig() (-want +got):\n%s", diff)
+	}
+}
+
+// Every key must be documented in the default file, set or commented out.
+func TestDefaultTOMLDocumentsEveryKey(t *testing.T) {
+	text := DefaultTOML()
+	for _, key := range knownKeys(reflect.TypeOf(Config{}), "") {
+		leaf := key[strings.LastIndex(key, ".")+1:]
+		if !strings.Contains(text, "\n"+leaf+" =") && !strings.Contains(text, "# "+leaf+" =") &&
+			!strings.Contains(text, "["+key+"]") && !strings.Contains(text, "[["+key+"]]") {
+			t.Errorf("key %s is not documented in default.toml", key)
+		}
+	}
+}
+
+func TestDefaultConfigIsFresh(t *testing.T) {
+	a := DefaultConfig()
+	a.Proxy.OpaquePorts[0] = 1
+	a.Rules.SkipInboundPorts[0] = 1
+	b := DefaultConfig()
+	if b.Proxy.OpaquePorts[0] != 25 || b.Rules.SkipInboundPorts[0] != 22 {
+		t.Fatal("DefaultConfig shares slices between calls")
+	}
+}
+
+func TestExamplesAreValid(t *testing.T) {
+	files, _ := filepath.Glob("../examples/*.toml")
+	more, _ := filepath.Glob("../examples/*/*.toml")
+	files = append(files, more...)
+	if len(files) == 0 {
+		t.Fatal("no example configs found")
+	}
+	for _, f := range files {
+		if _, err := LoadConfig(f); err != nil {
+			t.Errorf("%s:\n%v", f, err)
+		}
+	}
+}
+
+// Each class of bad input names the key (and its line).
+func TestBadConfig(t *testing.T) {
+	cases := []struct {
+		name string
+		toml string
+		key  string
+		line int
+		msg  string
+	}{
+		{"unknown key", "[node]\nlgo_level = \"info\"\n", "node.lgo_level", 2, `did you mean "node.log_level"`},
+		{"unknown section", "[proxi]\ninbound_addr = \"0.0.0.0:4143\"\n", "proxi.inbound_addr", 2, "did you mean \"proxy.inbound_addr\""},
+		{"unknown service key", "[[service]]\nname = \"a\"\nport = 80\nprot = \"http1\"\n", "service.prot", 4, "unknown key"},
+		{"wrong type", "[node]\nlog_level = 3\n", "node.log_level", 2, "incompatible types"},
+		{"port out of range", "[[service]]\nname = \"a\"\nport = 70000\n", "service[1].port", 3, "out of range"},
+		{"negative port", "[proxy]\nopaque_ports = [-1]\n", "proxy.opaque_ports", 2, "out of range"},
+		{"bad address", "[proxy]\ninbound_addr = \"0.0.0.0\"\n", "proxy.inbound_addr", 2, ""},
+		{"port clash vmesh", "[admin]\naddr = \"127.0.0.1:4143\"\n", "admin.addr", 2, "already used by proxy.inbound_addr"},
+		{"port clash services", "[[service]]\nname = \"a\"\nport = 80\n[[service]]\nname = \"b\"\nport = 80\n", "service[2].port", 6, "already used by service[1].port"},
+		{"service on skip port", "[[service]]\nname = \"ssh\"\nport = 22\n", "service[1].port", 3, "skip_inbound_ports"},
+		{"service on skip outbound", "[rules]\nskip_outbound_ports = [5432]\n[[service]]\nname = \"db\"\nport = 5432\n", "service[1].port", 5, "skip_outbound_ports"},
+		{"bad duration", "[proxy]\ndetect_timeout = \"10 parsecs\"\n", "proxy.detect_timeout", 2, "invalid duration"},
+		{"integer duration", "[proxy]\ndetect_timeout = 10\n", "proxy.detect_timeout", 2, "must be a string with a unit"},
+		{"negative duration", "[proxy]\ndetect_timeout = \"-1s\"\n", "proxy.detect_timeout", 2, "must be positive"},
+		{"missing service name", "[[service]]\nport = 80\n", "service[1].name", 1, "is required"},
+		{"missing service port", "[[service]]\nname = \"a\"\n", "service[1].port", 1, "is required"},
+		{"duplicate service", "[[service]]\nname = \"a\"\nport = 1\n[[service]]\nname = \"a\"\nport = 2\n", "service[2].name", 5, "already declared"},
+		{"bad policy", "[proxy]\ndefault_policy = \"allow-all\"\n", "proxy.default_policy", 2, "unknown policy"},
+		{"bad service policy", "[[service]]\nname = \"a\"\nport = 1\npolicy = \"nope\"\n", "service[1].policy", 4, "unknown policy"},
+		{"bad allow", "[[service]]\nname = \"a\"\nport = 1\nallow = [\"web\"]\n", "service[1].allow", 4, "SPIFFE ID"},
+		{"bad protocol", "[[service]]\nname = \"a\"\nport = 1\nprotocol = \"http3\"\n", "service[1].protocol", 4, "must be one of"},
+		{"bad health", "[[service]]\nname = \"a\"\nport = 1\n[service.health]\ntype = \"icmp\"\n", "service[1].health.type", 5, "tcp"},
+		{"health timeout", "[[service]]\nname = \"a\"\nport = 1\n[service.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n", "service[1].health.timeout", 6, "shorter than interval"},
+		{"bad role", "[ca]\nrole = \"master\"\n", "ca.role", 2, "client"},
+		{"bad trust domain", "[ca]\ntrust_domain = \"Prod Example\"\n", "ca.trust_domain", 2, "trust domain"},
+		{"bad ca url", "[ca]\nurl = \"http://ca:4192\"\n", "ca.url", 2, "https"},
+		{"bad join", "[gossip]\njoin = [\"not an address\"]\n", "gossip.join", 2, "not an ip"},
+		{"bad on_stop", "[rules]\non_stop = \"explode\"\n", "rules.on_stop", 2, "remove"},
+		{"bad cidr", "[rules]\nexclude_outbound_cidrs = [\"10.0.0.0/33\"]\n", "rules.exclude_outbound_cidrs", 2, ""},
+		{"bad log level", "[node]\nlog_level = \"loud\"\n", "node.log_level", 2, "must be one of"},
+		{"bad node name", "[node]\nname = \"Web 1\"\n", "node.name", 2, "not a valid name"},
+		{"syntax", "[node\nname = \"a\"\n", "", 2, "to end table name"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseConfig([]byte(tc.toml))
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			var list field.List
+			if !errors.As(err, &list) || len(list) == 0 {
+				t.Fatalf("error is not a field list: %v", err)
+			}
+			var found *field.Error
+			for _, e := range list {
+				if tc.key == "" || e.Key == tc.key {
+					found = e
+					break
+				}
+			}
+			if found == nil {
+				t.Fatalf("no error names %q; got:\n%v", tc.key, err)
+			}
+			if found.Line != tc.line {
+				t.Errorf("line = %d, want %d (%v)", found.Line, tc.line, found)
+			}
+			if !strings.Contains(found.Msg, tc.msg) {
+				t.Errorf("message %q does not say %q", found.Msg, tc.msg)
+			}
+		})
+	}
+}
+
+// All problems are reported, not only the first.
+func TestBadConfigReportsEverything(t *testing.T) {
+	_, err := ParseConfig([]byte(`
+[node]
+lgo_level = "info"
+[proxy]
+detect_timeout = 10
+default_policy = "nope"
+[[service]]
+name = "a"
+port = 70000
+[[service]]
+name = "b"
+port = 22
+`))
+	var list field.List
+	if !errors.As(err, &list) {
+		t.Fatalf("got %v", err)
+	}
+	keys := map[string]bool{}
+	for _, e := range list {
+		keys[e.Key] = true
+	}
+	for _, k := range []string{"node.lgo_level", "proxy.detect_timeout", "proxy.default_policy", "service[1].port", "service[2].port"} {
+		if !keys[k] {
+			t.Errorf("missing error for %s; got:\n%v", k, err)
+		}
+	}
+	// Ordered by line, so the output reads like the file.
+	for i := 1; i < len(list); i++ {
+		if list[i].Line < list[i-1].Line {
+			t.Errorf("errors not ordered by line:\n%v", err)
+		}
+	}
+}
+
+func TestLoadConfigMissingFile(t *testing.T) {
+	_, err := LoadConfig(filepath.Join(t.TempDir(), "nope.toml"))
+	if !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("got %v, want not-exist", err)
+	}
+}

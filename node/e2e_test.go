@@ -1,0 +1,514 @@
+package node_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vmesh/vmesh/internal/testbed"
+)
+
+// vmeshBin is the agent binary the end-to-end tests run, built once.
+var vmeshBin string
+
+func TestMain(m *testing.M) {
+	code := func() int {
+		if testbed.Available() == "" {
+			dir, err := os.MkdirTemp("", "vmesh-e2e-bin-")
+			if err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return 1
+			}
+			defer os.RemoveAll(dir)
+			vmeshBin = filepath.Join(dir, "vmesh")
+			cmd := exec.Command("go", "build", "-tags", "nobadger,nomysql,nopgx", "-o", vmeshBin, "github.com/vmesh/vmesh/cmd/vmesh")
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+			if out, err := cmd.CombinedOutput(); err != nil {
+				fmt.Fprintf(os.Stderr, "building vmesh: %v\n%s", err, out)
+				return 1
+			}
+		}
+		return m.Run()
+	}()
+	os.Exit(code)
+}
+
+const td = "e2e.test"
+
+// meshHost is one test-bed host running a vmesh agent.
+type meshHost struct {
+	*testbed.Host
+	name  string
+	dir   string
+	cfg   string
+	agent *exec.Cmd
+	done  chan struct{} // closed when the agent has exited
+	log   *lockedLog
+}
+
+type lockedLog struct {
+	mu chan struct{}
+	b  strings.Builder
+}
+
+func newLockedLog() *lockedLog { l := &lockedLog{mu: make(chan struct{}, 1)}; return l }
+func (l *lockedLog) Write(p []byte) (int, error) {
+	l.mu <- struct{}{}
+	defer func() { <-l.mu }()
+	return l.b.Write(p)
+}
+func (l *lockedLog) String() string {
+	l.mu <- struct{}{}
+	defer func() { <-l.mu }()
+	return l.b.String()
+}
+
+func newMeshHost(t *testing.T, h *testbed.Host, name string) *meshHost {
+	dir := t.TempDir()
+	return &meshHost{Host: h, name: name, dir: dir, cfg: filepath.Join(dir, "vmesh.toml")}
+}
+
+func (m *meshHost) socket() string { return filepath.Join(m.dir, "admin.sock") }
+
+// writeConfig writes the host's config: common settings plus extra TOML.
+func (m *meshHost) writeConfig(t *testing.T, keyFile, extra string) {
+	t.Helper()
+	text := fmt.Sprintf(`
+[node]
+name = %q
+data_dir = %q
+drain_timeout = "2s"
+log_level = "debug"
+[admin]
+socket = %q
+[proxy]
+detect_timeout = "2s"
+[gossip]
+advertise_addr = %q
+key_file = %q
+retry_interval = "500ms"
+[ca]
+trust_domain = %q
+`, m.name, filepath.Join(m.dir, "data"), m.socket(), m.Addr, keyFile, td) + extra
+	if err := os.WriteFile(m.cfg, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// start runs the agent and waits until /ready says 200.
+func (m *meshHost) start(t *testing.T) {
+	t.Helper()
+	m.log = newLockedLog()
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := m.Command(ctx, vmeshBin, "agent", "-c", m.cfg)
+	cmd.Stdout, cmd.Stderr = m.log, m.log
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	m.agent, m.done = cmd, done
+	log := m.log
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		if t.Failed() {
+			t.Logf("%s agent log:\n%s", m.name, log.String())
+		}
+	})
+	m.waitFor(t, "ready", 60*time.Second, func() bool {
+		_, err := m.Try("curl", "-sf", "http://127.0.0.1:4191/ready")
+		return err == nil
+	})
+}
+
+// stop sends sig to the agent and waits for it to exit.
+func (m *meshHost) stop(t *testing.T, sig syscall.Signal) {
+	t.Helper()
+	m.agent.Process.Signal(sig)
+	select {
+	case <-m.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s: agent did not exit after %v", m.name, sig)
+	}
+}
+
+func (m *meshHost) waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: timed out after %v waiting for %s", m.name, d, what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// asApp runs a client command as an unprivileged app user (uid 65534), as
+// apps usually run.
+func (m *meshHost) asApp(name string, args ...string) (string, error) {
+	return m.Try("setpriv", append([]string{"--reuid=65534", "--regid=65534", "--clear-groups", name}, args...)...)
+}
+
+// metric returns the sum of a metric's samples whose labels include all of
+// want, from the host's /metrics.
+func (m *meshHost) metric(t *testing.T, name string, want map[string]string) float64 {
+	t.Helper()
+	out := m.Run(t, "curl", "-sf", "http://127.0.0.1:4191/metrics")
+	sum := 0.0
+	re := regexp.MustCompile(`^` + name + `\{([^}]*)\} (\S+)$`)
+	for _, line := range strings.Split(out, "\n") {
+		mm := re.FindStringSubmatch(line)
+		if mm == nil {
+			continue
+		}
+		ok := true
+		for k, v := range want {
+			if !strings.Contains(mm[1], fmt.Sprintf(`%s=%q`, k, v)) {
+				ok = false
+			}
+		}
+		if ok {
+			var f float64
+			fmt.Sscan(mm[2], &f)
+			sum += f
+		}
+	}
+	return sum
+}
+
+func (m *meshHost) natRules(t *testing.T) string {
+	out := m.Run(t, "iptables-save", "-t", "nat")
+	var keep []string
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "#") {
+			continue
+		}
+		// Chain counters move with traffic; compare the rules.
+		if strings.HasPrefix(l, ":") {
+			l = regexp.MustCompile(`\[\d+:\d+\]`).ReplaceAllString(l, "")
+		}
+		keep = append(keep, l)
+	}
+	return strings.Join(keep, "\n")
+}
+
+// serveHTTP starts a Go HTTP server on the host, answering with its name.
+func serveHTTP(t *testing.T, h *testbed.Host, port int, body string) {
+	t.Helper()
+	var ln net.Listener
+	if err := h.Do(func() (err error) { ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port)); return err }); err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, body)
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+}
+
+// TestAgentsEndToEnd is the three-host acceptance test: a CA host with
+// redis, a web host, and a client host, all with agents and real iptables.
+func TestAgentsEndToEnd(t *testing.T) {
+	bed := testbed.New(t, 4)
+	outsider := bed.Hosts[3] // no agent: an unmeshed client
+	caH := newMeshHost(t, bed.Hosts[0], "ca1")
+	web := newMeshHost(t, bed.Hosts[1], "web")
+	cli := newMeshHost(t, bed.Hosts[2], "client")
+
+	keyFile := filepath.Join(caH.dir, "gossip.key")
+	key := strings.TrimSpace(caH.Run(t, vmeshBin, "keygen"))
+	os.WriteFile(keyFile, []byte(key+"\n"), 0o600)
+	caH.Run(t, vmeshBin, "ca", "init", "--trust-domain", td, "--dir", filepath.Join(caH.dir, "ca"))
+
+	caH.Start(t, "redis-server", "--port", "6379", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no")
+	serveHTTP(t, web.Host, 8080, "hello from web\n")
+	serveHTTP(t, web.Host, 8081, "hello from api\n")
+	serveHTTP(t, web.Host, 9090, "admin secrets\n")
+
+	caH.writeConfig(t, keyFile, fmt.Sprintf(`
+role = "server"
+dir = %q
+[[service]]
+name = "redis"
+port = 6379
+policy = "all-authenticated"
+`, filepath.Join(caH.dir, "ca")))
+	caH.start(t)
+
+	token := func(node, services string) string {
+		return strings.TrimSpace(caH.Run(t, vmeshBin, "token", "create", "--socket", caH.socket(), "--node", node, "--services", services))
+	}
+	webToken := token("web", "web,api,admin")
+	cliToken := token("client", "")
+
+	webServices := `
+[[service]]
+name = "web"
+port = 8080
+policy = "all-authenticated"
+[[service]]
+name = "admin"
+port = 9090
+allow = ["spiffe://e2e.test/node/ca1"]
+`
+	webBase := fmt.Sprintf("token = %q\n", webToken)
+	rulesBefore := web.natRules(t)
+	web.writeConfig(t, keyFile, webBase+webServices)
+	addJoin(t, web.cfg, caH.Addr.String())
+	web.start(t)
+
+	cli.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n", cliToken))
+	addJoin(t, cli.cfg, caH.Addr.String())
+	cli.start(t)
+
+	cli.waitFor(t, "3 members alive and web's services in the catalog", 30*time.Second, func() bool {
+		out, err := cli.Try(vmeshBin, "services")
+		m, _ := cli.Try(vmeshBin, "members")
+		return err == nil && strings.Count(m, "alive") == 3 && strings.Contains(out, "web") && strings.Contains(out, "redis")
+	})
+
+	t.Logf("step: %s", "HTTP through both proxies")
+	// HTTP through both proxies, with mTLS and identities in the metrics.
+	out, err := cli.asApp("curl", "-sS", "--max-time", "10", "http://"+web.Addr.String()+":8080/")
+	if err != nil || out != "hello from web\n" {
+		t.Fatalf("curl client -> web through the mesh: %q, %v", out, err)
+	}
+	if n := web.metric(t, "request_total", map[string]string{"direction": "inbound", "service": "web", "client_id": "spiffe://e2e.test/node/client", "tls": "true"}); n < 1 {
+		t.Errorf("web's inbound request_total for client's identity = %v, want >= 1", n)
+	}
+	if n := cli.metric(t, "request_total", map[string]string{"direction": "outbound", "service": "web", "tls": "true"}); n < 1 {
+		t.Errorf("client's outbound request_total for web = %v, want >= 1", n)
+	}
+
+	t.Logf("step: %s", "Redis (an opaque port)")
+	// Redis (an opaque port) through the mesh.
+	if out, err := cli.asApp("redis-cli", "-h", caH.Addr.String(), "SET", "vmesh", "works"); err != nil || strings.TrimSpace(out) != "OK" {
+		t.Fatalf("redis SET through the mesh: %q, %v", out, err)
+	}
+	if out, err := cli.asApp("redis-cli", "-h", caH.Addr.String(), "GET", "vmesh"); err != nil || strings.TrimSpace(out) != "works" {
+		t.Fatalf("redis GET through the mesh: %q, %v", out, err)
+	}
+	if n := caH.metric(t, "tcp_open_total", map[string]string{"direction": "inbound", "service": "redis", "client_id": "spiffe://e2e.test/node/client", "tls": "true"}); n < 2 {
+		t.Errorf("ca1's inbound tcp_open_total for redis from client = %v, want >= 2", n)
+	}
+
+	t.Logf("step: %s", "Authorization: admin")
+	// Authorization: admin allows only ca1's identity: client gets 403.
+	code, _ := cli.asApp("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "http://"+web.Addr.String()+":9090/")
+	if code != "403" {
+		t.Errorf("client -> admin (not on the allow list): HTTP %q, want 403", code)
+	}
+	// An unmeshed client reaching an all-authenticated service is refused;
+	// a service with the default policy (all-unauthenticated) lets it in.
+	if out, err := outsider.Try("curl", "-sS", "--max-time", "5", "http://"+web.Addr.String()+":8080/"); err == nil || strings.Contains(out, "hello") {
+		t.Errorf("plaintext client reached an all-authenticated service: %q, %v", out, err)
+	}
+	// Root's programs on a meshed host are meshed too (the root agent
+	// exempts only its own marked connections).
+	before := web.metric(t, "request_total", map[string]string{"direction": "inbound", "service": "web", "client_id": "spiffe://e2e.test/node/client"})
+	if out, err := cli.Try("curl", "-sS", "--max-time", "10", "http://"+web.Addr.String()+":8080/"); err != nil || out != "hello from web\n" {
+		t.Fatalf("root's curl on the client host: %q, %v", out, err)
+	}
+	if after := web.metric(t, "request_total", map[string]string{"direction": "inbound", "service": "web", "client_id": "spiffe://e2e.test/node/client"}); after != before+1 {
+		t.Errorf("root's request was not meshed: inbound request_total %v -> %v", before, after)
+	}
+
+	t.Logf("step: %s", "SIGHUP with a broken config")
+	// SIGHUP with a broken config: refused, the old one keeps serving.
+	good, _ := os.ReadFile(web.cfg)
+	os.WriteFile(web.cfg, append(good, []byte("\n[proxy]\nbogus_key = 1\n")...), 0o600)
+	web.agent.Process.Signal(syscall.SIGHUP)
+	web.waitFor(t, "the reload to be refused", 10*time.Second, func() bool {
+		return strings.Contains(web.log.String(), "reload refused")
+	})
+	if out, err := cli.asApp("curl", "-sS", "--max-time", "10", "http://"+web.Addr.String()+":8080/"); err != nil || out != "hello from web\n" {
+		t.Fatalf("after a refused reload: %q, %v", out, err)
+	}
+
+	t.Logf("step: %s", "SIGHUP with a new service")
+	// SIGHUP with a new service: reachable through the mesh, no restart.
+	os.WriteFile(web.cfg, append(good, []byte("\n[[service]]\nname = \"api\"\nport = 8081\n")...), 0o600)
+	pid := web.agent.Process.Pid
+	web.agent.Process.Signal(syscall.SIGHUP)
+	cli.waitFor(t, "the api service in the catalog", 20*time.Second, func() bool {
+		out, _ := cli.Try(vmeshBin, "services")
+		return strings.Contains(out, "api")
+	})
+	if out, err := cli.asApp("curl", "-sS", "--max-time", "10", "http://"+web.Addr.String()+":8081/"); err != nil || out != "hello from api\n" {
+		t.Fatalf("new service after reload: %q, %v", out, err)
+	}
+	if n := web.metric(t, "request_total", map[string]string{"direction": "inbound", "service": "api", "tls": "true"}); n < 1 {
+		t.Errorf("api request did not go through the mesh (inbound request_total = %v)", n)
+	}
+	if web.agent.Process.Pid != pid {
+		t.Fatal("agent restarted")
+	}
+
+	t.Logf("step: %s", "Kill the web agent")
+	// Kill the web agent outright; restart it with its data dir: same
+	// identity, no new token needed, traffic resumes.
+	os.WriteFile(web.cfg, []byte(strings.Replace(string(append(good, []byte("\n[[service]]\nname = \"api\"\nport = 8081\n")...)), webToken, "used-up", 1)), 0o600)
+	web.stop(t, syscall.SIGKILL)
+	web.start(t)
+	cli.waitFor(t, "traffic to resume after the web agent restarted", 30*time.Second, func() bool {
+		out, err := cli.asApp("curl", "-sS", "--max-time", "3", "http://"+web.Addr.String()+":8080/")
+		return err == nil && out == "hello from web\n"
+	})
+
+	t.Logf("step: %s", "SIGTERM: the host")
+	// vmesh check: all green on a healthy host; names missing rules and a
+	// stopped CA.
+	if out, err := cli.Try(vmeshBin, "check", "-c", cli.cfg); err != nil || strings.Contains(out, "×") {
+		t.Errorf("vmesh check on a healthy host: %v\n%s", err, out)
+	}
+	cli.Run(t, "iptables", "-t", "nat", "-F", "VMESH_OUTPUT")
+	out, err = cli.Try(vmeshBin, "check", "-c", cli.cfg)
+	if err == nil || !strings.Contains(out, "× iptables: rules are missing or not current") {
+		t.Errorf("vmesh check with missing rules: %v\n%s", err, out)
+	}
+	cli.Run(t, vmeshBin, "reload", "--socket", cli.socket()) // puts the rules back
+	if out, err := cli.Try(vmeshBin, "check", "-c", cli.cfg); err != nil {
+		t.Errorf("vmesh check after reload restored the rules: %v\n%s", err, out)
+	}
+
+	// SIGTERM: the host's iptables are exactly as before the agent started.
+	web.stop(t, syscall.SIGTERM)
+	if after := web.natRules(t); after != rulesBefore {
+		t.Errorf("nat table after SIGTERM differs from before the agent:\nbefore:\n%s\nafter:\n%s", rulesBefore, after)
+	}
+	if !strings.Contains(web.log.String(), "rules changed") {
+		t.Error("the agent never logged its rule changes")
+	}
+	caH.stop(t, syscall.SIGTERM)
+	out, err = cli.Try(vmeshBin, "check", "-c", cli.cfg)
+	if err == nil || !strings.Contains(out, "× ca: cannot reach the CA at "+caH.Addr.String()+":4192") {
+		t.Errorf("vmesh check with the CA stopped: %v\n%s", err, out)
+	}
+
+	var members []struct{ Name, State string }
+	cli.waitFor(t, "web to leave", 10*time.Second, func() bool {
+		out, err := cli.Try(vmeshBin, "members", "-o", "json")
+		if err != nil || json.Unmarshal([]byte(out), &members) != nil {
+			return false
+		}
+		for _, m := range members {
+			if m.Name == "web" && m.State == "alive" {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// addJoin appends a join list to the [gossip] section of a config file.
+func addJoin(t *testing.T, path, addr string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := strings.Replace(string(b), "[gossip]\n", fmt.Sprintf("[gossip]\njoin = [%q]\n", addr), 1)
+	if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestDevAgent runs the README's first command, `vmesh agent -dev`, on a
+// fresh host: it becomes ready with its own CA, installs its rules, serves a
+// meshed request to itself through the mesh's admin view, and leaves the
+// host's iptables as it found them.
+func TestDevAgent(t *testing.T) {
+	bed := testbed.New(t, 1)
+	h := bed.Hosts[0]
+	before := (&meshHost{Host: h}).natRules(t)
+	m := &meshHost{Host: h, name: "dev"}
+	m.log = newLockedLog()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cmd := h.Command(ctx, vmeshBin, "agent", "-dev")
+	cmd.Stdout, cmd.Stderr = m.log, m.log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	m.agent, m.done = cmd, done
+	defer func() {
+		if t.Failed() {
+			t.Logf("dev agent log:\n%s", m.log.String())
+		}
+	}()
+	m.waitFor(t, "the dev agent to be ready", 60*time.Second, func() bool {
+		select {
+		case <-done:
+			t.Fatalf("dev agent exited:\n%s", m.log.String())
+		default:
+		}
+		_, err := h.Try("curl", "-sf", "http://127.0.0.1:4191/ready")
+		return err == nil
+	})
+	rules := m.natRules(t)
+	if !strings.Contains(rules, "VMESH_OUTPUT") || !strings.Contains(rules, "--to-ports 4140") {
+		t.Fatalf("dev agent installed no redirect rules:\n%s", rules)
+	}
+	if out := h.Run(t, vmeshBin, "members"); !strings.Contains(out, "alive") {
+		t.Fatalf("vmesh members on the dev host: %s", out)
+	}
+	dataDir := regexp.MustCompile(`data dir (\S+),`).FindStringSubmatch(m.log.String())
+	if dataDir == nil {
+		t.Fatalf("dev agent did not say where its data dir is:\n%s", m.log.String())
+	}
+	m.stop(t, syscall.SIGTERM)
+	if after := m.natRules(t); after != before {
+		t.Errorf("iptables after the dev agent stopped:\n%s\nwant:\n%s", after, before)
+	}
+	if _, err := os.Stat(dataDir[1]); !os.IsNotExist(err) {
+		t.Errorf("throw-away data dir %s is still there (%v)", dataDir[1], err)
+	}
+}
+
+// TestCleanup: `vmesh agent --cleanup` (systemd's ExecStopPost) removes the
+// rules a crashed agent left, except when the operator chose fail closed
+// (rules.on_stop = "keep"); --force removes them anyway.
+func TestCleanup(t *testing.T) {
+	bed := testbed.New(t, 1)
+	m := newMeshHost(t, bed.Hosts[0], "h")
+	before := m.natRules(t)
+	for _, tc := range []struct {
+		onStop string
+		force  bool
+		kept   bool
+	}{{"remove", false, false}, {"keep", false, true}, {"keep", true, false}} {
+		m.writeConfig(t, "", fmt.Sprintf("[rules]\non_stop = %q\n[[service]]\nname = \"web\"\nport = 8080\n", tc.onStop))
+		m.Run(t, vmeshBin, "rules", "install", "-c", m.cfg)
+		if !strings.Contains(m.natRules(t), "VMESH_INBOUND") {
+			t.Fatal("rules install installed nothing")
+		}
+		args := []string{"agent", "--cleanup", "-c", m.cfg}
+		if tc.force {
+			args = append(args, "--force")
+		}
+		m.Run(t, vmeshBin, args...)
+		after := m.natRules(t)
+		if kept := after != before; kept != tc.kept {
+			t.Errorf("on_stop=%s force=%v: rules kept = %v, want %v\n%s", tc.onStop, tc.force, kept, tc.kept, after)
+		}
+	}
+	m.Run(t, vmeshBin, "rules", "uninstall", "-c", m.cfg)
+	if after := m.natRules(t); after != before {
+		t.Errorf("rules uninstall left:\n%s", after)
+	}
+}

@@ -1,0 +1,341 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// Headers the proxies add between themselves; stripped from what apps send
+// and from what reaches apps.
+const (
+	hdrOrigProto  = "L5d-Orig-Proto" // "HTTP/1.1" (or 1.0) when the app spoke HTTP/1
+	hdrDstPort    = "Vmesh-Dst-Port" // the target service port on the peer
+	hdrProxyError = "L5d-Proxy-Error"
+)
+
+// serveHTTPConn serves a detected HTTP connection from an app: HTTP/1 on the
+// shared HTTP/1 server, HTTP/2 (prior knowledge) with ServeConn. The peeked
+// bytes are replayed first; bp is returned to the pool once the connection
+// is done.
+func (p *Proxy) serveHTTPConn(c net.Conn, peeked []byte, bp *[]byte, info *connInfo) {
+	defer putBuf(bp)
+	pc := &peekedConn{Conn: c, peeked: peeked, buf: bp, info: info, done: make(chan struct{})}
+	if info.proto == protoHTTP2 {
+		p.h2.ServeConn(pc, &http2.ServeConnOpts{
+			Context:    context.WithValue(context.Background(), connInfoKey{}, info),
+			BaseConfig: p.h1,
+			Handler:    p.h1.Handler,
+		})
+		pc.Close()
+		return
+	}
+	if !p.h1ln.Push(pc) {
+		pc.Close()
+		return
+	}
+	<-pc.done
+}
+
+// serveRequest is the handler of every HTTP request the proxy serves.
+func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
+	info := infoFrom(r.Context())
+	if info == nil {
+		http.Error(w, "no connection info", http.StatusInternalServerError)
+		return
+	}
+	if info.direction == dirOutbound {
+		p.outboundHTTP(w, r, info)
+		return
+	}
+	p.inboundHTTP(w, r, info)
+}
+
+// isUpgrade reports whether r asks for a protocol upgrade (e.g. WebSocket).
+func isUpgrade(r *http.Request) bool {
+	if r.ProtoMajor != 1 || r.Header.Get("Upgrade") == "" {
+		return false
+	}
+	for _, v := range r.Header.Values("Connection") {
+		for t := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), "upgrade") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// stripMeshHeaders removes headers only proxies may set.
+func stripMeshHeaders(h http.Header) {
+	h.Del(hdrOrigProto)
+	h.Del(hdrDstPort)
+}
+
+// restoreForwarded puts back the X-Forwarded-*/Forwarded headers that
+// ReverseProxy's Rewrite mode removes: the mesh is transparent.
+func restoreForwarded(pr *httputil.ProxyRequest) {
+	for _, k := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+		if v, ok := pr.In.Header[k]; ok {
+			pr.Out.Header[k] = v
+		}
+	}
+}
+
+// outboundHTTP proxies one request from a local app to the peer proxy over
+// the pooled, multiplexed HTTP/2 mTLS connections.
+func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connInfo) {
+	ep := info.ep
+	labels := connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue}
+	if isUpgrade(r) {
+		p.outboundUpgrade(w, r, info, labels)
+		return
+	}
+	port := strconv.Itoa(int(info.dst.Port()))
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme = "https"
+			pr.Out.URL.Host = ep.ProxyAddr.String()
+			pr.Out.Host = pr.In.Host
+			restoreForwarded(pr)
+			stripMeshHeaders(pr.Out.Header)
+			pr.Out.Header.Set(hdrDstPort, port)
+			if pr.In.ProtoMajor == 1 {
+				pr.Out.Header.Set(hdrOrigProto, pr.In.Proto)
+			}
+		},
+		Transport:     &meteredTransport{p: p, rt: p.pool.transport(ep), labels: labels.values()},
+		FlushInterval: -1,
+		ErrorHandler:  p.proxyErrorHandler(labels.values()),
+		ErrorLog:      slogErrorLog(p),
+	}
+	rp.ServeHTTP(w, r)
+}
+
+// outboundUpgrade carries an HTTP/1 Upgrade request (WebSocket) over the
+// opaque transport: the request is written as HTTP/1 to a fresh transport
+// connection whose header says http1, and after that the bytes flow as they
+// are in both directions.
+func (p *Proxy) outboundUpgrade(w http.ResponseWriter, r *http.Request, info *connInfo, labels connLabels) {
+	p.m.requests.WithLabelValues(labels.values()...).Inc()
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "upgrade not supported")
+		return
+	}
+	ep := info.ep
+	up, err := p.dialTransport(r.Context(), ep, alpnTransport)
+	if err != nil {
+		p.log.Warn("connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
+		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "connecting to peer proxy failed")
+		return
+	}
+	if err := writeTransportHeader(up, transportHeader{Port: info.dst.Port(), Protocol: sessionHTTP1, Service: ep.Service}, nil); err != nil {
+		up.Close()
+		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "writing transport header failed")
+		return
+	}
+	stripMeshHeaders(r.Header)
+	if err := r.Write(up); err != nil {
+		up.Close()
+		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "writing upgrade request failed")
+		return
+	}
+	conn, brw, err := hj.Hijack()
+	if err != nil {
+		up.Close()
+		return
+	}
+	if n := brw.Reader.Buffered(); n > 0 {
+		b, _ := brw.Reader.Peek(n)
+		if _, err := up.Write(b); err != nil {
+			up.Close()
+			conn.Close()
+			return
+		}
+	}
+	t := p.m.openTCP(labels)
+	in, out, _ := relay(conn, up)
+	t.close(in, out)
+}
+
+// inboundHTTP serves one request from a peer proxy: the target port must be
+// a declared local service, the client identity must be authorized, then
+// the request goes to the service as the protocol the app spoke.
+func (p *Proxy) inboundHTTP(w http.ResponseWriter, r *http.Request, info *connInfo) {
+	tlsLabel := tlsTrue
+	if info.clientID == "" {
+		tlsLabel = tlsNoIdentity
+	}
+	port, err := strconv.ParseUint(r.Header.Get(hdrDstPort), 10, 16)
+	svc, ok := p.localService(uint16(port))
+	if err != nil || !ok {
+		p.m.refused.WithLabelValues(dirInbound, refuseUnknownPort).Inc()
+		w.Header().Set(hdrProxyError, "unknown target port")
+		http.Error(w, "vmesh: unknown target port", http.StatusForbidden)
+		return
+	}
+	labels := connLabels{direction: dirInbound, service: svc.Name, clientID: info.clientID, tls: tlsLabel}
+	d := svc.authorize(info.clientID)
+	if !d.allow {
+		p.m.httpDeny.WithLabelValues(svc.Name, info.clientID, tlsLabel, d.reason).Inc()
+		p.m.requests.WithLabelValues(labels.values()...).Inc()
+		p.denyHTTP(w, labels.values(), http.StatusForbidden, "unauthorized: "+d.reason)
+		return
+	}
+	if d.reason != "" {
+		p.log.Warn("audit: inbound request would be denied", "service", svc.Name, "client_id", info.clientID, "reason", d.reason)
+	}
+	p.m.httpAllow.WithLabelValues(svc.Name, info.clientID, tlsLabel).Inc()
+	orig := r.Header.Get(hdrOrigProto)
+	var rt http.RoundTripper = p.local.h2c
+	if orig != "" {
+		rt = p.local.h1
+	}
+	target := svc.target.String()
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme = "http"
+			pr.Out.URL.Host = target
+			pr.Out.Host = pr.In.Host
+			restoreForwarded(pr)
+			stripMeshHeaders(pr.Out.Header)
+			if orig == "HTTP/1.0" {
+				pr.Out.Proto, pr.Out.ProtoMajor, pr.Out.ProtoMinor = "HTTP/1.0", 1, 0
+			}
+		},
+		Transport:     &meteredTransport{p: p, rt: rt, labels: labels.values()},
+		FlushInterval: -1,
+		ErrorHandler:  p.proxyErrorHandler(labels.values()),
+		ErrorLog:      slogErrorLog(p),
+	}
+	rp.ServeHTTP(w, r)
+}
+
+// denyHTTP answers with code and an l5d-proxy-error header saying why, and
+// counts the response.
+func (p *Proxy) denyHTTP(w http.ResponseWriter, labels []string, code int, why string) {
+	w.Header().Set(hdrProxyError, why)
+	http.Error(w, "vmesh: "+why, code)
+	p.m.responses.WithLabelValues(append(labels[:len(labels):len(labels)], statusLabel(code), "failure")...).Inc()
+}
+
+func (p *Proxy) proxyErrorHandler(labels []string) func(http.ResponseWriter, *http.Request, error) {
+	return func(w http.ResponseWriter, r *http.Request, err error) {
+		if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+			return // the client went away
+		}
+		p.log.Debug("proxying request failed", "host", r.Host, "err", err)
+		p.denyHTTP(w, labels, http.StatusBadGateway, "proxying failed")
+	}
+}
+
+// meteredTransport counts requests, response latency (to headers) and
+// responses (when the body ends, so gRPC trailers classify them).
+type meteredTransport struct {
+	p      *Proxy
+	rt     http.RoundTripper
+	labels []string
+}
+
+func (t *meteredTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	t.p.m.requests.WithLabelValues(t.labels...).Inc()
+	start := time.Now()
+	resp, err := t.rt.RoundTrip(r)
+	if err != nil {
+		return nil, err
+	}
+	t.p.m.latency.WithLabelValues(t.labels...).Observe(float64(time.Since(start)) / float64(time.Millisecond))
+	resp.Body = &meteredBody{ReadCloser: resp.Body, t: t, resp: resp}
+	return resp, nil
+}
+
+// meteredBody records response_total once, at EOF or Close.
+type meteredBody struct {
+	io.ReadCloser
+	t    *meteredTransport
+	resp *http.Response
+	done atomic.Bool
+}
+
+func (b *meteredBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil {
+		b.record(err == io.EOF)
+	}
+	return n, err
+}
+
+func (b *meteredBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.record(false)
+	return err
+}
+
+func (b *meteredBody) record(eof bool) {
+	if b.done.Swap(true) {
+		return
+	}
+	class := "success"
+	if b.resp.StatusCode >= 500 || !eof {
+		class = "failure"
+	}
+	gs := b.resp.Header.Get("Grpc-Status")
+	if eof && gs == "" {
+		gs = b.resp.Trailer.Get("Grpc-Status")
+	}
+	if gs != "" && gs != "0" {
+		class = "failure"
+	}
+	lv := append(b.t.labels[:len(b.t.labels):len(b.t.labels)], statusLabel(b.resp.StatusCode), class)
+	b.t.p.m.responses.WithLabelValues(lv...).Inc()
+}
+
+// localTransports reach local services: HTTP/1 with keep-alive, and h2c
+// (prior knowledge) for apps that spoke HTTP/2 (gRPC).
+type localTransports struct {
+	h1  *http.Transport
+	h2c *http2.Transport
+}
+
+func newLocalTransports(p *Proxy) *localTransports {
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+		defer cancel()
+		return p.dialer.DialContext(ctx, network, addr)
+	}
+	return &localTransports{
+		h1: &http.Transport{
+			DialContext:         dial,
+			DisableCompression:  true,
+			MaxIdleConnsPerHost: 256,
+			IdleConnTimeout:     90 * time.Second,
+		},
+		h2c: &http2.Transport{
+			AllowHTTP:          true,
+			DisableCompression: true,
+			DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
+				return dial(ctx, network, addr)
+			},
+		},
+	}
+}
+
+func (l *localTransports) close() {
+	l.h1.CloseIdleConnections()
+	l.h2c.CloseIdleConnections()
+}
+
+// slogErrorLog adapts the proxy's logger for ReverseProxy.ErrorLog.
+func slogErrorLog(p *Proxy) *log.Logger { return p.errLog }

@@ -1,0 +1,123 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"net"
+	"net/netip"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// handleInbound serves one connection accepted on the inbound listener:
+// either a peer proxy dialing 4143 directly (mTLS), or an unmeshed client
+// whose connection to a local port was redirected here.
+func (p *Proxy) handleInbound(c *net.TCPConn) {
+	dst, err := p.origDst(c)
+	if err == nil && !sameAddr(dst, c.LocalAddr()) {
+		p.inboundRedirected(c, dst)
+		return
+	}
+	p.inboundMesh(c)
+}
+
+// inboundRedirected serves an unmeshed client: no identity, so the
+// service's policy decides whether plaintext is allowed.
+func (p *Proxy) inboundRedirected(c *net.TCPConn, dst netip.AddrPort) {
+	svc, ok := p.localService(dst.Port())
+	if !ok {
+		// Not a declared service: the client asked for this host's port,
+		// so relaying there is no open relay; the default policy decides.
+		svc = &localService{policy: p.cfg.DefaultPolicy}
+	}
+	if !p.authorizeTCP(svc, "", tlsNoIdentity) {
+		return
+	}
+	up, err := p.dial(context.Background(), dst)
+	if err != nil {
+		p.m.refused.WithLabelValues(dirInbound, refuseDial).Inc()
+		p.log.Debug("connecting to local service failed", "dst", dst, "err", err)
+		return
+	}
+	t := p.m.openTCP(connLabels{direction: dirInbound, service: svc.Name, tls: tlsNoIdentity})
+	in, out, _ := relay(c, up)
+	t.close(in, out)
+}
+
+// authorizeTCP authorizes a connection to svc, counts the decision and
+// reports whether it may proceed.
+func (p *Proxy) authorizeTCP(svc *localService, clientID, tlsLabel string) bool {
+	d := svc.authorize(clientID)
+	if !d.allow {
+		p.m.tcpDeny.WithLabelValues(svc.Name, clientID, tlsLabel, d.reason).Inc()
+		p.log.Info("inbound connection denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
+		return false
+	}
+	if d.reason != "" {
+		p.log.Warn("audit: inbound connection would be denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
+	}
+	p.m.tcpAllow.WithLabelValues(svc.Name, clientID, tlsLabel).Inc()
+	return true
+}
+
+// inboundMesh serves a peer proxy: mTLS (a valid SVID is required), then by
+// ALPN either HTTP/2 requests or one transport header and an opaque stream.
+func (p *Proxy) inboundMesh(c *net.TCPConn) {
+	tc := tls.Server(c, p.serverTLS)
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.DetectTimeout)
+	err := tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		p.m.refused.WithLabelValues(dirInbound, refuseHandshake).Inc()
+		p.log.Debug("inbound handshake failed", "remote", c.RemoteAddr(), "err", err)
+		return
+	}
+	cs := tc.ConnectionState()
+	info := &connInfo{direction: dirInbound, clientID: peerIDFromState(cs)}
+	switch cs.NegotiatedProtocol {
+	case alpnH2:
+		info.proto = protoHTTP2
+		p.h2.ServeConn(tc, &http2.ServeConnOpts{
+			Context:    context.WithValue(context.Background(), connInfoKey{}, info),
+			BaseConfig: p.h1,
+			Handler:    p.h1.Handler,
+		})
+	case alpnTransport:
+		p.inboundTransport(tc, info)
+	default:
+		p.m.refused.WithLabelValues(dirInbound, refuseALPN).Inc()
+	}
+}
+
+// inboundTransport reads the transport header under the detect timeout,
+// checks that it names a declared local service port, authorizes the client
+// and relays to the service.
+func (p *Proxy) inboundTransport(tc *tls.Conn, info *connInfo) {
+	tc.SetReadDeadline(time.Now().Add(p.cfg.DetectTimeout))
+	h, err := readHeader(tc)
+	tc.SetReadDeadline(time.Time{})
+	if err != nil {
+		p.m.refused.WithLabelValues(dirInbound, refuseHeader).Inc()
+		p.log.Info("inbound transport header refused", "client_id", info.clientID, "err", err)
+		return
+	}
+	svc, ok := p.localService(h.Port)
+	if !ok {
+		p.m.refused.WithLabelValues(dirInbound, refuseUnknownPort).Inc()
+		p.log.Info("inbound transport header names no local service", "client_id", info.clientID, "port", h.Port)
+		return
+	}
+	if !p.authorizeTCP(svc, info.clientID, tlsTrue) {
+		return
+	}
+	up, err := p.dial(context.Background(), svc.target)
+	if err != nil {
+		p.m.refused.WithLabelValues(dirInbound, refuseDial).Inc()
+		p.log.Debug("connecting to local service failed", "service", svc.Name, "addr", svc.target, "err", err)
+		return
+	}
+	t := p.m.openTCP(connLabels{direction: dirInbound, service: svc.Name, clientID: info.clientID, tls: tlsTrue})
+	in, out, _ := relay(tc, up)
+	t.close(in, out)
+}

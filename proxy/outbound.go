@@ -1,0 +1,190 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// handleOutbound serves one connection redirected to the outbound listener.
+func (p *Proxy) handleOutbound(c *net.TCPConn) {
+	dst, err := p.origDst(c)
+	if err != nil || sameAddr(dst, c.LocalAddr()) {
+		// Not redirected: relaying would connect the proxy to itself.
+		p.m.refused.WithLabelValues(dirOutbound, refuseNotRedirected).Inc()
+		p.log.Debug("outbound connection was not redirected", "remote", c.RemoteAddr(), "err", err)
+		return
+	}
+	ep, known := p.opts.Catalog.Lookup(dst)
+	if !known || !ep.ProxyAddr.IsValid() {
+		if p.cfg.OutboundUnknown == "deny" {
+			p.m.refused.WithLabelValues(dirOutbound, refuseUnknownDst).Inc()
+			p.log.Debug("outbound destination unknown, refused", "dst", dst)
+			return
+		}
+		p.passthrough(c, dst)
+		return
+	}
+	info := &connInfo{direction: dirOutbound, dst: dst, ep: ep, meshed: true}
+	proto := protoOpaque
+	var peeked []byte
+	bp := getBuf()
+	if !ep.Opaque && ep.Protocol != "opaque" && !p.isOpaquePort(dst.Port()) {
+		proto, peeked, err = detect(c, *bp, p.cfg.DetectTimeout)
+		if err != nil {
+			putBuf(bp)
+			p.log.Debug("outbound connection closed before its first byte", "dst", dst, "err", err)
+			return
+		}
+	}
+	info.proto = proto
+	if proto != protoOpaque {
+		p.serveHTTPConn(c, peeked, bp, info)
+		return
+	}
+	defer putBuf(bp)
+	p.outboundOpaque(c, ep, dst, peeked)
+}
+
+// sameAddr reports whether ap is the address a.
+func sameAddr(ap netip.AddrPort, a net.Addr) bool {
+	ta, ok := a.(*net.TCPAddr)
+	if !ok {
+		return false
+	}
+	return ap.Port() == uint16(ta.Port) && ap.Addr().Unmap() == ta.AddrPort().Addr().Unmap()
+}
+
+// passthrough relays a connection to a destination the mesh does not know,
+// as plain TCP (the kernel splices).
+func (p *Proxy) passthrough(c *net.TCPConn, dst netip.AddrPort) {
+	up, err := p.dial(context.Background(), dst)
+	if err != nil {
+		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
+		p.log.Debug("outbound passthrough connect failed", "dst", dst, "err", err)
+		return
+	}
+	t := p.m.openTCP(connLabels{direction: dirOutbound, tls: tlsNoIdentity})
+	in, out, _ := relay(c, up)
+	t.close(in, out)
+}
+
+// outboundOpaque carries a connection over the opaque transport: mTLS to the
+// peer proxy, the transport header, the peeked bytes, then both directions.
+func (p *Proxy) outboundOpaque(c net.Conn, ep Endpoint, dst netip.AddrPort, peeked []byte) {
+	up, err := p.dialTransport(context.Background(), ep, alpnTransport)
+	if err != nil {
+		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
+		p.log.Warn("connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
+		return
+	}
+	if err := writeTransportHeader(up, transportHeader{Port: dst.Port(), Protocol: sessionOpaque, Service: ep.Service}, peeked); err != nil {
+		up.Close()
+		p.log.Debug("writing transport header failed", "peer", ep.ProxyAddr, "err", err)
+		return
+	}
+	t := p.m.openTCP(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
+	in, out, _ := relay(c, up)
+	t.close(in+int64(len(peeked)), out)
+}
+
+// writeTransportHeader writes the header and the first application bytes in
+// one TLS record.
+func writeTransportHeader(c net.Conn, h transportHeader, first []byte) error {
+	var arr [256]byte
+	b, err := appendHeader(arr[:0], h)
+	if err != nil {
+		return err
+	}
+	b = append(b, first...)
+	_, err = c.Write(b)
+	return err
+}
+
+// dialTransport opens an mTLS connection to ep's proxy with the given ALPN,
+// verifying that the server is ep.Identity. Dial and handshake share the
+// connect timeout; the deadline is cleared afterwards.
+func (p *Proxy) dialTransport(ctx context.Context, ep Endpoint, alpn string) (*tls.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+	defer cancel()
+	raw, err := p.dialer.DialContext(ctx, "tcp", ep.ProxyAddr.String())
+	if err != nil {
+		return nil, fmt.Errorf("connecting to %s: %w", ep.ProxyAddr, err)
+	}
+	tc := tls.Client(raw, p.clientConfig(ep, alpn))
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("handshake with %s (%s): %w", ep.ProxyAddr, ep.Identity, err)
+	}
+	return tc, nil
+}
+
+// clientConfigKey identifies a client TLS configuration.
+type clientConfigKey struct {
+	service, identity, alpn string
+}
+
+// clientConfig returns a cached client TLS configuration for ep.
+func (p *Proxy) clientConfig(ep Endpoint, alpn string) *tls.Config {
+	k := clientConfigKey{ep.Service, ep.Identity, alpn}
+	if c, ok := p.pool.configs.Load(k); ok {
+		return c.(*tls.Config)
+	}
+	c, _ := p.pool.configs.LoadOrStore(k, p.clientTLSConfig(ep, alpn))
+	return c.(*tls.Config)
+}
+
+// peerPool holds one HTTP/2 transport per (peer proxy, service identity):
+// requests to one service on one host share multiplexed mTLS connections.
+type peerPool struct {
+	p       *Proxy
+	configs sync.Map // clientConfigKey -> *tls.Config
+	mu      sync.Mutex
+	ts      map[peerKey]*http2.Transport
+}
+
+type peerKey struct {
+	addr     netip.AddrPort
+	service  string
+	identity string
+}
+
+func newPeerPool(p *Proxy) *peerPool {
+	return &peerPool{p: p, ts: make(map[peerKey]*http2.Transport)}
+}
+
+func (pp *peerPool) transport(ep Endpoint) *http2.Transport {
+	k := peerKey{ep.ProxyAddr, ep.Service, ep.Identity}
+	pp.mu.Lock()
+	defer pp.mu.Unlock()
+	if t, ok := pp.ts[k]; ok {
+		return t
+	}
+	t := &http2.Transport{
+		DialTLSContext: func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
+			return pp.p.dialTransport(ctx, ep, alpnH2)
+		},
+		DisableCompression: true,
+		ReadIdleTimeout:    30 * time.Second,
+		PingTimeout:        15 * time.Second,
+		IdleConnTimeout:    5 * time.Minute,
+	}
+	pp.ts[k] = t
+	return t
+}
+
+func (pp *peerPool) closeIdle() {
+	pp.mu.Lock()
+	defer pp.mu.Unlock()
+	for _, t := range pp.ts {
+		t.CloseIdleConnections()
+	}
+}
+
+func (pp *peerPool) close() { pp.closeIdle() }

@@ -1,0 +1,476 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/http2"
+)
+
+// Dialer opens outgoing connections. *net.Dialer implements it.
+type Dialer interface {
+	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+}
+
+// Options are the proxy's dependencies.
+type Options struct {
+	// Catalog resolves outbound destinations. Required.
+	Catalog Catalog
+	// Identity supplies certificates and the trust bundle. Required.
+	Identity Identity
+	// VerifyPeer verifies peer certificate chains and returns the SPIFFE ID.
+	// Optional: nil means VerifyPeerWithRoots(Identity.Roots,
+	// Identity.TrustDomain()).
+	VerifyPeer VerifyPeerFunc
+	// Services are the local services at start; SetServices replaces them.
+	// Optional.
+	Services []LocalService
+	// Dialer opens the proxy's own outgoing connections (to peer proxies,
+	// local services and passthrough destinations). These must not be
+	// redirected back to the proxy: iptables skips them by owner uid (or by
+	// a mark the Dialer sets). Optional: nil means a net.Dialer.
+	Dialer Dialer
+	// Logger is the proxy's logger. Optional: nil discards.
+	Logger *slog.Logger
+	// Registerer receives the proxy's metrics. Optional: nil registers
+	// nothing (metrics are still counted).
+	Registerer prometheus.Registerer
+}
+
+// Proxy is the inbound and outbound proxy of one host.
+type Proxy struct {
+	cfg      Config
+	opts     Options
+	log      *slog.Logger
+	errLog   *log.Logger
+	m        *metrics
+	dialer   Dialer
+	opaque   map[uint16]bool
+	sessions tls.ClientSessionCache
+	svcs     atomic.Pointer[services]
+
+	serverTLS *tls.Config
+	h1        *http.Server  // serves detected HTTP/1 connections (outbound and redirected inbound)
+	h1ln      *chanListener // feeds h1
+	h2        *http2.Server // serves h2 (from apps and from peer proxies)
+	pool      *peerPool     // HTTP/2 transports to peer proxies
+	local     *localTransports
+
+	// origDst returns a connection's original destination; a test seam.
+	origDst func(*net.TCPConn) (netip.AddrPort, error)
+
+	mu        sync.Mutex
+	outLn     net.Listener
+	outLn6    net.Listener // [::1] at the outbound port, when IPv6 loopback exists
+	inLn      net.Listener
+	conns     map[net.Conn]struct{}
+	draining  bool
+	closed    bool
+	connsDone chan struct{} // closed when conns becomes empty while draining
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+}
+
+// New checks cfg and opts and builds a proxy. It starts nothing.
+func New(cfg Config, opts Options) (*Proxy, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("creating proxy: %w", err)
+	}
+	if opts.Catalog == nil {
+		return nil, errors.New("creating proxy: Options.Catalog is required")
+	}
+	if opts.Identity == nil {
+		return nil, errors.New("creating proxy: Options.Identity is required")
+	}
+	p := &Proxy{
+		cfg:      cfg,
+		opts:     opts,
+		log:      opts.Logger,
+		dialer:   opts.Dialer,
+		opaque:   make(map[uint16]bool, len(cfg.OpaquePorts)),
+		sessions: tls.NewLRUClientSessionCache(1024),
+		conns:    make(map[net.Conn]struct{}),
+		origDst:  originalDst,
+	}
+	if p.log == nil {
+		p.log = slog.New(slog.DiscardHandler)
+	}
+	p.errLog = slog.NewLogLogger(p.log.Handler(), slog.LevelDebug)
+	if p.dialer == nil {
+		p.dialer = &net.Dialer{KeepAlive: 30 * time.Second}
+	}
+	if p.opts.VerifyPeer == nil {
+		p.opts.VerifyPeer = VerifyPeerWithRoots(opts.Identity.Roots, opts.Identity.TrustDomain())
+	}
+	for _, port := range cfg.OpaquePorts {
+		p.opaque[port] = true
+	}
+	m, err := newMetrics(opts.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("creating proxy: registering metrics: %w", err)
+	}
+	p.m = m
+	if err := p.SetServices(opts.Services); err != nil {
+		return nil, fmt.Errorf("creating proxy: %w", err)
+	}
+	p.serverTLS = p.serverTLSConfig()
+	p.h1ln = newChanListener()
+	p.h1 = &http.Server{
+		Handler:           http.HandlerFunc(p.serveRequest),
+		ConnContext:       connContext,
+		ReadHeaderTimeout: cfg.DetectTimeout,
+		ErrorLog:          p.errLog,
+	}
+	p.h2 = &http2.Server{MaxConcurrentStreams: 1000}
+	if err := http2.ConfigureServer(p.h1, p.h2); err != nil {
+		return nil, fmt.Errorf("creating proxy: %w", err)
+	}
+	p.pool = newPeerPool(p)
+	p.local = newLocalTransports(p)
+	return p, nil
+}
+
+// SetServices atomically replaces the local services. Connections already
+// established keep the service they were authorized for. It is safe to call
+// at any time, e.g. on reload.
+func (p *Proxy) SetServices(list []LocalService) error {
+	s, err := buildServices(list, p.cfg.DefaultPolicy)
+	if err != nil {
+		return fmt.Errorf("setting local services: %w", err)
+	}
+	p.svcs.Store(s)
+	return nil
+}
+
+func (p *Proxy) localService(port uint16) (*localService, bool) {
+	s, ok := p.svcs.Load().byPort[port]
+	return s, ok
+}
+
+// Listen binds the outbound and inbound listeners. node reports ready only
+// after it returns nil.
+func (p *Proxy) Listen() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return errors.New("listening: proxy closed")
+	}
+	if p.outLn != nil {
+		return nil
+	}
+	var lc net.ListenConfig
+	out, err := lc.Listen(context.Background(), "tcp", p.cfg.OutboundAddr.String())
+	if err != nil {
+		return fmt.Errorf("listening for outbound connections: %w", err)
+	}
+	in, err := lc.Listen(context.Background(), "tcp", p.cfg.InboundAddr.String())
+	if err != nil {
+		out.Close()
+		return fmt.Errorf("listening for inbound connections: %w", err)
+	}
+	p.outLn, p.inLn = out, in
+	// ip6tables redirects a host's IPv6 connections to [::1] at the same
+	// port: listen there too, or they would be refused. A host without IPv6
+	// loopback has no IPv6 connections to redirect.
+	if p.cfg.OutboundAddr.Addr() == netip.AddrFrom4([4]byte{127, 0, 0, 1}) {
+		if out6, err := lc.Listen(context.Background(), "tcp6", netip.AddrPortFrom(netip.IPv6Loopback(), p.cfg.OutboundAddr.Port()).String()); err == nil {
+			p.outLn6 = out6
+		} else {
+			p.log.Debug("no IPv6 outbound listener", "err", err)
+		}
+	}
+	return nil
+}
+
+// OutboundAddr and InboundAddr return the bound listener addresses (useful
+// when the configured port is 0 in tests). Valid after Listen.
+func (p *Proxy) OutboundAddr() netip.AddrPort { return addrOf(p.outLn) }
+
+// InboundAddr returns the inbound listener's address. Valid after Listen.
+func (p *Proxy) InboundAddr() netip.AddrPort { return addrOf(p.inLn) }
+
+func addrOf(ln net.Listener) netip.AddrPort {
+	if ln == nil {
+		return netip.AddrPort{}
+	}
+	ap, _ := netip.ParseAddrPort(ln.Addr().String())
+	return ap
+}
+
+// Run is Listen (if not done yet) followed by Serve.
+func (p *Proxy) Run(ctx context.Context) error {
+	if err := p.Listen(); err != nil {
+		return err
+	}
+	return p.Serve(ctx)
+}
+
+// Serve accepts connections until Shutdown or Close, or until ctx is done,
+// which closes the proxy. Listen must have succeeded.
+func (p *Proxy) Serve(ctx context.Context) error {
+	p.mu.Lock()
+	out, out6, in := p.outLn, p.outLn6, p.inLn
+	p.mu.Unlock()
+	if out == nil {
+		return errors.New("serving: Listen has not succeeded")
+	}
+	stop := context.AfterFunc(ctx, func() { p.Close() })
+	defer stop()
+	errc := make(chan error, 4)
+	loops := 3
+	go func() { errc <- p.h1.Serve(p.h1ln) }()
+	go func() { errc <- p.acceptLoop(out, p.handleOutbound) }()
+	go func() { errc <- p.acceptLoop(in, p.handleInbound) }()
+	if out6 != nil {
+		loops++
+		go func() { errc <- p.acceptLoop(out6, p.handleOutbound) }()
+	}
+	var errs []error
+	for range loops {
+		if err := <-errc; err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, http.ErrServerClosed) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (p *Proxy) acceptLoop(ln net.Listener, handle func(*net.TCPConn)) error {
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				time.Sleep(delay)
+				continue
+			}
+			return err
+		}
+		delay = 0
+		tc := c.(*net.TCPConn)
+		if !p.track(tc) {
+			tc.Close()
+			continue
+		}
+		go func() {
+			defer p.untrack(tc)
+			handle(tc)
+		}()
+	}
+}
+
+// track registers an accepted connection so shutdown can close it.
+func (p *Proxy) track(c net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	p.conns[c] = struct{}{}
+	p.wg.Add(1)
+	return true
+}
+
+func (p *Proxy) untrack(c net.Conn) {
+	c.Close()
+	p.mu.Lock()
+	delete(p.conns, c)
+	if p.draining && len(p.conns) == 0 && p.connsDone != nil {
+		close(p.connsDone)
+		p.connsDone = nil
+	}
+	p.mu.Unlock()
+	p.wg.Done()
+}
+
+// Shutdown stops accepting, lets established connections finish until ctx
+// is done, then closes what is left. HTTP connections are told to go away
+// (GOAWAY, Connection: close) as soon as their current requests finish.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	p.draining = true
+	p.closeListenersLocked()
+	done := make(chan struct{})
+	if len(p.conns) == 0 {
+		close(done)
+	} else {
+		p.connsDone = done
+	}
+	p.mu.Unlock()
+	// Graceful HTTP: idle HTTP/1 connections close, h2 connections get GOAWAY.
+	// http.Server.Shutdown only tracks the HTTP/1 conns it accepted itself.
+	go p.h1.Shutdown(ctx)
+	p.pool.closeIdle()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = fmt.Errorf("shutting down proxy: %w", ctx.Err())
+	}
+	p.Close()
+	return err
+}
+
+func (p *Proxy) closeListenersLocked() {
+	if p.outLn != nil {
+		p.outLn.Close()
+	}
+	if p.outLn6 != nil {
+		p.outLn6.Close()
+	}
+	if p.inLn != nil {
+		p.inLn.Close()
+	}
+	p.h1ln.Close()
+}
+
+// Close stops the listeners and closes every connection at once, then waits
+// for their goroutines. It is idempotent.
+func (p *Proxy) Close() error {
+	p.closeOnce.Do(func() {
+		p.mu.Lock()
+		p.closed = true
+		p.closeListenersLocked()
+		conns := make([]net.Conn, 0, len(p.conns))
+		for c := range p.conns {
+			conns = append(conns, c)
+		}
+		p.mu.Unlock()
+		p.h1.Close()
+		for _, c := range conns {
+			c.Close()
+		}
+		p.pool.close()
+		p.local.close()
+	})
+	p.wg.Wait()
+	return nil
+}
+
+// isOpaquePort reports whether port skips protocol detection by config.
+func (p *Proxy) isOpaquePort(port uint16) bool { return p.opaque[port] }
+
+// dial opens a TCP connection with the connect timeout.
+func (p *Proxy) dial(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+	defer cancel()
+	return p.dialer.DialContext(ctx, "tcp", addr.String())
+}
+
+// chanListener is a net.Listener fed by Push: it hands connections the
+// proxy has already accepted and detected to the HTTP/1 server.
+type chanListener struct {
+	ch     chan net.Conn
+	done   chan struct{}
+	once   sync.Once
+	closed atomic.Bool
+}
+
+func newChanListener() *chanListener {
+	return &chanListener{ch: make(chan net.Conn), done: make(chan struct{})}
+}
+
+// Push hands c to the server; it reports false if the listener is closed.
+func (l *chanListener) Push(c net.Conn) bool {
+	select {
+	case l.ch <- c:
+		return true
+	case <-l.done:
+		return false
+	}
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *chanListener) Addr() net.Addr { return &net.TCPAddr{} }
+
+// peekedConn replays bytes read during detection before reading from Conn.
+// done is closed when the connection is closed, so the handler that pushed
+// it to the HTTP/1 server can wait for the server to finish with it.
+type peekedConn struct {
+	net.Conn
+	peeked []byte
+	buf    *[]byte // pooled buffer holding peeked; returned on Close
+	info   *connInfo
+	once   sync.Once
+	done   chan struct{}
+}
+
+func (c *peekedConn) Read(b []byte) (int, error) {
+	if len(c.peeked) > 0 {
+		n := copy(b, c.peeked)
+		c.peeked = c.peeked[n:]
+		return n, nil
+	}
+	return c.Conn.Read(b)
+}
+
+func (c *peekedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { close(c.done) })
+	return err
+}
+
+// CloseWrite half-closes the underlying connection.
+func (c *peekedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(closeWriter); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// connInfo is what the proxy knows about an accepted connection; HTTP
+// handlers find it in the request context.
+type connInfo struct {
+	direction string
+	dst       netip.AddrPort // original destination
+	ep        Endpoint       // outbound: the catalog endpoint (zero if unknown)
+	meshed    bool           // outbound: ep is a mesh endpoint
+	clientID  string         // inbound: the verified client identity, "" if none
+	proto     appProtocol
+}
+
+type connInfoKey struct{}
+
+func connContext(ctx context.Context, c net.Conn) context.Context {
+	if pc, ok := c.(*peekedConn); ok {
+		return context.WithValue(ctx, connInfoKey{}, pc.info)
+	}
+	return ctx
+}
+
+func infoFrom(ctx context.Context) *connInfo {
+	ci, _ := ctx.Value(connInfoKey{}).(*connInfo)
+	return ci
+}
+
+// writeAll writes b to w; used to replay peeked bytes.
+func writeAll(w io.Writer, b []byte) error {
+	_, err := w.Write(b)
+	return err
+}
