@@ -74,6 +74,11 @@ type Options struct {
 	Registerer prometheus.Registerer
 	// Transport replaces memberlist's UDP/TCP transport. Optional, for tests.
 	Transport memberlist.Transport
+	// CheckAddr is the address health checks dial the local services at.
+	// Optional: the zero value means AdvertiseAddr. node sets the address
+	// the inbound proxy connects to (loopback), so "healthy" means "the mesh
+	// can reach it".
+	CheckAddr netip.Addr
 	// Tune adjusts the memberlist configuration just before it is used.
 	// Optional, for tests (e.g. shorter probe intervals); production keeps
 	// memberlist's LAN defaults.
@@ -93,6 +98,7 @@ type Discovery struct {
 	identity  string
 	td        string
 	advertise netip.Addr
+	checkAt   netip.Addr // Options.CheckAddr
 	proxyPort uint16
 	roles     []string
 	db        *bbolt.DB
@@ -195,6 +201,7 @@ func New(opts Options) (*Discovery, error) {
 		identity:    opts.Identity,
 		td:          opts.TrustDomain,
 		advertise:   opts.AdvertiseAddr.Unmap(),
+		checkAt:     opts.CheckAddr,
 		proxyPort:   opts.ProxyPort,
 		roles:       slices.Clone(opts.Roles),
 		db:          opts.DB,

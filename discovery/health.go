@@ -145,7 +145,8 @@ func (d *Discovery) reconcileChecksLocked() {
 // runCheck checks one local service until ctx is done. The first result
 // sets the state; after that it takes Rise passes in a row to become passing
 // and Fall failures in a row to become failing. The service is dialled
-// directly on this host's advertised address, never through the proxy.
+// directly at Options.CheckAddr (default: the advertised address), never
+// through the proxy.
 func (d *Discovery) runCheck(ctx context.Context, svc Service, gen uint64) {
 	defer d.wg.Done()
 	hc := svc.Health
@@ -186,6 +187,9 @@ func (d *Discovery) runCheck(ctx context.Context, svc Service, gen uint64) {
 }
 
 func (d *Discovery) checkAddr() netip.Addr {
+	if d.checkAt.IsValid() {
+		return d.checkAt
+	}
 	if d.advertise.IsUnspecified() {
 		if d.advertise.Is6() {
 			return netip.IPv6Loopback()

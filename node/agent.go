@@ -390,13 +390,17 @@ func (a *Agent) buildDiscovery(cfg Config) error {
 		Config:        cfg.Gossip,
 		NodeName:      cfg.NodeName(),
 		AdvertiseAddr: a.advAddr,
-		ProxyPort:     cfg.Proxy.InboundAddr.Port(),
-		TrustDomain:   cfg.CA.TrustDomain,
-		Roles:         roles,
-		DB:            a.db,
-		Keys:          keys,
-		Logger:        a.sub("discovery"),
-		Registerer:    a.reg,
+		// Health is checked where the inbound proxy connects (its
+		// LocalService default, 127.0.0.1:port): healthy means reachable
+		// through the mesh.
+		CheckAddr:   netip.AddrFrom4([4]byte{127, 0, 0, 1}),
+		ProxyPort:   cfg.Proxy.InboundAddr.Port(),
+		TrustDomain: cfg.CA.TrustDomain,
+		Roles:       roles,
+		DB:          a.db,
+		Keys:        keys,
+		Logger:      a.sub("discovery"),
+		Registerer:  a.reg,
 	})
 	if err != nil {
 		return fmt.Errorf("starting discovery: %w", err)
