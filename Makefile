@@ -3,7 +3,7 @@ TAGS    := nobadger,nomysql,nopgx
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 GO      ?= go
 GOFLAGS_BUILD := -tags $(TAGS) -trimpath -ldflags "-s -w -X main.version=$(VERSION)"
-STATICCHECK := honnef.co/go/tools/cmd/staticcheck@2025.1.1
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
 
 .PHONY: build test check lint unit bench clean
 

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/vmesh/vmesh/ca"
@@ -268,7 +269,7 @@ func (a *Agent) openState(cfg Config) error {
 	path := filepath.Join(cfg.Node.DataDir, "vmesh.db")
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
+		if errors.Is(err, bolterrors.ErrTimeout) {
 			return fmt.Errorf("opening %s: it is locked: is another agent running with this data dir?", path)
 		}
 		return fmt.Errorf("opening state database: %w", err)
