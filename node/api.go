@@ -247,6 +247,9 @@ func (a *Agent) Reload(ctx context.Context) error {
 	if a.opts.ConfigPath == "" {
 		return errors.New("reload: the agent was started without a config file")
 	}
+	if !a.everReady.Load() {
+		return errors.New("reload refused: the agent is still starting; reload once it is ready")
+	}
 	a.opts.Notify("RELOADING=1")
 	defer a.opts.Notify("READY=1")
 	next, err := LoadConfig(a.opts.ConfigPath)

@@ -396,6 +396,42 @@ allow = ["spiffe://e2e.test/node/ca1"]
 	if !strings.Contains(web.log.String(), "rules changed") {
 		t.Error("the agent never logged its rule changes")
 	}
+	// Drain: a connection established before SIGTERM keeps working while
+	// the stopping agent drains (drain_timeout), after it stopped being
+	// ready.
+	var rc net.Conn
+	if err := cli.Do(func() (err error) {
+		rc, err = net.DialTimeout("tcp", caH.Addr.String()+":6379", 5*time.Second)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	ping := func() error {
+		rc.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(rc, "PING\r\n"); err != nil {
+			return err
+		}
+		buf := make([]byte, 7)
+		if _, err := io.ReadFull(rc, buf); err != nil {
+			return err
+		}
+		if string(buf) != "+PONG\r\n" {
+			return fmt.Errorf("got %q", buf)
+		}
+		return nil
+	}
+	if err := ping(); err != nil {
+		t.Fatalf("redis through the mesh before SIGTERM: %v", err)
+	}
+	caH.agent.Process.Signal(syscall.SIGTERM)
+	caH.waitFor(t, "ca1 to stop being ready", 10*time.Second, func() bool {
+		out, _ := caH.Try("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:4191/ready")
+		return out == "503"
+	})
+	if err := ping(); err != nil {
+		t.Errorf("an established connection broke while the agent drained: %v", err)
+	}
 	caH.stop(t, syscall.SIGTERM)
 	out, err = cli.Try(vmeshBin, "check", "-c", cli.cfg)
 	if err == nil || !strings.Contains(out, "× ca: cannot reach the CA at "+caH.Addr.String()+":4192") {

@@ -251,13 +251,17 @@ func (p *Proxy) acceptLoop(ln net.Listener, handle func(*net.TCPConn)) error {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				time.Sleep(delay)
-				continue
+			if errors.Is(err, net.ErrClosed) {
+				return err
 			}
-			return err
+			// Anything else (EMFILE, ENFILE, ENOBUFS, a timeout) is
+			// temporary: a listener that stopped accepting would leave
+			// the rules sending the host's connections into a full
+			// backlog.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			p.log.Warn("accepting connections", "addr", ln.Addr(), "err", err, "retry_in", delay)
+			time.Sleep(delay)
+			continue
 		}
 		delay = 0
 		tc := c.(*net.TCPConn)
