@@ -33,9 +33,15 @@
 // X25519 (see curvePreferences), 16 KiB records from the first byte.
 //
 // Inbound (0.0.0.0:4143): a connection redirected from a service port is an
-// unmeshed client: the service's policy decides with no identity
-// (all-authenticated refuses), then it is relayed to its original
-// destination. A direct connection must complete mTLS with a valid SVID
+// unmeshed client, authorized with no identity (all-authenticated and allow
+// lists refuse it) and sent to its original destination. On a declared
+// service port that is not opaque (LocalService.Protocol "opaque" or
+// Config.OpaquePorts) the protocol is detected as outbound ("http1" and
+// "http2" skip detection and assume it): HTTP is then served per request
+// like meshed HTTP (tls="no_identity" request metrics, 403 with
+// l5d-proxy-error when denied, the connection stays open); anything else,
+// and any undeclared port, is authorized once and relayed as TCP, closed
+// when denied. A direct connection must complete mTLS with a valid SVID
 // (VerifyPeer); by ALPN it then carries HTTP/2 requests (each authorized,
 // 403 with l5d-proxy-error when denied) or one transport header whose port
 // must be a declared LocalService, else the connection is closed: the
