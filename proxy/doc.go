@@ -21,7 +21,9 @@
 //   - otherwise one detection read (up to 1 KiB, Config.DetectTimeout):
 //     HTTP/1 or HTTP/2 requests are proxied one by one over pooled,
 //     multiplexed HTTP/2 (ALPN "h2") mTLS connections, one pool per (peer
-//     proxy, service identity), with the original protocol in
+//     proxy, service identity; unused for 5 minutes or beyond 4096 pools,
+//     least recently used first, a pool is dropped with its idle
+//     connections), with the original protocol in
 //     l5d-orig-proto and the target port in vmesh-dst-port; anything else,
 //     or silence until the timeout (a server that speaks first), goes opaque.
 //     HTTP/1 Upgrade requests (WebSocket) take the opaque transport with

@@ -140,13 +140,29 @@ func (p *Proxy) clientConfig(ep Endpoint, alpn string) *tls.Config {
 	return c.(*tls.Config)
 }
 
+// Peer transport eviction: a transport unused this long is dropped (peers
+// come and go with the catalog), and the pool holds at most this many, the
+// least recently used going first.
+const (
+	peerIdleTimeout   = 5 * time.Minute
+	peerMaxTransports = 4096
+)
+
 // peerPool holds one HTTP/2 transport per (peer proxy, service identity):
 // requests to one service on one host share multiplexed mTLS connections.
+// Transports unused for idle are evicted, at most max are kept: eviction
+// closes their idle connections; connections still carrying requests finish
+// them and then close on the transport's own idle timeout.
 type peerPool struct {
 	p       *Proxy
 	configs sync.Map // clientConfigKey -> *tls.Config
-	mu      sync.Mutex
-	ts      map[peerKey]*http2.Transport
+	idle    time.Duration
+	max     int
+	now     func() time.Time // a test seam
+
+	mu        sync.Mutex
+	ts        map[peerKey]*peerTransport
+	lastSweep time.Time
 }
 
 type peerKey struct {
@@ -155,16 +171,32 @@ type peerKey struct {
 	identity string
 }
 
+type peerTransport struct {
+	t    *http2.Transport
+	used time.Time
+}
+
 func newPeerPool(p *Proxy) *peerPool {
-	return &peerPool{p: p, ts: make(map[peerKey]*http2.Transport)}
+	return &peerPool{
+		p: p, idle: peerIdleTimeout, max: peerMaxTransports, now: time.Now,
+		ts: make(map[peerKey]*peerTransport),
+	}
 }
 
 func (pp *peerPool) transport(ep Endpoint) *http2.Transport {
 	k := peerKey{ep.ProxyAddr, ep.Service, ep.Identity}
 	pp.mu.Lock()
 	defer pp.mu.Unlock()
-	if t, ok := pp.ts[k]; ok {
-		return t
+	now := pp.now()
+	if now.Sub(pp.lastSweep) >= pp.idle/4 {
+		pp.sweepLocked(now)
+	}
+	if e, ok := pp.ts[k]; ok {
+		e.used = now
+		return e.t
+	}
+	if len(pp.ts) >= pp.max {
+		pp.evictOldestLocked()
 	}
 	t := &http2.Transport{
 		DialTLSContext: func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
@@ -173,17 +205,50 @@ func (pp *peerPool) transport(ep Endpoint) *http2.Transport {
 		DisableCompression: true,
 		ReadIdleTimeout:    30 * time.Second,
 		PingTimeout:        15 * time.Second,
-		IdleConnTimeout:    5 * time.Minute,
+		IdleConnTimeout:    pp.idle,
 	}
-	pp.ts[k] = t
+	pp.ts[k] = &peerTransport{t: t, used: now}
 	return t
+}
+
+// sweepLocked evicts the transports unused for pp.idle.
+func (pp *peerPool) sweepLocked(now time.Time) {
+	pp.lastSweep = now
+	for k, e := range pp.ts {
+		if now.Sub(e.used) >= pp.idle {
+			delete(pp.ts, k)
+			e.t.CloseIdleConnections()
+		}
+	}
+}
+
+// evictOldestLocked evicts the least recently used transport.
+func (pp *peerPool) evictOldestLocked() {
+	var oldest peerKey
+	var e *peerTransport
+	for k, c := range pp.ts {
+		if e == nil || c.used.Before(e.used) {
+			oldest, e = k, c
+		}
+	}
+	if e != nil {
+		delete(pp.ts, oldest)
+		e.t.CloseIdleConnections()
+	}
+}
+
+// size returns the number of pooled transports.
+func (pp *peerPool) size() int {
+	pp.mu.Lock()
+	defer pp.mu.Unlock()
+	return len(pp.ts)
 }
 
 func (pp *peerPool) closeIdle() {
 	pp.mu.Lock()
 	defer pp.mu.Unlock()
-	for _, t := range pp.ts {
-		t.CloseIdleConnections()
+	for _, e := range pp.ts {
+		e.t.CloseIdleConnections()
 	}
 }
 
