@@ -282,6 +282,38 @@ func TestUpgrade(t *testing.T) {
 	if _, err := io.ReadFull(br, buf); err != nil || string(buf) != "later" {
 		t.Fatalf("echo after upgrade: %q %v", buf, err)
 	}
+	out := map[string]string{"direction": "outbound", "service": "ws", "server_id": "spiffe://vmesh.test/svc/ws", "tls": "true"}
+	for name, want := range map[string]float64{"request_total": 1, "response_total": 1, "response_latency_ms": 1} {
+		if got := metric(t, a.reg, name, out); got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+	if got := metric(t, a.reg, "response_total", map[string]string{"status_code": "101", "classification": "success"}); got != 1 {
+		t.Errorf("response_total{101,success} = %v, want 1", got)
+	}
+
+	// An upgrade the server refuses is an ordinary response: counted, and
+	// the client's connection goes on as HTTP/1.
+	c = a.dialOut(t, appAddr(8081))
+	br = bufio.NewReader(c)
+	for range 2 {
+		fmt.Fprintf(c, "GET /ws HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: other\r\n\r\n")
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 400 {
+			t.Fatalf("refused upgrade: status %d, want 400", resp.StatusCode)
+		}
+	}
+	eventually(t, "refused upgrades counted", func() bool {
+		return metric(t, a.reg, "response_total", map[string]string{"status_code": "400", "classification": "success"}) == 2
+	})
+	if got := metric(t, a.reg, "request_total", out); got != 3 {
+		t.Errorf("request_total = %v, want 3", got)
+	}
 }
 
 // speaksFirst is a server that greets before reading.
