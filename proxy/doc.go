@@ -51,7 +51,7 @@
 //
 // Authorization is an in-memory lookup per LocalService: Policy (or
 // Config.DefaultPolicy) plus Allow patterns ("*" one segment, trailing "**"
-// any rest); audit allows and logs what it would deny.
+// any rest); audit allows, logs and counts what it would deny.
 //
 // # Metrics
 //
@@ -61,7 +61,9 @@
 // tcp_read_bytes_total / tcp_write_bytes_total (bytes read from / written to
 // the accepted connection), with labels direction, service, client_id
 // (inbound), server_id (outbound), tls; inbound_{http,tcp}_authz_allow_total
-// and _deny_total (+reason); tcp_refused_total{direction,reason} for
+// and _deny_total (+reason); inbound_authz_audit_total{protocol="http"|"tcp",
+// service, client_id, tls, reason} for what the audit policy let in but
+// would otherwise deny (also counted in _allow_total); tcp_refused_total{direction,reason} for
 // connections refused before authorization. Label values come from declared
 // services, issued identities and constants, never from addresses.
 //

@@ -313,6 +313,7 @@ func (p *Proxy) authorizeHTTP(svc *localService, clientID, tlsLabel string) auth
 		return d
 	}
 	if d.reason != "" {
+		p.m.audit.WithLabelValues("http", svc.Name, clientID, tlsLabel, d.reason).Inc()
 		p.log.Warn("audit: inbound request would be denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
 	}
 	p.m.httpAllow.WithLabelValues(svc.Name, clientID, tlsLabel).Inc()

@@ -93,6 +93,7 @@ func (p *Proxy) authorizeTCP(svc *localService, clientID, tlsLabel string) bool 
 		return false
 	}
 	if d.reason != "" {
+		p.m.audit.WithLabelValues("tcp", svc.Name, clientID, tlsLabel, d.reason).Inc()
 		p.log.Warn("audit: inbound connection would be denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
 	}
 	p.m.tcpAllow.WithLabelValues(svc.Name, clientID, tlsLabel).Inc()

@@ -424,6 +424,13 @@ func TestPolicy(t *testing.T) {
 	if got := metric(t, b.reg, "inbound_tcp_authz_deny_total", map[string]string{"service": "only-c", "reason": reasonNotAllowed, "client_id": "spiffe://vmesh.test/node/a"}); got != 1 {
 		t.Errorf("deny counted %v, want 1", got)
 	}
+	// Audit lets A in and counts what it would have denied.
+	if got := metric(t, b.reg, "inbound_authz_audit_total", map[string]string{"protocol": "tcp", "service": "audit", "reason": reasonNotAllowed, "client_id": "spiffe://vmesh.test/node/a", "tls": "true"}); got != 1 {
+		t.Errorf("inbound_authz_audit_total{audit} = %v, want 1", got)
+	}
+	if got := metric(t, b.reg, "inbound_authz_audit_total", nil); got != 1 {
+		t.Errorf("inbound_authz_audit_total = %v, want 1 (only the audited service)", got)
+	}
 
 	// HTTP denial: 403 with the reason in l5d-proxy-error.
 	client := &http.Client{Transport: &http.Transport{DialContext: a.dialContext}}

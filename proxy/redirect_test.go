@@ -63,6 +63,7 @@ func TestRedirectedHTTP(t *testing.T) {
 		{Name: "raw", Port: 7104, Protocol: "opaque", Policy: PolicyAllAuthenticated},
 		{Name: "raw-by-port", Port: 7105, Policy: PolicyAllAuthenticated},
 		{Name: "h2only", Port: 7106, Protocol: "http2"},
+		{Name: "audited", Port: 7107, Policy: PolicyAudit},
 	}
 	b := startProxy(t, "b", ca, proxyOpts{services: services, cfg: func(c *Config) { c.OpaquePorts = []uint16{7105} }})
 	for _, s := range services {
@@ -164,6 +165,18 @@ func TestRedirectedHTTP(t *testing.T) {
 			if got := metric(t, b.reg, "response_total", with("service", svc, "status_code", "403")); got != 2 {
 				t.Errorf("response_total{%s,403} = %v, want 2", svc, got)
 			}
+		}
+	})
+
+	t.Run("audit allows and counts", func(t *testing.T) {
+		if code, body, _ := get(h1, 7107, "/a"); code != 200 || body != "HTTP/1.1 /a" {
+			t.Fatalf("audited GET: %d %q", code, body)
+		}
+		if got := metric(t, b.reg, "inbound_authz_audit_total", map[string]string{"protocol": "http", "service": "audited", "client_id": "", "tls": "no_identity", "reason": reasonUnauthenticated}); got != 1 {
+			t.Errorf("inbound_authz_audit_total{audited} = %v, want 1", got)
+		}
+		if got := metric(t, b.reg, "inbound_authz_audit_total", nil); got != 1 {
+			t.Errorf("inbound_authz_audit_total = %v, want 1 (only the audited service)", got)
 		}
 	})
 
