@@ -27,7 +27,9 @@
 //     l5d-orig-proto and the target port in vmesh-dst-port; anything else,
 //     or silence until the timeout (a server that speaks first), goes opaque.
 //     HTTP/1 Upgrade requests (WebSocket) take the opaque transport with
-//     protocol http1 and then carry raw bytes.
+//     protocol http1 and then carry raw bytes. Config.RequestTimeout (off
+//     by default) bounds each request to the end of its response: 504 with
+//     l5d-proxy-error, or a cut stream.
 //
 // Every mTLS client handshake sends SNI = Endpoint.Service and fails unless
 // the server's SPIFFE ID is exactly Endpoint.Identity. TLS 1.3 only, session

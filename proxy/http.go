@@ -107,6 +107,11 @@ func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connI
 		p.outboundUpgrade(w, r, info, labels)
 		return
 	}
+	if d := p.cfg.RequestTimeout; d > 0 {
+		ctx, cancel := context.WithTimeout(r.Context(), d)
+		defer cancel()
+		r = r.WithContext(ctx)
+	}
 	port := strconv.Itoa(int(info.dst.Port()))
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
@@ -332,6 +337,10 @@ func (p *Proxy) proxyErrorHandler(labels []string) func(http.ResponseWriter, *ht
 	return func(w http.ResponseWriter, r *http.Request, err error) {
 		if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
 			return // the client went away
+		}
+		if errors.Is(err, context.DeadlineExceeded) && errors.Is(r.Context().Err(), context.DeadlineExceeded) {
+			p.denyHTTP(w, labels, http.StatusGatewayTimeout, "request timeout")
+			return
 		}
 		p.log.Debug("proxying request failed", "host", r.Host, "err", err)
 		p.denyHTTP(w, labels, http.StatusBadGateway, "proxying failed")

@@ -697,3 +697,57 @@ func TestShutdownDrains(t *testing.T) {
 		t.Fatal("connection survived Shutdown's deadline")
 	}
 }
+
+func TestRequestTimeout(t *testing.T) {
+	ln := listenLocal(t)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			select {
+			case <-r.Context().Done():
+			case <-time.After(10 * time.Second):
+			}
+			return
+		}
+		io.WriteString(w, "fast")
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	const timeout = 300 * time.Millisecond
+	a, _, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Addr: addrPort(ln.Addr())}},
+		proxyOpts{cfg: func(c *Config) { c.RequestTimeout = timeout }}, proxyOpts{})
+	client := &http.Client{Transport: &http.Transport{DialContext: a.dialContext}}
+	t.Cleanup(client.CloseIdleConnections)
+
+	resp, err := client.Get("http://198.18.99.2:80/fast")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(body) != "fast" {
+		t.Fatalf("fast request: %d %q", resp.StatusCode, body)
+	}
+	start := time.Now()
+	resp, err = client.Get("http://198.18.99.2:80/slow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if took := time.Since(start); resp.StatusCode != 504 || resp.Header.Get("L5d-Proxy-Error") != "request timeout" || took < timeout || took > 5*time.Second {
+		t.Fatalf("slow request: %d %q after %v, want 504 with l5d-proxy-error after about %v", resp.StatusCode, resp.Header.Get("L5d-Proxy-Error"), took, timeout)
+	}
+	if got := metric(t, a.reg, "response_total", map[string]string{"direction": "outbound", "status_code": "504", "classification": "failure"}); got != 1 {
+		t.Errorf("response_total{504,failure} = %v, want 1", got)
+	}
+}
+
+func TestValidateRequestTimeout(t *testing.T) {
+	c := DefaultConfig()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("default config: %v", err)
+	}
+	c.RequestTimeout = -time.Second
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "request_timeout") {
+		t.Fatalf("negative request_timeout: %v, want an error naming it", err)
+	}
+}
