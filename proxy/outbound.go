@@ -151,8 +151,10 @@ const (
 // peerPool holds one HTTP/2 transport per (peer proxy, service identity):
 // requests to one service on one host share multiplexed mTLS connections.
 // Transports unused for idle are evicted, at most max are kept: eviction
-// closes their idle connections; connections still carrying requests finish
-// them and then close on the transport's own idle timeout.
+// closes their idle connections. An evicted transport is retired for one
+// more idle period, its connections closed at each sweep once their
+// requests are done; after that its connections' own idle timeout closes
+// them.
 type peerPool struct {
 	p       *Proxy
 	configs sync.Map // clientConfigKey -> *tls.Config
@@ -162,6 +164,7 @@ type peerPool struct {
 
 	mu        sync.Mutex
 	ts        map[peerKey]*peerTransport
+	retired   []*peerTransport // evicted; used is the eviction time
 	lastSweep time.Time
 }
 
@@ -196,7 +199,7 @@ func (pp *peerPool) transport(ep Endpoint) *http2.Transport {
 		return e.t
 	}
 	if len(pp.ts) >= pp.max {
-		pp.evictOldestLocked()
+		pp.evictOldestLocked(now)
 	}
 	t := &http2.Transport{
 		DialTLSContext: func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
@@ -211,19 +214,21 @@ func (pp *peerPool) transport(ep Endpoint) *http2.Transport {
 	return t
 }
 
-// sweepLocked evicts the transports unused for pp.idle.
+// sweepLocked evicts the transports unused for pp.idle and closes the idle
+// connections of retired ones.
 func (pp *peerPool) sweepLocked(now time.Time) {
 	pp.lastSweep = now
 	for k, e := range pp.ts {
 		if now.Sub(e.used) >= pp.idle {
 			delete(pp.ts, k)
-			e.t.CloseIdleConnections()
+			pp.retireLocked(e, now)
 		}
 	}
+	pp.closeRetiredLocked(now)
 }
 
 // evictOldestLocked evicts the least recently used transport.
-func (pp *peerPool) evictOldestLocked() {
+func (pp *peerPool) evictOldestLocked(now time.Time) {
 	var oldest peerKey
 	var e *peerTransport
 	for k, c := range pp.ts {
@@ -233,8 +238,31 @@ func (pp *peerPool) evictOldestLocked() {
 	}
 	if e != nil {
 		delete(pp.ts, oldest)
-		e.t.CloseIdleConnections()
+		pp.retireLocked(e, now)
 	}
+}
+
+func (pp *peerPool) retireLocked(e *peerTransport, now time.Time) {
+	e.used = now
+	e.t.CloseIdleConnections()
+	if len(pp.retired) >= pp.max {
+		pp.retired = pp.retired[1:]
+	}
+	pp.retired = append(pp.retired, e)
+}
+
+// closeRetiredLocked closes the idle connections of retired transports and
+// forgets those retired for pp.idle.
+func (pp *peerPool) closeRetiredLocked(now time.Time) {
+	keep := pp.retired[:0]
+	for _, e := range pp.retired {
+		e.t.CloseIdleConnections()
+		if now.Sub(e.used) < pp.idle {
+			keep = append(keep, e)
+		}
+	}
+	clear(pp.retired[len(keep):])
+	pp.retired = keep
 }
 
 // size returns the number of pooled transports.
@@ -248,6 +276,9 @@ func (pp *peerPool) closeIdle() {
 	pp.mu.Lock()
 	defer pp.mu.Unlock()
 	for _, e := range pp.ts {
+		e.t.CloseIdleConnections()
+	}
+	for _, e := range pp.retired {
 		e.t.CloseIdleConnections()
 	}
 }

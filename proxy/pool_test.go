@@ -57,6 +57,18 @@ func (d *recordingDialer) count() int {
 	return len(d.conns)
 }
 
+// closedAfterSweep reports whether c is closed, first closing the idle
+// connections of retired transports (a connection may still be finishing
+// its last request when its transport is evicted).
+func closedAfterSweep(pool *peerPool, c *recordedConn) func() bool {
+	return func() bool {
+		pool.mu.Lock()
+		pool.closeRetiredLocked(pool.now())
+		pool.mu.Unlock()
+		return c.closed.Load()
+	}
+}
+
 // TestPeerPoolEviction checks that HTTP/2 transports to peer proxies are
 // dropped, with their idle connections, when unused for the idle timeout and
 // when the pool is full (least recently used first).
@@ -111,7 +123,7 @@ func TestPeerPoolEviction(t *testing.T) {
 	if got := pool.size(); got != 1 {
 		t.Errorf("after s1 idled out: %d transports, want 1", got)
 	}
-	eventually(t, "s1's idle connection to close", s1.closed.Load)
+	eventually(t, "s1's connection to close", closedAfterSweep(pool, s1))
 	s2 := peerConn(1)
 
 	// Bounded: with room for 2, s1 comes back and s3 pushes out s2, the
@@ -123,7 +135,7 @@ func TestPeerPoolEviction(t *testing.T) {
 	if got := pool.size(); got != 2 {
 		t.Errorf("pool of at most 2 holds %d transports", got)
 	}
-	eventually(t, "s2's idle connection to close", s2.closed.Load)
+	eventually(t, "s2's connection to close", closedAfterSweep(pool, s2))
 	if c := peerConn(2); c.closed.Load() {
 		t.Error("s1's new connection was closed, want kept (recently used)")
 	}
