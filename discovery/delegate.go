@@ -53,12 +53,14 @@ func (g *delegate) NotifyMsg(buf []byte) {
 	case msgNotice:
 		d.notice(msg.node, msg.version, true)
 	case msgRequest:
-		from := msg.node
+		// Reply to the address in the request: the requester may not be
+		// in this host's member list yet (it is joining).
+		to := &memberlist.Node{Name: msg.node, Addr: msg.addr.Addr().AsSlice(), Port: msg.addr.Port()}
 		d.enqueue(func() {
 			d.mu.Lock()
 			raw := d.selfRaw
 			d.mu.Unlock()
-			d.sendTo(from, raw)
+			d.send(to, raw)
 		})
 	default:
 		d.reject(errMalformed)
@@ -259,7 +261,7 @@ func (d *Discovery) wantLocked(node string, version uint64) bool {
 		return true // already asked for this version
 	}
 	d.pullAt[node] = pull{at: time.Now(), version: version}
-	req := encodeRequest(d.name)
+	req := encodeRequest(d.name, d.selfAddr)
 	d.enqueue(func() {
 		// The entry often arrives meanwhile (a joining host learns of its
 		// peers just before their entries); ask only if still needed.

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/vmesh/vmesh/ca"
@@ -268,7 +269,7 @@ func (a *Agent) openState(cfg Config) error {
 	path := filepath.Join(cfg.Node.DataDir, "vmesh.db")
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
+		if errors.Is(err, bolterrors.ErrTimeout) {
 			return fmt.Errorf("opening %s: it is locked: is another agent running with this data dir?", path)
 		}
 		return fmt.Errorf("opening state database: %w", err)
@@ -390,13 +391,17 @@ func (a *Agent) buildDiscovery(cfg Config) error {
 		Config:        cfg.Gossip,
 		NodeName:      cfg.NodeName(),
 		AdvertiseAddr: a.advAddr,
-		ProxyPort:     cfg.Proxy.InboundAddr.Port(),
-		TrustDomain:   cfg.CA.TrustDomain,
-		Roles:         roles,
-		DB:            a.db,
-		Keys:          keys,
-		Logger:        a.sub("discovery"),
-		Registerer:    a.reg,
+		// Health is checked where the inbound proxy connects (its
+		// LocalService default, 127.0.0.1:port): healthy means reachable
+		// through the mesh.
+		CheckAddr:   netip.AddrFrom4([4]byte{127, 0, 0, 1}),
+		ProxyPort:   cfg.Proxy.InboundAddr.Port(),
+		TrustDomain: cfg.CA.TrustDomain,
+		Roles:       roles,
+		DB:          a.db,
+		Keys:        keys,
+		Logger:      a.sub("discovery"),
+		Registerer:  a.reg,
 	})
 	if err != nil {
 		return fmt.Errorf("starting discovery: %w", err)
