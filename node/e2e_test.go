@@ -315,10 +315,10 @@ allow = ["spiffe://e2e.test/node/ca1"]
 	if code != "403" {
 		t.Errorf("client -> admin (not on the allow list): HTTP %q, want 403", code)
 	}
-	// An unmeshed client reaching an all-authenticated service is refused;
-	// a service with the default policy (all-unauthenticated) lets it in.
-	if out, err := outsider.Try("curl", "-sS", "--max-time", "5", "http://"+web.Addr.String()+":8080/"); err == nil || strings.Contains(out, "hello") {
-		t.Errorf("plaintext client reached an all-authenticated service: %q, %v", out, err)
+	// An unmeshed client reaching an all-authenticated service is refused:
+	// its plaintext HTTP is detected and denied per request with 403.
+	if out, err := outsider.Try("curl", "-sS", "-i", "--max-time", "5", "http://"+web.Addr.String()+":8080/"); err != nil || !strings.HasPrefix(out, "HTTP/1.1 403") || strings.Contains(out, "hello") {
+		t.Errorf("plaintext client to an all-authenticated service: %q, %v; want 403", out, err)
 	}
 	// Root's programs on a meshed host are meshed too (the root agent
 	// exempts only its own marked connections).

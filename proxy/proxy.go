@@ -456,7 +456,10 @@ type connInfo struct {
 	ep        Endpoint       // outbound: the catalog endpoint (zero if unknown)
 	meshed    bool           // outbound: ep is a mesh endpoint
 	clientID  string         // inbound: the verified client identity, "" if none
-	proto     appProtocol
+	// redirected: an unmeshed client's connection to dst, a local service
+	// port, that the PREROUTING redirect sent to the inbound listener.
+	redirected bool
+	proto      appProtocol
 }
 
 type connInfoKey struct{}
