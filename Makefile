@@ -30,7 +30,7 @@ unit:
 	$(GO) test -race -tags $(TAGS) -timeout 20m ./...
 
 # test: what CI runs. The compose example needs root and a Docker engine.
-test: check unit compose-test
+test: lint unit compose-test
 
 bench:
 	$(GO) test -tags $(TAGS) -run '^$$' -bench . -benchtime 2x ./...

@@ -125,8 +125,12 @@ func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connI
 				pr.Out.Header.Set(hdrOrigProto, pr.In.Proto)
 			}
 		},
-		Transport:     &meteredTransport{p: p, rt: p.pool.transport(ep), labels: labels.values()},
-		FlushInterval: -1,
+		Transport: &meteredTransport{p: p, rt: p.pool.transport(ep), labels: labels.values()},
+		// 0: a response of known length goes out in one write at the end
+		// (headers and body in one TLS record) instead of a flush per
+		// write; ReverseProxy still flushes every write of streams of
+		// unknown length (gRPC, SSE).
+		FlushInterval: 0,
 		ErrorHandler:  p.proxyErrorHandler(labels.values()),
 		ErrorLog:      slogErrorLog(p),
 	}
@@ -301,8 +305,12 @@ func (p *Proxy) inboundHTTP(w http.ResponseWriter, r *http.Request, info *connIn
 				pr.Out.Proto, pr.Out.ProtoMajor, pr.Out.ProtoMinor = "HTTP/1.0", 1, 0
 			}
 		},
-		Transport:     &meteredTransport{p: p, rt: rt, labels: labels.values()},
-		FlushInterval: -1,
+		Transport: &meteredTransport{p: p, rt: rt, labels: labels.values()},
+		// 0: a response of known length goes out in one write at the end
+		// (headers and body in one TLS record) instead of a flush per
+		// write; ReverseProxy still flushes every write of streams of
+		// unknown length (gRPC, SSE).
+		FlushInterval: 0,
 		ErrorHandler:  p.proxyErrorHandler(labels.values()),
 		ErrorLog:      slogErrorLog(p),
 	}

@@ -377,10 +377,9 @@ func (p *Proxy) dial(ctx context.Context, addr netip.AddrPort) (net.Conn, error)
 // chanListener is a net.Listener fed by Push: it hands connections the
 // proxy has already accepted and detected to the HTTP/1 server.
 type chanListener struct {
-	ch     chan net.Conn
-	done   chan struct{}
-	once   sync.Once
-	closed atomic.Bool
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
 }
 
 func newChanListener() *chanListener {
