@@ -207,6 +207,14 @@ func (d *Discovery) mergeEntry(e NodeEntry, raw []byte, rebroadcast bool) {
 	if e.Node == d.name {
 		return
 	}
+	// Versions are the writer's clock in nanoseconds. One far ahead of
+	// ours would hide every later update of that host for good (the real
+	// host could never publish a higher one): refuse it.
+	if e.Version > uint64(time.Now().Add(maxClockSkew).UnixNano()) {
+		d.metrics.rejected.WithLabelValues(rejectFuture).Inc()
+		d.log.Warn("gossip entry refused: its version is in the future", "node", e.Node, "version", e.Version)
+		return
+	}
 	d.mu.Lock()
 	old := d.entries[e.Node]
 	if old != nil && old.entry.Version >= e.Version {
@@ -232,6 +240,9 @@ func (d *Discovery) mergeEntry(e NodeEntry, raw []byte, rebroadcast bool) {
 		d.kick(d.dirty)
 	}
 }
+
+// maxClockSkew is how far ahead of this host's clock an entry's version may be.
+const maxClockSkew = 10 * time.Minute
 
 // notice handles "host node is at version": pass it on and pull the entry
 // if this host's copy is older.

@@ -3,6 +3,7 @@ package discovery
 import (
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -75,5 +76,37 @@ func TestRejectedPayloadsAndGauges(t *testing.T) {
 	ep, ok := d.Lookup(netip.MustParseAddrPort("127.0.0.1:5432"))
 	if !ok || !ep.Opaque || ep.Healthy || ep.Identity != "spiffe://test.example/svc/db" {
 		t.Errorf("Lookup(own db) = %+v, %v", ep, ok)
+	}
+}
+
+// An entry whose version is far ahead of this host's clock would hide that
+// host's real updates for good: it is refused and counted; one within the
+// allowed skew is taken.
+func TestFutureVersionRefused(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	d, err := New(Options{Config: DefaultConfig(), NodeName: "a", AdvertiseAddr: netip.MustParseAddr("127.0.0.1"),
+		ProxyPort: 4143, TrustDomain: "test.example", Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	forged := NodeEntry{Node: "b", Version: ^uint64(0), Addrs: []netip.Addr{netip.MustParseAddr("127.0.0.2")}, ProxyPort: 4143}
+	d.mergeEntry(forged, encodeEntry(&forged), false)
+	if got := gatherValue(t, reg, "gossip_rejected_total", "reason", rejectFuture); got != 1 {
+		t.Errorf("gossip_rejected_total{reason=%s} = %v, want 1", rejectFuture, got)
+	}
+	d.mu.Lock()
+	_, kept := d.entries["b"]
+	d.mu.Unlock()
+	if kept {
+		t.Fatal("entry with a version from the future was kept")
+	}
+	ok := NodeEntry{Node: "b", Version: uint64(time.Now().UnixNano()), Addrs: forged.Addrs, ProxyPort: 4143}
+	d.mergeEntry(ok, encodeEntry(&ok), false)
+	d.mu.Lock()
+	_, kept = d.entries["b"]
+	d.mu.Unlock()
+	if !kept {
+		t.Fatal("entry with a current version was refused")
 	}
 }

@@ -453,7 +453,7 @@ func (a *Agent) buildProxy(cfg Config) error {
 			return ca.VerifySVID(raw, roots, td)
 		},
 		Dialer:     markDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
-		Catalog:    catalogAdapter{a.disc},
+		Catalog:    catalogAdapter{a.disc, cfg.CA.TrustDomain},
 		Identity:   a.caClient,
 		Services:   proxyServices(cfg),
 		Logger:     a.sub("proxy"),
@@ -501,8 +501,14 @@ func markDialer(mark uint32, timeout time.Duration) *net.Dialer {
 	return d
 }
 
-// catalogAdapter gives the proxy discovery's lookups in its own terms.
-type catalogAdapter struct{ d *discovery.Discovery }
+// catalogAdapter gives the proxy discovery's lookups in its own terms. The
+// identity a server must present is derived from the service's name, not
+// taken from gossip: only hosts the CA granted the service hold that SVID,
+// so a forged catalog entry cannot make the proxy accept another identity.
+type catalogAdapter struct {
+	d  *discovery.Discovery
+	td string
+}
 
 func (c catalogAdapter) Lookup(addr netip.AddrPort) (proxy.Endpoint, bool) {
 	e, ok := c.d.Lookup(addr)
@@ -514,7 +520,7 @@ func (c catalogAdapter) Lookup(addr netip.AddrPort) (proxy.Endpoint, bool) {
 		Service:   e.Service,
 		Addr:      e.Addr,
 		ProxyAddr: e.Proxy,
-		Identity:  e.Identity,
+		Identity:  ca.ServiceID(c.td, e.Service),
 		Protocol:  e.Protocol,
 		Opaque:    e.Opaque,
 		Healthy:   e.Healthy,
