@@ -98,8 +98,6 @@ type snapshot struct {
 	services int                         // service instances
 }
 
-var emptySnapshot = &snapshot{byAddr: map[netip.AddrPort]Endpoint{}, bySvc: map[string][]Endpoint{}}
-
 // buildSnapshot builds a view from the visible entries. Entries are shared
 // with the caller's map and must not be modified afterwards (they never are:
 // a newer entry replaces an older one whole).

@@ -41,6 +41,8 @@ type agent struct {
 	dbPath string
 	keys   [][]byte
 	wrap   func(memberlist.Transport) memberlist.Transport
+	// newTransport, if set, makes the agent's transport (test bed hosts).
+	newTransport func() memberlist.Transport
 
 	d      *Discovery
 	db     *bbolt.DB
@@ -101,6 +103,9 @@ func (a *agent) start(join ...netip.AddrPort) {
 			t.Fatal(err)
 		}
 		opts.Transport = a.wrap(nt)
+	}
+	if a.newTransport != nil {
+		opts.Transport = a.newTransport()
 	}
 	d, err := New(opts)
 	if err != nil {

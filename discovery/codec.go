@@ -49,10 +49,11 @@ var healthCodes = []Health{HealthUnknown, HealthPassing, HealthFailing}
 // message is one decoded payload.
 type message struct {
 	typ     byte
-	entry   NodeEntry // msgEntry
-	node    string    // msgNotice: the host; msgRequest: who wants the entry
-	version uint64    // msgNotice
-	entries [][]byte  // msgState: encoded msgEntry payloads (sub-slices of the input)
+	entry   NodeEntry      // msgEntry
+	node    string         // msgNotice: the host; msgRequest: who wants the entry
+	addr    netip.AddrPort // msgRequest: its gossip address
+	version uint64         // msgNotice
+	entries [][]byte       // msgState: encoded msgEntry payloads (sub-slices of the input)
 }
 
 type encoder struct{ b []byte }
@@ -111,11 +112,13 @@ func encodeNotice(node string, version uint64) []byte {
 	return e.b
 }
 
-func encodeRequest(from string) []byte {
+func encodeRequest(from string, addr netip.AddrPort) []byte {
 	e := encoder{}
 	e.byte(wireFormat)
 	e.byte(msgRequest)
 	e.string(from)
+	e.bytes(addr.Addr().AsSlice())
+	e.uint(uint64(addr.Port()))
 	return e.b
 }
 
@@ -226,6 +229,11 @@ func decodeMessage(buf []byte) (message, error) {
 		m.node = d.string()
 	case msgRequest:
 		m.node = d.string()
+		a, ok := netip.AddrFromSlice(d.raw(16))
+		m.addr = netip.AddrPortFrom(a, uint16(d.uint(65535)))
+		if !ok || m.addr.Port() == 0 {
+			d.fail(errMalformed)
+		}
 	case msgState:
 		n := d.count(maxStateEntries, 1)
 		m.entries = make([][]byte, 0, n)

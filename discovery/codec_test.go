@@ -49,8 +49,8 @@ func TestCodecRoundTrip(t *testing.T) {
 	if err != nil || n.node != "web-1" || n.version != 42 {
 		t.Errorf("notice round trip: %+v, %v", n, err)
 	}
-	r, err := decodeMessage(encodeRequest("db-2"))
-	if err != nil || r.node != "db-2" {
+	r, err := decodeMessage(encodeRequest("db-2", netip.MustParseAddrPort("198.18.0.2:7946")))
+	if err != nil || r.node != "db-2" || r.addr != netip.MustParseAddrPort("198.18.0.2:7946") {
 		t.Errorf("request round trip: %+v, %v", r, err)
 	}
 	meta := nodeMeta{version: 7, proxyPort: 4143, addrs: e.Addrs, roles: []string{"ca"}}
@@ -95,10 +95,11 @@ func TestDecodeRefuses(t *testing.T) {
 		{"bad protocol", bytes.Replace(bytes.Clone(good), []byte{0x90, 0x3f, 1, 0}, []byte{0x90, 0x3f, 9, 0}, 1), errMalformed},
 		{"service count beyond bytes", []byte{wireFormat, msgEntry, 1, 1, 'a', 0, 0, 0, 0, 0x80, 0x02}, errMalformed},
 		{"too many services", []byte{wireFormat, msgEntry, 1, 1, 'a', 0, 0, 0, 0, 0xff, 0x7f}, errOversized},
-		{"long string", append([]byte{wireFormat, msgRequest, 0xff, 0x7f}, make([]byte, 0x3fff)...), errOversized},
-		{"invalid utf8", []byte{wireFormat, msgRequest, 2, 0xff, 0xfe}, errMalformed},
+		{"long string", append([]byte{wireFormat, msgNotice, 1, 0xff, 0x7f}, make([]byte, 0x3fff)...), errOversized},
+		{"invalid utf8", []byte{wireFormat, msgNotice, 1, 2, 0xff, 0xfe}, errMalformed},
+		{"request without address", []byte{wireFormat, msgRequest, 1, 'a', 0, 0}, errMalformed},
 		{"entry too large", encodeEntry(&huge), errOversized},
-		{"empty node", []byte{wireFormat, msgRequest, 0}, errMalformed},
+		{"empty node", []byte{wireFormat, msgNotice, 1, 0}, errMalformed},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -115,7 +116,7 @@ func FuzzDecodeMessage(f *testing.F) {
 	raw := encodeEntry(&e)
 	f.Add(raw)
 	f.Add(encodeNotice("a", 1))
-	f.Add(encodeRequest("b"))
+	f.Add(encodeRequest("b", netip.MustParseAddrPort("[2001:db8::1]:7946")))
 	f.Add(encodeState([][]byte{raw}))
 	f.Add(encodeMeta(nodeMeta{version: 1, proxyPort: 4143, addrs: e.Addrs, roles: []string{"ca"}}))
 	f.Fuzz(func(t *testing.T, buf []byte) {
@@ -141,4 +142,24 @@ func FuzzDecodeMessage(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestKeys(t *testing.T) {
+	k1, err := GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2, _ := GenerateKey()
+	keys, err := ParseKeys([]byte("# cluster keys\n" + k1 + "\n\n  " + k2 + "  \n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) != 2 || len(keys[0]) != 32 {
+		t.Fatalf("ParseKeys = %d keys, first %d bytes; want 2 keys of 32", len(keys), len(keys[0]))
+	}
+	for _, bad := range []string{"", "# only a comment\n", "not base64!\n", "c2hvcnQ=\n", k1 + "\n" + k1 + "\n"} {
+		if _, err := ParseKeys([]byte(bad)); err == nil {
+			t.Errorf("ParseKeys(%q) accepted", bad)
+		}
+	}
 }

@@ -53,12 +53,14 @@ func (g *delegate) NotifyMsg(buf []byte) {
 	case msgNotice:
 		d.notice(msg.node, msg.version, true)
 	case msgRequest:
-		from := msg.node
+		// Reply to the address in the request: the requester may not be
+		// in this host's member list yet (it is joining).
+		to := &memberlist.Node{Name: msg.node, Addr: msg.addr.Addr().AsSlice(), Port: msg.addr.Port()}
 		d.enqueue(func() {
 			d.mu.Lock()
 			raw := d.selfRaw
 			d.mu.Unlock()
-			d.sendTo(from, raw)
+			d.send(to, raw)
 		})
 	default:
 		d.reject(errMalformed)
@@ -205,6 +207,14 @@ func (d *Discovery) mergeEntry(e NodeEntry, raw []byte, rebroadcast bool) {
 	if e.Node == d.name {
 		return
 	}
+	// Versions are the writer's clock in nanoseconds. One far ahead of
+	// ours would hide every later update of that host for good (the real
+	// host could never publish a higher one): refuse it.
+	if e.Version > uint64(time.Now().Add(maxClockSkew).UnixNano()) {
+		d.metrics.rejected.WithLabelValues(rejectFuture).Inc()
+		d.log.Warn("gossip entry refused: its version is in the future", "node", e.Node, "version", e.Version)
+		return
+	}
 	d.mu.Lock()
 	old := d.entries[e.Node]
 	if old != nil && old.entry.Version >= e.Version {
@@ -230,6 +240,9 @@ func (d *Discovery) mergeEntry(e NodeEntry, raw []byte, rebroadcast bool) {
 		d.kick(d.dirty)
 	}
 }
+
+// maxClockSkew is how far ahead of this host's clock an entry's version may be.
+const maxClockSkew = 10 * time.Minute
 
 // notice handles "host node is at version": pass it on and pull the entry
 // if this host's copy is older.
@@ -259,7 +272,7 @@ func (d *Discovery) wantLocked(node string, version uint64) bool {
 		return true // already asked for this version
 	}
 	d.pullAt[node] = pull{at: time.Now(), version: version}
-	req := encodeRequest(d.name)
+	req := encodeRequest(d.name, d.selfAddr)
 	d.enqueue(func() {
 		// The entry often arrives meanwhile (a joining host learns of its
 		// peers just before their entries); ask only if still needed.

@@ -33,6 +33,7 @@ const (
 const (
 	maxEntries       = 1 << 16          // peer entries kept (refused beyond)
 	pullBackoff      = 2 * time.Second  // between two pulls of one host's entry
+	antiEntropyEvery = time.Second      // check metadata versions against entries
 	reconnectTimeout = 24 * time.Hour   // stop reconnecting to a dead host after
 	unknownEntryTTL  = 10 * time.Minute // entries of hosts never seen as members
 	updateMetaWait   = time.Second      // UpdateNode timeout
@@ -73,6 +74,11 @@ type Options struct {
 	Registerer prometheus.Registerer
 	// Transport replaces memberlist's UDP/TCP transport. Optional, for tests.
 	Transport memberlist.Transport
+	// CheckAddr is the address health checks dial the local services at.
+	// Optional: the zero value means AdvertiseAddr. node sets the address
+	// the inbound proxy connects to (loopback), so "healthy" means "the mesh
+	// can reach it".
+	CheckAddr netip.Addr
 	// Tune adjusts the memberlist configuration just before it is used.
 	// Optional, for tests (e.g. shorter probe intervals); production keeps
 	// memberlist's LAN defaults.
@@ -92,6 +98,7 @@ type Discovery struct {
 	identity  string
 	td        string
 	advertise netip.Addr
+	checkAt   netip.Addr // Options.CheckAddr
 	proxyPort uint16
 	roles     []string
 	db        *bbolt.DB
@@ -194,6 +201,7 @@ func New(opts Options) (*Discovery, error) {
 		identity:    opts.Identity,
 		td:          opts.TrustDomain,
 		advertise:   opts.AdvertiseAddr.Unmap(),
+		checkAt:     opts.CheckAddr,
 		proxyPort:   opts.ProxyPort,
 		roles:       slices.Clone(opts.Roles),
 		db:          opts.DB,
@@ -579,14 +587,27 @@ func (d *Discovery) enqueue(f func()) {
 	}
 }
 
+// rebuildLoop rebuilds the snapshot after changes, and every
+// antiEntropyEvery asks hosts whose metadata shows a newer catalog version
+// than the entry held for their entry (a broadcast or a reply was lost).
 func (d *Discovery) rebuildLoop(ctx context.Context) {
 	defer d.wg.Done()
+	t := time.NewTicker(antiEntropyEvery)
+	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-d.dirty:
 			d.rebuild()
+		case <-t.C:
+			d.mu.Lock()
+			for name, m := range d.members {
+				if m.state == StateAlive {
+					d.wantLocked(name, m.meta.version)
+				}
+			}
+			d.mu.Unlock()
 		}
 	}
 }
@@ -658,11 +679,17 @@ func (d *Discovery) sendTo(name string, msg []byte) {
 		to = &memberlist.Node{Name: name, Addr: m.addr.Addr().AsSlice(), Port: m.addr.Port()}
 	}
 	d.mu.Unlock()
-	if to == nil {
-		return
+	if to != nil && ml != nil {
+		d.send(to, msg)
 	}
+}
+
+func (d *Discovery) send(to *memberlist.Node, msg []byte) {
+	d.mu.Lock()
+	ml := d.ml
+	d.mu.Unlock()
 	if err := ml.SendReliable(to, msg); err != nil {
-		d.log.Debug("sending catalog message", "to", name, "err", err)
+		d.log.Debug("sending catalog message", "to", to.Name, "err", err)
 	}
 }
 

@@ -2,4 +2,60 @@
 // service catalog built on it: membership, encrypted gossip, catalog sync,
 // health checks, failure detection, and the persistence of known peers so
 // that a restarted host rejoins without its join list.
+//
+// # Use from node
+//
+//	keys, err := discovery.ReadKeyFile(cfg.Gossip.KeyFile) // if KeyFile != ""
+//	d, err := discovery.New(discovery.Options{Config: cfg.Gossip, NodeName: ...,
+//		AdvertiseAddr: ..., ProxyPort: ..., TrustDomain: ..., DB: db, Keys: keys,
+//		Logger: log, Registerer: reg})
+//	d.SetLocal(services)          // at start and on every reload
+//	go d.Run(ctx)                 // <-d.Ready() once the gossip port is bound
+//	...
+//	d.SetKeys(keys)               // on reload, from the key file
+//	d.Leave(timeout); d.Close()   // on SIGTERM; Close alone is a crash
+//
+// The proxy reads the catalog with Lookup (by destination address) and
+// Endpoints (healthy instances of a service), both lock-free reads of an
+// immutable snapshot, and learns of changes through Subscribe. The admin API
+// serves Members and Catalog, whose types carry JSON tags.
+//
+// # How the catalog spreads
+//
+// Each host is the only writer of its NodeEntry; every change (SetLocal, a
+// health check flipping) gives it a new, larger version (nanoseconds since
+// the epoch, kept in bbolt so it never goes back). The entry is queued as a
+// memberlist broadcast, and every host that receives a newer entry queues it
+// again, so it spreads epidemically in a few gossip rounds. Entries too large
+// for a gossip packet (over maxBroadcastSize) spread as a notice instead, and
+// hosts pull the entry from its owner over TCP. The catalog version is also
+// in the memberlist metadata, so a host that missed a broadcast notices the
+// newer version and pulls; push/pull exchanges every entry on join and every
+// PushPullInterval.
+//
+// Peers keep the newest entry per host but show only those of hosts that
+// memberlist holds alive: a host declared dead, or that left, disappears from
+// Lookup, Endpoints and Catalog at once. A host that calls Leave first
+// publishes an entry without services marked Leaving, which also lets peers
+// tell "left" from "dead" (memberlist's events do not).
+//
+// Payloads are a compact binary encoding (codec.go) whose decoder checks every
+// length before allocating; malformed or oversized payloads are refused and
+// counted in gossip_rejected_total.
+//
+// # Health checks
+//
+// The owning host runs each service's check (TCP connect or HTTP GET with an
+// expected status) against the service on its own advertised address,
+// directly, never through the proxy; the first result sets the state, then
+// HealthyThreshold passes or UnhealthyThreshold failures in a row change it.
+//
+// # Gossip encryption
+//
+// With keys, memberlist encrypts with the first key and accepts any installed
+// one; incoming and outgoing verification stay on, so a host without a valid
+// key cannot join. Rotation without downtime: InstallKey on every host, then
+// UseKey on every host, then RemoveKey of the old one (SetKeys does the right
+// steps from the key file's contents). Encryption cannot be switched on or
+// off without a restart.
 package discovery

@@ -110,7 +110,8 @@ func (h *HealthCheck) Validate() error {
 		errs.Add("timeout", "must be positive, got %s", h.Timeout)
 	}
 	if h.CheckTimeout() >= h.Every() {
-		errs.Add("timeout", "must be shorter than interval (%s), got %s", h.Every(), h.CheckTimeout())
+		errs.Add("timeout", "must be shorter than interval (%s%s), got %s%s", h.Every(), defaultNote(h.Interval == 0),
+			h.CheckTimeout(), defaultNote(h.Timeout == 0))
 	}
 	if h.HealthyThreshold < 0 {
 		errs.Add("healthy_threshold", "must be at least 1, got %d", h.HealthyThreshold)
@@ -144,7 +145,8 @@ func (d *Discovery) reconcileChecksLocked() {
 // runCheck checks one local service until ctx is done. The first result
 // sets the state; after that it takes Rise passes in a row to become passing
 // and Fall failures in a row to become failing. The service is dialled
-// directly on this host's advertised address, never through the proxy.
+// directly at Options.CheckAddr (default: the advertised address), never
+// through the proxy.
 func (d *Discovery) runCheck(ctx context.Context, svc Service, gen uint64) {
 	defer d.wg.Done()
 	hc := svc.Health
@@ -185,6 +187,9 @@ func (d *Discovery) runCheck(ctx context.Context, svc Service, gen uint64) {
 }
 
 func (d *Discovery) checkAddr() netip.Addr {
+	if d.checkAt.IsValid() {
+		return d.checkAt
+	}
 	if d.advertise.IsUnspecified() {
 		if d.advertise.Is6() {
 			return netip.IPv6Loopback()
@@ -213,4 +218,11 @@ func (d *Discovery) setHealth(name string, gen uint64, h Health) {
 	if changed {
 		d.rebuild()
 	}
+}
+
+func defaultNote(isDefault bool) string {
+	if isDefault {
+		return ", the default"
+	}
+	return ""
 }

@@ -23,6 +23,7 @@ const (
 	rejectOversized = "oversized"
 	rejectTooMany   = "too_many_entries"
 	rejectQueueFull = "queue_full"
+	rejectFuture    = "version_from_the_future"
 )
 
 func newMetrics(d *Discovery) *metrics {

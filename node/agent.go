@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/vmesh/vmesh/ca"
@@ -70,6 +72,9 @@ type Agent struct {
 	adminSrv *http.Server
 	ctlSrv   *http.Server
 
+	everReady   atomic.Bool // the host took traffic at least once
+	cancelServe context.CancelFunc
+
 	closeOnce sync.Once
 }
 
@@ -108,27 +113,47 @@ func (a *Agent) sub(name string) *slog.Logger { return a.opts.Logger.With("subsy
 // listeners are bound — the iptables rules, /ready, and READY to systemd.
 // Redirected traffic therefore always lands on a live proxy that can do
 // mTLS, and a host that cannot get certificates keeps its network as it was.
-func (a *Agent) Run(ctx context.Context) (err error) {
-	defer func() {
-		if err != nil {
-			a.Close()
-		}
-	}()
+func (a *Agent) Run(ctx context.Context) error {
 	cfg := a.config()
 	if err := a.openState(cfg); err != nil {
+		a.Close()
 		return err
 	}
 	a.reg = prometheus.NewRegistry()
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a.advAddr = advertiseAddr(cfg)
-
 	if err := a.startAPIs(cfg); err != nil {
+		a.Close()
 		return err
 	}
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return serveUntil(gctx, a.adminSrv, a.adminLn) })
-	g.Go(func() error { return serveUntil(gctx, a.ctlSrv, a.ctlLn) })
 
+	// The admin API, the control socket and the proxy outlive ctx: during
+	// shutdown /ready answers 503 and established connections drain. Close
+	// ends them. Everything else stops with ctx.
+	serveCtx, cancelServe := context.WithCancel(context.Background())
+	a.cancelServe = cancelServe
+	runCtx, cancelRun := context.WithCancel(ctx)
+	defer cancelRun()
+	g, gctx := errgroup.WithContext(runCtx)
+	g.Go(func() error { return serveUntil(serveCtx, a.adminSrv, a.adminLn) })
+	g.Go(func() error { return serveUntil(serveCtx, a.ctlSrv, a.ctlLn) })
+
+	if err := a.start(gctx, serveCtx, g, cfg); err != nil {
+		return a.finish(g, cancelRun, err)
+	}
+	a.everReady.Store(true)
+	a.ready.set("")
+	a.opts.Notify(daemon.SdNotifyReady)
+	a.log.Info("vmesh is ready", "node", cfg.NodeName(), "identity", a.caClient.NodeID(),
+		"outbound", a.prx.OutboundAddr(), "inbound", a.prx.InboundAddr(), "rules", cfg.Rules.Enabled)
+
+	<-gctx.Done()
+	return a.finish(g, cancelRun, nil)
+}
+
+// start builds and starts the subsystems in order (see Run) and returns
+// once the host is ready to take traffic.
+func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Config) error {
 	if err := a.buildCA(cfg); err != nil {
 		return err
 	}
@@ -148,40 +173,37 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if err := a.prx.Listen(); err != nil {
 		return fmt.Errorf("binding proxy listeners: %w", err)
 	}
-	g.Go(func() error { return a.prx.Serve(gctx) })
+	g.Go(func() error { return a.prx.Serve(serveCtx) })
 
 	// Wait for certificates before redirecting anything.
 	a.ready.set("waiting for certificates from the CA")
 	if err := a.waitIdentity(gctx); err != nil {
-		return a.finish(g, err)
+		return err
 	}
-	if cfg.Rules.Enabled {
-		if err := a.buildRules(cfg); err != nil {
-			return a.finish(g, err)
-		}
-		a.ready.set("installing iptables rules")
-		if err := a.applier.Apply(gctx, a.ruleset); err != nil {
-			return a.finish(g, fmt.Errorf("installing iptables rules: %w", err))
-		}
+	if !cfg.Rules.Enabled {
+		return nil
 	}
-	a.ready.set("")
-	a.opts.Notify(daemon.SdNotifyReady)
-	a.log.Info("vmesh is ready", "node", cfg.NodeName(), "identity", a.caClient.NodeID(),
-		"outbound", a.prx.OutboundAddr(), "inbound", a.prx.InboundAddr(), "rules", cfg.Rules.Enabled)
-
-	<-gctx.Done()
-	return a.finish(g, nil)
+	if err := a.buildRules(cfg); err != nil {
+		return err
+	}
+	a.ready.set("installing iptables rules")
+	if err := a.applier.Apply(gctx, a.ruleset); err != nil {
+		return fmt.Errorf("installing iptables rules: %w", err)
+	}
+	return nil
 }
 
-// finish shuts down and waits for every subsystem.
-func (a *Agent) finish(g *errgroup.Group, cause error) error {
+// finish shuts down, stops the subsystems and waits for them. It returns
+// the first real error: the cause, else a subsystem's; a cancellation is
+// the normal way to stop and is not an error.
+func (a *Agent) finish(g *errgroup.Group, cancelRun context.CancelFunc, cause error) error {
 	a.shutdown()
+	cancelRun()
 	werr := g.Wait()
-	if cause != nil {
-		return cause
-	}
-	if werr != nil && !errors.Is(werr, context.Canceled) {
-		return werr
+	for _, err := range []error{cause, werr} {
+		if err != nil && !errors.Is(err, context.Canceled) {
+			return err
+		}
 	}
 	return nil
 }
@@ -201,7 +223,9 @@ func (a *Agent) shutdown() {
 			a.log.Warn("leaving the cluster", "err", err)
 		}
 	}
-	if a.applier != nil && cfg.Rules.OnStop == "remove" {
+	// A run that never became ready removes its rules whatever on_stop
+	// says: they would point at a proxy that never served.
+	if a.applier != nil && (cfg.Rules.OnStop == "remove" || !a.everReady.Load()) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if err := a.applier.Uninstall(ctx); err != nil {
 			a.log.Error("removing iptables rules", "err", err)
@@ -222,6 +246,9 @@ func (a *Agent) shutdown() {
 // partial start.
 func (a *Agent) Close() error {
 	a.closeOnce.Do(func() {
+		if a.cancelServe != nil {
+			a.cancelServe()
+		}
 		if a.prx != nil {
 			a.prx.Close()
 		}
@@ -268,7 +295,7 @@ func (a *Agent) openState(cfg Config) error {
 	path := filepath.Join(cfg.Node.DataDir, "vmesh.db")
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
+		if errors.Is(err, bolterrors.ErrTimeout) {
 			return fmt.Errorf("opening %s: it is locked: is another agent running with this data dir?", path)
 		}
 		return fmt.Errorf("opening state database: %w", err)
@@ -390,13 +417,17 @@ func (a *Agent) buildDiscovery(cfg Config) error {
 		Config:        cfg.Gossip,
 		NodeName:      cfg.NodeName(),
 		AdvertiseAddr: a.advAddr,
-		ProxyPort:     cfg.Proxy.InboundAddr.Port(),
-		TrustDomain:   cfg.CA.TrustDomain,
-		Roles:         roles,
-		DB:            a.db,
-		Keys:          keys,
-		Logger:        a.sub("discovery"),
-		Registerer:    a.reg,
+		// Health is checked where the inbound proxy connects (its
+		// LocalService default, 127.0.0.1:port): healthy means reachable
+		// through the mesh.
+		CheckAddr:   netip.AddrFrom4([4]byte{127, 0, 0, 1}),
+		ProxyPort:   cfg.Proxy.InboundAddr.Port(),
+		TrustDomain: cfg.CA.TrustDomain,
+		Roles:       roles,
+		DB:          a.db,
+		Keys:        keys,
+		Logger:      a.sub("discovery"),
+		Registerer:  a.reg,
 	})
 	if err != nil {
 		return fmt.Errorf("starting discovery: %w", err)
@@ -409,9 +440,20 @@ func (a *Agent) buildDiscovery(cfg Config) error {
 }
 
 func (a *Agent) buildProxy(cfg Config) error {
+	client, td := a.caClient, cfg.CA.TrustDomain
 	p, err := proxy.New(cfg.Proxy, proxy.Options{
+		// Peers are verified as the CA defines an SVID: chain to the mesh
+		// roots, one spiffe URI SAN of a node or service in our trust
+		// domain, the right key usages. No roots yet: refuse.
+		VerifyPeer: func(raw [][]byte) (string, error) {
+			roots := client.Roots()
+			if roots == nil {
+				return "", errors.New("verifying peer: no trust bundle yet")
+			}
+			return ca.VerifySVID(raw, roots, td)
+		},
 		Dialer:     markDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
-		Catalog:    catalogAdapter{a.disc},
+		Catalog:    catalogAdapter{a.disc, cfg.CA.TrustDomain},
 		Identity:   a.caClient,
 		Services:   proxyServices(cfg),
 		Logger:     a.sub("proxy"),
@@ -459,8 +501,14 @@ func markDialer(mark uint32, timeout time.Duration) *net.Dialer {
 	return d
 }
 
-// catalogAdapter gives the proxy discovery's lookups in its own terms.
-type catalogAdapter struct{ d *discovery.Discovery }
+// catalogAdapter gives the proxy discovery's lookups in its own terms. The
+// identity a server must present is derived from the service's name, not
+// taken from gossip: only hosts the CA granted the service hold that SVID,
+// so a forged catalog entry cannot make the proxy accept another identity.
+type catalogAdapter struct {
+	d  *discovery.Discovery
+	td string
+}
 
 func (c catalogAdapter) Lookup(addr netip.AddrPort) (proxy.Endpoint, bool) {
 	e, ok := c.d.Lookup(addr)
@@ -472,7 +520,7 @@ func (c catalogAdapter) Lookup(addr netip.AddrPort) (proxy.Endpoint, bool) {
 		Service:   e.Service,
 		Addr:      e.Addr,
 		ProxyAddr: e.Proxy,
-		Identity:  e.Identity,
+		Identity:  ca.ServiceID(c.td, e.Service),
 		Protocol:  e.Protocol,
 		Opaque:    e.Opaque,
 		Healthy:   e.Healthy,

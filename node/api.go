@@ -247,6 +247,9 @@ func (a *Agent) Reload(ctx context.Context) error {
 	if a.opts.ConfigPath == "" {
 		return errors.New("reload: the agent was started without a config file")
 	}
+	if !a.everReady.Load() {
+		return errors.New("reload refused: the agent is still starting; reload once it is ready")
+	}
 	a.opts.Notify("RELOADING=1")
 	defer a.opts.Notify("READY=1")
 	next, err := LoadConfig(a.opts.ConfigPath)
@@ -306,6 +309,7 @@ func reloadable(prev, next Config) error {
 	check("proxy.opaque_ports", slices.Equal(prev.Proxy.OpaquePorts, next.Proxy.OpaquePorts))
 	check("proxy.default_policy", prev.Proxy.DefaultPolicy == next.Proxy.DefaultPolicy)
 	check("proxy.outbound_unknown", prev.Proxy.OutboundUnknown == next.Proxy.OutboundUnknown)
+	check("proxy.request_timeout", prev.Proxy.RequestTimeout == next.Proxy.RequestTimeout)
 	check("gossip.bind_addr", prev.Gossip.BindAddr == next.Gossip.BindAddr)
 	check("gossip.advertise_addr", prev.Gossip.AdvertiseAddr == next.Gossip.AdvertiseAddr)
 	check("ca.role", prev.CA.Role == next.CA.Role)

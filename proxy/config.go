@@ -61,6 +61,12 @@ type Config struct {
 	// DefaultPolicy authorizes inbound connections to services that do not
 	// set their own policy. Default "all-unauthenticated" (Linkerd's).
 	DefaultPolicy Policy `toml:"default_policy"`
+	// RequestTimeout bounds each outbound HTTP request, from the request to
+	// the end of the response body; a request that runs out of time gets 504
+	// with l5d-proxy-error (or, if the response had begun, is cut). Default
+	// 0: no timeout (Linkerd's default). Streams that outlive it are cut too,
+	// so leave it 0 for long-lived gRPC streams.
+	RequestTimeout time.Duration `toml:"request_timeout"`
 	// OutboundUnknown says what to do with outbound connections to addresses
 	// the mesh does not know: "passthrough" (default) or "deny".
 	OutboundUnknown string `toml:"outbound_unknown"`
@@ -101,6 +107,9 @@ func (c *Config) Validate() error {
 	}
 	if c.ConnectTimeout <= 0 {
 		errs.Add("connect_timeout", "must be positive, e.g. \"1s\"")
+	}
+	if c.RequestTimeout < 0 {
+		errs.Add("request_timeout", "must not be negative (0 means no timeout), got %s", c.RequestTimeout)
 	}
 	for i, p := range c.OpaquePorts {
 		if p == 0 {

@@ -21,11 +21,15 @@
 //   - otherwise one detection read (up to 1 KiB, Config.DetectTimeout):
 //     HTTP/1 or HTTP/2 requests are proxied one by one over pooled,
 //     multiplexed HTTP/2 (ALPN "h2") mTLS connections, one pool per (peer
-//     proxy, service identity), with the original protocol in
+//     proxy, service identity; unused for 5 minutes or beyond 4096 pools,
+//     least recently used first, a pool is dropped with its idle
+//     connections), with the original protocol in
 //     l5d-orig-proto and the target port in vmesh-dst-port; anything else,
 //     or silence until the timeout (a server that speaks first), goes opaque.
 //     HTTP/1 Upgrade requests (WebSocket) take the opaque transport with
-//     protocol http1 and then carry raw bytes.
+//     protocol http1 and then carry raw bytes. Config.RequestTimeout (off
+//     by default) bounds each request to the end of its response: 504 with
+//     l5d-proxy-error, or a cut stream.
 //
 // Every mTLS client handshake sends SNI = Endpoint.Service and fails unless
 // the server's SPIFFE ID is exactly Endpoint.Identity. TLS 1.3 only, session
@@ -33,9 +37,15 @@
 // X25519 (see curvePreferences), 16 KiB records from the first byte.
 //
 // Inbound (0.0.0.0:4143): a connection redirected from a service port is an
-// unmeshed client: the service's policy decides with no identity
-// (all-authenticated refuses), then it is relayed to its original
-// destination. A direct connection must complete mTLS with a valid SVID
+// unmeshed client, authorized with no identity (all-authenticated and allow
+// lists refuse it) and sent to its original destination. On a declared
+// service port that is not opaque (LocalService.Protocol "opaque" or
+// Config.OpaquePorts) the protocol is detected as outbound ("http1" and
+// "http2" skip detection and assume it): HTTP is then served per request
+// like meshed HTTP (tls="no_identity" request metrics, 403 with
+// l5d-proxy-error when denied, the connection stays open); anything else,
+// and any undeclared port, is authorized once and relayed as TCP, closed
+// when denied. A direct connection must complete mTLS with a valid SVID
 // (VerifyPeer); by ALPN it then carries HTTP/2 requests (each authorized,
 // 403 with l5d-proxy-error when denied) or one transport header whose port
 // must be a declared LocalService, else the connection is closed: the
@@ -43,7 +53,7 @@
 //
 // Authorization is an in-memory lookup per LocalService: Policy (or
 // Config.DefaultPolicy) plus Allow patterns ("*" one segment, trailing "**"
-// any rest); audit allows and logs what it would deny.
+// any rest); audit allows, logs and counts what it would deny.
 //
 // # Metrics
 //
@@ -53,7 +63,9 @@
 // tcp_read_bytes_total / tcp_write_bytes_total (bytes read from / written to
 // the accepted connection), with labels direction, service, client_id
 // (inbound), server_id (outbound), tls; inbound_{http,tcp}_authz_allow_total
-// and _deny_total (+reason); tcp_refused_total{direction,reason} for
+// and _deny_total (+reason); inbound_authz_audit_total{protocol="http"|"tcp",
+// service, client_id, tls, reason} for what the audit policy let in but
+// would otherwise deny (also counted in _allow_total); tcp_refused_total{direction,reason} for
 // connections refused before authorization. Label values come from declared
 // services, issued identities and constants, never from addresses.
 //

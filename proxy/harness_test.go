@@ -95,6 +95,7 @@ type proxyOpts struct {
 	services []LocalService
 	certs    []string // service SVIDs to hold
 	verify   VerifyPeerFunc
+	dialer   Dialer
 }
 
 func testLogger(t testing.TB) *slog.Logger {
@@ -119,7 +120,7 @@ func startProxy(t testing.TB, name string, ca *testCA, o proxyOpts) *testProxy {
 		cat: &testCatalog{m: map[netip.AddrPort]Endpoint{}}, orig: &origRegistry{m: map[netip.Addr]netip.AddrPort{}}, ip: ip,
 	}
 	p, err := New(cfg, Options{
-		Catalog: tp.cat, Identity: tp.id, VerifyPeer: o.verify, Services: o.services,
+		Catalog: tp.cat, Identity: tp.id, VerifyPeer: o.verify, Services: o.services, Dialer: o.dialer,
 		Registerer: tp.reg, Logger: testLogger(t),
 	})
 	if err != nil {

@@ -1,14 +1,19 @@
 package proxy
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -102,6 +107,11 @@ func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connI
 		p.outboundUpgrade(w, r, info, labels)
 		return
 	}
+	if d := p.cfg.RequestTimeout; d > 0 {
+		ctx, cancel := context.WithTimeout(r.Context(), d)
+		defer cancel()
+		r = r.WithContext(ctx)
+	}
 	port := strconv.Itoa(int(info.dst.Port()))
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
@@ -115,8 +125,12 @@ func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connI
 				pr.Out.Header.Set(hdrOrigProto, pr.In.Proto)
 			}
 		},
-		Transport:     &meteredTransport{p: p, rt: p.pool.transport(ep), labels: labels.values()},
-		FlushInterval: -1,
+		Transport: &meteredTransport{p: p, rt: p.pool.transport(ep), labels: labels.values()},
+		// 0: a response of known length goes out in one write at the end
+		// (headers and body in one TLS record) instead of a flush per
+		// write; ReverseProxy still flushes every write of streams of
+		// unknown length (gRPC, SSE).
+		FlushInterval: 0,
 		ErrorHandler:  p.proxyErrorHandler(labels.values()),
 		ErrorLog:      slogErrorLog(p),
 	}
@@ -128,86 +142,162 @@ func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connI
 // connection whose header says http1, and after that the bytes flow as they
 // are in both directions.
 func (p *Proxy) outboundUpgrade(w http.ResponseWriter, r *http.Request, info *connInfo, labels connLabels) {
-	p.m.requests.WithLabelValues(labels.values()...).Inc()
-	hj, ok := w.(http.Hijacker)
-	if !ok {
-		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "upgrade not supported")
-		return
-	}
 	ep := info.ep
 	up, err := p.dialTransport(r.Context(), ep, alpnTransport)
 	if err != nil {
+		p.m.requests.WithLabelValues(labels.values()...).Inc()
 		p.log.Warn("connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
 		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "connecting to peer proxy failed")
 		return
 	}
 	if err := writeTransportHeader(up, transportHeader{Port: info.dst.Port(), Protocol: sessionHTTP1, Service: ep.Service}, nil); err != nil {
 		up.Close()
+		p.m.requests.WithLabelValues(labels.values()...).Inc()
 		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "writing transport header failed")
 		return
 	}
+	p.proxyUpgrade(w, r, up, labels)
+}
+
+// proxyUpgrade forwards an HTTP/1 Upgrade request to up (a connection that
+// carries HTTP/1 to the server) and reads the response, counting both. A
+// 101 response is written to the client's hijacked connection and then the
+// bytes flow as they are, in both directions, counted as a TCP connection;
+// any other response is answered normally and up is closed. proxyUpgrade
+// owns up.
+func (p *Proxy) proxyUpgrade(w http.ResponseWriter, r *http.Request, up net.Conn, labels connLabels) {
+	lv := labels.values()
+	p.m.requests.WithLabelValues(lv...).Inc()
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		up.Close()
+		p.denyHTTP(w, lv, http.StatusBadGateway, "upgrade not supported")
+		return
+	}
+	start := time.Now()
 	stripMeshHeaders(r.Header)
 	if err := r.Write(up); err != nil {
 		up.Close()
-		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "writing upgrade request failed")
+		p.denyHTTP(w, lv, http.StatusBadGateway, "writing upgrade request failed")
 		return
 	}
+	// The response head arrives under the request's context: a client
+	// that goes away stops the wait.
+	stop := context.AfterFunc(r.Context(), func() { up.SetReadDeadline(time.Now()) })
+	br := bufio.NewReader(up)
+	resp, err := http.ReadResponse(br, r)
+	if !stop() {
+		up.Close()
+		return
+	}
+	if err != nil {
+		up.Close()
+		p.log.Debug("reading upgrade response failed", "host", r.Host, "err", err)
+		p.denyHTTP(w, lv, http.StatusBadGateway, "reading upgrade response failed")
+		return
+	}
+	p.m.latency.WithLabelValues(lv...).Observe(float64(time.Since(start)) / float64(time.Millisecond))
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		defer up.Close()
+		mb := &meteredBody{ReadCloser: resp.Body, p: p, labels: lv, resp: resp}
+		defer mb.Close()
+		maps.Copy(w.Header(), resp.Header)
+		w.WriteHeader(resp.StatusCode)
+		io.Copy(w, mb)
+		return
+	}
+	p.m.responses.WithLabelValues(append(lv[:len(lv):len(lv)], statusLabel(resp.StatusCode), "success")...).Inc()
 	conn, brw, err := hj.Hijack()
 	if err != nil {
 		up.Close()
 		return
 	}
+	// The 101 head, then what the server sent after it, then what the
+	// client sent after its request, before either side's bytes flow.
+	head := bytes.NewBufferString(fmt.Sprintf("HTTP/%d.%d %s\r\n", resp.ProtoMajor, resp.ProtoMinor, resp.Status))
+	resp.Header.Write(head)
+	head.WriteString("\r\n")
+	if n := br.Buffered(); n > 0 {
+		b, _ := br.Peek(n)
+		head.Write(b)
+	}
+	var early []byte
 	if n := brw.Reader.Buffered(); n > 0 {
-		b, _ := brw.Reader.Peek(n)
-		if _, err := up.Write(b); err != nil {
-			up.Close()
-			conn.Close()
-			return
-		}
+		early, _ = brw.Reader.Peek(n)
+	}
+	if err := writeAll(conn, head.Bytes()); err != nil || writeAll(up, early) != nil {
+		up.Close()
+		conn.Close()
+		return
 	}
 	t := p.m.openTCP(labels)
 	in, out, _ := relay(conn, up)
-	t.close(in, out)
+	t.close(in+int64(len(early)), out+int64(head.Len()))
 }
 
-// inboundHTTP serves one request from a peer proxy: the target port must be
-// a declared local service, the client identity must be authorized, then
-// the request goes to the service as the protocol the app spoke.
+// inboundHTTP serves one request from a peer proxy or from an unmeshed
+// client whose connection was redirected (info.redirected): the target must
+// be a local service, the client must be authorized, then the request goes
+// to the service as the protocol the app spoke.
 func (p *Proxy) inboundHTTP(w http.ResponseWriter, r *http.Request, info *connInfo) {
 	tlsLabel := tlsTrue
 	if info.clientID == "" {
 		tlsLabel = tlsNoIdentity
 	}
-	port, err := strconv.ParseUint(r.Header.Get(hdrDstPort), 10, 16)
-	svc, ok := p.localService(uint16(port))
-	if err != nil || !ok {
-		p.m.refused.WithLabelValues(dirInbound, refuseUnknownPort).Inc()
-		w.Header().Set(hdrProxyError, "unknown target port")
-		http.Error(w, "vmesh: unknown target port", http.StatusForbidden)
-		return
+	var (
+		svc    *localService
+		target netip.AddrPort
+		orig   string // the app's HTTP/1 version; "" for HTTP/2
+	)
+	if info.redirected {
+		// The connection says which service; an unmeshed client's mesh
+		// headers are ignored (and stripped below).
+		var ok bool
+		if svc, ok = p.localService(info.dst.Port()); !ok {
+			svc = &localService{policy: p.cfg.DefaultPolicy} // removed by a reload
+		}
+		target = info.dst
+		if info.proto == protoHTTP1 {
+			orig = r.Proto
+		}
+	} else {
+		port, err := strconv.ParseUint(r.Header.Get(hdrDstPort), 10, 16)
+		var ok bool
+		svc, ok = p.localService(uint16(port))
+		if err != nil || !ok {
+			p.m.refused.WithLabelValues(dirInbound, refuseUnknownPort).Inc()
+			w.Header().Set(hdrProxyError, "unknown target port")
+			http.Error(w, "vmesh: unknown target port", http.StatusForbidden)
+			return
+		}
+		target = svc.target
+		orig = r.Header.Get(hdrOrigProto)
 	}
 	labels := connLabels{direction: dirInbound, service: svc.Name, clientID: info.clientID, tls: tlsLabel}
-	d := svc.authorize(info.clientID)
-	if !d.allow {
-		p.m.httpDeny.WithLabelValues(svc.Name, info.clientID, tlsLabel, d.reason).Inc()
+	if d := p.authorizeHTTP(svc, info.clientID, tlsLabel); !d.allow {
 		p.m.requests.WithLabelValues(labels.values()...).Inc()
 		p.denyHTTP(w, labels.values(), http.StatusForbidden, "unauthorized: "+d.reason)
 		return
 	}
-	if d.reason != "" {
-		p.log.Warn("audit: inbound request would be denied", "service", svc.Name, "client_id", info.clientID, "reason", d.reason)
+	if info.redirected && isUpgrade(r) {
+		up, err := p.dial(r.Context(), target)
+		if err != nil {
+			p.m.requests.WithLabelValues(labels.values()...).Inc()
+			p.log.Debug("connecting to local service failed", "service", svc.Name, "addr", target, "err", err)
+			p.denyHTTP(w, labels.values(), http.StatusBadGateway, "connecting to local service failed")
+			return
+		}
+		p.proxyUpgrade(w, r, up, labels)
+		return
 	}
-	p.m.httpAllow.WithLabelValues(svc.Name, info.clientID, tlsLabel).Inc()
-	orig := r.Header.Get(hdrOrigProto)
 	var rt http.RoundTripper = p.local.h2c
 	if orig != "" {
 		rt = p.local.h1
 	}
-	target := svc.target.String()
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "http"
-			pr.Out.URL.Host = target
+			pr.Out.URL.Host = target.String()
 			pr.Out.Host = pr.In.Host
 			restoreForwarded(pr)
 			stripMeshHeaders(pr.Out.Header)
@@ -215,12 +305,32 @@ func (p *Proxy) inboundHTTP(w http.ResponseWriter, r *http.Request, info *connIn
 				pr.Out.Proto, pr.Out.ProtoMajor, pr.Out.ProtoMinor = "HTTP/1.0", 1, 0
 			}
 		},
-		Transport:     &meteredTransport{p: p, rt: rt, labels: labels.values()},
-		FlushInterval: -1,
+		Transport: &meteredTransport{p: p, rt: rt, labels: labels.values()},
+		// 0: a response of known length goes out in one write at the end
+		// (headers and body in one TLS record) instead of a flush per
+		// write; ReverseProxy still flushes every write of streams of
+		// unknown length (gRPC, SSE).
+		FlushInterval: 0,
 		ErrorHandler:  p.proxyErrorHandler(labels.values()),
 		ErrorLog:      slogErrorLog(p),
 	}
 	rp.ServeHTTP(w, r)
+}
+
+// authorizeHTTP authorizes one request to svc and counts the decision.
+func (p *Proxy) authorizeHTTP(svc *localService, clientID, tlsLabel string) authzDecision {
+	d := svc.authorize(clientID)
+	if !d.allow {
+		p.m.httpDeny.WithLabelValues(svc.Name, clientID, tlsLabel, d.reason).Inc()
+		p.log.Debug("inbound request denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
+		return d
+	}
+	if d.reason != "" {
+		p.m.audit.WithLabelValues("http", svc.Name, clientID, tlsLabel, d.reason).Inc()
+		p.log.Warn("audit: inbound request would be denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
+	}
+	p.m.httpAllow.WithLabelValues(svc.Name, clientID, tlsLabel).Inc()
+	return d
 }
 
 // denyHTTP answers with code and an l5d-proxy-error header saying why, and
@@ -235,6 +345,10 @@ func (p *Proxy) proxyErrorHandler(labels []string) func(http.ResponseWriter, *ht
 	return func(w http.ResponseWriter, r *http.Request, err error) {
 		if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
 			return // the client went away
+		}
+		if errors.Is(err, context.DeadlineExceeded) && errors.Is(r.Context().Err(), context.DeadlineExceeded) {
+			p.denyHTTP(w, labels, http.StatusGatewayTimeout, "request timeout")
+			return
 		}
 		p.log.Debug("proxying request failed", "host", r.Host, "err", err)
 		p.denyHTTP(w, labels, http.StatusBadGateway, "proxying failed")
@@ -257,16 +371,23 @@ func (t *meteredTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	t.p.m.latency.WithLabelValues(t.labels...).Observe(float64(time.Since(start)) / float64(time.Millisecond))
-	resp.Body = &meteredBody{ReadCloser: resp.Body, t: t, resp: resp}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		// The body is the upgraded connection: ReverseProxy needs it as it
+		// is (an io.ReadWriteCloser). The response is complete now.
+		t.p.m.responses.WithLabelValues(append(t.labels[:len(t.labels):len(t.labels)], statusLabel(resp.StatusCode), "success")...).Inc()
+		return resp, nil
+	}
+	resp.Body = &meteredBody{ReadCloser: resp.Body, p: t.p, labels: t.labels, resp: resp}
 	return resp, nil
 }
 
 // meteredBody records response_total once, at EOF or Close.
 type meteredBody struct {
 	io.ReadCloser
-	t    *meteredTransport
-	resp *http.Response
-	done atomic.Bool
+	p      *Proxy
+	labels []string
+	resp   *http.Response
+	done   atomic.Bool
 }
 
 func (b *meteredBody) Read(p []byte) (int, error) {
@@ -298,8 +419,8 @@ func (b *meteredBody) record(eof bool) {
 	if gs != "" && gs != "0" {
 		class = "failure"
 	}
-	lv := append(b.t.labels[:len(b.t.labels):len(b.t.labels)], statusLabel(b.resp.StatusCode), class)
-	b.t.p.m.responses.WithLabelValues(lv...).Inc()
+	lv := append(b.labels[:len(b.labels):len(b.labels)], statusLabel(b.resp.StatusCode), class)
+	b.p.m.responses.WithLabelValues(lv...).Inc()
 }
 
 // localTransports reach local services: HTTP/1 with keep-alive, and h2c

@@ -23,10 +23,41 @@ func (p *Proxy) handleInbound(c *net.TCPConn) {
 }
 
 // inboundRedirected serves an unmeshed client: no identity, so the
-// service's policy decides whether plaintext is allowed.
+// service's policy decides whether plaintext is allowed. On a declared
+// service port that is not opaque (by its protocol or Config.OpaquePorts)
+// the protocol is detected, or taken from the service's declared protocol,
+// and HTTP is served per request like meshed HTTP (authorization, 403 on
+// denial, request metrics). Everything else is authorized once and relayed
+// as TCP to the original destination. Undeclared ports are never detected:
+// as outbound passthrough, the mesh knows nothing about them.
 func (p *Proxy) inboundRedirected(c *net.TCPConn, dst netip.AddrPort) {
-	svc, ok := p.localService(dst.Port())
-	if !ok {
+	svc, declared := p.localService(dst.Port())
+	proto := protoOpaque
+	var peeked []byte
+	bp := getBuf()
+	if declared && svc.Protocol != "opaque" && !p.isOpaquePort(dst.Port()) {
+		switch svc.Protocol {
+		case "http1":
+			proto = protoHTTP1
+		case "http2":
+			proto = protoHTTP2
+		default:
+			var err error
+			proto, peeked, err = detect(c, *bp, p.cfg.DetectTimeout)
+			if err != nil {
+				putBuf(bp)
+				p.log.Debug("inbound connection closed before its first byte", "dst", dst, "err", err)
+				return
+			}
+		}
+	}
+	if proto != protoOpaque {
+		info := &connInfo{direction: dirInbound, dst: dst, redirected: true, proto: proto}
+		p.serveHTTPConn(c, peeked, bp, info) // returns bp to the pool
+		return
+	}
+	defer putBuf(bp)
+	if !declared {
 		// Not a declared service: the client asked for this host's port,
 		// so relaying there is no open relay; the default policy decides.
 		svc = &localService{policy: p.cfg.DefaultPolicy}
@@ -40,9 +71,16 @@ func (p *Proxy) inboundRedirected(c *net.TCPConn, dst netip.AddrPort) {
 		p.log.Debug("connecting to local service failed", "dst", dst, "err", err)
 		return
 	}
+	if len(peeked) > 0 {
+		if err := writeAll(up, peeked); err != nil {
+			up.Close()
+			p.log.Debug("replaying detected bytes to local service failed", "dst", dst, "err", err)
+			return
+		}
+	}
 	t := p.m.openTCP(connLabels{direction: dirInbound, service: svc.Name, tls: tlsNoIdentity})
 	in, out, _ := relay(c, up)
-	t.close(in, out)
+	t.close(in+int64(len(peeked)), out)
 }
 
 // authorizeTCP authorizes a connection to svc, counts the decision and
@@ -55,6 +93,7 @@ func (p *Proxy) authorizeTCP(svc *localService, clientID, tlsLabel string) bool 
 		return false
 	}
 	if d.reason != "" {
+		p.m.audit.WithLabelValues("tcp", svc.Name, clientID, tlsLabel, d.reason).Inc()
 		p.log.Warn("audit: inbound connection would be denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
 	}
 	p.m.tcpAllow.WithLabelValues(svc.Name, clientID, tlsLabel).Inc()

@@ -51,6 +51,7 @@ type metrics struct {
 	httpDeny     *prometheus.CounterVec
 	tcpAllow     *prometheus.CounterVec
 	tcpDeny      *prometheus.CounterVec
+	audit        *prometheus.CounterVec
 	refused      *prometheus.CounterVec
 }
 
@@ -94,6 +95,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		tcpDeny: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "inbound_tcp_authz_deny_total", Help: "Inbound TCP connections denied.",
 		}, append(authzNames[:3:3], "reason")),
+		audit: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "inbound_authz_audit_total",
+			Help: "Inbound HTTP requests and TCP connections allowed by the audit policy that would otherwise be denied.",
+		}, []string{"protocol", "service", "client_id", "tls", "reason"}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tcp_refused_total", Help: "Connections refused before authorization (bad handshake, header, port, unknown destination).",
 		}, []string{"direction", "reason"}),
@@ -103,7 +108,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	for _, c := range []prometheus.Collector{
 		m.requests, m.responses, m.latency, m.tcpOpen, m.tcpClose, m.tcpOpenConns,
-		m.tcpRead, m.tcpWrite, m.httpAllow, m.httpDeny, m.tcpAllow, m.tcpDeny, m.refused,
+		m.tcpRead, m.tcpWrite, m.httpAllow, m.httpDeny, m.tcpAllow, m.tcpDeny, m.audit, m.refused,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

@@ -380,13 +380,29 @@ func TestMeshNetns(t *testing.T) {
 		if got := code(C, 8080); got != "200" {
 			t.Errorf("unmeshed client to all-unauthenticated service: %s, want 200", got)
 		}
-		if got := code(C, 8081); got != "000" {
-			t.Errorf("unmeshed client to all-authenticated service: %s, want refused (000)", got)
+		// Plaintext HTTP is detected on the redirected connection: denied
+		// per request with 403, as for meshed clients.
+		out := C.Run(t, "curl", "-s", "-i", "--max-time", "5", url(8081, "/"))
+		if !strings.HasPrefix(out, "HTTP/1.1 403") || !strings.Contains(strings.ToLower(out), "l5d-proxy-error: unauthorized: unauthenticated") {
+			t.Errorf("unmeshed client to all-authenticated service: %q, want 403 with l5d-proxy-error", out)
 		}
+		if got := metric(t, pb.reg, "request_total", map[string]string{"direction": "inbound", "service": "web", "tls": "no_identity"}); got != 1 {
+			t.Errorf("unmeshed request to web: request_total{no_identity} = %v, want 1", got)
+		}
+		// Plaintext TCP that is not HTTP is closed.
+		pc, err := nsDialer{h: C}.DialContext(context.Background(), "tcp", fmt.Sprintf("%s:7003", B.Addr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pc.Write([]byte("hello\n"))
+		if !refused(pc) {
+			t.Error("unmeshed TCP client to an allow-listed service: not closed")
+		}
+		pc.Close()
 		if got := code(A, 8081); got != "200" {
 			t.Errorf("meshed client to all-authenticated service: %s, want 200", got)
 		}
-		out := A.Run(t, "curl", "-s", "-i", "--max-time", "5", url(8082, "/"))
+		out = A.Run(t, "curl", "-s", "-i", "--max-time", "5", url(8082, "/"))
 		if !strings.HasPrefix(out, "HTTP/1.1 403") || !strings.Contains(strings.ToLower(out), "l5d-proxy-error: unauthorized: identity_not_allowed") {
 			t.Errorf("identity not on allow list: %q, want 403 with l5d-proxy-error", out)
 		}
@@ -403,8 +419,8 @@ func TestMeshNetns(t *testing.T) {
 		}
 		c.Close()
 		for name, want := range map[string]float64{
-			"inbound_tcp_authz_deny_total":  2, // C plaintext to authn, A to secret-tcp
-			"inbound_http_authz_deny_total": 1,
+			"inbound_tcp_authz_deny_total":  2, // C plaintext to secret-tcp, A to secret-tcp
+			"inbound_http_authz_deny_total": 2, // C plaintext to authn, A to secret
 		} {
 			if got := metric(t, pb.reg, name, nil); got != want {
 				t.Errorf("%s = %v, want %v", name, got, want)

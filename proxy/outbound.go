@@ -140,13 +140,32 @@ func (p *Proxy) clientConfig(ep Endpoint, alpn string) *tls.Config {
 	return c.(*tls.Config)
 }
 
+// Peer transport eviction: a transport unused this long is dropped (peers
+// come and go with the catalog), and the pool holds at most this many, the
+// least recently used going first.
+const (
+	peerIdleTimeout   = 5 * time.Minute
+	peerMaxTransports = 4096
+)
+
 // peerPool holds one HTTP/2 transport per (peer proxy, service identity):
 // requests to one service on one host share multiplexed mTLS connections.
+// Transports unused for idle are evicted, at most max are kept: eviction
+// closes their idle connections. An evicted transport is retired for one
+// more idle period, its connections closed at each sweep once their
+// requests are done; after that its connections' own idle timeout closes
+// them.
 type peerPool struct {
 	p       *Proxy
 	configs sync.Map // clientConfigKey -> *tls.Config
-	mu      sync.Mutex
-	ts      map[peerKey]*http2.Transport
+	idle    time.Duration
+	max     int
+	now     func() time.Time // a test seam
+
+	mu        sync.Mutex
+	ts        map[peerKey]*peerTransport
+	retired   []*peerTransport // evicted; used is the eviction time
+	lastSweep time.Time
 }
 
 type peerKey struct {
@@ -155,16 +174,32 @@ type peerKey struct {
 	identity string
 }
 
+type peerTransport struct {
+	t    *http2.Transport
+	used time.Time
+}
+
 func newPeerPool(p *Proxy) *peerPool {
-	return &peerPool{p: p, ts: make(map[peerKey]*http2.Transport)}
+	return &peerPool{
+		p: p, idle: peerIdleTimeout, max: peerMaxTransports, now: time.Now,
+		ts: make(map[peerKey]*peerTransport),
+	}
 }
 
 func (pp *peerPool) transport(ep Endpoint) *http2.Transport {
 	k := peerKey{ep.ProxyAddr, ep.Service, ep.Identity}
 	pp.mu.Lock()
 	defer pp.mu.Unlock()
-	if t, ok := pp.ts[k]; ok {
-		return t
+	now := pp.now()
+	if now.Sub(pp.lastSweep) >= pp.idle/4 {
+		pp.sweepLocked(now)
+	}
+	if e, ok := pp.ts[k]; ok {
+		e.used = now
+		return e.t
+	}
+	if len(pp.ts) >= pp.max {
+		pp.evictOldestLocked(now)
 	}
 	t := &http2.Transport{
 		DialTLSContext: func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
@@ -173,17 +208,78 @@ func (pp *peerPool) transport(ep Endpoint) *http2.Transport {
 		DisableCompression: true,
 		ReadIdleTimeout:    30 * time.Second,
 		PingTimeout:        15 * time.Second,
-		IdleConnTimeout:    5 * time.Minute,
+		IdleConnTimeout:    pp.idle,
 	}
-	pp.ts[k] = t
+	pp.ts[k] = &peerTransport{t: t, used: now}
 	return t
+}
+
+// sweepLocked evicts the transports unused for pp.idle and closes the idle
+// connections of retired ones.
+func (pp *peerPool) sweepLocked(now time.Time) {
+	pp.lastSweep = now
+	for k, e := range pp.ts {
+		if now.Sub(e.used) >= pp.idle {
+			delete(pp.ts, k)
+			pp.retireLocked(e, now)
+		}
+	}
+	pp.closeRetiredLocked(now)
+}
+
+// evictOldestLocked evicts the least recently used transport.
+func (pp *peerPool) evictOldestLocked(now time.Time) {
+	var oldest peerKey
+	var e *peerTransport
+	for k, c := range pp.ts {
+		if e == nil || c.used.Before(e.used) {
+			oldest, e = k, c
+		}
+	}
+	if e != nil {
+		delete(pp.ts, oldest)
+		pp.retireLocked(e, now)
+	}
+}
+
+func (pp *peerPool) retireLocked(e *peerTransport, now time.Time) {
+	e.used = now
+	e.t.CloseIdleConnections()
+	if len(pp.retired) >= pp.max {
+		pp.retired = pp.retired[1:]
+	}
+	pp.retired = append(pp.retired, e)
+}
+
+// closeRetiredLocked closes the idle connections of retired transports and
+// forgets those retired for pp.idle.
+func (pp *peerPool) closeRetiredLocked(now time.Time) {
+	keep := pp.retired[:0]
+	for _, e := range pp.retired {
+		e.t.CloseIdleConnections()
+		if now.Sub(e.used) < pp.idle {
+			keep = append(keep, e)
+		}
+	}
+	clear(pp.retired[len(keep):])
+	pp.retired = keep
+}
+
+// size returns the number of pooled transports.
+func (pp *peerPool) size() int {
+	pp.mu.Lock()
+	defer pp.mu.Unlock()
+	return len(pp.ts)
 }
 
 func (pp *peerPool) closeIdle() {
 	pp.mu.Lock()
 	defer pp.mu.Unlock()
-	for _, t := range pp.ts {
-		t.CloseIdleConnections()
+	for _, e := range pp.ts {
+		e.t.CloseIdleConnections()
+	}
+	for _, e := range pp.retired {
+		e.t.CloseIdleConnections()
 	}
 }
 

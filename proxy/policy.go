@@ -16,9 +16,10 @@ type LocalService struct {
 	// Addr is where the inbound proxy connects for this service. Optional:
 	// the zero value means 127.0.0.1:Port.
 	Addr netip.AddrPort
-	// Protocol is "auto" (default), "http1", "http2" or "opaque". It only
-	// matters for unmeshed clients arriving through the PREROUTING redirect;
-	// meshed clients say what they send in the transport header.
+	// Protocol is "auto" (default: detect), "http1", "http2" (assumed, no
+	// detection) or "opaque" (TCP, no detection). It only matters for
+	// unmeshed clients arriving through the PREROUTING redirect; meshed
+	// clients say what they send in the transport header.
 	Protocol string
 	// Policy authorizes clients. Optional: "" means Config.DefaultPolicy.
 	Policy Policy

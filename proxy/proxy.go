@@ -251,13 +251,17 @@ func (p *Proxy) acceptLoop(ln net.Listener, handle func(*net.TCPConn)) error {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				time.Sleep(delay)
-				continue
+			if errors.Is(err, net.ErrClosed) {
+				return err
 			}
-			return err
+			// Anything else (EMFILE, ENFILE, ENOBUFS, a timeout) is
+			// temporary: a listener that stopped accepting would leave
+			// the rules sending the host's connections into a full
+			// backlog.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			p.log.Warn("accepting connections", "addr", ln.Addr(), "err", err, "retry_in", delay)
+			time.Sleep(delay)
+			continue
 		}
 		delay = 0
 		tc := c.(*net.TCPConn)
@@ -373,10 +377,9 @@ func (p *Proxy) dial(ctx context.Context, addr netip.AddrPort) (net.Conn, error)
 // chanListener is a net.Listener fed by Push: it hands connections the
 // proxy has already accepted and detected to the HTTP/1 server.
 type chanListener struct {
-	ch     chan net.Conn
-	done   chan struct{}
-	once   sync.Once
-	closed atomic.Bool
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
 }
 
 func newChanListener() *chanListener {
@@ -452,7 +455,10 @@ type connInfo struct {
 	ep        Endpoint       // outbound: the catalog endpoint (zero if unknown)
 	meshed    bool           // outbound: ep is a mesh endpoint
 	clientID  string         // inbound: the verified client identity, "" if none
-	proto     appProtocol
+	// redirected: an unmeshed client's connection to dst, a local service
+	// port, that the PREROUTING redirect sent to the inbound listener.
+	redirected bool
+	proto      appProtocol
 }
 
 type connInfoKey struct{}

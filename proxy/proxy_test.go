@@ -282,6 +282,38 @@ func TestUpgrade(t *testing.T) {
 	if _, err := io.ReadFull(br, buf); err != nil || string(buf) != "later" {
 		t.Fatalf("echo after upgrade: %q %v", buf, err)
 	}
+	out := map[string]string{"direction": "outbound", "service": "ws", "server_id": "spiffe://vmesh.test/svc/ws", "tls": "true"}
+	for name, want := range map[string]float64{"request_total": 1, "response_total": 1, "response_latency_ms": 1} {
+		if got := metric(t, a.reg, name, out); got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+	if got := metric(t, a.reg, "response_total", map[string]string{"status_code": "101", "classification": "success"}); got != 1 {
+		t.Errorf("response_total{101,success} = %v, want 1", got)
+	}
+
+	// An upgrade the server refuses is an ordinary response: counted, and
+	// the client's connection goes on as HTTP/1.
+	c = a.dialOut(t, appAddr(8081))
+	br = bufio.NewReader(c)
+	for range 2 {
+		fmt.Fprintf(c, "GET /ws HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: other\r\n\r\n")
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 400 {
+			t.Fatalf("refused upgrade: status %d, want 400", resp.StatusCode)
+		}
+	}
+	eventually(t, "refused upgrades counted", func() bool {
+		return metric(t, a.reg, "response_total", map[string]string{"status_code": "400", "classification": "success"}) == 2
+	})
+	if got := metric(t, a.reg, "request_total", out); got != 3 {
+		t.Errorf("request_total = %v, want 3", got)
+	}
 }
 
 // speaksFirst is a server that greets before reading.
@@ -391,6 +423,13 @@ func TestPolicy(t *testing.T) {
 	}
 	if got := metric(t, b.reg, "inbound_tcp_authz_deny_total", map[string]string{"service": "only-c", "reason": reasonNotAllowed, "client_id": "spiffe://vmesh.test/node/a"}); got != 1 {
 		t.Errorf("deny counted %v, want 1", got)
+	}
+	// Audit lets A in and counts what it would have denied.
+	if got := metric(t, b.reg, "inbound_authz_audit_total", map[string]string{"protocol": "tcp", "service": "audit", "reason": reasonNotAllowed, "client_id": "spiffe://vmesh.test/node/a", "tls": "true"}); got != 1 {
+		t.Errorf("inbound_authz_audit_total{audit} = %v, want 1", got)
+	}
+	if got := metric(t, b.reg, "inbound_authz_audit_total", nil); got != 1 {
+		t.Errorf("inbound_authz_audit_total = %v, want 1 (only the audited service)", got)
 	}
 
 	// HTTP denial: 403 with the reason in l5d-proxy-error.
@@ -656,5 +695,59 @@ func TestShutdownDrains(t *testing.T) {
 	}
 	if !refused(c) {
 		t.Fatal("connection survived Shutdown's deadline")
+	}
+}
+
+func TestRequestTimeout(t *testing.T) {
+	ln := listenLocal(t)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			select {
+			case <-r.Context().Done():
+			case <-time.After(10 * time.Second):
+			}
+			return
+		}
+		io.WriteString(w, "fast")
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	const timeout = 300 * time.Millisecond
+	a, _, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Addr: addrPort(ln.Addr())}},
+		proxyOpts{cfg: func(c *Config) { c.RequestTimeout = timeout }}, proxyOpts{})
+	client := &http.Client{Transport: &http.Transport{DialContext: a.dialContext}}
+	t.Cleanup(client.CloseIdleConnections)
+
+	resp, err := client.Get("http://198.18.99.2:80/fast")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(body) != "fast" {
+		t.Fatalf("fast request: %d %q", resp.StatusCode, body)
+	}
+	start := time.Now()
+	resp, err = client.Get("http://198.18.99.2:80/slow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if took := time.Since(start); resp.StatusCode != 504 || resp.Header.Get("L5d-Proxy-Error") != "request timeout" || took < timeout || took > 5*time.Second {
+		t.Fatalf("slow request: %d %q after %v, want 504 with l5d-proxy-error after about %v", resp.StatusCode, resp.Header.Get("L5d-Proxy-Error"), took, timeout)
+	}
+	if got := metric(t, a.reg, "response_total", map[string]string{"direction": "outbound", "status_code": "504", "classification": "failure"}); got != 1 {
+		t.Errorf("response_total{504,failure} = %v, want 1", got)
+	}
+}
+
+func TestValidateRequestTimeout(t *testing.T) {
+	c := DefaultConfig()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("default config: %v", err)
+	}
+	c.RequestTimeout = -time.Second
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "request_timeout") {
+		t.Fatalf("negative request_timeout: %v, want an error naming it", err)
 	}
 }

@@ -81,12 +81,17 @@ func VerifyPeerWithRoots(roots func() *x509.CertPool, trustDomain string) Verify
 			}
 			certs[i] = c
 		}
+		pool := roots()
+		if pool == nil {
+			// A nil pool would make Verify use the system roots.
+			return "", errors.New("verifying peer: no trust bundle")
+		}
 		inter := x509.NewCertPool()
 		for _, c := range certs[1:] {
 			inter.AddCert(c)
 		}
 		if _, err := certs[0].Verify(x509.VerifyOptions{
-			Roots:         roots(),
+			Roots:         pool,
 			Intermediates: inter,
 			KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
 		}); err != nil {

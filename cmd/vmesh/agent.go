@@ -17,7 +17,7 @@ import (
 
 func newAgentCmd() *cobra.Command {
 	var configPath string
-	var dev, cleanup bool
+	var dev, cleanup, force bool
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the vmesh agent (usually as the systemd service)",
@@ -32,7 +32,7 @@ is refused and the running one stays); SIGTERM drains and stops.
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if cleanup {
-				return runCleanup(c.Context(), configPath, c.Flags().Changed("config"))
+				return runCleanup(c.Context(), configPath, c.Flags().Changed("config"), force)
 			}
 			var cfg node.Config
 			var err error
@@ -54,7 +54,8 @@ is refused and the running one stays); SIGTERM drains and stops.
 	}
 	cmd.Flags().StringVarP(&configPath, "config", "c", node.DefaultConfigPath, "configuration file")
 	cmd.Flags().BoolVar(&dev, "dev", false, "run a single host with a throw-away CA and data dir")
-	cmd.Flags().BoolVar(&cleanup, "cleanup", false, "remove leftover vmesh iptables rules and exit")
+	cmd.Flags().BoolVar(&cleanup, "cleanup", false, "remove leftover vmesh iptables rules and exit (keeps them when rules.on_stop = \"keep\", unless --force)")
+	cmd.Flags().BoolVar(&force, "force", false, "with --cleanup: remove the rules even when rules.on_stop = \"keep\"")
 	return cmd
 }
 
@@ -82,15 +83,21 @@ func runAgent(cfg node.Config, path string) error {
 	return a.Run(ctx)
 }
 
-// runCleanup removes leftover rules. It works without a valid config: a
-// broken config must never keep an operator from restoring the network.
-func runCleanup(ctx context.Context, path string, explicit bool) error {
+// runCleanup removes leftover rules (systemd's ExecStopPost runs it, after a
+// stop or a crash). With rules.on_stop = "keep" the operator chose fail
+// closed, so it keeps them unless forced. It works without a valid config:
+// a broken config must never keep an operator from restoring the network.
+func runCleanup(ctx context.Context, path string, explicit, force bool) error {
 	cfg, err := node.LoadConfig(path)
 	if err != nil {
 		if explicit {
 			fmt.Fprintf(os.Stderr, "vmesh: %v\nvmesh: cleaning up with the default settings\n", err)
 		}
 		cfg = node.DefaultConfig()
+	}
+	if cfg.Rules.OnStop == "keep" && !force {
+		fmt.Fprintln(os.Stderr, `vmesh: rules.on_stop = "keep": leaving the rules in place (fail closed); --force removes them`)
+		return nil
 	}
 	opts := cfg.Rules.ApplierOptions()
 	opts.Logger = cliLogger()

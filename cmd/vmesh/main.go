@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -37,7 +38,7 @@ func main() {
 
 func run(args []string) int {
 	root := newRootCmd()
-	root.SetArgs(args)
+	root.SetArgs(goStyleFlags(args))
 	err := root.Execute()
 	var se silentError
 	var ue usageError
@@ -53,6 +54,21 @@ func run(args []string) int {
 		fmt.Fprintln(os.Stderr, "vmesh:", err)
 		return exitFailure
 	}
+}
+
+// goStyleFlags accepts Go-style single-dash long flags (`vmesh agent -dev`,
+// `-config FILE`) by rewriting them to the double-dash form cobra parses.
+func goStyleFlags(args []string) []string {
+	long := map[string]bool{"dev": true, "cleanup": true, "config": true, "socket": true, "admin": true, "output": true}
+	out := make([]string, len(args))
+	for i, a := range args {
+		name := strings.SplitN(strings.TrimPrefix(a, "-"), "=", 2)[0]
+		if len(a) > 2 && a[0] == '-' && a[1] != '-' && long[name] {
+			a = "-" + a
+		}
+		out[i] = a
+	}
+	return out
 }
 
 func newRootCmd() *cobra.Command {

@@ -59,3 +59,11 @@ func TestGoldenStats(t *testing.T) {
 		t.Fatalf("p50 = %v, p99 = %v", r.p50, r.p99)
 	}
 }
+
+func TestGoStyleFlags(t *testing.T) {
+	got := strings.Join(goStyleFlags([]string{"agent", "-dev", "-config=/x", "-c", "/y", "--socket", "s", "-o", "json"}), " ")
+	want := "agent --dev --config=/x -c /y --socket s -o json"
+	if got != want {
+		t.Fatalf("got %q, want %q", got, want)
+	}
+}

@@ -1,0 +1,168 @@
+package discovery
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// BenchmarkCatalogConvergence runs 50 and 100 agents in one process over an
+// in-memory transport (memNetwork), with memberlist's LAN timings. Each
+// iteration changes one host's services and waits until every host holds
+// the new entry. It reports:
+//   - join-s: time for the whole cluster to form and every catalog to hold
+//     every host's entry;
+//   - ms/converge: time from SetLocal on one host to its entry on all;
+//   - B/host/s: gossip bytes sent per host per second during the loop
+//     (memberlist's probes and gossip plus the catalog traffic).
+func BenchmarkCatalogConvergence(b *testing.B) {
+	for _, n := range []int{50, 100} {
+		b.Run(fmt.Sprintf("hosts=%d", n), func(b *testing.B) { benchConvergence(b, n) })
+	}
+}
+
+func benchConvergence(b *testing.B, n int) {
+	var network memNetwork
+	agents := make([]*Discovery, n)
+	regs := make([]*prometheus.Registry, n)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer func() {
+		cancel()
+		for _, d := range agents {
+			if d != nil {
+				d.Close()
+			}
+		}
+	}()
+	start := time.Now()
+	for i := range agents {
+		regs[i] = prometheus.NewRegistry()
+		cfg := DefaultConfig()
+		cfg.BindAddr = netip.MustParseAddrPort("127.0.0.1:0")
+		d, err := New(Options{
+			Config:        cfg,
+			NodeName:      fmt.Sprintf("host-%03d", i),
+			AdvertiseAddr: netip.AddrFrom4([4]byte{127, 0, 1, byte(i)}),
+			ProxyPort:     4143,
+			TrustDomain:   "bench.example",
+			Transport:     network.newTransport(),
+			Registerer:    regs[i],
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if i > 0 {
+			d.cfg.Join = []string{agents[0].LocalAddr().String()}
+		}
+		err = d.SetLocal([]Service{
+			{Name: "web", Port: 1, Labels: map[string]string{"version": "v1"}, Health: HealthCheck{Interval: time.Hour}},
+			{Name: "db", Port: 2, Protocol: ProtocolOpaque, Health: HealthCheck{Interval: time.Hour}},
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		agents[i] = d
+		go d.Run(ctx)
+		<-d.Ready()
+	}
+	converged := func(node string, version uint64) bool {
+		for _, d := range agents {
+			if entryOfVersion(d, node) < version {
+				return false
+			}
+		}
+		return true
+	}
+	waitBench(b, 180*time.Second, func() bool {
+		for _, d := range agents {
+			if len(d.Catalog()) != n {
+				return false
+			}
+		}
+		for i, d := range agents {
+			if !converged(fmt.Sprintf("host-%03d", i), d.snap.Load().selfVersion(d.name)) {
+				return false
+			}
+		}
+		return true
+	})
+	joined := time.Since(start)
+
+	sent := func() float64 {
+		var s float64
+		for _, r := range regs {
+			s += counterValue(b, r, "gossip_bytes_total", "out")
+		}
+		return s
+	}
+	bytes0, t0 := sent(), time.Now()
+	var total time.Duration
+	i := 0
+	for b.Loop() {
+		d := agents[i%n]
+		i++
+		began := time.Now()
+		err := d.SetLocal([]Service{
+			{Name: "web", Port: 1, Labels: map[string]string{"version": fmt.Sprintf("v%d", i)}, Health: HealthCheck{Interval: time.Hour}},
+			{Name: "db", Port: 2, Protocol: ProtocolOpaque, Health: HealthCheck{Interval: time.Hour}},
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		v := d.snap.Load().selfVersion(d.name)
+		waitBench(b, 30*time.Second, func() bool { return converged(d.name, v) })
+		total += time.Since(began)
+	}
+	elapsed := time.Since(t0).Seconds()
+	b.ReportMetric(joined.Seconds(), "join-s")
+	b.ReportMetric(float64(total.Milliseconds())/float64(i), "ms/converge")
+	b.ReportMetric((sent()-bytes0)/float64(n)/elapsed, "B/host/s")
+}
+
+func (s *snapshot) selfVersion(node string) uint64 {
+	for _, e := range s.nodes {
+		if e.Node == node {
+			return e.Version
+		}
+	}
+	return 0
+}
+
+func entryOfVersion(d *Discovery, node string) uint64 { return d.snap.Load().selfVersion(node) }
+
+func waitBench(b *testing.B, timeout time.Duration, cond func() bool) {
+	b.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			b.Fatalf("no convergence within %s", timeout)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// counterValue reads the counter name{dir} from r.
+func counterValue(tb testing.TB, r *prometheus.Registry, name, dir string) float64 {
+	mfs, err := r.Gather()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "dir" && l.GetValue() == dir {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	tb.Fatalf("no metric %s{dir=%q}", name, dir)
+	return 0
+}
