@@ -58,7 +58,8 @@
 // # Metrics
 //
 // Linkerd's names: request_total, response_total (+status_code,
-// classification; gRPC grpc-status counts), response_latency_ms (Linkerd
+// classification; gRPC grpc-status counts, and a gRPC response without one
+// is a failure), response_latency_ms (Linkerd
 // buckets), tcp_open_total, tcp_close_total, tcp_open_connections,
 // tcp_read_bytes_total / tcp_write_bytes_total (bytes read from / written to
 // the accepted connection), with labels direction, service, client_id

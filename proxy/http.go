@@ -377,7 +377,7 @@ func (t *meteredTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		t.p.m.responses.WithLabelValues(append(t.labels[:len(t.labels):len(t.labels)], statusLabel(resp.StatusCode), "success")...).Inc()
 		return resp, nil
 	}
-	resp.Body = &meteredBody{ReadCloser: resp.Body, p: t.p, labels: t.labels, resp: resp}
+	resp.Body = &meteredBody{ReadCloser: resp.Body, p: t.p, labels: t.labels, resp: resp, grpc: isGRPC(r.Header)}
 	return resp, nil
 }
 
@@ -387,7 +387,14 @@ type meteredBody struct {
 	p      *Proxy
 	labels []string
 	resp   *http.Response
+	grpc   bool // the request was gRPC
 	done   atomic.Bool
+}
+
+// isGRPC reports whether h (a request's headers) is a gRPC request's.
+func isGRPC(h http.Header) bool {
+	ct := h.Get("Content-Type")
+	return ct == "application/grpc" || strings.HasPrefix(ct, "application/grpc+") || strings.HasPrefix(ct, "application/grpc;")
 }
 
 func (b *meteredBody) Read(p []byte) (int, error) {
@@ -416,7 +423,12 @@ func (b *meteredBody) record(eof bool) {
 	if eof && gs == "" {
 		gs = b.resp.Trailer.Get("Grpc-Status")
 	}
-	if gs != "" && gs != "0" {
+	// A gRPC call fails unless it ends with grpc-status 0: a response to
+	// a gRPC request without any grpc-status (the peer proxy's 403 when
+	// policy denies the call, a 404 from a plain HTTP server) is an error
+	// for the gRPC client whatever its HTTP status, so it is not counted
+	// as a success here while the peer counts it as a failure.
+	if (gs != "" && gs != "0") || (b.grpc && gs == "") {
 		class = "failure"
 	}
 	lv := append(b.labels[:len(b.labels):len(b.labels)], statusLabel(b.resp.StatusCode), class)
