@@ -440,18 +440,12 @@ func (a *Agent) buildDiscovery(cfg Config) error {
 }
 
 func (a *Agent) buildProxy(cfg Config) error {
-	client, td := a.caClient, cfg.CA.TrustDomain
+	// Peers are verified as the CA defines an SVID: chain to the mesh roots
+	// (none yet: refuse), one spiffe URI SAN of a node or service in our
+	// trust domain, the right key usages; verdicts are cached per leaf.
+	verifier := ca.NewVerifier(a.caClient.Roots, cfg.CA.TrustDomain)
 	p, err := proxy.New(cfg.Proxy, proxy.Options{
-		// Peers are verified as the CA defines an SVID: chain to the mesh
-		// roots, one spiffe URI SAN of a node or service in our trust
-		// domain, the right key usages. No roots yet: refuse.
-		VerifyPeer: func(raw [][]byte) (string, error) {
-			roots := client.Roots()
-			if roots == nil {
-				return "", errors.New("verifying peer: no trust bundle yet")
-			}
-			return ca.VerifySVID(raw, roots, td)
-		},
+		VerifyPeer: verifier.Verify,
 		Dialer:     markDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
 		Catalog:    catalogAdapter{a.disc, cfg.CA.TrustDomain},
 		Identity:   a.caClient,

@@ -345,3 +345,50 @@ func benchRelayOnce(b *testing.B, useTLS bool, size int64) {
 	}
 	c.Close()
 }
+
+// The relay buffer grows only when reads fill it: an idle or chatty
+// connection keeps the smallest buffer, a bulk one reaches the largest.
+func TestCopyGrowing(t *testing.T) {
+	var reads []int
+	src := &recordingReader{r: bytes.NewReader(make([]byte, 300<<10)), sizes: &reads}
+	var dst bytes.Buffer
+	n, err := copyGrowing(&dst, src)
+	if err != nil || n != 300<<10 || dst.Len() != 300<<10 {
+		t.Fatalf("copied %d (%d), %v", n, dst.Len(), err)
+	}
+	if reads[0] != bufSizes[0] || reads[1] != bufSizes[1] || reads[2] != bufSizes[2] || reads[len(reads)-2] != bufSizes[2] {
+		t.Fatalf("buffer sizes offered to Read: %v", reads)
+	}
+	reads = reads[:0]
+	small := &recordingReader{r: &chunkReader{chunk: 100, left: 5000}, sizes: &reads}
+	if _, err := copyGrowing(io.Discard, small); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range reads {
+		if r != bufSizes[0] {
+			t.Fatalf("small reads grew the buffer: %v", reads)
+		}
+	}
+}
+
+type recordingReader struct {
+	r     io.Reader
+	sizes *[]int
+}
+
+func (r *recordingReader) Read(p []byte) (int, error) {
+	*r.sizes = append(*r.sizes, len(p))
+	return r.r.Read(p)
+}
+
+// chunkReader returns at most chunk bytes a read, left bytes in all.
+type chunkReader struct{ chunk, left int }
+
+func (c *chunkReader) Read(p []byte) (int, error) {
+	if c.left == 0 {
+		return 0, io.EOF
+	}
+	n := min(c.chunk, c.left, len(p))
+	c.left -= n
+	return n, nil
+}

@@ -7,18 +7,69 @@ import (
 	"sync"
 )
 
-// copyBufSize is the size of the relay buffers: large enough that one read
-// fills four full 16 KiB TLS records.
+// Relay buffers grow with the traffic, as Istio's ztunnel does: a
+// connection starts with a small buffer and moves to the next size when a
+// read fills the one it has. Idle connections (most of them, in a mesh)
+// then cost a few KiB, while busy ones reach copyBufSize, large enough that
+// one read fills four full 16 KiB TLS records.
+var bufSizes = [...]int{2 << 10, 16 << 10, 64 << 10}
+
+// copyBufSize is the largest relay buffer.
 const copyBufSize = 64 << 10
 
-// bufPool holds *[]byte of copyBufSize, for relaying and detection.
-var bufPool = sync.Pool{New: func() any {
-	b := make([]byte, copyBufSize)
+// bufPools holds *[]byte of each of bufSizes.
+var bufPools = [len(bufSizes)]*sync.Pool{newBufPool(bufSizes[0]), newBufPool(bufSizes[1]), newBufPool(bufSizes[2])}
+
+func newBufPool(size int) *sync.Pool {
+	return &sync.Pool{New: func() any {
+		b := make([]byte, size)
+		return &b
+	}}
+}
+
+// peekPool holds the detectBufSize buffers that detection reads into; a
+// detected HTTP connection keeps its buffer until its peeked bytes are
+// replayed and the connection is done.
+var peekPool = sync.Pool{New: func() any {
+	b := make([]byte, detectBufSize)
 	return &b
 }}
 
-func getBuf() *[]byte  { return bufPool.Get().(*[]byte) }
-func putBuf(b *[]byte) { bufPool.Put(b) }
+func getBuf() *[]byte  { return peekPool.Get().(*[]byte) }
+func putBuf(b *[]byte) { peekPool.Put(b) }
+
+// copyGrowing copies src to dst until EOF or an error, in buffers that grow
+// with the traffic (see bufSizes). Like io.Copy it returns the bytes written
+// and treats EOF as success.
+func copyGrowing(dst io.Writer, src io.Reader) (written int64, err error) {
+	level := 0
+	bp := bufPools[level].Get().(*[]byte)
+	defer func() { bufPools[level].Put(bp) }()
+	for {
+		nr, rerr := src.Read(*bp)
+		if nr > 0 {
+			nw, werr := dst.Write((*bp)[:nr])
+			written += int64(nw)
+			if werr != nil {
+				return written, werr
+			}
+			if nw != nr {
+				return written, io.ErrShortWrite
+			}
+			if nr == len(*bp) && level < len(bufSizes)-1 {
+				bufPools[level].Put(bp)
+				level++
+				bp = bufPools[level].Get().(*[]byte)
+			}
+		}
+		if rerr == io.EOF {
+			return written, nil
+		}
+		if rerr != nil {
+			return written, rerr
+		}
+	}
+}
 
 // closeWriter and closeReader are the half-close capabilities of
 // *net.TCPConn, *tls.Conn (CloseWrite only) and our wrappers.
@@ -61,8 +112,8 @@ func copyServerToClient(server, client net.Conn) relayResult {
 // copyHalf copies src to dst until EOF, then half-closes: CloseWrite on dst
 // (the peer sees EOF) and CloseRead on src. On an error it closes both so
 // the other direction ends too. Between two plain TCP connections io.Copy
-// lets the kernel splice; otherwise a pooled 64 KiB buffer is used, with
-// ReadFrom/WriteTo hidden so the buffer size is ours.
+// lets the kernel splice; otherwise copyGrowing uses pooled buffers that
+// grow with the traffic.
 func copyHalf(dst, src net.Conn) (int64, error) {
 	var n int64
 	var err error
@@ -71,9 +122,7 @@ func copyHalf(dst, src net.Conn) (int64, error) {
 	if dstTCP && srcTCP {
 		n, err = io.Copy(dst, src)
 	} else {
-		bp := getBuf()
-		n, err = io.CopyBuffer(writerOnly{dst}, readerOnly{src}, *bp)
-		putBuf(bp)
+		n, err = copyGrowing(dst, src)
 	}
 	if err != nil {
 		dst.Close()
@@ -90,6 +139,3 @@ func copyHalf(dst, src net.Conn) (int64, error) {
 	}
 	return n, nil
 }
-
-type writerOnly struct{ io.Writer }
-type readerOnly struct{ io.Reader }
