@@ -175,3 +175,39 @@ func TestLoadConfigMissingFile(t *testing.T) {
 		t.Fatalf("got %v, want not-exist", err)
 	}
 }
+
+// The control socket is created 0600, refuses to replace a live agent's
+// socket, and replaces a stale one.
+func TestControlSocket(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "run", "admin.sock")
+	ln, err := listenControl(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v, %v; want 0600", fi.Mode().Perm(), err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	if _, err := listenControl(path); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("second agent on a live socket: %v", err)
+	}
+	ln.Close()
+	// A stale socket file (the agent crashed) is replaced.
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ln2, err := listenControl(path)
+	if err != nil {
+		t.Fatalf("stale socket not replaced: %v", err)
+	}
+	ln2.Close()
+}

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 )
 
@@ -30,7 +31,12 @@ func listenControl(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("control socket %s is in use: is another agent running?", path)
 	}
 	os.Remove(path)
+	// Create the socket 0600 from the start (a chmod afterwards would leave
+	// a window with the umask's mode). The umask is process-wide: this runs
+	// at start-up, before the subsystems that create files.
+	old := syscall.Umask(0o177)
 	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
 	if err != nil {
 		return nil, fmt.Errorf("binding control socket: %w", err)
 	}
