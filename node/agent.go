@@ -368,14 +368,15 @@ func (a *Agent) buildCA(cfg Config) error {
 		}
 	}
 	a.caClient, err = ca.NewClient(ca.ClientOptions{
-		Config:      cfg.CA,
-		NodeName:    cfg.NodeName(),
-		Services:    serviceNames(cfg),
-		DB:          a.db,
-		Token:       token,
-		LocalServer: a.caServer,
-		Logger:      a.sub("ca"),
-		Registerer:  a.reg,
+		Config:           cfg.CA,
+		NodeName:         cfg.NodeName(),
+		Services:         serviceNames(cfg),
+		DB:               a.db,
+		Token:            token,
+		LocalServer:      a.caServer,
+		OutboundIdentity: cfg.Proxy.ClientIdentity,
+		Logger:           a.sub("ca"),
+		Registerer:       a.reg,
 	})
 	if err != nil {
 		return fmt.Errorf("starting the certificate client: %w", err)

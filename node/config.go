@@ -207,6 +207,11 @@ func (c *Config) Validate() error {
 		}
 		errs.Merge(key+".health", s.Health.Validate())
 	}
+	if id := c.Proxy.ClientIdentity; id != "" {
+		if _, ok := names[id]; !ok {
+			errs.Add("proxy.client_identity", "%q is not one of this host's services", id)
+		}
+	}
 	c.validatePorts(&errs)
 	return errs.Err()
 }

@@ -101,6 +101,7 @@ func TestBadConfig(t *testing.T) {
 		{"bad cidr", "[rules]\nexclude_outbound_cidrs = [\"10.0.0.0/33\"]\n", "rules.exclude_outbound_cidrs", 2, ""},
 		{"bad log level", "[node]\nlog_level = \"loud\"\n", "node.log_level", 2, "must be one of"},
 		{"bad node name", "[node]\nname = \"Web 1\"\n", "node.name", 2, "not a valid name"},
+		{"client identity not a service", "[proxy]\nclient_identity = \"web\"\n", "proxy.client_identity", 2, "not one of this host's services"},
 		{"syntax", "[node\nname = \"a\"\n", "", 2, "to end table name"},
 	}
 	for _, tc := range cases {

@@ -249,6 +249,8 @@ name = "redis"
 port = 6379
 policy = "all-authenticated"
 `, filepath.Join(caH.dir, "ca")))
+	// ca1's outbound connections present its redis service's identity.
+	addKey(t, caH.cfg, "proxy", `client_identity = "redis"`)
 	caH.start(t)
 
 	token := func(node, services string) string {
@@ -265,7 +267,7 @@ policy = "all-authenticated"
 [[service]]
 name = "admin"
 port = 9090
-allow = ["spiffe://e2e.test/node/ca1"]
+allow = ["spiffe://e2e.test/svc/redis"]
 `
 	webBase := fmt.Sprintf("token = %q\n", webToken)
 	rulesBefore := web.natRules(t)
@@ -310,10 +312,17 @@ allow = ["spiffe://e2e.test/node/ca1"]
 	}
 
 	t.Logf("step: %s", "Authorization: admin")
-	// Authorization: admin allows only ca1's identity: client gets 403.
+	// Authorization: admin allows only the redis service's identity, which
+	// ca1 presents (proxy.client_identity): ca1 gets in, client gets 403.
 	code, _ := cli.asApp("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "http://"+web.Addr.String()+":9090/")
 	if code != "403" {
 		t.Errorf("client -> admin (not on the allow list): HTTP %q, want 403", code)
+	}
+	if out, err := caH.asApp("curl", "-sS", "--max-time", "10", "http://"+web.Addr.String()+":9090/"); err != nil || out != "admin secrets\n" {
+		t.Errorf("ca1 (as svc/redis) -> admin: %q, %v", out, err)
+	}
+	if n := web.metric(t, "request_total", map[string]string{"direction": "inbound", "service": "admin", "client_id": "spiffe://e2e.test/svc/redis", "tls": "true"}); n < 1 {
+		t.Errorf("web did not see ca1's request as spiffe://e2e.test/svc/redis (request_total = %v)", n)
 	}
 	// An unmeshed client reaching an all-authenticated service is refused:
 	// its plaintext HTTP is detected and denied per request with 403.
@@ -456,11 +465,21 @@ allow = ["spiffe://e2e.test/node/ca1"]
 // addJoin appends a join list to the [gossip] section of a config file.
 func addJoin(t *testing.T, path, addr string) {
 	t.Helper()
+	addKey(t, path, "gossip", fmt.Sprintf("join = [%q]", addr))
+}
+
+// addKey adds a key line at the top of a section of a config file.
+func addKey(t *testing.T, path, section, line string) {
+	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := strings.Replace(string(b), "[gossip]\n", fmt.Sprintf("[gossip]\njoin = [%q]\n", addr), 1)
+	header := "[" + section + "]\n"
+	if !strings.Contains(string(b), header) {
+		t.Fatalf("%s has no %s section", path, header)
+	}
+	s := strings.Replace(string(b), header, header+line+"\n", 1)
 	if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -70,6 +70,11 @@ type Config struct {
 	// OutboundUnknown says what to do with outbound connections to addresses
 	// the mesh does not know: "passthrough" (default) or "deny".
 	OutboundUnknown string `toml:"outbound_unknown"`
+	// ClientIdentity names one of this host's services whose SVID the
+	// outbound proxy presents to peers (spiffe://td/svc/<name>), so that
+	// peers can authorize this host by service. Default "": the node SVID
+	// (spiffe://td/node/<name>).
+	ClientIdentity string `toml:"client_identity"`
 }
 
 // DefaultConfig returns a fresh proxy configuration with every default set.
