@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -142,6 +143,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		return a.finish(g, cancelRun, err)
 	}
 	a.everReady.Store(true)
+	// Start-up (CA, certificates, first rules) leaves garbage behind: give
+	// its pages back now rather than at the runtime's leisure, so an idle
+	// agent's RSS is its working set.
+	debug.FreeOSMemory()
 	a.ready.set("")
 	a.opts.Notify(daemon.SdNotifyReady)
 	a.log.Info("vmesh is ready", "node", cfg.NodeName(), "identity", a.caClient.NodeID(),
