@@ -212,3 +212,19 @@ func TestControlSocket(t *testing.T) {
 	}
 	ln2.Close()
 }
+
+// ParseConfig never panics, and whatever it accepts validates.
+func FuzzParseConfig(f *testing.F) {
+	f.Add([]byte(DefaultTOML()))
+	f.Add([]byte("[[service]]\nname = \"a\"\nport = 1\n[service.health]\ntype = \"http\"\n"))
+	f.Add([]byte("[node\nname = 1"))
+	f.Add([]byte("[[service]]\n[[service.health]]\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		cfg, err := ParseConfig(data)
+		if err == nil {
+			if verr := cfg.Validate(); verr != nil {
+				t.Fatalf("accepted a config that does not validate: %v", verr)
+			}
+		}
+	})
+}
