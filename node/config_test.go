@@ -49,10 +49,12 @@ func TestDefaultConfigIsFresh(t *testing.T) {
 
 func TestExamplesAreValid(t *testing.T) {
 	files, _ := filepath.Glob("../examples/*.toml")
-	more, _ := filepath.Glob("../examples/*/*.toml")
-	files = append(files, more...)
-	if len(files) == 0 {
-		t.Fatal("no example configs found")
+	for _, pattern := range []string{"../examples/*/*.toml", "../examples/*/*/*.toml"} {
+		more, _ := filepath.Glob(pattern)
+		files = append(files, more...)
+	}
+	if len(files) < 5 {
+		t.Fatalf("found only %d example configs: %v", len(files), files)
 	}
 	for _, f := range files {
 		if _, err := LoadConfig(f); err != nil {
