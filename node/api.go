@@ -137,60 +137,9 @@ type ReloadResponse struct {
 // controlMux serves the control socket.
 func (a *Agent) controlMux() *http.ServeMux {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/token", func(w http.ResponseWriter, r *http.Request) {
-		var req TokenRequest
-		if err := readJSON(r, &req); err != nil {
-			writeError(w, http.StatusBadRequest, err)
-			return
-		}
-		if a.caServer == nil {
-			writeError(w, http.StatusConflict, errors.New("this host does not hold the CA (ca.role is not \"server\")"))
-			return
-		}
-		ttl := 15 * time.Minute
-		if req.TTL != "" {
-			d, err := time.ParseDuration(req.TTL)
-			if err != nil || d <= 0 || d > 24*time.Hour {
-				writeError(w, http.StatusBadRequest, fmt.Errorf("ttl must be a duration between 1s and 24h, got %q", req.TTL))
-				return
-			}
-			ttl = d
-		}
-		if !ValidName(req.Node) {
-			writeError(w, http.StatusBadRequest, fmt.Errorf("node %q is not a valid name", req.Node))
-			return
-		}
-		for _, s := range req.Services {
-			if !ValidName(s) {
-				writeError(w, http.StatusBadRequest, fmt.Errorf("service %q is not a valid name", s))
-				return
-			}
-		}
-		tok, err := a.caServer.CreateToken(req.Node, req.Services, ttl)
-		if err != nil {
-			writeError(w, http.StatusInternalServerError, err)
-			return
-		}
-		a.log.Info("join token created", "for_node", req.Node, "services", req.Services, "ttl", ttl)
-		writeJSON(w, http.StatusOK, TokenResponse{Token: tok})
-	})
-	mux.HandleFunc("POST /v1/revoke", func(w http.ResponseWriter, r *http.Request) {
-		var req NodeRequest
-		if err := readJSON(r, &req); err != nil {
-			writeError(w, http.StatusBadRequest, err)
-			return
-		}
-		if a.caServer == nil {
-			writeError(w, http.StatusConflict, errors.New("this host does not hold the CA (ca.role is not \"server\")"))
-			return
-		}
-		if err := a.caServer.Revoke(req.Node); err != nil {
-			writeError(w, http.StatusBadRequest, err)
-			return
-		}
-		a.log.Warn("node revoked", "revoked_node", req.Node)
-		writeJSON(w, http.StatusOK, struct{}{})
-	})
+	postJSON(mux, "/v1/token", a.createToken)
+	postJSON(mux, "/v1/revoke", a.revoke)
+	postJSON(mux, "/v1/keyring", a.keyring)
 	mux.HandleFunc("POST /v1/reload", func(w http.ResponseWriter, r *http.Request) {
 		if err := a.Reload(r.Context()); err != nil {
 			writeError(w, http.StatusBadRequest, err)
@@ -198,44 +147,110 @@ func (a *Agent) controlMux() *http.ServeMux {
 		}
 		writeJSON(w, http.StatusOK, ReloadResponse{Reloaded: true})
 	})
-	mux.HandleFunc("POST /v1/keyring", func(w http.ResponseWriter, r *http.Request) {
-		var req KeyRequest
+	addPprof(mux)
+	return mux
+}
+
+// statusError is an error answered with a given HTTP status.
+type statusError struct {
+	code int
+	err  error
+}
+
+func (e statusError) Error() string { return e.err.Error() }
+
+// postJSON serves POST path: it decodes the request body into a Req, calls
+// fn and writes its answer as JSON; an error is answered with its
+// statusError code, else 400.
+func postJSON[Req any](mux *http.ServeMux, path string, fn func(context.Context, Req) (any, error)) {
+	mux.HandleFunc("POST "+path, func(w http.ResponseWriter, r *http.Request) {
+		var req Req
 		if err := readJSON(r, &req); err != nil {
 			writeError(w, http.StatusBadRequest, err)
 			return
 		}
-		if a.disc == nil {
-			writeError(w, http.StatusServiceUnavailable, errors.New("discovery is not running yet"))
+		out, err := fn(r.Context(), req)
+		if err != nil {
+			code := http.StatusBadRequest
+			var se statusError
+			if errors.As(err, &se) {
+				code = se.code
+			}
+			writeError(w, code, err)
 			return
 		}
-		var err error
-		if req.Op != "list" {
-			var keys [][]byte
-			keys, err = discovery.ParseKeys([]byte(req.Key))
-			if err == nil && len(keys) != 1 {
-				err = errors.New("give exactly one key")
-			}
-			if err == nil {
-				switch req.Op {
-				case "install":
-					err = a.disc.InstallKey(keys[0])
-				case "use":
-					err = a.disc.UseKey(keys[0])
-				case "remove":
-					err = a.disc.RemoveKey(keys[0])
-				default:
-					err = fmt.Errorf("unknown op %q (install, use, remove, list)", req.Op)
-				}
-			}
+		writeJSON(w, http.StatusOK, out)
+	})
+}
+
+var errNotCA = statusError{http.StatusConflict, errors.New("this host does not hold the CA (ca.role is not \"server\")")}
+
+func (a *Agent) createToken(_ context.Context, req TokenRequest) (any, error) {
+	if a.caServer == nil {
+		return nil, errNotCA
+	}
+	ttl := 15 * time.Minute
+	if req.TTL != "" {
+		d, err := time.ParseDuration(req.TTL)
+		if err != nil || d <= 0 || d > 24*time.Hour {
+			return nil, fmt.Errorf("ttl must be a duration between 1s and 24h, got %q", req.TTL)
+		}
+		ttl = d
+	}
+	if !ValidName(req.Node) {
+		return nil, fmt.Errorf("node %q is not a valid name", req.Node)
+	}
+	for _, s := range req.Services {
+		if !ValidName(s) {
+			return nil, fmt.Errorf("service %q is not a valid name", s)
+		}
+	}
+	tok, err := a.caServer.CreateToken(req.Node, req.Services, ttl)
+	if err != nil {
+		return nil, statusError{http.StatusInternalServerError, err}
+	}
+	a.log.Info("join token created", "for_node", req.Node, "services", req.Services, "ttl", ttl)
+	return TokenResponse{Token: tok}, nil
+}
+
+func (a *Agent) revoke(_ context.Context, req NodeRequest) (any, error) {
+	if a.caServer == nil {
+		return nil, errNotCA
+	}
+	if err := a.caServer.Revoke(req.Node); err != nil {
+		return nil, err
+	}
+	a.log.Warn("node revoked", "revoked_node", req.Node)
+	return struct{}{}, nil
+}
+
+func (a *Agent) keyring(_ context.Context, req KeyRequest) (any, error) {
+	if a.disc == nil {
+		return nil, statusError{http.StatusServiceUnavailable, errors.New("discovery is not running yet")}
+	}
+	if req.Op != "list" {
+		keys, err := discovery.ParseKeys([]byte(req.Key))
+		if err == nil && len(keys) != 1 {
+			err = errors.New("give exactly one key")
 		}
 		if err != nil {
-			writeError(w, http.StatusBadRequest, err)
-			return
+			return nil, err
 		}
-		writeJSON(w, http.StatusOK, KeyResponse{Keys: a.disc.Keys()})
-	})
-	addPprof(mux)
-	return mux
+		switch req.Op {
+		case "install":
+			err = a.disc.InstallKey(keys[0])
+		case "use":
+			err = a.disc.UseKey(keys[0])
+		case "remove":
+			err = a.disc.RemoveKey(keys[0])
+		default:
+			err = fmt.Errorf("unknown op %q (install, use, remove, list)", req.Op)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return KeyResponse{Keys: a.disc.Keys()}, nil
 }
 
 // Reload re-reads the configuration file and applies what can change

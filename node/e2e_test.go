@@ -405,6 +405,29 @@ allow = ["spiffe://e2e.test/svc/redis"]
 	if !strings.Contains(web.log.String(), "rules changed") {
 		t.Error("the agent never logged its rule changes")
 	}
+	// Gossip key rotation with the CLI on the running cluster (ca1 and
+	// client; web has stopped): install the new key everywhere, use it
+	// everywhere, remove the old one; nobody drops out.
+	newKey := strings.TrimSpace(cli.Run(t, vmeshBin, "keygen"))
+	for _, op := range []string{"install", "use"} {
+		for _, m := range []*meshHost{caH, cli} {
+			m.Run(t, vmeshBin, "keyring", op, newKey, "--socket", m.socket())
+		}
+	}
+	for _, m := range []*meshHost{caH, cli} {
+		out := m.Run(t, vmeshBin, "keyring", "remove", key, "--socket", m.socket())
+		if !strings.HasPrefix(out, newKey+" (primary)") || strings.Contains(out, key) {
+			t.Fatalf("%s keyring after rotation:\n%s", m.name, out)
+		}
+	}
+	if out, err := cli.asApp("redis-cli", "-h", caH.Addr.String(), "PING"); err != nil || strings.TrimSpace(out) != "PONG" {
+		t.Fatalf("redis after key rotation: %q, %v", out, err)
+	}
+	ms := cli.Run(t, vmeshBin, "members")
+	if !regexp.MustCompile(`ca1\s+\S+\s+alive`).MatchString(ms) {
+		t.Fatalf("ca1 dropped out after key rotation:\n%s", ms)
+	}
+
 	// Drain: a connection established before SIGTERM keeps working while
 	// the stopping agent drains (drain_timeout), after it stopped being
 	// ready.

@@ -319,18 +319,7 @@ func (p *Proxy) inboundHTTP(w http.ResponseWriter, r *http.Request, info *connIn
 
 // authorizeHTTP authorizes one request to svc and counts the decision.
 func (p *Proxy) authorizeHTTP(svc *localService, clientID, tlsLabel string) authzDecision {
-	d := svc.authorize(clientID)
-	if !d.allow {
-		p.m.httpDeny.WithLabelValues(svc.Name, clientID, tlsLabel, d.reason).Inc()
-		p.log.Debug("inbound request denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
-		return d
-	}
-	if d.reason != "" {
-		p.m.audit.WithLabelValues("http", svc.Name, clientID, tlsLabel, d.reason).Inc()
-		p.log.Warn("audit: inbound request would be denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
-	}
-	p.m.httpAllow.WithLabelValues(svc.Name, clientID, tlsLabel).Inc()
-	return d
+	return p.authorize("http", svc, clientID, tlsLabel)
 }
 
 // denyHTTP answers with code and an l5d-proxy-error header saying why, and

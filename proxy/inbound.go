@@ -86,18 +86,29 @@ func (p *Proxy) inboundRedirected(c *net.TCPConn, dst netip.AddrPort) {
 // authorizeTCP authorizes a connection to svc, counts the decision and
 // reports whether it may proceed.
 func (p *Proxy) authorizeTCP(svc *localService, clientID, tlsLabel string) bool {
+	return p.authorize("tcp", svc, clientID, tlsLabel).allow
+}
+
+// authorize decides on a "tcp" connection or an "http" request to svc,
+// counts the decision in that protocol's authz metrics and logs denials
+// (and, under audit, what would have been denied).
+func (p *Proxy) authorize(proto string, svc *localService, clientID, tlsLabel string) authzDecision {
+	allow, deny := p.m.tcpAllow, p.m.tcpDeny
+	if proto == "http" {
+		allow, deny = p.m.httpAllow, p.m.httpDeny
+	}
 	d := svc.authorize(clientID)
 	if !d.allow {
-		p.m.tcpDeny.WithLabelValues(svc.Name, clientID, tlsLabel, d.reason).Inc()
-		p.log.Info("inbound connection denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
-		return false
+		deny.WithLabelValues(svc.Name, clientID, tlsLabel, d.reason).Inc()
+		p.log.Info("inbound "+proto+" denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
+		return d
 	}
 	if d.reason != "" {
-		p.m.audit.WithLabelValues("tcp", svc.Name, clientID, tlsLabel, d.reason).Inc()
-		p.log.Warn("audit: inbound connection would be denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
+		p.m.audit.WithLabelValues(proto, svc.Name, clientID, tlsLabel, d.reason).Inc()
+		p.log.Warn("audit: inbound "+proto+" would be denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
 	}
-	p.m.tcpAllow.WithLabelValues(svc.Name, clientID, tlsLabel).Inc()
-	return true
+	allow.WithLabelValues(svc.Name, clientID, tlsLabel).Inc()
+	return d
 }
 
 // inboundMesh serves a peer proxy: mTLS (a valid SVID is required), then by
