@@ -428,6 +428,16 @@ allow = ["spiffe://e2e.test/svc/redis"]
 		t.Fatalf("ca1 dropped out after key rotation:\n%s", ms)
 	}
 
+	// CA operations through the control socket: only a CA host mints
+	// tokens; revoking a node is acknowledged (its effect on renewals is
+	// tested in package ca).
+	if out, err := cli.Try(vmeshBin, "token", "create", "--socket", cli.socket(), "--node", "x"); err == nil || !strings.Contains(err.Error(), "does not hold the CA") {
+		t.Errorf("token create on a host without the CA: %q, %v", out, err)
+	}
+	if out := caH.Run(t, vmeshBin, "node", "revoke", "client", "--socket", caH.socket()); !strings.Contains(out, "node client revoked") {
+		t.Errorf("node revoke: %q", out)
+	}
+
 	// Drain: a connection established before SIGTERM keeps working while
 	// the stopping agent drains (drain_timeout), after it stopped being
 	// ready.
