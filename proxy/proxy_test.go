@@ -24,6 +24,15 @@ import (
 func echoServer(t testing.TB) netip.AddrPort { return serveEcho(listenLocal(t)) }
 
 func serveEcho(ln net.Listener) netip.AddrPort {
+	return serveConns(ln, func(c net.Conn) {
+		io.Copy(c, c)
+		c.(*net.TCPConn).CloseWrite()
+	})
+}
+
+// serveConns accepts connections on ln until it is closed and serves each
+// with handle in its own goroutine, closing it afterwards.
+func serveConns(ln net.Listener, handle func(net.Conn)) netip.AddrPort {
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -32,8 +41,7 @@ func serveEcho(ln net.Listener) netip.AddrPort {
 			}
 			go func() {
 				defer c.Close()
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
+				handle(c)
 			}()
 		}
 	}()
@@ -320,20 +328,10 @@ func TestUpgrade(t *testing.T) {
 func speaksFirst(t testing.TB) netip.AddrPort { return serveSpeaksFirst(listenLocal(t)) }
 
 func serveSpeaksFirst(ln net.Listener) netip.AddrPort {
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.WriteString(c, "220 hello\r\n")
-				io.Copy(io.Discard, c)
-			}()
-		}
-	}()
-	return addrPort(ln.Addr())
+	return serveConns(ln, func(c net.Conn) {
+		io.WriteString(c, "220 hello\r\n")
+		io.Copy(io.Discard, c)
+	})
 }
 
 func TestServerSpeaksFirst(t *testing.T) {
@@ -625,20 +623,11 @@ func TestLargeTransfer(t *testing.T) {
 	}
 	// A sink that returns the sha256 of what it read, after the client half-closes.
 	ln := listenLocal(t)
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				h := sha256.New()
-				io.Copy(h, c)
-				c.Write(h.Sum(nil))
-			}()
-		}
-	}()
+	serveConns(ln, func(c net.Conn) {
+		h := sha256.New()
+		io.Copy(h, c)
+		c.Write(h.Sum(nil))
+	})
 	a, _, _ := meshPair(t, []LocalService{{Name: "sink", Port: 9000, Addr: addrPort(ln.Addr())}}, proxyOpts{cfg: func(c *Config) { c.OpaquePorts = []uint16{9000} }}, proxyOpts{})
 	c := a.dialOut(t, appAddr(9000))
 	h := sha256.New()
