@@ -15,7 +15,10 @@
 //     passthrough, spliced by the kernel, counted with tls="no_identity"; or
 //     closed when Config.OutboundUnknown is "deny".
 //   - meshed endpoint on an opaque port (Endpoint.Opaque, Protocol "opaque"
-//     or Config.OpaquePorts): one HTTP/2 stream on the same pooled mTLS
+//     or Config.OpaquePorts): by default mTLS to Endpoint.ProxyAddr with
+//     ALPN "vmesh.transport/v1", a transport header (header.go: preface, u32
+//     length, tag-length-value fields, at most 1 KiB), then the bytes. With
+//     Config.MultiplexOpaque: one HTTP/2 stream on the same pooled mTLS
 //     connections as HTTP (below), no handshake per connection: a POST with
 //     vmesh-opaque: 1 and vmesh-dst-port whose body is what the app sends
 //     and whose response body (after a 200 sent at once, every write

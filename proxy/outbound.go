@@ -75,10 +75,35 @@ func (p *Proxy) passthrough(c *net.TCPConn, dst netip.AddrPort) {
 	t.close(in, out)
 }
 
-// outboundOpaque carries a connection to a meshed endpoint as one HTTP/2
-// stream on the pooled mTLS connections to its peer proxy (stream.go).
+// outboundOpaque carries a connection to a meshed endpoint: by default over
+// a dedicated mTLS connection to the peer proxy (transport header, then the
+// bytes); with Config.MultiplexOpaque as one HTTP/2 stream on the pooled
+// mTLS connections to the peer (stream.go).
 func (p *Proxy) outboundOpaque(c net.Conn, ep Endpoint, dst netip.AddrPort, peeked []byte) {
-	p.outboundStream(c, ep, dst, peeked)
+	if p.cfg.MultiplexOpaque {
+		p.outboundStream(c, ep, dst, peeked)
+		return
+	}
+	p.outboundDedicated(c, ep, dst, peeked)
+}
+
+// outboundDedicated carries a connection over its own mTLS connection to the
+// peer proxy: the transport header, the peeked bytes, then both directions.
+func (p *Proxy) outboundDedicated(c net.Conn, ep Endpoint, dst netip.AddrPort, peeked []byte) {
+	up, err := p.dialTransport(context.Background(), ep, alpnTransport)
+	if err != nil {
+		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
+		p.log.Warn("connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
+		return
+	}
+	if err := writeTransportHeader(up, transportHeader{Port: dst.Port(), Protocol: sessionOpaque, Service: ep.Service}, peeked); err != nil {
+		up.Close()
+		p.log.Debug("writing transport header failed", "peer", ep.ProxyAddr, "err", err)
+		return
+	}
+	t := p.m.openTCP(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
+	in, out, _ := relay(c, up)
+	t.close(in+int64(len(peeked)), out)
 }
 
 // writeTransportHeader writes the header and the first application bytes in

@@ -20,7 +20,7 @@ func TestOpaqueStreamsShareOneHandshake(t *testing.T) {
 	backend := echoServer(t)
 	svc := LocalService{Name: "redis", Port: 6379, Addr: backend, Protocol: "opaque"}
 	d := &recordingDialer{}
-	a, b, _ := meshPair(t, []LocalService{svc}, proxyOpts{dialer: d}, proxyOpts{})
+	a, b, _ := meshPair(t, []LocalService{svc}, proxyOpts{dialer: d, cfg: func(c *Config) { c.MultiplexOpaque = true }}, proxyOpts{})
 	for i := range n {
 		c := a.dialOut(t, appAddr(6379))
 		msg := []byte(fmt.Sprintf("PING %d\r\n", i))
@@ -71,7 +71,7 @@ func TestOpaqueStalledStreamDoesNotBlockOthers(t *testing.T) {
 	a, _, _ := meshPair(t, []LocalService{
 		{Name: "sink", Port: 7000, Addr: sink, Protocol: "opaque"},
 		{Name: "echo", Port: 7001, Addr: backend, Protocol: "opaque"},
-	}, proxyOpts{dialer: d}, proxyOpts{})
+	}, proxyOpts{dialer: d, cfg: func(c *Config) { c.MultiplexOpaque = true }}, proxyOpts{})
 	// Release the sink before the proxies close (cleanups run last first):
 	// a proxy's Close waits for relays blocked writing to it.
 	t.Cleanup(func() { close(stalled) })
