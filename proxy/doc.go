@@ -15,9 +15,18 @@
 //     passthrough, spliced by the kernel, counted with tls="no_identity"; or
 //     closed when Config.OutboundUnknown is "deny".
 //   - meshed endpoint on an opaque port (Endpoint.Opaque, Protocol "opaque"
-//     or Config.OpaquePorts): mTLS to Endpoint.ProxyAddr with ALPN
-//     "vmesh.transport/v1", a transport header (header.go: preface, u32
-//     length, tag-length-value fields, at most 1 KiB), then the bytes.
+//     or Config.OpaquePorts): by default mTLS to Endpoint.ProxyAddr with
+//     ALPN "vmesh.transport/v1", a transport header (header.go: preface, u32
+//     length, tag-length-value fields, at most 1 KiB), then the bytes. With
+//     Config.MultiplexOpaque: one HTTP/2 stream on the same pooled mTLS
+//     connections as HTTP (below), no handshake per connection: a POST with
+//     vmesh-opaque: 1 and vmesh-dst-port whose body is what the app sends
+//     and whose response body (after a 200 sent at once, every write
+//     flushed) is what the service sends (stream.go). The app's half-close
+//     ends the request body; the service's EOF ends the response and the
+//     stream (a service that half-closes and keeps reading loses later
+//     bytes). Any other answer closes the app connection. These streams
+//     are TCP connections in the metrics, never requests.
 //   - otherwise one detection read (up to 1 KiB, Config.DetectTimeout):
 //     HTTP/1 or HTTP/2 requests are proxied one by one over pooled,
 //     multiplexed HTTP/2 (ALPN "h2") mTLS connections, one pool per (peer
@@ -26,8 +35,10 @@
 //     connections), with the original protocol in
 //     l5d-orig-proto and the target port in vmesh-dst-port; anything else,
 //     or silence until the timeout (a server that speaks first), goes opaque.
-//     HTTP/1 Upgrade requests (WebSocket) take the opaque transport with
-//     protocol http1 and then carry raw bytes. Config.RequestTimeout (off
+//     HTTP/1 Upgrade requests (WebSocket) take the transport connection:
+//     mTLS with ALPN "vmesh.transport/v1", a transport header (header.go:
+//     preface, u32 length, tag-length-value fields, at most 1 KiB) with
+//     protocol http1, then raw bytes. Config.RequestTimeout (off
 //     by default) bounds each request to the end of its response: 504 with
 //     l5d-proxy-error, or a cut stream.
 //
@@ -47,9 +58,11 @@
 // and any undeclared port, is authorized once and relayed as TCP, closed
 // when denied. A direct connection must complete mTLS with a valid SVID
 // (VerifyPeer); by ALPN it then carries HTTP/2 requests (each authorized,
-// 403 with l5d-proxy-error when denied) or one transport header whose port
-// must be a declared LocalService, else the connection is closed: the
-// inbound proxy is never a relay to arbitrary ports.
+// 403 with l5d-proxy-error when denied) and opaque streams (authorized as
+// TCP; 403 when denied or the port is not declared, 502 when the service
+// is unreachable), or one transport header whose port must be a declared
+// LocalService, else the connection is closed: the inbound proxy is never a
+// relay to arbitrary ports.
 //
 // Authorization is an in-memory lookup per LocalService: Policy (or
 // Config.DefaultPolicy) plus Allow patterns ("*" one segment, trailing "**"

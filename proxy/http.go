@@ -64,6 +64,10 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 		p.outboundHTTP(w, r, info)
 		return
 	}
+	if !info.redirected && info.clientID != "" && r.ProtoMajor == 2 && r.Header.Get(hdrOpaque) != "" {
+		p.inboundStream(w, r, info)
+		return
+	}
 	p.inboundHTTP(w, r, info)
 }
 
@@ -86,6 +90,7 @@ func isUpgrade(r *http.Request) bool {
 func stripMeshHeaders(h http.Header) {
 	h.Del(hdrOrigProto)
 	h.Del(hdrDstPort)
+	h.Del(hdrOpaque)
 }
 
 // restoreForwarded puts back the X-Forwarded-*/Forwarded headers that

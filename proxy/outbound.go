@@ -75,9 +75,21 @@ func (p *Proxy) passthrough(c *net.TCPConn, dst netip.AddrPort) {
 	t.close(in, out)
 }
 
-// outboundOpaque carries a connection over the opaque transport: mTLS to the
-// peer proxy, the transport header, the peeked bytes, then both directions.
+// outboundOpaque carries a connection to a meshed endpoint: by default over
+// a dedicated mTLS connection to the peer proxy (transport header, then the
+// bytes); with Config.MultiplexOpaque as one HTTP/2 stream on the pooled
+// mTLS connections to the peer (stream.go).
 func (p *Proxy) outboundOpaque(c net.Conn, ep Endpoint, dst netip.AddrPort, peeked []byte) {
+	if p.cfg.MultiplexOpaque {
+		p.outboundStream(c, ep, dst, peeked)
+		return
+	}
+	p.outboundDedicated(c, ep, dst, peeked)
+}
+
+// outboundDedicated carries a connection over its own mTLS connection to the
+// peer proxy: the transport header, the peeked bytes, then both directions.
+func (p *Proxy) outboundDedicated(c net.Conn, ep Endpoint, dst netip.AddrPort, peeked []byte) {
 	up, err := p.dialTransport(context.Background(), ep, alpnTransport)
 	if err != nil {
 		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()

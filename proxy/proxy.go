@@ -133,7 +133,12 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		ReadHeaderTimeout: cfg.DetectTimeout,
 		ErrorLog:          p.errLog,
 	}
-	p.h2 = &http2.Server{MaxConcurrentStreams: 1000}
+	// Receive windows: opaque streams (stream.go) share the connection
+	// window, which a peer gets back only as handlers read. With 1 MiB per
+	// stream and 1 GiB per connection, even MaxConcurrentStreams streams
+	// whose services stop reading cannot stall the other streams; memory
+	// is taken only by bytes actually in flight.
+	p.h2 = &http2.Server{MaxConcurrentStreams: 1000, MaxUploadBufferPerStream: 1 << 20, MaxUploadBufferPerConnection: 1 << 30}
 	if err := http2.ConfigureServer(p.h1, p.h2); err != nil {
 		return nil, fmt.Errorf("creating proxy: %w", err)
 	}

@@ -1,0 +1,116 @@
+package proxy
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"testing"
+	"time"
+)
+
+// TestOpaqueStreamsShareOneHandshake checks that opaque connections to one
+// peer ride HTTP/2 streams on one pooled mTLS connection: N sequential
+// connections make one handshake, are counted as TCP on both sides and
+// never as HTTP requests.
+func TestOpaqueStreamsShareOneHandshake(t *testing.T) {
+	const n = 20
+	backend := echoServer(t)
+	svc := LocalService{Name: "redis", Port: 6379, Addr: backend, Protocol: "opaque"}
+	d := &recordingDialer{}
+	a, b, _ := meshPair(t, []LocalService{svc}, proxyOpts{dialer: d, cfg: func(c *Config) { c.MultiplexOpaque = true }}, proxyOpts{})
+	for i := range n {
+		c := a.dialOut(t, appAddr(6379))
+		msg := []byte(fmt.Sprintf("PING %d\r\n", i))
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		c.CloseWrite()
+		got, err := io.ReadAll(c)
+		if err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("connection %d: echo %q, %v; want %q", i, got, err, msg)
+		}
+		c.Close()
+	}
+	eventually(t, "both sides to count the closed connections", func() bool {
+		return metric(t, a.reg, "tcp_close_total", map[string]string{"direction": "outbound", "service": "redis", "server_id": "spiffe://vmesh.test/svc/redis", "tls": "true"}) == n &&
+			metric(t, b.reg, "tcp_close_total", map[string]string{"direction": "inbound", "service": "redis", "client_id": "spiffe://vmesh.test/node/a", "tls": "true"}) == n
+	})
+	if got := d.count(); got != 1 {
+		t.Errorf("%d connections to the peer proxy (mTLS handshakes) for %d opaque connections, want 1", got, n)
+	}
+	if got := metric(t, b.reg, "inbound_tcp_authz_allow_total", map[string]string{"service": "redis", "client_id": "spiffe://vmesh.test/node/a"}); got != n {
+		t.Errorf("inbound_tcp_authz_allow_total = %v, want %d", got, n)
+	}
+	for _, tp := range []*testProxy{a, b} {
+		if got := metric(t, tp.reg, "request_total", nil); got != 0 {
+			t.Errorf("%s: request_total = %v, want 0 (opaque streams are not HTTP requests)", tp.name, got)
+		}
+		if got := metric(t, tp.reg, "inbound_http_authz_allow_total", nil); got != 0 {
+			t.Errorf("%s: inbound_http_authz_allow_total = %v, want 0", tp.name, got)
+		}
+		if got := metric(t, tp.reg, "tcp_open_connections", nil); got != 0 {
+			t.Errorf("%s: tcp_open_connections = %v, want 0", tp.name, got)
+		}
+	}
+	if got := metric(t, a.reg, "tcp_read_bytes_total", map[string]string{"direction": "outbound"}); got != metric(t, b.reg, "tcp_write_bytes_total", map[string]string{"direction": "inbound"}) || got == 0 {
+		t.Errorf("outbound read %v bytes, inbound wrote %v", got, metric(t, b.reg, "tcp_write_bytes_total", map[string]string{"direction": "inbound"}))
+	}
+}
+
+// TestOpaqueStalledStreamDoesNotBlockOthers checks that a service that stops
+// reading holds back only its own stream: another opaque connection to the
+// same peer (the same pooled HTTP/2 connection) still flows.
+func TestOpaqueStalledStreamDoesNotBlockOthers(t *testing.T) {
+	stalled := make(chan struct{})
+	sink := serveConns(listenLocal(t), func(c net.Conn) { <-stalled })
+	backend := echoServer(t)
+	d := &recordingDialer{}
+	a, _, _ := meshPair(t, []LocalService{
+		{Name: "sink", Port: 7000, Addr: sink, Protocol: "opaque"},
+		{Name: "echo", Port: 7001, Addr: backend, Protocol: "opaque"},
+	}, proxyOpts{dialer: d, cfg: func(c *Config) { c.MultiplexOpaque = true }}, proxyOpts{})
+	// Release the sink before the proxies close (cleanups run last first):
+	// a proxy's Close waits for relays blocked writing to it.
+	t.Cleanup(func() { close(stalled) })
+	// Pools are per (peer, service identity): address the sink as the echo
+	// service so both streams share one pooled connection.
+	ep, _ := a.cat.Lookup(appAddr(7001))
+	ep.Addr = appAddr(7000)
+	a.cat.add(ep)
+
+	s := a.dialOut(t, appAddr(7000))
+	// Push until the stream is stalled: the app's writes block.
+	chunk := make([]byte, 64<<10)
+	for written := 0; ; written += len(chunk) {
+		s.SetWriteDeadline(time.Now().Add(500 * time.Millisecond))
+		if _, err := s.Write(chunk); err != nil {
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatal(err)
+			}
+			if written < 1<<20 {
+				t.Fatalf("stalled after %d bytes", written)
+			}
+			break
+		}
+		if written > 64<<20 {
+			t.Fatal("the sink never stalled")
+		}
+	}
+	c := a.dialOut(t, appAddr(7001))
+	msg := bytes.Repeat([]byte("x"), 2<<20)
+	go func() {
+		c.Write(msg)
+		c.CloseWrite()
+	}()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(c)
+	if err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("echo beside a stalled stream: %d bytes, %v", len(got), err)
+	}
+	if got := d.count(); got != 1 {
+		t.Errorf("%d connections to the peer proxy, want 1 (both streams on one)", got)
+	}
+}
