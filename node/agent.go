@@ -15,7 +15,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -452,7 +451,7 @@ func (a *Agent) buildProxy(cfg Config) error {
 	verifier := ca.NewVerifier(a.caClient.Roots, cfg.CA.TrustDomain)
 	p, err := proxy.New(cfg.Proxy, proxy.Options{
 		VerifyPeer: verifier.Verify,
-		Dialer:     markDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
+		Dialer:     proxy.MarkDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
 		Catalog:    catalogAdapter{a.disc, cfg.CA.TrustDomain},
 		Identity:   a.caClient,
 		Services:   proxyServices(cfg),
@@ -476,29 +475,6 @@ func (a *Agent) buildRules(cfg Config) error {
 	a.applier = ap
 	a.ruleset = rules.Build(cfg.RulesState(a.uid()))
 	return nil
-}
-
-// markDialer returns a dialer whose connections carry the firewall mark
-// the rules exempt from redirection (SO_MARK needs CAP_NET_ADMIN, which the
-// agent has for iptables). A zero mark means a plain dialer.
-func markDialer(mark uint32, timeout time.Duration) *net.Dialer {
-	d := &net.Dialer{Timeout: timeout, KeepAlive: 30 * time.Second}
-	if mark == 0 {
-		return d
-	}
-	d.Control = func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		if err := c.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, int(mark))
-		}); err != nil {
-			return err
-		}
-		if serr != nil {
-			return fmt.Errorf("setting SO_MARK (needs CAP_NET_ADMIN): %w", serr)
-		}
-		return nil
-	}
-	return d
 }
 
 // catalogAdapter gives the proxy discovery's lookups in its own terms. The

@@ -105,25 +105,6 @@ func (c catalog) Lookup(a netip.AddrPort) (proxy.Endpoint, bool) {
 	return ep, ok
 }
 
-// markDialer marks the proxy's own connections so the rules exempt them (a
-// root agent is exempted by mark, not by uid), as node does for the agent.
-func markDialer(mark uint32) *net.Dialer {
-	d := &net.Dialer{Timeout: time.Second, KeepAlive: 30 * time.Second}
-	if mark == 0 {
-		return d
-	}
-	d.Control = func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		if err := c.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, int(mark))
-		}); err != nil {
-			return err
-		}
-		return serr
-	}
-	return d
-}
-
 func run(td, root, nodeCert, svcDir, peer, remote, local, control string, mark uint32) error {
 	pem, err := os.ReadFile(root)
 	if err != nil {
@@ -176,7 +157,7 @@ func run(td, root, nodeCert, svcDir, peer, remote, local, control string, mark u
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	p, err := proxy.New(proxy.DefaultConfig(), proxy.Options{
-		Catalog: cat, Identity: id, Services: ls, Logger: log, Dialer: markDialer(mark),
+		Catalog: cat, Identity: id, Services: ls, Logger: log, Dialer: proxy.MarkDialer(mark, time.Second),
 	})
 	if err != nil {
 		return err
