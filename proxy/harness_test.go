@@ -26,8 +26,12 @@ var loopN atomic.Uint32
 
 var debugLog = flag.Bool("proxy.log", false, "log proxy debug output to stderr")
 
+// loopStart spreads concurrent test processes (two worktrees, a helper and
+// CI) over different 127.x addresses so their listeners do not collide.
+var loopStart = uint32(os.Getpid()%200) << 8
+
 func nextLoopbackIP(base byte) netip.Addr {
-	n := loopN.Add(1)
+	n := loopStart + loopN.Add(1)
 	return netip.AddrFrom4([4]byte{127, base, byte(n >> 8), byte(n)})
 }
 
