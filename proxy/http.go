@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
-	"net/netip"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -37,7 +36,7 @@ const (
 func (p *Proxy) serveHTTPConn(c net.Conn, peeked []byte, bp *[]byte, info *connInfo) {
 	defer putBuf(bp)
 	pc := &peekedConn{Conn: c, peeked: peeked, buf: bp, info: info, done: make(chan struct{})}
-	if info.proto == protoHTTP2 {
+	if info.route.proto == protoHTTP2 {
 		p.h2.ServeConn(pc, &http2.ServeConnOpts{
 			Context:    context.WithValue(context.Background(), connInfoKey{}, info),
 			BaseConfig: p.h1,
@@ -60,15 +59,20 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "no connection info", http.StatusInternalServerError)
 		return
 	}
-	if info.direction == dirOutbound {
+	switch info.route.kind {
+	case routeHTTP:
 		p.outboundHTTP(w, r, info)
-		return
+	case routePeerHTTP:
+		if r.ProtoMajor == 2 && r.Header.Get(hdrOpaque) != "" {
+			p.inboundStream(w, r, info)
+			return
+		}
+		p.inboundHTTP(w, r, info)
+	case routeInboundHTTP:
+		p.inboundHTTP(w, r, info)
+	default:
+		http.Error(w, "no HTTP route", http.StatusInternalServerError)
 	}
-	if !info.redirected && info.clientID != "" && r.ProtoMajor == 2 && r.Header.Get(hdrOpaque) != "" {
-		p.inboundStream(w, r, info)
-		return
-	}
-	p.inboundHTTP(w, r, info)
 }
 
 // isUpgrade reports whether r asks for a protocol upgrade (e.g. WebSocket).
@@ -106,7 +110,7 @@ func restoreForwarded(pr *httputil.ProxyRequest) {
 // outboundHTTP proxies one request from a local app to the peer proxy over
 // the pooled, multiplexed HTTP/2 mTLS connections.
 func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connInfo) {
-	ep := info.ep
+	ep := info.route.ep
 	labels := connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue}
 	if isUpgrade(r) {
 		p.outboundUpgrade(w, r, info, labels)
@@ -117,7 +121,7 @@ func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connI
 		defer cancel()
 		r = r.WithContext(ctx)
 	}
-	port := strconv.Itoa(int(info.dst.Port()))
+	port := strconv.Itoa(int(info.route.dst.Port()))
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "https"
@@ -147,7 +151,7 @@ func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connI
 // connection whose header says http1, and after that the bytes flow as they
 // are in both directions.
 func (p *Proxy) outboundUpgrade(w http.ResponseWriter, r *http.Request, info *connInfo, labels connLabels) {
-	ep := info.ep
+	ep := info.route.ep
 	up, err := p.dialTransport(r.Context(), ep, alpnTransport)
 	if err != nil {
 		p.m.requests.WithLabelValues(labels.values()...).Inc()
@@ -155,7 +159,7 @@ func (p *Proxy) outboundUpgrade(w http.ResponseWriter, r *http.Request, info *co
 		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "connecting to peer proxy failed")
 		return
 	}
-	if err := writeTransportHeader(up, transportHeader{Port: info.dst.Port(), Protocol: sessionHTTP1, Service: ep.Service}, nil); err != nil {
+	if err := writeTransportHeader(up, transportHeader{Port: info.route.dst.Port(), Protocol: sessionHTTP1, Service: ep.Service}, nil); err != nil {
 		up.Close()
 		p.m.requests.WithLabelValues(labels.values()...).Inc()
 		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "writing transport header failed")
@@ -249,42 +253,36 @@ func (p *Proxy) inboundHTTP(w http.ResponseWriter, r *http.Request, info *connIn
 	if info.clientID == "" {
 		tlsLabel = tlsNoIdentity
 	}
-	var (
-		svc    *localService
-		target netip.AddrPort
-		orig   string // the app's HTTP/1 version; "" for HTTP/2
-	)
-	if info.redirected {
-		// The connection says which service; an unmeshed client's mesh
-		// headers are ignored (and stripped below).
-		var ok bool
-		if svc, ok = p.localService(info.dst.Port()); !ok {
-			svc = &localService{policy: p.cfg.DefaultPolicy} // removed by a reload
-		}
-		target = info.dst
-		if info.proto == protoHTTP1 {
+	rt := info.route
+	orig := "" // the app's HTTP/1 version; "" for HTTP/2
+	if rt.kind == routeInboundHTTP {
+		// The connection's route says which service; an unmeshed
+		// client's mesh headers are ignored (and stripped below).
+		if rt.proto == protoHTTP1 {
 			orig = r.Proto
 		}
 	} else {
 		port, err := strconv.ParseUint(r.Header.Get(hdrDstPort), 10, 16)
-		var ok bool
-		svc, ok = p.localService(uint16(port))
-		if err != nil || !ok {
-			p.m.refused.WithLabelValues(dirInbound, refuseUnknownPort).Inc()
+		var svc *localService
+		if err == nil {
+			svc, _ = p.localService(uint16(port))
+		}
+		if rt = p.routes.peer(uint16(port), svc, rt.proto); rt.kind == routeDeny {
+			p.m.refused.WithLabelValues(dirInbound, rt.reason).Inc()
 			w.Header().Set(hdrProxyError, "unknown target port")
 			http.Error(w, "vmesh: unknown target port", http.StatusForbidden)
 			return
 		}
-		target = svc.target
 		orig = r.Header.Get(hdrOrigProto)
 	}
+	svc, target := rt.svc, rt.target
 	labels := connLabels{direction: dirInbound, service: svc.Name, clientID: info.clientID, tls: tlsLabel}
 	if d := p.authorizeHTTP(svc, info.clientID, tlsLabel); !d.allow {
 		p.m.requests.WithLabelValues(labels.values()...).Inc()
 		p.denyHTTP(w, labels.values(), http.StatusForbidden, "unauthorized: "+d.reason)
 		return
 	}
-	if info.redirected && isUpgrade(r) {
+	if rt.kind == routeInboundHTTP && isUpgrade(r) {
 		up, err := p.dial(r.Context(), target)
 		if err != nil {
 			p.m.requests.WithLabelValues(labels.values()...).Inc()
@@ -295,9 +293,9 @@ func (p *Proxy) inboundHTTP(w http.ResponseWriter, r *http.Request, info *connIn
 		p.proxyUpgrade(w, r, up, labels)
 		return
 	}
-	var rt http.RoundTripper = p.local.h2c
+	var tr http.RoundTripper = p.local.h2c
 	if orig != "" {
-		rt = p.local.h1
+		tr = p.local.h1
 	}
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
@@ -310,7 +308,7 @@ func (p *Proxy) inboundHTTP(w http.ResponseWriter, r *http.Request, info *connIn
 				pr.Out.Proto, pr.Out.ProtoMajor, pr.Out.ProtoMinor = "HTTP/1.0", 1, 0
 			}
 		},
-		Transport: &meteredTransport{p: p, rt: rt, labels: labels.values()},
+		Transport: &meteredTransport{p: p, rt: tr, labels: labels.values()},
 		// 0: a response of known length goes out in one write at the end
 		// (headers and body in one TLS record) instead of a flush per
 		// write; ReverseProxy still flushes every write of streams of

@@ -80,7 +80,7 @@ func TestPeerPoolEviction(t *testing.T) {
 	backend := addrPort(ln.Addr())
 
 	dialer := &recordingDialer{}
-	services := []LocalService{{Name: "s1", Port: 81, Addr: backend}, {Name: "s2", Port: 82, Addr: backend}, {Name: "s3", Port: 83, Addr: backend}}
+	services := []LocalService{{Name: "s1", Port: 81, Target: backend}, {Name: "s2", Port: 82, Target: backend}, {Name: "s3", Port: 83, Target: backend}}
 	a, b, _ := meshPair(t, services, proxyOpts{dialer: dialer}, proxyOpts{})
 	var clock atomic.Int64 // nanoseconds since start
 	start := time.Now()

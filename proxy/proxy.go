@@ -57,7 +57,8 @@ type Proxy struct {
 	errLog   *log.Logger
 	m        *metrics
 	dialer   Dialer
-	opaque   map[uint16]bool
+	routes   routeTable
+	warns    *warnLimiter // refusals logged at warn, once per (reason, address) per minute
 	sessions tls.ClientSessionCache
 	svcs     atomic.Pointer[services]
 
@@ -99,7 +100,8 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		opts:     opts,
 		log:      opts.Logger,
 		dialer:   opts.Dialer,
-		opaque:   make(map[uint16]bool, len(cfg.OpaquePorts)),
+		routes:   newRouteTable(cfg),
+		warns:    newWarnLimiter(time.Minute),
 		sessions: tls.NewLRUClientSessionCache(1024),
 		conns:    make(map[net.Conn]struct{}),
 		origDst:  originalDst,
@@ -113,9 +115,6 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	}
 	if p.opts.VerifyPeer == nil {
 		p.opts.VerifyPeer = VerifyPeerWithRoots(opts.Identity.Roots, opts.Identity.TrustDomain())
-	}
-	for _, port := range cfg.OpaquePorts {
-		p.opaque[port] = true
 	}
 	m, err := newMetrics(opts.Registerer)
 	if err != nil {
@@ -369,9 +368,6 @@ func (p *Proxy) Close() error {
 	return nil
 }
 
-// isOpaquePort reports whether port skips protocol detection by config.
-func (p *Proxy) isOpaquePort(port uint16) bool { return p.opaque[port] }
-
 // dial opens a TCP connection with the connect timeout.
 func (p *Proxy) dial(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
@@ -455,15 +451,8 @@ func (c *peekedConn) CloseWrite() error {
 // connInfo is what the proxy knows about an accepted connection; HTTP
 // handlers find it in the request context.
 type connInfo struct {
-	direction string
-	dst       netip.AddrPort // original destination
-	ep        Endpoint       // outbound: the catalog endpoint (zero if unknown)
-	meshed    bool           // outbound: ep is a mesh endpoint
-	clientID  string         // inbound: the verified client identity, "" if none
-	// redirected: an unmeshed client's connection to dst, a local service
-	// port, that the PREROUTING redirect sent to the inbound listener.
-	redirected bool
-	proto      appProtocol
+	route    route  // the connection's route
+	clientID string // from a peer proxy: the verified client identity
 }
 
 type connInfoKey struct{}
