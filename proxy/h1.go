@@ -55,6 +55,7 @@ type h1Conn struct {
 	req      h1Head
 	resp     h1Head
 	idle     atomic.Bool // waiting for a request: Shutdown may close it
+	sent100  bool        // a 100 Continue was relayed for the current request
 	arr      [64]byte
 
 	mc    *h1Metrics // metrics of the last service served
@@ -164,6 +165,12 @@ func (h *h1Conn) readRequest() error {
 	}
 	if asciiEqualFold(h.req.method, "connect") {
 		return errConnect
+	}
+	// HTTP/1.1 requires one Host; HTTP/1.0 may have none (a peer proxy
+	// says a request is HTTP/1.0 in L5d-Orig-Proto).
+	if h.req.hosts > 1 || (h.req.hosts == 0 && h.req.minor == 1 &&
+		(h.r.kind != routePeerHTTP || !bytes.Equal(h.req.origProto, []byte("HTTP/1.0")))) {
+		return errBadHost
 	}
 	return nil
 }
@@ -386,15 +393,7 @@ func (h *h1Conn) exchange() bool {
 
 	var reqErr error
 	if bodyDone != nil {
-		select {
-		case reqErr = <-bodyDone:
-		default:
-			// The response ended before the request: stop reading it;
-			// neither connection's state is known any more.
-			h.c.SetReadDeadline(time.Now())
-			<-bodyDone
-			reqErr = errIncomplete
-		}
+		reqErr = h.awaitBody(bodyDone)
 	}
 	if l.timeout > 0 {
 		uc.SetDeadline(time.Time{})
@@ -408,6 +407,35 @@ func (h *h1Conn) exchange() bool {
 		h.p.log.Debug("relaying response body failed", "direction", h.r.dir, "err", berr)
 	}
 	return keep && berr == nil && reqErr == nil
+}
+
+// bodyGrace bounds the wait for the rest of a request body after its
+// response ended.
+const bodyGrace = 5 * time.Second
+
+// awaitBody waits for the request body copier after the response ended:
+// the client may still be sending what the upstream has all read. A client
+// told nothing (100-continue without a 100) sends nothing: that body, or
+// one still coming after bodyGrace, is cut, leaving neither connection
+// reusable.
+func (h *h1Conn) awaitBody(bodyDone chan error) error {
+	select {
+	case err := <-bodyDone:
+		return err
+	default:
+	}
+	if !h.req.expect100 || h.sent100 {
+		t := time.NewTimer(bodyGrace)
+		defer t.Stop()
+		select {
+		case err := <-bodyDone:
+			return err
+		case <-t.C:
+		}
+	}
+	h.c.SetReadDeadline(time.Now())
+	<-bodyDone
+	return errIncomplete
 }
 
 // isStale reports whether err says a pooled connection was closed before
@@ -530,6 +558,11 @@ func copyRequestBody(done chan<- error, uc *upConn, src *bufio.Reader, kind body
 		err = uc.bw.Flush()
 	}
 	done <- err
+	if err != nil {
+		// The upstream waits for the rest of a body that will not come:
+		// stop waiting for its response (after done holds the cause).
+		uc.SetReadDeadline(time.Now())
+	}
 }
 
 func writeField(bw *bufio.Writer, name, value []byte) {
@@ -544,6 +577,7 @@ func writeField(bw *bufio.Writer, name, value []byte) {
 func (h *h1Conn) readResponseHead(uc *upConn, bodyDone chan error) error {
 	resp := &h.resp
 	head := asciiEqualFold(h.req.method, "head")
+	h.sent100 = false
 	for {
 		if err := readHead(uc.br, resp); err != nil {
 			if err == io.EOF {
@@ -573,6 +607,7 @@ func (h *h1Conn) readResponseHead(uc *upConn, bodyDone chan error) error {
 			return nil
 		}
 		if h.req.minor == 1 {
+			h.sent100 = true
 			h.bw.Write(resp.buf)
 			if err := h.bw.Flush(); err != nil {
 				return err

@@ -51,6 +51,7 @@ type h1Head struct {
 	reason []byte
 
 	minor int // HTTP/1.minor
+	hosts int // Host fields
 
 	body   bodyKind
 	length int64 // bodyLength: the Content-Length
@@ -71,7 +72,7 @@ func (h *h1Head) reset() {
 	h.fields = h.fields[:0]
 	h.connTokens = h.connTokens[:0]
 	h.method, h.target, h.reason, h.dstPort, h.origProto = nil, nil, nil, nil, nil
-	h.status, h.minor, h.length = 0, 0, 0
+	h.status, h.minor, h.length, h.hosts = 0, 0, 0, 0
 	h.body = bodyNone
 	h.hasLength, h.connClose, h.keepAlive, h.upgrade, h.expect100, h.teTrailers = false, false, false, false, false, false
 }
@@ -240,7 +241,6 @@ func (h *h1Head) parseResponse(head bool) error {
 // parseFields parses the field lines of a head and derives framing and
 // connection management.
 func (h *h1Head) parseFields(b []byte, request bool) error {
-	hosts := 0
 	for {
 		line, rest, ok := nextLine(b)
 		if !ok {
@@ -327,7 +327,7 @@ func (h *h1Head) parseFields(b []byte, request bool) error {
 				}
 			}
 		case fHost:
-			hosts++
+			h.hosts++
 		case fExpect:
 			h.expect100 = asciiEqualFold(value, "100-continue")
 		case fTE:
@@ -356,9 +356,6 @@ func (h *h1Head) parseFields(b []byte, request bool) error {
 	}
 	if h.minor == 0 && !h.keepAlive {
 		h.connClose = true
-	}
-	if request && (hosts > 1 || (hosts == 0 && h.minor == 1)) {
-		return errBadHost
 	}
 	return nil
 }
