@@ -152,7 +152,7 @@ func (h *h1Conn) readRequest() error {
 	if _, err := h.br.Peek(1); err != nil {
 		return err
 	}
-	if buf, _ := h.br.Peek(h.br.Buffered()); bytes.Index(buf, []byte("\n\r\n")) < 0 && bytes.Index(buf, []byte("\n\n")) < 0 {
+	if buf, _ := h.br.Peek(h.br.Buffered()); !bytes.Contains(buf, []byte("\n\r\n")) && !bytes.Contains(buf, []byte("\n\n")) {
 		// The head is not all here: bound the wait for the rest.
 		h.c.SetReadDeadline(time.Now().Add(h.p.cfg.DetectTimeout))
 		defer h.c.SetReadDeadline(time.Time{})

@@ -100,7 +100,6 @@ var (
 	errUnsupportedTE   = &httpError{501, "unsupported_transfer_encoding"}
 	errBadHost         = &httpError{400, "bad_host"}
 	errBadChunk        = &httpError{400, "bad_chunk"}
-	errBodyTooShort    = &httpError{400, "incomplete_body"}
 	errUnsupportedVers = &httpError{505, "unsupported_version"}
 )
 
