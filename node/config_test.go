@@ -172,6 +172,36 @@ port = 22
 	}
 }
 
+// Issue 15: a type error in the first of two [[service]] tables names that
+// table's line, and the keys of its sub-table are not called unknown (with a
+// "did you mean" naming the key itself).
+func TestBadConfigFirstOfTwoServices(t *testing.T) {
+	_, err := ParseConfig([]byte(`[ca]
+trust_domain = "nc.example"
+[[service]]
+name = "web"
+port = "8080"
+[service.health]
+type = "http"
+[[service]]
+name = "echo"
+port = 9000
+`))
+	var list field.List
+	if !errors.As(err, &list) {
+		t.Fatalf("got %v", err)
+	}
+	if len(list) != 1 {
+		t.Fatalf("want exactly one problem, got:\n%v", err)
+	}
+	if e := list[0]; e.Key != "service[1].port" || e.Line != 5 || !strings.Contains(e.Msg, "incompatible types") {
+		t.Errorf("got %v, want line 5: service[1].port: incompatible types", e)
+	}
+	if strings.Contains(err.Error(), "did you mean") {
+		t.Errorf("bogus suggestion: %v", err)
+	}
+}
+
 func TestLoadConfigMissingFile(t *testing.T) {
 	_, err := LoadConfig(filepath.Join(t.TempDir(), "nope.toml"))
 	if !errors.Is(err, os.ErrNotExist) {
