@@ -348,6 +348,46 @@ func (s *Server) CreateToken(node string, services []string, ttl time.Duration) 
 	return tok, nil
 }
 
+// Grant replaces the services node may get SVIDs for, without a new
+// token: a host that joined adds a service by declaring it and being
+// granted it here. Its outstanding token, if any, stays as it was.
+func (s *Server) Grant(node string, services []string) error {
+	if !ValidName(node) {
+		return fmt.Errorf("granting services: invalid node name %q", node)
+	}
+	svcs := slices.Clone(services)
+	for _, sv := range svcs {
+		if !ValidName(sv) {
+			return fmt.Errorf("granting services: invalid service name %q", sv)
+		}
+	}
+	slices.Sort(svcs)
+	svcs = slices.Compact(svcs)
+	var unknown, revoked bool
+	err := s.updateNode(node, func(r *nodeRecord) *nodeRecord {
+		switch {
+		case r == nil:
+			unknown = true
+			return nil
+		case r.Revoked:
+			revoked = true
+			return nil
+		}
+		r.Services = svcs
+		return r
+	})
+	switch {
+	case err != nil:
+		return fmt.Errorf("granting services to %s: %w", node, err)
+	case unknown:
+		return fmt.Errorf("granting services: node %s is unknown to this ca: create a join token for it first", node)
+	case revoked:
+		return fmt.Errorf("granting services: node %s is revoked: create a new join token for it", node)
+	}
+	s.log.Info("services granted", "node", node, "services", svcs)
+	return nil
+}
+
 // Revoke stops the CA from renewing node's certificate or issuing it service
 // SVIDs, and voids its outstanding token, until a new token is created.
 func (s *Server) Revoke(node string) error {
