@@ -77,7 +77,15 @@ type RulesStatus struct {
 
 // views are the read-only JSON endpoints of the admin API.
 func (a *Agent) views() map[string]http.HandlerFunc {
-	return map[string]http.HandlerFunc{
+	views := map[string]http.HandlerFunc{
+		"/v1/golden": func(w http.ResponseWriter, _ *http.Request) {
+			g, err := golden(a.reg, time.Now())
+			if err != nil {
+				writeError(w, http.StatusInternalServerError, err)
+				return
+			}
+			writeJSON(w, http.StatusOK, g)
+		},
 		"/v1/members": func(w http.ResponseWriter, _ *http.Request) {
 			if a.disc == nil {
 				writeError(w, http.StatusServiceUnavailable, errors.New("discovery is not running yet"))
@@ -105,6 +113,10 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 			writeJSON(w, http.StatusOK, cfg)
 		},
 	}
+	for path, h := range webHandlers() {
+		views[path] = h
+	}
+	return views
 }
 
 func (a *Agent) status(ctx context.Context) Status {

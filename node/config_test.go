@@ -2,6 +2,7 @@ package node
 
 import (
 	"errors"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vmesh/vmesh/internal/field"
 )
@@ -259,4 +261,21 @@ func FuzzParseConfig(f *testing.F) {
 			}
 		}
 	})
+}
+
+// The admin page and its assets are served from the embedded files.
+func TestWebAssets(t *testing.T) {
+	mux := adminMux(prometheus.NewRegistry(), &readiness{}, webHandlers())
+	for path, want := range map[string]string{"/": "<title>vmesh</title>", "/ui/app.js": "function quantile", "/ui/style.css": "font"} {
+		rec := httptest.NewRecorder()
+		mux.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+		if rec.Code != 200 || !strings.Contains(rec.Body.String(), want) {
+			t.Errorf("GET %s: %d %.80q", path, rec.Code, rec.Body.String())
+		}
+	}
+	rec := httptest.NewRecorder()
+	mux.ServeHTTP(rec, httptest.NewRequest("GET", "/nothing", nil))
+	if rec.Code != 404 {
+		t.Errorf("GET /nothing: %d, want 404", rec.Code)
+	}
 }
