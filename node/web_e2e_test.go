@@ -64,16 +64,31 @@ func TestWebPage(t *testing.T) {
 	os.WriteFile(keyFile, []byte(key+"\n"), 0o600)
 	caH.Run(t, vmeshBin, "ca", "init", "--trust-domain", td, "--dir", filepath.Join(caH.dir, "ca"))
 	serveHTTP(t, web.Host, 8080, "hello from web\n")
+	var echoLn net.Listener
+	if err := web.Do(func() (err error) { echoLn, err = net.Listen("tcp", ":9000"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { echoLn.Close() })
+	go func() {
+		for {
+			c, err := echoLn.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
 
 	caH.writeConfig(t, keyFile, fmt.Sprintf("role = \"server\"\ndir = %q\n", filepath.Join(caH.dir, "ca")))
 	caH.start(t)
-	tok := strings.TrimSpace(caH.Run(t, vmeshBin, "token", "create", "--socket", caH.socket(), "--node", "web", "--services", "web"))
-	web.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n[[service]]\nname = \"web\"\nport = 8080\nprotocol = \"http1\"\n", tok))
+	tok := strings.TrimSpace(caH.Run(t, vmeshBin, "token", "create", "--socket", caH.socket(), "--node", "web", "--services", "web,echo"))
+	web.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n[[service]]\nname = \"web\"\nport = 8080\nprotocol = \"http1\"\n"+
+		"[[service]]\nname = \"echo\"\nport = 9000\nprotocol = \"opaque\"\n", tok))
 	addJoin(t, web.cfg, caH.Addr.String())
 	web.start(t)
-	caH.waitFor(t, "web in ca1's catalog", 30*time.Second, func() bool {
+	caH.waitFor(t, "web and echo in ca1's catalog", 30*time.Second, func() bool {
 		out, err := caH.Try(vmeshBin, "services", "--admin", "127.0.0.1:4191")
-		return err == nil && strings.Contains(out, "passing")
+		return err == nil && strings.Count(out, "passing") == 2
 	})
 
 	// Traffic from ca1 to web through both proxies, until the test ends:
@@ -108,6 +123,19 @@ func TestWebPage(t *testing.T) {
 			io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
 			served++
+			// And an opaque TCP round trip, now and then.
+			if served%10 == 1 {
+				var c net.Conn
+				if err := caH.Do(func() (err error) {
+					c, err = net.DialTimeout("tcp", web.Addr.String()+":9000", 5*time.Second)
+					return err
+				}); err == nil {
+					c.SetDeadline(time.Now().Add(5 * time.Second))
+					io.WriteString(c, "ping\n")
+					io.ReadFull(c, make([]byte, 5))
+					c.Close()
+				}
+			}
 		}
 	}()
 	defer func() { close(stop); wg.Wait() }()
@@ -169,6 +197,10 @@ func TestWebPage(t *testing.T) {
 	if !rowWith(table("certs"), "spiffe://"+td+"/svc/web") {
 		t.Errorf("certificates table has no web certificate: %q", table("certs"))
 	}
+	// Every metric the example Grafana dashboard queries is exported by
+	// the agents of a mesh carrying traffic.
+	checkDashboardMetrics(t, web.Run(t, "curl", "-sf", "http://127.0.0.1:4191/metrics"), caH.Run(t, "curl", "-sf", "http://127.0.0.1:4191/metrics"))
+
 	png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
 	if err != nil {
 		t.Fatalf("screenshot: %v", err)
