@@ -199,3 +199,77 @@ func TestAdvertiseAddress(t *testing.T) {
 		t.Errorf("advertised address with the default route on eth0: %s", out)
 	}
 }
+
+// Issue 15: a reload refuses, by name, what a running part was built from
+// (rules.proxy_mark) and applies the rest (node.log_level, services); a
+// service the CA has not granted shows red in check, and `vmesh node grant`
+// plus a reload makes it green without a new token. The CLI finds each
+// agent with no flags.
+func TestReloadAndGrant(t *testing.T) {
+	bed := testbed.New(t, 2)
+	caH := newMeshHost(t, bed.Hosts[0], "ca1")
+	web := newMeshHost(t, bed.Hosts[1], "web")
+	keyFile := filepath.Join(caH.dir, "gossip.key")
+	os.WriteFile(keyFile, []byte(strings.TrimSpace(caH.Run(t, vmeshBin, "keygen"))+"\n"), 0o600)
+	caH.Run(t, vmeshBin, "ca", "init", "--trust-domain", td, "--dir", filepath.Join(caH.dir, "ca"))
+	caH.writeConfig(t, keyFile, fmt.Sprintf("role = \"server\"\ndir = %q\n", filepath.Join(caH.dir, "ca")))
+	caH.start(t)
+	serveHTTP(t, web.Host, 8080, "web\n")
+	serveHTTP(t, web.Host, 8081, "api\n")
+	tok := strings.TrimSpace(caH.Run(t, vmeshBin, "token", "create", "--node", "web", "--services", "web"))
+	services := "[[service]]\nname = \"web\"\nport = 8080\n"
+	web.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n", tok)+services)
+	addJoin(t, web.cfg, caH.Addr.String())
+	base, _ := os.ReadFile(web.cfg)
+	info := strings.Replace(string(base), `log_level = "debug"`, `log_level = "info"`, 1)
+	os.WriteFile(web.cfg, []byte(info), 0o600)
+	web.start(t)
+	if out, err := web.Try(vmeshBin, "check"); err != nil {
+		t.Fatalf("vmesh check on the joined host: %v\n%s", err, out)
+	}
+
+	// A change the running proxy cannot take is refused by name; the
+	// log level alongside it is not named.
+	mixed := strings.Replace(info, `log_level = "info"`, `log_level = "debug"`, 1) + "\n[rules]\nproxy_mark = 0x99\n"
+	os.WriteFile(web.cfg, []byte(mixed), 0o600)
+	out, err := web.Try(vmeshBin, "reload")
+	if err == nil || !strings.Contains(err.Error(), "rules.proxy_mark") || strings.Contains(err.Error(), "node.log_level") {
+		t.Fatalf("reload with rules.proxy_mark changed: %v\n%s", err, out)
+	}
+	if out, _ := web.Try(vmeshBin, "check"); !strings.Contains(out, "‼ config reload:") {
+		t.Errorf("check does not say the file differs from the running config:\n%s", out)
+	}
+
+	// The log level and a new service are applied.
+	next := strings.Replace(info, `log_level = "info"`, `log_level = "debug"`, 1) + "[[service]]\nname = \"api\"\nport = 8081\n"
+	os.WriteFile(web.cfg, []byte(next), 0o600)
+	mark := len(web.log.String())
+	web.Run(t, vmeshBin, "reload")
+	web.waitFor(t, "debug lines after the reload", 20*time.Second, func() bool {
+		return strings.Contains(web.log.String()[mark:], "level=DEBUG")
+	})
+
+	// api is not granted: check is red and says why and what to do.
+	web.waitFor(t, "check to name the refused certificate", 20*time.Second, func() bool {
+		out, _ = web.Try(vmeshBin, "check")
+		return strings.Contains(out, "not granted")
+	})
+	if !strings.Contains(out, "× service api:") || !strings.Contains(out, "vmesh node grant web --services web,api") {
+		t.Errorf("check with an ungranted service:\n%s", out)
+	}
+	if _, err := web.Try(vmeshBin, "check"); err == nil {
+		t.Error("check exits 0 with an ungranted service")
+	}
+	caH.Run(t, vmeshBin, "node", "grant", "web", "--services", "web,api")
+	if out, err := caH.Try(vmeshBin, "token", "list"); err != nil || !regexp.MustCompile(`web\s+api,web\s+used`).MatchString(out) {
+		t.Errorf("token list after the grant: %v\n%s", err, out)
+	}
+	web.Run(t, vmeshBin, "reload")
+	web.waitFor(t, "check to be green after the grant", 30*time.Second, func() bool {
+		out, err = web.Try(vmeshBin, "check")
+		return err == nil
+	})
+	if !strings.Contains(out, "√ service api: reachable at 127.0.0.1:8081, healthy, certificate granted") {
+		t.Errorf("check after the grant:\n%s", out)
+	}
+}

@@ -156,6 +156,10 @@ func (a *Agent) Reload(ctx context.Context) error {
 		a.log.Error("reload refused; the running configuration stays", "err", err)
 		return fmt.Errorf("reload refused, the running configuration stays: %w", err)
 	}
+	// The level first, so that the reload's own steps log at it.
+	if a.opts.LogLevel != nil {
+		a.opts.LogLevel.Set(ParseLevel(next.Node.LogLevel))
+	}
 	if a.caClient != nil {
 		if err := a.caClient.SetServices(serviceNames(next)); err != nil {
 			return fmt.Errorf("reload: requesting certificates: %w", err)
@@ -177,9 +181,6 @@ func (a *Agent) Reload(ctx context.Context) error {
 			return fmt.Errorf("reload: iptables rules: %w", err)
 		}
 		a.ruleset = rs
-	}
-	if a.opts.LogLevel != nil {
-		a.opts.LogLevel.Set(ParseLevel(next.Node.LogLevel))
 	}
 	a.cfg = next
 	a.log.Info("configuration reloaded", "services", serviceNames(next), "log_level", next.Node.LogLevel)
