@@ -37,12 +37,23 @@ Exit code 0: valid; 2: invalid; 1: the file could not be read.`,
 				args = []string{p}
 			}
 			_, err := node.LoadConfig(args[0])
+			list, isList := err.(field.List)
+			if cl.json() && (err == nil || isList) {
+				r := configReport{File: args[0], OK: err == nil, Problems: []configProblem{}}
+				for _, e := range list {
+					r.Problems = append(r.Problems, configProblem{Key: e.Key, Line: e.Line, Message: e.Msg})
+				}
+				printJSON(c.OutOrStdout(), r)
+				if err != nil {
+					return silentError{exitUsage}
+				}
+				return nil
+			}
 			if err == nil {
 				fmt.Fprintf(c.OutOrStdout(), "%s: ok\n", args[0])
 				return nil
 			}
-			list, ok := err.(field.List)
-			if !ok {
+			if !isList {
 				return err
 			}
 			for _, e := range list {
@@ -62,6 +73,19 @@ Exit code 0: valid; 2: invalid; 1: the file could not be read.`,
 		},
 	})
 	return cmd
+}
+
+// configReport is `vmesh config check -o json`.
+type configReport struct {
+	File     string          `json:"file"`
+	OK       bool            `json:"ok"`
+	Problems []configProblem `json:"problems"`
+}
+
+type configProblem struct {
+	Key     string `json:"key"`
+	Line    int    `json:"line,omitempty"`
+	Message string `json:"message"`
 }
 
 // formatFieldError renders "LINE: key: message" (compiler style after the
