@@ -182,6 +182,21 @@ func TestJoinRefusals(t *testing.T) {
 		}
 	})
 
+	t.Run("ca unreachable at the token's address", func(t *testing.T) {
+		// A CA host that advertised the wrong address (a tunnel's): its
+		// tokens carry an address nobody reaches.
+		wrong := startCA(t, initDir(t), "", func(o *ServerOptions) { o.URL = "https://127.0.0.1:1" })
+		tok, err := wrong.CreateToken("n9", nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, _ := newTestClient(t, ClientOptions{NodeName: "n9", DB: openDB(t, ""), Token: tok})
+		if _, err := c.step(ctx); err == nil || !strings.Contains(err.Error(), "cannot reach the CA at https://127.0.0.1:1, the address in the join token") ||
+			!strings.Contains(err.Error(), "gossip.advertise_addr") {
+			t.Errorf("join with an unreachable CA address: %v", err)
+		}
+	})
+
 	t.Run("expired token", func(t *testing.T) {
 		ca.clock.Set(-2 * time.Hour)
 		tok, err := ca.CreateToken("n2", nil, 15*time.Minute)

@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"math/big"
+	"net"
 	"net/http"
 	"slices"
 	"sort"
@@ -816,6 +817,11 @@ func (c *Client) join(ctx context.Context, csr *x509.CertificateRequest) ([]*x50
 	}
 	roots, err := c.fetchRoots(ctx, base, info.fingerprint)
 	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && base == info.caURL {
+			return nil, fmt.Errorf("cannot reach the CA at %s, the address in the join token: %w "+
+				"(if other hosts reach the CA host at another address, set gossip.advertise_addr on the CA host and create a new token, or set ca.url here)", base, err)
+		}
 		return nil, err
 	}
 	if err := c.setRoots(base, roots); err != nil {
