@@ -164,11 +164,36 @@ func TestJoinRefusals(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.step(ctx); apiStatus(err) != http.StatusUnauthorized {
-			t.Errorf("second use: %v, want 401", err)
+		// Issue 15: the joining host is told exactly why, not smallstep's
+		// "lacked necessary authorization".
+		if _, err := c.step(ctx); apiStatus(err) != http.StatusUnauthorized || !strings.Contains(err.Error(), "this token was already used") ||
+			!strings.Contains(err.Error(), "vmesh token create --node n1") {
+			t.Errorf("second use: %v, want 401 saying the token was already used", err)
+		}
+		if f := c.Failures()[""]; !strings.Contains(f, "already used") {
+			t.Errorf("Failures() after the refused join: %q", f)
+		}
+		nodes, err := ca.Nodes()
+		if err != nil || len(nodes) == 0 || nodes[0].Node != "n1" || nodes[0].JoinedAt.IsZero() || nodes[0].TokenExpires.IsZero() {
+			t.Errorf("Nodes() = %+v, %v; want n1 joined", nodes, err)
 		}
 		if nodeCert(c) != nil {
 			t.Error("second use got a certificate")
+		}
+	})
+
+	t.Run("ca unreachable at the token's address", func(t *testing.T) {
+		// A CA host that advertised the wrong address (a tunnel's): its
+		// tokens carry an address nobody reaches.
+		wrong := startCA(t, initDir(t), "", func(o *ServerOptions) { o.URL = "https://127.0.0.1:1" })
+		tok, err := wrong.CreateToken("n9", nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, _ := newTestClient(t, ClientOptions{NodeName: "n9", DB: openDB(t, ""), Token: tok})
+		if _, err := c.step(ctx); err == nil || !strings.Contains(err.Error(), "cannot reach the CA at https://127.0.0.1:1, the address in the join token") ||
+			!strings.Contains(err.Error(), "gossip.advertise_addr") {
+			t.Errorf("join with an unreachable CA address: %v", err)
 		}
 	})
 
@@ -236,6 +261,12 @@ func TestJoinRefusals(t *testing.T) {
 		}
 		if svcCert(c.Client, "db") != nil {
 			t.Error("got an svid for an ungranted service")
+		}
+		eventually(t, 10*time.Second, "the refusal recorded", func() bool {
+			return strings.Contains(c.Failures()["db"], "not granted")
+		})
+		if _, ok := c.Failures()["web"]; ok {
+			t.Errorf("a granted service is listed as failing: %v", c.Failures())
 		}
 		select {
 		case <-c.Ready():

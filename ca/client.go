@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"math/big"
+	"net"
 	"net/http"
 	"slices"
 	"sort"
@@ -94,6 +95,7 @@ type Client struct {
 	node      *identity
 	svcs      map[string]*identity
 	want      []string
+	failures  map[string]string // service ("" for the node) -> why the latest request failed
 
 	ready     chan struct{}
 	readyOnce sync.Once
@@ -148,12 +150,13 @@ func NewClient(o ClientOptions) (*Client, error) {
 	}
 	c := &Client{
 		opts: o, log: o.Logger, now: o.Now, td: td,
-		nodeID: NodeID(td, o.NodeName),
-		token:  strings.TrimSpace(o.Token),
-		svcs:   map[string]*identity{},
-		want:   want,
-		ready:  make(chan struct{}),
-		wake:   make(chan struct{}, 1),
+		nodeID:   NodeID(td, o.NodeName),
+		token:    strings.TrimSpace(o.Token),
+		svcs:     map[string]*identity{},
+		failures: map[string]string{},
+		want:     want,
+		ready:    make(chan struct{}),
+		wake:     make(chan struct{}, 1),
 	}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
@@ -293,6 +296,32 @@ func (c *Client) Status() []IdentityStatus {
 		out = append(out, statusOf(c.svcs[n], n))
 	}
 	return out
+}
+
+// Failures says why the latest request for a certificate failed, by
+// service ("" for the node certificate); a service whose latest request
+// succeeded is absent. A service the CA refuses stays here with the CA's
+// reason until it is granted or no longer declared.
+func (c *Client) Failures() map[string]string {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	out := make(map[string]string, len(c.failures))
+	for k, v := range c.failures {
+		if k == "" || slices.Contains(c.want, k) {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+func (c *Client) noteFailure(svc string, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err == nil {
+		delete(c.failures, svc)
+		return
+	}
+	c.failures[svc] = err.Error()
 }
 
 func statusOf(i *identity, svc string) IdentityStatus {
@@ -453,13 +482,17 @@ func (c *Client) step(ctx context.Context) (time.Time, error) {
 		dueSoon = len(due) > 0 && !now.Before(node.renewAt.Add(-life/10))
 	}
 	if node == nil || !now.Before(node.renewAt) || dueSoon || (c.token != "" && !now.Before(node.notAfter())) {
-		if err := c.obtainNode(ctx, node); err != nil {
+		err := c.obtainNode(ctx, node)
+		c.noteFailure("", err)
+		if err != nil {
 			return c.nextDue(), err
 		}
 	}
 	var errs []error
 	for _, s := range due {
-		if err := c.obtainService(ctx, s); err != nil {
+		err := c.obtainService(ctx, s)
+		c.noteFailure(s, err)
+		if err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -784,6 +817,11 @@ func (c *Client) join(ctx context.Context, csr *x509.CertificateRequest) ([]*x50
 	}
 	roots, err := c.fetchRoots(ctx, base, info.fingerprint)
 	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && base == info.caURL {
+			return nil, fmt.Errorf("cannot reach the CA at %s, the address in the join token: %w "+
+				"(if other hosts reach the CA host at another address, set gossip.advertise_addr on the CA host and create a new token, or set ca.url here)", base, err)
+		}
 		return nil, err
 	}
 	if err := c.setRoots(base, roots); err != nil {

@@ -125,6 +125,10 @@ type nodeRecord struct {
 	// Revoked nodes get nothing until a new token is created for them.
 	Revoked   bool      `json:"revoked,omitempty"`
 	UpdatedAt time.Time `json:"updated_at"`
+	// TokenExpires is when the latest token stops working.
+	TokenExpires time.Time `json:"token_expires,omitzero"`
+	// JoinedAt is when the latest token was used (zero: not yet).
+	JoinedAt time.Time `json:"joined_at,omitzero"`
 }
 
 // NewServer loads the CA directory and opens the CA database. It starts no
@@ -335,13 +339,53 @@ func (s *Server) CreateToken(node string, services []string, ttl time.Duration) 
 		return "", fmt.Errorf("creating token: %w", err)
 	}
 	err = s.updateNode(node, func(r *nodeRecord) *nodeRecord {
-		return &nodeRecord{Services: svcs, TokenID: c.ID}
+		return &nodeRecord{Services: svcs, TokenID: c.ID, TokenExpires: c.Expiry.Time()}
 	})
 	if err != nil {
 		return "", fmt.Errorf("creating token: %w", err)
 	}
 	s.log.Info("join token created", "node", node, "services", svcs, "ttl", ttl)
 	return tok, nil
+}
+
+// Grant replaces the services node may get SVIDs for, without a new
+// token: a host that joined adds a service by declaring it and being
+// granted it here. Its outstanding token, if any, stays as it was.
+func (s *Server) Grant(node string, services []string) error {
+	if !ValidName(node) {
+		return fmt.Errorf("granting services: invalid node name %q", node)
+	}
+	svcs := slices.Clone(services)
+	for _, sv := range svcs {
+		if !ValidName(sv) {
+			return fmt.Errorf("granting services: invalid service name %q", sv)
+		}
+	}
+	slices.Sort(svcs)
+	svcs = slices.Compact(svcs)
+	var unknown, revoked bool
+	err := s.updateNode(node, func(r *nodeRecord) *nodeRecord {
+		switch {
+		case r == nil:
+			unknown = true
+			return nil
+		case r.Revoked:
+			revoked = true
+			return nil
+		}
+		r.Services = svcs
+		return r
+	})
+	switch {
+	case err != nil:
+		return fmt.Errorf("granting services to %s: %w", node, err)
+	case unknown:
+		return fmt.Errorf("granting services: node %s is unknown to this ca: create a join token for it first", node)
+	case revoked:
+		return fmt.Errorf("granting services: node %s is revoked: create a new join token for it", node)
+	}
+	s.log.Info("services granted", "node", node, "services", svcs)
+	return nil
 }
 
 // Revoke stops the CA from renewing node's certificate or issuing it service
@@ -375,6 +419,38 @@ func (s *Server) NodeServices(node string) ([]string, bool) {
 	return slices.Clone(r.Services), true
 }
 
+// NodeInfo is what the CA remembers about one node, for `vmesh token list`.
+type NodeInfo struct {
+	Node         string    `json:"node"`
+	Services     []string  `json:"services"`
+	Revoked      bool      `json:"revoked,omitempty"`
+	TokenExpires time.Time `json:"token_expires,omitzero"`
+	JoinedAt     time.Time `json:"joined_at,omitzero"`
+	UpdatedAt    time.Time `json:"updated_at"`
+}
+
+// Nodes lists the nodes this CA minted tokens for, by name.
+func (s *Server) Nodes() ([]NodeInfo, error) {
+	entries, err := s.nodes.List(nodesTable)
+	if database.IsErrNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("listing nodes: %w", err)
+	}
+	out := make([]NodeInfo, 0, len(entries))
+	for _, e := range entries {
+		var r nodeRecord
+		if err := json.Unmarshal(e.Value, &r); err != nil {
+			return nil, fmt.Errorf("listing nodes: decoding %s: %w", e.Key, err)
+		}
+		out = append(out, NodeInfo{Node: string(e.Key), Services: r.Services, Revoked: r.Revoked,
+			TokenExpires: r.TokenExpires, JoinedAt: r.JoinedAt, UpdatedAt: r.UpdatedAt})
+	}
+	slices.SortFunc(out, func(a, b NodeInfo) int { return strings.Compare(a.Node, b.Node) })
+	return out, nil
+}
+
 func (s *Server) getNode(node string) (*nodeRecord, error) {
 	b, err := s.nodes.Get(nodesTable, []byte(node))
 	if database.IsErrNotFound(err) {
@@ -398,6 +474,9 @@ func (s *Server) updateNode(node string, fn func(*nodeRecord) *nodeRecord) error
 		return err
 	}
 	r = fn(r)
+	if r == nil {
+		return nil
+	}
 	r.UpdatedAt = s.now()
 	b, err := json.Marshal(r)
 	if err != nil {
@@ -563,7 +642,9 @@ func (s *Server) Run(ctx context.Context) error {
 		BaseContext: func(net.Listener) context.Context {
 			c := authority.NewContext(context.Background(), s.auth)
 			return apilog.WithErrorLogger(c, func(_ http.ResponseWriter, r *http.Request, err error) {
-				s.log.Info("ca api request refused", "path", r.URL.Path, "remote", r.RemoteAddr, "err", err)
+				// err.Error(), not err: smallstep's errors print their
+				// stack trace under %+v, which is how slog formats values.
+				s.log.Info("ca api request refused", "path", r.URL.Path, "remote", r.RemoteAddr, "err", err.Error())
 			})
 		},
 		TLSConfig: s.tlsConfig(),
@@ -700,8 +781,42 @@ func (s *Server) checkJoin(next http.HandlerFunc) http.HandlerFunc {
 		}
 		s.log.Info("node joining", "node", node, "remote", r.RemoteAddr)
 		r.Body = io.NopCloser(bytes.NewReader(body))
-		next(w, r)
+		sw := &statusWriter{ResponseWriter: w}
+		next(sw, r)
+		if sw.code/100 == 2 {
+			// Remember the use, so that a second use is refused with a
+			// message that says so (smallstep's says only "unauthorized").
+			err := s.updateNode(node, func(r *nodeRecord) *nodeRecord {
+				if r != nil {
+					r.JoinedAt = s.now()
+				}
+				return r
+			})
+			if err != nil {
+				s.log.Warn("recording a join", "node", node, "err", err)
+			}
+		}
 	}
+}
+
+// statusWriter remembers the status code written through it.
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.code == 0 {
+		w.code = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(p []byte) (int, error) {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	return w.ResponseWriter.Write(p)
 }
 
 func (s *Server) checkToken(tok string) (node string, err error) {
@@ -729,7 +844,11 @@ func (s *Server) checkToken(tok string) (node string, err error) {
 	case r.Revoked:
 		return "", fmt.Errorf("node %s is revoked", node)
 	case r.TokenID != c.ID:
-		return "", fmt.Errorf("token for node %s was superseded or already used", node)
+		return "", fmt.Errorf("token for node %s was superseded by a newer one", node)
+	case !r.JoinedAt.IsZero():
+		return "", fmt.Errorf("this token was already used: node %s joined with it at %s, and a token works once "+
+			"(a host that lost its data dir needs a new token: vmesh token create --node %s --services %s)",
+			node, r.JoinedAt.UTC().Format(time.RFC3339), node, strings.Join(r.Services, ","))
 	}
 	return node, nil
 }

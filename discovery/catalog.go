@@ -48,6 +48,11 @@ type Service struct {
 	Identity string
 	// Health is how this host checks the service. It is not gossiped.
 	Health HealthCheck
+	// CheckAddr is where health checks dial the service (with Port).
+	// Optional: the zero value means Options.CheckAddr. node sets the
+	// address the inbound proxy dials, so healthy means reachable through
+	// the mesh. It is not gossiped.
+	CheckAddr netip.Addr
 }
 
 // ServiceEntry is one service in a host's catalog entry.

@@ -402,6 +402,18 @@ func TestGossipKeys(t *testing.T) {
 				t.Errorf("%s lists the outsider (keys %d) as %s", a.name, len(keys), s)
 			}
 		}
+		// Issue 15: the real cause is counted where it happens, not only
+		// logged: the cluster's host could not decrypt the outsider, and
+		// the outsider knows why its join failed.
+		if len(keys) == 1 {
+			dg := agents[0].d.Diagnostics()
+			if dg.DecryptFailures == 0 || dg.LastDecryptFrom == "" {
+				t.Errorf("%s's diagnostics after a wrong-key join: %+v", agents[0].name, dg)
+			}
+		}
+		if dg := out.d.Diagnostics(); dg.JoinError == "" {
+			t.Errorf("the outsider (keys %d) has no join error: %+v", len(keys), dg)
+		}
 		out.kill()
 	}
 

@@ -53,7 +53,7 @@ func TestCodecRoundTrip(t *testing.T) {
 	if err != nil || r.node != "db-2" || r.addr != netip.MustParseAddrPort("198.18.0.2:7946") {
 		t.Errorf("request round trip: %+v, %v", r, err)
 	}
-	meta := nodeMeta{version: 7, proxyPort: 4143, addrs: e.Addrs, roles: []string{"ca"}}
+	meta := nodeMeta{version: 7, proxyPort: 4143, addrs: e.Addrs, roles: []string{"ca"}, agent: "v1.2.3-4-gabcdef"}
 	gm, err := decodeMeta(encodeMeta(meta))
 	if err != nil || !cmp.Equal(gm, meta, cmp.AllowUnexported(nodeMeta{}), cmp.Comparer(func(a, b netip.Addr) bool { return a == b })) {
 		t.Errorf("meta round trip: %+v, %v", gm, err)
@@ -65,12 +65,21 @@ func TestMetaFitsMemberlistLimit(t *testing.T) {
 	for i := range roles {
 		roles[i] = strings.Repeat("r", 40)
 	}
-	b := encodeMeta(nodeMeta{version: 1<<64 - 1, proxyPort: 65535, addrs: sampleEntry().Addrs, roles: roles})
+	b := encodeMeta(nodeMeta{version: 1<<64 - 1, proxyPort: 65535, addrs: sampleEntry().Addrs, roles: roles, agent: strings.Repeat("v", 40)})
 	if len(b) > 512 {
 		t.Fatalf("metadata is %d bytes, memberlist allows 512", len(b))
 	}
-	if _, err := decodeMeta(b); err != nil {
+	m, err := decodeMeta(b)
+	if err != nil {
 		t.Fatalf("decoding trimmed metadata: %v", err)
+	}
+	if m.agent != strings.Repeat("v", 40) {
+		t.Errorf("the agent version was dropped for roles: %q", m.agent)
+	}
+	// Metadata without the agent version (older agents) still decodes.
+	old := encodeMeta(nodeMeta{version: 1, proxyPort: 4143, roles: []string{"ca"}})
+	if m, err := decodeMeta(old); err != nil || m.agent != "" || m.roles[0] != "ca" {
+		t.Errorf("metadata without agent version: %+v, %v", m, err)
 	}
 }
 

@@ -301,7 +301,11 @@ type nodeMeta struct {
 	proxyPort uint16
 	addrs     []netip.Addr
 	roles     []string
+	agent     string // the agent's version, at most maxAgentVersion bytes
 }
+
+// maxAgentVersion bounds the agent version in the metadata.
+const maxAgentVersion = 40
 
 // encodeMeta encodes m, dropping roles that would not fit in memberlist's
 // 512 bytes.
@@ -316,7 +320,11 @@ func encodeMeta(m nodeMeta) []byte {
 		e.bytes(a.AsSlice())
 	}
 	var roles []string
-	size := len(e.b) + 1
+	agent := m.agent
+	if len(agent) > maxAgentVersion {
+		agent = ""
+	}
+	size := len(e.b) + 1 + len(agent) + 2 // the agent version goes first in the budget
 	for _, r := range m.roles {
 		if size+len(r)+2 > memberlist.MetaMaxSize || len(r) > 64 {
 			break
@@ -327,6 +335,11 @@ func encodeMeta(m nodeMeta) []byte {
 	e.uint(uint64(len(roles)))
 	for _, r := range roles {
 		e.string(r)
+	}
+	// The agent version comes last: decoders stop before it when it is
+	// absent (metadata from agents that did not send it).
+	if agent != "" {
+		e.string(agent)
 	}
 	return e.b
 }
@@ -357,6 +370,12 @@ func decodeMeta(buf []byte) (nodeMeta, error) {
 	nr := d.count(64, 1)
 	for range nr {
 		m.roles = append(m.roles, d.string())
+	}
+	if d.err == nil && len(d.b) != 0 {
+		m.agent = d.string()
+		if len(m.agent) > maxAgentVersion {
+			d.fail(errMalformed)
+		}
 	}
 	if d.err == nil && len(d.b) != 0 {
 		d.err = errMalformed

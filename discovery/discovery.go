@@ -61,6 +61,10 @@ type Options struct {
 	// Roles are small facts about the host put in its gossip metadata (e.g.
 	// "ca"). Optional.
 	Roles []string
+	// AgentVersion is the agent's version, put in the gossip metadata so
+	// that `vmesh members` shows what each host runs (at most 40 bytes).
+	// Optional.
+	AgentVersion string
 	// DB keeps the peers this host has seen and its catalog version, in
 	// buckets named "discovery/...". Optional: nil forgets them on restart.
 	DB *bbolt.DB
@@ -101,6 +105,7 @@ type Discovery struct {
 	checkAt   netip.Addr // Options.CheckAddr
 	proxyPort uint16
 	roles     []string
+	agent     string // Options.AgentVersion
 	db        *bbolt.DB
 	keyring   *memberlist.Keyring // nil: unencrypted
 	transport memberlist.Transport
@@ -112,7 +117,8 @@ type Discovery struct {
 	snap     atomic.Pointer[snapshot]
 	meta     atomic.Pointer[[]byte]
 	numAlive atomic.Int64 // members alive, self included (broadcast fan-out)
-	left     atomic.Bool  // Leave was called: stop joining
+	diag     diag
+	left     atomic.Bool // Leave was called: stop joining
 
 	dirty  chan struct{} // snapshot must be rebuilt
 	slow   chan struct{} // metadata and bbolt need an update
@@ -204,6 +210,7 @@ func New(opts Options) (*Discovery, error) {
 		checkAt:     opts.CheckAddr,
 		proxyPort:   opts.ProxyPort,
 		roles:       slices.Clone(opts.Roles),
+		agent:       opts.AgentVersion,
 		db:          opts.DB,
 		transport:   opts.Transport,
 		tune:        opts.Tune,
@@ -241,6 +248,7 @@ func New(opts Options) (*Discovery, error) {
 		},
 	}
 	d.metrics = newMetrics(d)
+	d.diag.onCount = d.metrics.decrypt.Inc
 	if err := d.loadStore(); err != nil {
 		return nil, fmt.Errorf("creating discovery: %w", err)
 	}
@@ -315,7 +323,7 @@ func (d *Discovery) Run(ctx context.Context) error {
 
 // start builds the memberlist configuration and creates the memberlist.
 func (d *Discovery) start() (*memberlist.Memberlist, error) {
-	logger := slog.NewLogLogger(d.log.Handler(), slog.LevelDebug)
+	logger := d.memberlistLogger()
 	conf := memberlist.DefaultLANConfig()
 	conf.Name = d.name
 	conf.BindAddr = d.cfg.BindAddr.Addr().String()
@@ -467,7 +475,7 @@ func (d *Discovery) SetLocal(services []Service) error {
 		local = append(local, localService{
 			Service: s,
 			health:  HealthUnknown,
-			key:     fmt.Sprintf("%d|%+v", s.Port, s.Health),
+			key:     fmt.Sprintf("%d|%s|%+v", s.Port, s.CheckAddr, s.Health),
 		})
 	}
 	d.mu.Lock()
@@ -540,7 +548,7 @@ func (d *Discovery) publishLocked() {
 	raw := encodeEntry(e)
 	d.self, d.selfRaw = e, raw
 	d.broadcast(e.Node, e.Version, raw)
-	meta := encodeMeta(nodeMeta{version: d.version, proxyPort: d.proxyPort, addrs: e.Addrs, roles: d.roles})
+	meta := encodeMeta(nodeMeta{version: d.version, proxyPort: d.proxyPort, addrs: e.Addrs, roles: d.roles, agent: d.agent})
 	d.meta.Store(&meta)
 	d.saveVersion = true
 	d.kick(d.slow)
@@ -769,8 +777,12 @@ func (d *Discovery) joinOnce() {
 	n, err := ml.Join(cands)
 	switch {
 	case n > 0:
+		d.diag.setJoinError("")
 		d.log.Debug("joined", "reached", n, "tried", len(cands))
 	case alone:
+		if err != nil {
+			d.diag.setJoinError(err.Error())
+		}
 		d.log.Warn("joining the cluster: no peer reached, retrying", "tried", cands, "err", err, "every", d.cfg.RetryInterval)
 	}
 }
@@ -796,6 +808,8 @@ type Member struct {
 	Version   uint64         `json:"version"`
 	ProxyPort uint16         `json:"proxy_port"`
 	Roles     []string       `json:"roles,omitempty"`
+	// Agent is the version of the host's agent ("" if it did not say).
+	Agent string `json:"agent,omitempty"`
 }
 
 // Members returns the hosts of the cluster, this one included, sorted by
@@ -829,11 +843,11 @@ func (d *Discovery) Members() []Member {
 func (d *Discovery) memberLocked(name string, addr netip.AddrPort, state string) Member {
 	m := Member{Name: name, Addr: addr, State: state}
 	if name == d.name {
-		m.Services, m.Version, m.ProxyPort, m.Roles = len(d.self.Services), d.self.Version, d.proxyPort, d.roles
+		m.Services, m.Version, m.ProxyPort, m.Roles, m.Agent = len(d.self.Services), d.self.Version, d.proxyPort, d.roles, d.agent
 		return m
 	}
 	if mm := d.members[name]; mm != nil {
-		m.Version, m.ProxyPort, m.Roles = mm.meta.version, mm.meta.proxyPort, mm.meta.roles
+		m.Version, m.ProxyPort, m.Roles, m.Agent = mm.meta.version, mm.meta.proxyPort, mm.meta.roles, mm.meta.agent
 	}
 	if pe := d.entries[name]; pe != nil {
 		m.Services, m.Version = len(pe.entry.Services), max(m.Version, pe.entry.Version)

@@ -145,12 +145,17 @@ func (d *Discovery) reconcileChecksLocked() {
 // runCheck checks one local service until ctx is done. The first result
 // sets the state; after that it takes Rise passes in a row to become passing
 // and Fall failures in a row to become failing. The service is dialled
-// directly at Options.CheckAddr (default: the advertised address), never
+// directly at its CheckAddr, else Options.CheckAddr (default: the advertised
+// address), never
 // through the proxy.
 func (d *Discovery) runCheck(ctx context.Context, svc Service, gen uint64) {
 	defer d.wg.Done()
 	hc := svc.Health
-	addr := netip.AddrPortFrom(d.checkAddr(), svc.Port)
+	at := svc.CheckAddr
+	if !at.IsValid() {
+		at = d.checkAddr()
+	}
+	addr := netip.AddrPortFrom(at, svc.Port)
 	state := HealthUnknown
 	passes, fails := 0, 0
 	t := time.NewTimer(0)

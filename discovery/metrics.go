@@ -10,6 +10,7 @@ type metrics struct {
 	messages *prometheus.CounterVec // dir: in, out
 	bytes    *prometheus.CounterVec // dir: in, out
 	rejected *prometheus.CounterVec // reason
+	decrypt  prometheus.Counter
 
 	membersDesc  *prometheus.Desc
 	entriesDesc  *prometheus.Desc
@@ -40,6 +41,10 @@ func newMetrics(d *Discovery) *metrics {
 			Name: "gossip_rejected_total",
 			Help: "Catalog payloads refused, by reason.",
 		}, []string{"reason"}),
+		decrypt: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "gossip_decrypt_failures_total",
+			Help: "Gossip packets and streams no installed key could decrypt: another host uses a different gossip key.",
+		}),
 		membersDesc:  prometheus.NewDesc("gossip_members", "Gossip members by state (alive, suspect, dead, left).", []string{"state"}, nil),
 		entriesDesc:  prometheus.NewDesc("catalog_entries", "Hosts in the catalog (this one included).", nil, nil),
 		servicesDesc: prometheus.NewDesc("catalog_services", "Service instances in the catalog.", nil, nil),
@@ -59,7 +64,7 @@ func (m *metrics) register(r prometheus.Registerer) error {
 	if r == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{m.messages, m.bytes, m.rejected, m} {
+	for _, c := range []prometheus.Collector{m.messages, m.bytes, m.rejected, m.decrypt, m} {
 		if err := r.Register(c); err != nil {
 			return err
 		}

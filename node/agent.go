@@ -44,6 +44,16 @@ type Options struct {
 	// UID is the uid whose traffic the rules exempt when rules.proxy_uid is
 	// -1. Optional: zero value means os.Getuid().
 	UID *uint32
+	// LogLevel is the level of Logger's handler (see NewLevelLogger), so
+	// that a reload applies node.log_level. Optional: without it a change of
+	// node.log_level needs a restart.
+	LogLevel *slog.LevelVar
+	// Version is the agent's version, shown by `vmesh members` and `vmesh
+	// check`. Optional.
+	Version string
+	// Dev marks a throw-away single-host agent (`vmesh agent -dev`).
+	// Optional.
+	Dev bool
 }
 
 // Agent is one host's vmesh: CA (server and/or client), discovery, proxy
@@ -71,11 +81,21 @@ type Agent struct {
 	adminSrv *http.Server
 	ctlSrv   *http.Server
 
-	everReady   atomic.Bool // the host took traffic at least once
-	cancelServe context.CancelFunc
+	everReady      atomic.Bool  // the host took traffic at least once
+	rulesInstalled atomic.Bool  // applier and ruleset are set and were applied once
+	phase          atomic.Int32 // how far start got: phaseCA, phaseDiscovery, phaseProxy
+	cancelServe    context.CancelFunc
 
 	closeOnce sync.Once
 }
+
+// Start-up phases (Agent.phase): the subsystem fields up to that phase are
+// set and may be read by other goroutines.
+const (
+	phaseCA        = 1 + iota // caServer, caClient
+	phaseDiscovery            // disc
+	phaseProxy                // prx, listening
+)
 
 // New checks opts and builds the agent; it starts nothing and touches
 // neither the network nor the disk.
@@ -120,7 +140,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.reg = prometheus.NewRegistry()
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	a.advAddr = advertiseAddr(cfg)
+	adv, err := advertiseAddr(cfg)
+	if err != nil {
+		a.Close()
+		return err
+	}
+	a.advAddr = adv
 	if err := a.startAPIs(cfg); err != nil {
 		a.Close()
 		return err
@@ -164,11 +189,13 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 		g.Go(func() error { return a.caServer.Run(gctx) })
 	}
 	g.Go(func() error { return a.caClient.Run(gctx) })
+	a.phase.Store(phaseCA)
 
 	if err := a.buildDiscovery(cfg); err != nil {
 		return err
 	}
 	g.Go(func() error { return a.disc.Run(gctx) })
+	a.phase.Store(phaseDiscovery)
 
 	if err := a.buildProxy(cfg); err != nil {
 		return err
@@ -177,6 +204,7 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 		return fmt.Errorf("binding proxy listeners: %w", err)
 	}
 	g.Go(func() error { return a.prx.Serve(serveCtx) })
+	a.phase.Store(phaseProxy)
 
 	// Wait for certificates before redirecting anything.
 	a.ready.set("waiting for certificates from the CA")
@@ -193,6 +221,7 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 	if err := a.applier.Apply(gctx, a.ruleset); err != nil {
 		return fmt.Errorf("installing iptables rules: %w", err)
 	}
+	a.rulesInstalled.Store(true)
 	return nil
 }
 
@@ -421,8 +450,9 @@ func (a *Agent) buildDiscovery(cfg Config) error {
 		Config:        cfg.Gossip,
 		NodeName:      cfg.NodeName(),
 		AdvertiseAddr: a.advAddr,
-		// Health is checked where the inbound proxy connects (its
-		// LocalService default, 127.0.0.1:port): healthy means reachable
+		AgentVersion:  a.opts.Version,
+		// Health is checked where the inbound proxy connects (each
+		// service's address, by default loopback): healthy means reachable
 		// through the mesh.
 		CheckAddr:   netip.AddrFrom4([4]byte{127, 0, 0, 1}),
 		ProxyPort:   cfg.Proxy.InboundAddr.Port(),
@@ -556,14 +586,15 @@ func discoveryServices(cfg Config) []discovery.Service {
 	out := make([]discovery.Service, 0, len(cfg.Services))
 	for _, s := range cfg.Services {
 		out = append(out, discovery.Service{
-			Name:     s.Name,
-			Port:     s.Port,
-			Protocol: s.ServiceProtocol(),
-			Opaque:   cfg.Proxy.IsOpaque(s.ServiceProtocol(), false, s.Port),
-			Weight:   s.ServiceWeight(),
-			Labels:   s.Labels,
-			Identity: ca.ServiceID(cfg.CA.TrustDomain, s.Name),
-			Health:   s.Health,
+			Name:      s.Name,
+			Port:      s.Port,
+			Protocol:  s.ServiceProtocol(),
+			Opaque:    cfg.Proxy.IsOpaque(s.ServiceProtocol(), false, s.Port),
+			Weight:    s.ServiceWeight(),
+			Labels:    s.Labels,
+			Identity:  ca.ServiceID(cfg.CA.TrustDomain, s.Name),
+			Health:    s.Health,
+			CheckAddr: s.Target().Addr(),
 		})
 	}
 	return out
@@ -578,37 +609,8 @@ func proxyServices(cfg Config) []proxy.LocalService {
 			Protocol: s.ServiceProtocol(),
 			Policy:   s.Policy,
 			Allow:    s.Allow,
+			Target:   s.Target(),
 		})
 	}
 	return out
-}
-
-// advertiseAddr is gossip.advertise_addr, else the bind address when it is
-// specific, else the first global unicast IPv4 address of the host.
-func advertiseAddr(cfg Config) netip.Addr {
-	if cfg.Gossip.AdvertiseAddr.IsValid() {
-		return cfg.Gossip.AdvertiseAddr
-	}
-	if b := cfg.Gossip.BindAddr.Addr(); b.IsValid() && !b.IsUnspecified() {
-		return b
-	}
-	addrs, _ := net.InterfaceAddrs()
-	var fallback netip.Addr
-	for _, a := range addrs {
-		p, err := netip.ParsePrefix(a.String())
-		if err != nil {
-			continue
-		}
-		ip := p.Addr()
-		if ip.Is4() && ip.IsGlobalUnicast() {
-			return ip
-		}
-		if !fallback.IsValid() && ip.IsGlobalUnicast() {
-			fallback = ip
-		}
-	}
-	if fallback.IsValid() {
-		return fallback
-	}
-	return netip.MustParseAddr("127.0.0.1")
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"slices"
 	"time"
 
 	"github.com/vmesh/vmesh/ca"
@@ -30,19 +29,63 @@ type Status struct {
 	Rules       RulesStatus         `json:"rules"`
 	GossipKeyed bool                `json:"gossip_encrypted"`
 	ConfigPath  string              `json:"config_path,omitempty"`
+
+	// Version is the agent's version.
+	Version string `json:"version,omitempty"`
+	// Dev is set for `vmesh agent -dev` (no config file).
+	Dev bool `json:"dev,omitempty"`
+	// Admin and Socket are where the agent serves its admin API and its
+	// control socket: the CLI finds the agent through them.
+	Admin  string `json:"admin"`
+	Socket string `json:"socket"`
+	// Now is the agent's clock when it answered.
+	Now time.Time `json:"now"`
+	// Services are the declared services as this host sees them.
+	Services []ServiceStatus `json:"services"`
+	// CertFailures says why the latest certificate request failed, by
+	// service ("" for the node certificate).
+	CertFailures map[string]string `json:"cert_failures,omitempty"`
+	// Gossip explains a lone or half-connected host.
+	Gossip discovery.Diagnostics `json:"gossip"`
+}
+
+// ServiceStatus is one declared service of this host.
+type ServiceStatus struct {
+	Name string `json:"name"`
+	Port uint16 `json:"port"`
+	// Target is where the proxy and the health checks reach the app.
+	Target string `json:"target"`
+	// Health is the health check's verdict (passing, failing, unknown).
+	Health string `json:"health"`
+	// Certificate is "granted" when the host holds the service's SVID,
+	// else "missing" (CertError then says why, if the CA answered).
+	Certificate string `json:"certificate"`
+	CertError   string `json:"cert_error,omitempty"`
 }
 
 // RulesStatus says whether the iptables rules are as the config wants.
 type RulesStatus struct {
-	Enabled bool   `json:"enabled"`
-	Backend string `json:"backend,omitempty"`
-	Drift   string `json:"drift,omitempty"` // "" when installed and current
-	Error   string `json:"error,omitempty"`
+	Enabled bool `json:"enabled"`
+	// Installed is set once the agent installed its rules (it waits for its
+	// certificates first); Pending then says why not.
+	Installed bool   `json:"installed"`
+	Pending   string `json:"pending,omitempty"`
+	Backend   string `json:"backend,omitempty"`
+	Drift     string `json:"drift,omitempty"` // "" when installed and current
+	Error     string `json:"error,omitempty"`
 }
 
 // views are the read-only JSON endpoints of the admin API.
 func (a *Agent) views() map[string]http.HandlerFunc {
-	return map[string]http.HandlerFunc{
+	views := map[string]http.HandlerFunc{
+		"/v1/golden": func(w http.ResponseWriter, _ *http.Request) {
+			g, err := golden(a.reg, time.Now())
+			if err != nil {
+				writeError(w, http.StatusInternalServerError, err)
+				return
+			}
+			writeJSON(w, http.StatusOK, g)
+		},
 		"/v1/members": func(w http.ResponseWriter, _ *http.Request) {
 			if a.disc == nil {
 				writeError(w, http.StatusServiceUnavailable, errors.New("discovery is not running yet"))
@@ -60,7 +103,20 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 		"/v1/status": func(w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, http.StatusOK, a.status(r.Context()))
 		},
+		// The running configuration (what the agent applies, which may
+		// differ from the file until a reload), join token left out.
+		"/v1/config": func(w http.ResponseWriter, _ *http.Request) {
+			cfg := a.config()
+			if cfg.CA.Token != "" {
+				cfg.CA.Token = "(redacted)"
+			}
+			writeJSON(w, http.StatusOK, cfg)
+		},
 	}
+	for path, h := range webHandlers() {
+		views[path] = h
+	}
+	return views
 }
 
 func (a *Agent) status(ctx context.Context) Status {
@@ -75,20 +131,60 @@ func (a *Agent) status(ctx context.Context) Status {
 		GossipKeyed: cfg.Gossip.KeyFile != "",
 		ConfigPath:  a.opts.ConfigPath,
 		Rules:       RulesStatus{Enabled: cfg.Rules.Enabled},
+		Version:     a.opts.Version,
+		Dev:         a.opts.Dev,
+		Admin:       cfg.Admin.Addr.String(),
+		Socket:      cfg.Admin.Socket,
+		Now:         time.Now(),
 	}
-	if a.caClient != nil {
+	// The subsystems are set by Run's goroutine; phase orders these reads
+	// after their writes.
+	phase := a.phase.Load()
+	held := map[string]bool{}
+	if phase >= phaseCA {
 		st.Identity = a.caClient.NodeID()
 		st.Identities = a.caClient.Status()
 		st.CAURL = a.caClient.CAURL()
+		st.CertFailures = a.caClient.Failures()
+		for _, id := range st.Identities {
+			if id.Service != "" {
+				held[id.Service] = true
+			}
+		}
 	}
-	if a.disc != nil {
+	health := map[string]string{}
+	if phase >= phaseDiscovery {
 		st.Members = a.disc.Members()
+		st.Gossip = a.disc.Diagnostics()
+		for _, e := range a.disc.Catalog() {
+			if e.Node != st.Node {
+				continue
+			}
+			for _, s := range e.Services {
+				health[s.Name] = string(s.Health)
+			}
+		}
 	}
-	if a.prx != nil {
+	for _, s := range cfg.Services {
+		ss := ServiceStatus{Name: s.Name, Port: s.Port, Target: s.Target().String(), Health: health[s.Name], Certificate: "missing"}
+		if ss.Health == "" {
+			ss.Health = "unknown"
+		}
+		if held[s.Name] {
+			ss.Certificate = "granted"
+		}
+		ss.CertError = st.CertFailures[s.Name]
+		st.Services = append(st.Services, ss)
+	}
+	if phase >= phaseProxy {
 		st.Outbound = a.prx.OutboundAddr().String()
 		st.Inbound = a.prx.InboundAddr().String()
 	}
-	if a.applier != nil && cfg.Rules.Enabled {
+	if cfg.Rules.Enabled && !a.rulesInstalled.Load() {
+		st.Rules.Pending = "not installed yet: " + why
+	}
+	if a.rulesInstalled.Load() && cfg.Rules.Enabled {
+		st.Rules.Installed = true
 		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
 		drift, err := a.applier.Installed(ctx, rules.Build(cfg.RulesState(a.uid())))
@@ -139,7 +235,20 @@ func (a *Agent) controlMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	postJSON(mux, "/v1/token", a.createToken)
 	postJSON(mux, "/v1/revoke", a.revoke)
+	postJSON(mux, "/v1/grant", a.grant)
 	postJSON(mux, "/v1/keyring", a.keyring)
+	mux.HandleFunc("GET /v1/tokens", func(w http.ResponseWriter, _ *http.Request) {
+		if a.phase.Load() < phaseCA || a.caServer == nil {
+			writeError(w, errNotCA.code, errNotCA.err)
+			return
+		}
+		nodes, err := a.caServer.Nodes()
+		if err != nil {
+			writeError(w, http.StatusInternalServerError, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, nodes)
+	})
 	mux.HandleFunc("POST /v1/reload", func(w http.ResponseWriter, r *http.Request) {
 		if err := a.Reload(r.Context()); err != nil {
 			writeError(w, http.StatusBadRequest, err)
@@ -213,6 +322,22 @@ func (a *Agent) createToken(_ context.Context, req TokenRequest) (any, error) {
 	return TokenResponse{Token: tok}, nil
 }
 
+// GrantRequest replaces the services a node may get (POST /v1/grant).
+type GrantRequest struct {
+	Node     string   `json:"node"`
+	Services []string `json:"services"`
+}
+
+func (a *Agent) grant(_ context.Context, req GrantRequest) (any, error) {
+	if a.caServer == nil {
+		return nil, errNotCA
+	}
+	if err := a.caServer.Grant(req.Node, req.Services); err != nil {
+		return nil, err
+	}
+	return struct{}{}, nil
+}
+
 func (a *Agent) revoke(_ context.Context, req NodeRequest) (any, error) {
 	if a.caServer == nil {
 		return nil, errNotCA
@@ -251,90 +376,4 @@ func (a *Agent) keyring(_ context.Context, req KeyRequest) (any, error) {
 		}
 	}
 	return KeyResponse{Keys: a.disc.Keys()}, nil
-}
-
-// Reload re-reads the configuration file and applies what can change
-// without a restart: services (catalog, certificates, authorization),
-// policy, opaque and skip ports, and the rules. A bad file, or a change to
-// something that cannot be reloaded, is refused and the running
-// configuration stays.
-func (a *Agent) Reload(ctx context.Context) error {
-	if a.opts.ConfigPath == "" {
-		return errors.New("reload: the agent was started without a config file")
-	}
-	if !a.everReady.Load() {
-		return errors.New("reload refused: the agent is still starting; reload once it is ready")
-	}
-	a.opts.Notify("RELOADING=1")
-	defer a.opts.Notify("READY=1")
-	next, err := LoadConfig(a.opts.ConfigPath)
-	if err != nil {
-		a.log.Error("reload refused: the configuration is invalid; the running one stays", "err", err)
-		return fmt.Errorf("reload refused, the running configuration stays: %w", err)
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	prev := a.cfg
-	if err := reloadable(prev, next); err != nil {
-		a.log.Error("reload refused; the running configuration stays", "err", err)
-		return fmt.Errorf("reload refused, the running configuration stays: %w", err)
-	}
-	if a.caClient != nil {
-		if err := a.caClient.SetServices(serviceNames(next)); err != nil {
-			return fmt.Errorf("reload: requesting certificates: %w", err)
-		}
-	}
-	if a.prx != nil {
-		if err := a.prx.SetServices(proxyServices(next)); err != nil {
-			return fmt.Errorf("reload: proxy services: %w", err)
-		}
-	}
-	if a.disc != nil {
-		if err := a.disc.SetLocal(discoveryServices(next)); err != nil {
-			return fmt.Errorf("reload: publishing services: %w", err)
-		}
-	}
-	if a.applier != nil && next.Rules.Enabled {
-		rs := rules.Build(next.RulesState(a.uid()))
-		if err := a.applier.Apply(ctx, rs); err != nil {
-			return fmt.Errorf("reload: iptables rules: %w", err)
-		}
-		a.ruleset = rs
-	}
-	a.cfg = next
-	a.log.Info("configuration reloaded", "services", serviceNames(next))
-	return nil
-}
-
-// reloadable refuses changes that need a restart.
-func reloadable(prev, next Config) error {
-	var fixed []string
-	check := func(name string, same bool) {
-		if !same {
-			fixed = append(fixed, name)
-		}
-	}
-	check("node.name", prev.NodeName() == next.NodeName())
-	check("node.data_dir", prev.Node.DataDir == next.Node.DataDir)
-	check("admin", prev.Admin == next.Admin)
-	check("proxy.outbound_addr", prev.Proxy.OutboundAddr == next.Proxy.OutboundAddr)
-	check("proxy.inbound_addr", prev.Proxy.InboundAddr == next.Proxy.InboundAddr)
-	check("proxy.detect_timeout", prev.Proxy.DetectTimeout == next.Proxy.DetectTimeout)
-	check("proxy.connect_timeout", prev.Proxy.ConnectTimeout == next.Proxy.ConnectTimeout)
-	check("proxy.opaque_ports", slices.Equal(prev.Proxy.OpaquePorts, next.Proxy.OpaquePorts))
-	check("proxy.default_policy", prev.Proxy.DefaultPolicy == next.Proxy.DefaultPolicy)
-	check("proxy.outbound_unknown", prev.Proxy.OutboundUnknown == next.Proxy.OutboundUnknown)
-	check("proxy.request_timeout", prev.Proxy.RequestTimeout == next.Proxy.RequestTimeout)
-	check("proxy.client_identity", prev.Proxy.ClientIdentity == next.Proxy.ClientIdentity)
-	check("proxy.multiplex_opaque", prev.Proxy.MultiplexOpaque == next.Proxy.MultiplexOpaque)
-	check("gossip.bind_addr", prev.Gossip.BindAddr == next.Gossip.BindAddr)
-	check("gossip.advertise_addr", prev.Gossip.AdvertiseAddr == next.Gossip.AdvertiseAddr)
-	check("ca.role", prev.CA.Role == next.CA.Role)
-	check("ca.trust_domain", prev.CA.TrustDomain == next.CA.TrustDomain)
-	check("ca.listen_addr", prev.CA.ListenAddr == next.CA.ListenAddr)
-	check("rules.enabled", prev.Rules.Enabled == next.Rules.Enabled)
-	if len(fixed) > 0 {
-		return fmt.Errorf("these settings change only with a restart: %v", fixed)
-	}
-	return nil
 }

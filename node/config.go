@@ -64,6 +64,11 @@ type ServiceConfig struct {
 	Name string `toml:"name"`
 	// Port the service listens on. Required.
 	Port uint16 `toml:"port"`
+	// Address is where the app listens: the inbound proxy and the health
+	// checks dial Address:Port. Default 127.0.0.1 (an app bound to
+	// 0.0.0.0 or to loopback); set it for an app bound to one of the host's
+	// own addresses only.
+	Address netip.Addr `toml:"address"`
 	// Protocol is "auto" (default: detect), "http1", "http2" or "opaque"
 	// (no detection: mTLS and TCP metrics only).
 	Protocol string `toml:"protocol"`
@@ -87,6 +92,16 @@ func (s *ServiceConfig) ServiceProtocol() string {
 		return "auto"
 	}
 	return s.Protocol
+}
+
+// Target is where the proxy and the health checks reach the app:
+// Address:Port, by default 127.0.0.1:Port.
+func (s *ServiceConfig) Target() netip.AddrPort {
+	a := s.Address
+	if !a.IsValid() {
+		a = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	}
+	return netip.AddrPortFrom(a, s.Port)
 }
 
 // ServiceWeight returns the weight, resolving the default.
@@ -190,6 +205,9 @@ func (c *Config) Validate() error {
 		}
 		if s.Port == 0 {
 			errs.Add(key+".port", "is required (1-65535)")
+		}
+		if a := s.Address; a.IsValid() && (a.IsUnspecified() || a.IsMulticast()) {
+			errs.Add(key+".address", "must be an address the app listens on (default 127.0.0.1), got %s", a)
 		}
 		if !slices.Contains(protocols, s.ServiceProtocol()) {
 			errs.Add(key+".protocol", "must be one of %s, got %q", strings.Join(protocols, ", "), s.Protocol)

@@ -2,6 +2,7 @@ package node
 
 import (
 	"errors"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vmesh/vmesh/internal/field"
 )
@@ -172,6 +174,36 @@ port = 22
 	}
 }
 
+// Issue 15: a type error in the first of two [[service]] tables names that
+// table's line, and the keys of its sub-table are not called unknown (with a
+// "did you mean" naming the key itself).
+func TestBadConfigFirstOfTwoServices(t *testing.T) {
+	_, err := ParseConfig([]byte(`[ca]
+trust_domain = "nc.example"
+[[service]]
+name = "web"
+port = "8080"
+[service.health]
+type = "http"
+[[service]]
+name = "echo"
+port = 9000
+`))
+	var list field.List
+	if !errors.As(err, &list) {
+		t.Fatalf("got %v", err)
+	}
+	if len(list) != 1 {
+		t.Fatalf("want exactly one problem, got:\n%v", err)
+	}
+	if e := list[0]; e.Key != "service[1].port" || e.Line != 5 || !strings.Contains(e.Msg, "incompatible types") {
+		t.Errorf("got %v, want line 5: service[1].port: incompatible types", e)
+	}
+	if strings.Contains(err.Error(), "did you mean") {
+		t.Errorf("bogus suggestion: %v", err)
+	}
+}
+
 func TestLoadConfigMissingFile(t *testing.T) {
 	_, err := LoadConfig(filepath.Join(t.TempDir(), "nope.toml"))
 	if !errors.Is(err, os.ErrNotExist) {
@@ -229,4 +261,21 @@ func FuzzParseConfig(f *testing.F) {
 			}
 		}
 	})
+}
+
+// The admin page and its assets are served from the embedded files.
+func TestWebAssets(t *testing.T) {
+	mux := adminMux(prometheus.NewRegistry(), &readiness{}, webHandlers())
+	for path, want := range map[string]string{"/": "<title>vmesh</title>", "/ui/app.js": "function quantile", "/ui/style.css": "font"} {
+		rec := httptest.NewRecorder()
+		mux.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+		if rec.Code != 200 || !strings.Contains(rec.Body.String(), want) {
+			t.Errorf("GET %s: %d %.80q", path, rec.Code, rec.Body.String())
+		}
+	}
+	rec := httptest.NewRecorder()
+	mux.ServeHTTP(rec, httptest.NewRequest("GET", "/nothing", nil))
+	if rec.Code != 404 {
+		t.Errorf("GET /nothing: %d, want 404", rec.Code)
+	}
 }

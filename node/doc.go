@@ -3,4 +3,14 @@
 // part in order, reloads on SIGHUP, drains on SIGTERM, serves the admin
 // endpoints and tells systemd it is ready. It is the only package that
 // imports all the others.
+//
+// The admin API (read-only, admin.addr) serves /metrics, /ready, /live, the
+// JSON views the CLI reads (/v1/status — including where the agent's config
+// file and control socket are, so that every command can find them —
+// /v1/config, /v1/members, /v1/services, /v1/golden) and a live web page at
+// /. The control socket (admin.socket, 0600) carries what changes state:
+// token create and list, node grant and revoke, keyring, reload.
+//
+// A reload applies what it can and refuses, by key, what a long-lived part
+// was built from (see reload.go).
 package node

@@ -6,6 +6,7 @@ import (
 	"os"
 	"reflect"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -40,6 +41,9 @@ func ParseConfig(data []byte) (Config, error) {
 		return Config{}, field.List{decodeError(err, "")}
 	}
 	var errs field.List
+	// failed holds the tables that did not decode: their fields are partly
+	// unset, so validating them would only add bogus errors.
+	failed := map[string]bool{}
 	sections := map[string]any{
 		"node": &cfg.Node, "admin": &cfg.Admin, "proxy": &cfg.Proxy,
 		"gossip": &cfg.Gossip, "ca": &cfg.CA, "rules": &cfg.Rules,
@@ -56,7 +60,14 @@ func ParseConfig(data []byte) (Config, error) {
 				if err := md.PrimitiveDecode(e, &cfg.Services[i]); err != nil {
 					fe := decodeError(err, "")
 					fe.Key = fmt.Sprintf("service[%d].%s", i+1, strings.TrimPrefix(fe.Key, "service."))
+					// The decoder names the line of the key's last
+					// occurrence in any [[service]] table; find this
+					// element's own.
+					if n := lines.lookup(fe.Key); n > 0 {
+						fe.Line = n
+					}
 					errs = append(errs, fe)
+					failed[fmt.Sprintf("service[%d]", i+1)] = true
 				}
 			}
 			continue
@@ -67,12 +78,19 @@ func ParseConfig(data []byte) (Config, error) {
 		}
 		if err := md.PrimitiveDecode(prim, dst); err != nil {
 			errs = append(errs, decodeError(err, name))
+			failed[name] = true
 		}
 	}
+	known := knownKeys(reflect.TypeOf(cfg), "")
 	for _, k := range md.Undecoded() {
 		key := k.String()
+		if slices.Contains(known, key) {
+			// A known key left undecoded belongs to a table that failed to
+			// decode: that failure is reported, the key is not unknown.
+			continue
+		}
 		msg := "unknown key"
-		if s := suggest(key, knownKeys(reflect.TypeOf(cfg), "")); s != "" {
+		if s := suggest(key, known); s != "" {
 			msg += fmt.Sprintf(" (did you mean %q?)", s)
 		}
 		errs = append(errs, &field.Error{Key: key, Line: lines.line(key), Msg: msg})
@@ -91,6 +109,9 @@ func ParseConfig(data []byte) (Config, error) {
 		for _, e := range field.Flatten(err) {
 			var fe *field.Error
 			if errors.As(e, &fe) {
+				if failed[strings.SplitN(fe.Key, ".", 2)[0]] {
+					continue
+				}
 				if fe.Line == 0 {
 					fe.Line = lines.lookup(fe.Key)
 				}

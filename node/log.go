@@ -9,18 +9,16 @@ import (
 // journald, JSON for log shippers. Subsystems derive theirs with
 // Logger.With("subsystem", name).
 func NewLogger(w io.Writer, level, format string) *slog.Logger {
-	var lv slog.Level
-	switch level {
-	case "debug":
-		lv = slog.LevelDebug
-	case "warn":
-		lv = slog.LevelWarn
-	case "error":
-		lv = slog.LevelError
-	default:
-		lv = slog.LevelInfo
-	}
-	opts := &slog.HandlerOptions{Level: lv}
+	lv := new(slog.LevelVar)
+	lv.Set(ParseLevel(level))
+	return NewLevelLogger(w, lv, format)
+}
+
+// NewLevelLogger is NewLogger with a level that can change while it runs
+// (pass the same LevelVar as Options.LogLevel and a reload applies
+// node.log_level).
+func NewLevelLogger(w io.Writer, level *slog.LevelVar, format string) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
 	if format == "json" {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}

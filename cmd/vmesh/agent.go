@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -15,8 +16,7 @@ import (
 	"github.com/vmesh/vmesh/rules"
 )
 
-func newAgentCmd() *cobra.Command {
-	var configPath string
+func newAgentCmd(cl *cli) *cobra.Command {
 	var dev, cleanup, force bool
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -31,14 +31,18 @@ is refused and the running one stays); SIGTERM drains and stops.
               networking redirected to a dead proxy).`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
+			configPath, explicit := cl.explicitConfig()
+			if !explicit {
+				configPath = node.DefaultConfigPath
+			}
 			if cleanup {
-				return runCleanup(c.Context(), configPath, c.Flags().Changed("config"), force)
+				return runCleanup(c.Context(), configPath, explicit, force)
 			}
 			var cfg node.Config
 			var err error
 			path := configPath
 			if dev {
-				cfg, err = devConfig(configPath, c.Flags().Changed("config"))
+				cfg, err = devConfig(configPath, explicit)
 				if err == nil {
 					defer os.RemoveAll(cfg.Node.DataDir)
 				}
@@ -49,19 +53,21 @@ is refused and the running one stays); SIGTERM drains and stops.
 			if err != nil {
 				return usageError{err}
 			}
-			return runAgent(cfg, path)
+			return runAgent(cfg, path, dev)
 		},
 	}
-	cmd.Flags().StringVarP(&configPath, "config", "c", node.DefaultConfigPath, "configuration file")
 	cmd.Flags().BoolVar(&dev, "dev", false, "run a single host with a throw-away CA and data dir")
 	cmd.Flags().BoolVar(&cleanup, "cleanup", false, "remove leftover vmesh iptables rules and exit (keeps them when rules.on_stop = \"keep\", unless --force)")
 	cmd.Flags().BoolVar(&force, "force", false, "with --cleanup: remove the rules even when rules.on_stop = \"keep\"")
 	return cmd
 }
 
-func runAgent(cfg node.Config, path string) error {
-	log := node.NewLogger(os.Stderr, cfg.Node.LogLevel, cfg.Node.LogFormat)
-	a, err := node.New(node.Options{Config: cfg, ConfigPath: path, Logger: log})
+func runAgent(cfg node.Config, path string, dev bool) error {
+	level := new(slog.LevelVar)
+	level.Set(node.ParseLevel(cfg.Node.LogLevel))
+	log := node.NewLevelLogger(os.Stderr, level, cfg.Node.LogFormat)
+	a, err := node.New(node.Options{Config: cfg, ConfigPath: path, Logger: log, LogLevel: level,
+		Version: agentVersion(), Dev: dev})
 	if err != nil {
 		return usageError{err}
 	}

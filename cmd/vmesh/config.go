@@ -9,27 +9,51 @@ import (
 	"github.com/vmesh/vmesh/node"
 )
 
-func newConfigCmd() *cobra.Command {
+func newConfigCmd(cl *cli) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "config",
 		Short: "Check a configuration file or print the default one",
 		Args:  noArgs,
 	}
 	cmd.AddCommand(&cobra.Command{
-		Use:   "check FILE",
+		Use:   "check [FILE]",
 		Short: "Check a configuration file and print every problem, each with its key and line",
-		Long: `Check decodes and validates FILE as the agent would, and prints every problem
-found (not only the first), each naming its key and line. Exit code 0: valid;
-2: invalid; 1: the file could not be read.`,
-		Args: exactArgs(1),
+		Long: `Check decodes and validates FILE (default: --config, VMESH_CONFIG, the running
+agent's file, else ` + node.DefaultConfigPath + `) as the agent would, and prints
+every problem found (not only the first), each naming its key and line.
+Exit code 0: valid; 2: invalid; 1: the file could not be read.`,
+		Args: func(c *cobra.Command, args []string) error {
+			if err := cobra.MaximumNArgs(1)(c, args); err != nil {
+				return usageError{err}
+			}
+			return nil
+		},
 		RunE: func(c *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				p := cl.configPath(c.Context())
+				if p == "" {
+					return usageError{fmt.Errorf("the running agent has no config file (vmesh agent -dev): name one")}
+				}
+				args = []string{p}
+			}
 			_, err := node.LoadConfig(args[0])
+			list, isList := err.(field.List)
+			if cl.json() && (err == nil || isList) {
+				r := configReport{File: args[0], OK: err == nil, Problems: []configProblem{}}
+				for _, e := range list {
+					r.Problems = append(r.Problems, configProblem{Key: e.Key, Line: e.Line, Message: e.Msg})
+				}
+				printJSON(c.OutOrStdout(), r)
+				if err != nil {
+					return silentError{exitUsage}
+				}
+				return nil
+			}
 			if err == nil {
 				fmt.Fprintf(c.OutOrStdout(), "%s: ok\n", args[0])
 				return nil
 			}
-			list, ok := err.(field.List)
-			if !ok {
+			if !isList {
 				return err
 			}
 			for _, e := range list {
@@ -49,6 +73,19 @@ found (not only the first), each naming its key and line. Exit code 0: valid;
 		},
 	})
 	return cmd
+}
+
+// configReport is `vmesh config check -o json`.
+type configReport struct {
+	File     string          `json:"file"`
+	OK       bool            `json:"ok"`
+	Problems []configProblem `json:"problems"`
+}
+
+type configProblem struct {
+	Key     string `json:"key"`
+	Line    int    `json:"line,omitempty"`
+	Message string `json:"message"`
 }
 
 // formatFieldError renders "LINE: key: message" (compiler style after the

@@ -59,7 +59,8 @@ func run(args []string) int {
 // goStyleFlags accepts Go-style single-dash long flags (`vmesh agent -dev`,
 // `-config FILE`) by rewriting them to the double-dash form cobra parses.
 func goStyleFlags(args []string) []string {
-	long := map[string]bool{"dev": true, "cleanup": true, "config": true, "socket": true, "admin": true, "output": true}
+	long := map[string]bool{"dev": true, "cleanup": true, "config": true, "socket": true, "admin": true, "output": true,
+		"version": true, "window": true, "force": true}
 	out := make([]string, len(args))
 	for i, a := range args {
 		name := strings.SplitN(strings.TrimPrefix(a, "-"), "=", 2)[0]
@@ -72,6 +73,7 @@ func goStyleFlags(args []string) []string {
 }
 
 func newRootCmd() *cobra.Command {
+	c := &cli{}
 	root := &cobra.Command{
 		Use:   "vmesh",
 		Short: "A service mesh for plain VMs: mTLS, identity, authorization and metrics",
@@ -81,25 +83,31 @@ redirects the host's TCP traffic through itself with iptables, and proxies it
 with mTLS, protocol detection, authorization and golden metrics.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       versionString(),
+		PersistentPreRunE: func(*cobra.Command, []string) error {
+			return c.checkOutput()
+		},
 	}
+	root.SetVersionTemplate("{{.Version}}\n")
+	c.addFlags(root)
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageError{fmt.Errorf("%w (see '%s --help')", err, c.CommandPath())}
 	})
 	root.AddCommand(
-		newAgentCmd(),
-		newConfigCmd(),
-		newVersionCmd(),
-		newStatCmd(),
-		newRulesCmd(),
+		newAgentCmd(c),
+		newConfigCmd(c),
+		newVersionCmd(c),
+		newStatCmd(c),
+		newRulesCmd(c),
 		newCACmd(),
-		newTokenCmd(),
-		newNodeCmd(),
+		newTokenCmd(c),
+		newNodeCmd(c),
 		newKeygenCmd(),
-		newKeyringCmd(),
-		newReloadCmd(),
-		newMembersCmd(),
-		newServicesCmd(),
-		newCheckCmd(),
+		newKeyringCmd(c),
+		newReloadCmd(c),
+		newMembersCmd(c),
+		newServicesCmd(c),
+		newCheckCmd(c),
 	)
 	return root
 }

@@ -47,14 +47,7 @@ be moved offline.`,
 	return cmd
 }
 
-// controlFlag adds --socket to cmd and returns a getter for the client.
-func controlFlag(cmd *cobra.Command) func() *node.ControlClient {
-	var socket string
-	cmd.Flags().StringVar(&socket, "socket", "/run/vmesh/admin.sock", "the agent's control socket")
-	return func() *node.ControlClient { return node.NewControlClient(socket) }
-}
-
-func newTokenCmd() *cobra.Command {
+func newTokenCmd(cl *cli) *cobra.Command {
 	cmd := &cobra.Command{Use: "token", Short: "Join tokens for new hosts", Args: noArgs}
 	var nodeName string
 	var services []string
@@ -68,13 +61,12 @@ Runs on a CA host: the token is minted by the running agent over its control
 socket.`,
 		Args: noArgs,
 	}
-	client := controlFlag(create)
 	create.RunE = func(c *cobra.Command, _ []string) error {
 		if nodeName == "" {
 			return usageError{fmt.Errorf("--node is required")}
 		}
 		var resp node.TokenResponse
-		err := client().Do(c.Context(), http.MethodPost, "/v1/token",
+		err := cl.control(c.Context()).Do(c.Context(), http.MethodPost, "/v1/token",
 			node.TokenRequest{Node: nodeName, Services: services, TTL: ttl.String()}, &resp)
 		if err != nil {
 			return err
@@ -85,26 +77,80 @@ socket.`,
 	create.Flags().StringVar(&nodeName, "node", "", "the new host's node name (required)")
 	create.Flags().StringSliceVar(&services, "services", nil, "services the host may get certificates for (comma-separated)")
 	create.Flags().DurationVar(&ttl, "ttl", 15*time.Minute, "how long the token is valid")
-	cmd.AddCommand(create)
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List the hosts this CA minted join tokens for: services granted, token expiry, joined, revoked",
+		Args:  noArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			var nodes []ca.NodeInfo
+			if err := cl.control(c.Context()).Do(c.Context(), http.MethodGet, "/v1/tokens", nil, &nodes); err != nil {
+				return err
+			}
+			if cl.json() {
+				return printJSON(c.OutOrStdout(), nodes)
+			}
+			tw := tabwriter.NewWriter(c.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NODE\tSERVICES\tTOKEN\tJOINED\tREVOKED")
+			now := time.Now()
+			for _, n := range nodes {
+				tok := "expired " + n.TokenExpires.Format(time.RFC3339)
+				switch {
+				case !n.JoinedAt.IsZero():
+					tok = "used"
+				case n.TokenExpires.IsZero():
+					tok = "-"
+				case now.Before(n.TokenExpires):
+					tok = "valid until " + n.TokenExpires.Format(time.RFC3339)
+				}
+				joined := "-"
+				if !n.JoinedAt.IsZero() {
+					joined = n.JoinedAt.Format(time.RFC3339)
+				}
+				svcs := strings.Join(n.Services, ",")
+				if svcs == "" {
+					svcs = "-"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\n", n.Node, svcs, tok, joined, n.Revoked)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.AddCommand(create, list)
 	return cmd
 }
 
-func newNodeCmd() *cobra.Command {
+func newNodeCmd(cl *cli) *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "Manage mesh hosts on a CA host", Args: noArgs}
 	revoke := &cobra.Command{
 		Use:   "revoke NAME",
 		Short: "Refuse NAME's renewals and certificate requests from now on",
 		Args:  exactArgs(1),
 	}
-	client := controlFlag(revoke)
 	revoke.RunE = func(c *cobra.Command, args []string) error {
-		if err := client().Do(c.Context(), http.MethodPost, "/v1/revoke", node.NodeRequest{Node: args[0]}, nil); err != nil {
+		if err := cl.control(c.Context()).Do(c.Context(), http.MethodPost, "/v1/revoke", node.NodeRequest{Node: args[0]}, nil); err != nil {
 			return err
 		}
 		fmt.Fprintf(c.OutOrStdout(), "node %s revoked: its certificates will not be renewed\n", args[0])
 		return nil
 	}
-	cmd.AddCommand(revoke)
+	var services []string
+	grant := &cobra.Command{
+		Use:   "grant NAME --services a,b",
+		Short: "Set the services NAME may get certificates for (all of them), without a new token",
+		Long: `Grant replaces the services host NAME may get certificates for: list all of
+them, old and new. Then add the new [[service]] to NAME's configuration and
+reload its agent; it asks for the new certificate by itself.`,
+		Args: exactArgs(1),
+	}
+	grant.Flags().StringSliceVar(&services, "services", nil, "every service the host may have (comma-separated)")
+	grant.RunE = func(c *cobra.Command, args []string) error {
+		if err := cl.control(c.Context()).Do(c.Context(), http.MethodPost, "/v1/grant", node.GrantRequest{Node: args[0], Services: services}, nil); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.OutOrStdout(), "node %s may now get certificates for: %s\n", args[0], strings.Join(services, ","))
+		return nil
+	}
+	cmd.AddCommand(revoke, grant)
 	return cmd
 }
 
@@ -124,7 +170,7 @@ func newKeygenCmd() *cobra.Command {
 	}
 }
 
-func newKeyringCmd() *cobra.Command {
+func newKeyringCmd(cl *cli) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "keyring",
 		Short: "Rotate gossip keys on a running agent: install, use, remove, list",
@@ -141,15 +187,17 @@ gossip.key_file so a restart keeps the new key).`,
 		} else {
 			sub.Args = exactArgs(1)
 		}
-		client := controlFlag(sub)
 		sub.RunE = func(c *cobra.Command, args []string) error {
 			req := node.KeyRequest{Op: op}
 			if len(args) == 1 {
 				req.Key = args[0]
 			}
 			var resp node.KeyResponse
-			if err := client().Do(c.Context(), http.MethodPost, "/v1/keyring", req, &resp); err != nil {
+			if err := cl.control(c.Context()).Do(c.Context(), http.MethodPost, "/v1/keyring", req, &resp); err != nil {
 				return err
+			}
+			if cl.json() {
+				return printJSON(c.OutOrStdout(), resp)
 			}
 			for i, k := range resp.Keys {
 				mark := ""
@@ -165,15 +213,14 @@ gossip.key_file so a restart keeps the new key).`,
 	return cmd
 }
 
-func newReloadCmd() *cobra.Command {
+func newReloadCmd(cl *cli) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "reload",
 		Short: "Ask the running agent to re-read its configuration (like SIGHUP), and say whether it took",
 		Args:  noArgs,
 	}
-	client := controlFlag(cmd)
 	cmd.RunE = func(c *cobra.Command, _ []string) error {
-		if err := client().Do(c.Context(), http.MethodPost, "/v1/reload", nil, nil); err != nil {
+		if err := cl.control(c.Context()).Do(c.Context(), http.MethodPost, "/v1/reload", nil, nil); err != nil {
 			return err
 		}
 		fmt.Fprintln(c.OutOrStdout(), "configuration reloaded")
@@ -205,50 +252,48 @@ func adminGet(ctx context.Context, admin, path string, out any) error {
 	return json.Unmarshal(body, out)
 }
 
-// outputFlags adds --admin and -o to cmd.
-func outputFlags(cmd *cobra.Command) (admin, output *string) {
-	admin = cmd.Flags().String("admin", "127.0.0.1:4191", "the agent's admin address")
-	output = cmd.Flags().StringP("output", "o", "table", "table or json")
-	return
-}
-
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
 }
 
-func newMembersCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "members", Short: "List the mesh's hosts as this agent sees them", Args: noArgs}
-	admin, output := outputFlags(cmd)
+func newMembersCmd(cl *cli) *cobra.Command {
+	cmd := &cobra.Command{Use: "members", Short: "List the mesh's hosts as this agent sees them, with their agent version and roles", Args: noArgs}
 	cmd.RunE = func(c *cobra.Command, _ []string) error {
 		var ms []discovery.Member
-		if err := adminGet(c.Context(), *admin, "/v1/members", &ms); err != nil {
+		if err := adminGet(c.Context(), cl.admin(), "/v1/members", &ms); err != nil {
 			return err
 		}
-		if *output == "json" {
+		if cl.json() {
 			return printJSON(c.OutOrStdout(), ms)
 		}
 		sort.Slice(ms, func(i, j int) bool { return ms[i].Name < ms[j].Name })
 		tw := tabwriter.NewWriter(c.OutOrStdout(), 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "NAME\tADDRESS\tSTATE\tSERVICES\tROLES")
+		fmt.Fprintln(tw, "NAME\tADDRESS\tSTATE\tSERVICES\tAGENT\tROLES")
 		for _, m := range ms {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", m.Name, m.Addr, m.State, m.Services, strings.Join(m.Roles, ","))
+			agent, roles := m.Agent, strings.Join(m.Roles, ",")
+			if agent == "" {
+				agent = "-"
+			}
+			if roles == "" {
+				roles = "-"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\n", m.Name, m.Addr, m.State, m.Services, agent, roles)
 		}
 		return tw.Flush()
 	}
 	return cmd
 }
 
-func newServicesCmd() *cobra.Command {
+func newServicesCmd(cl *cli) *cobra.Command {
 	cmd := &cobra.Command{Use: "services", Short: "List the mesh's services and their endpoints", Args: noArgs}
-	admin, output := outputFlags(cmd)
 	cmd.RunE = func(c *cobra.Command, _ []string) error {
 		var entries []discovery.NodeEntry
-		if err := adminGet(c.Context(), *admin, "/v1/services", &entries); err != nil {
+		if err := adminGet(c.Context(), cl.admin(), "/v1/services", &entries); err != nil {
 			return err
 		}
-		if *output == "json" {
+		if cl.json() {
 			return printJSON(c.OutOrStdout(), entries)
 		}
 		type row struct{ svc, node, addr, proto, health string }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 
@@ -10,20 +11,27 @@ import (
 	"github.com/vmesh/vmesh/rules"
 )
 
-func newRulesCmd() *cobra.Command {
-	var configPath string
+func newRulesCmd(cl *cli) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "rules",
 		Short: "Show, install or remove the iptables redirect rules of a configuration",
-		Args:  noArgs,
+		Long: `The configuration is the one given (--config or VMESH_CONFIG), else the
+running agent's (its file, or the in-memory one of 'vmesh agent -dev'), else
+` + node.DefaultConfigPath + `.`,
+		Args: noArgs,
 	}
-	cmd.PersistentFlags().StringVarP(&configPath, "config", "c", node.DefaultConfigPath, "configuration file")
-	load := func() (node.Config, *rules.Ruleset, error) {
-		cfg, err := node.LoadConfig(configPath)
+	// load returns the configuration and its rules, for the uid the agent
+	// runs as when the configuration is the running agent's.
+	load := func(ctx context.Context) (node.Config, *rules.Ruleset, error) {
+		cfg, from, err := cl.config(ctx)
 		if err != nil {
 			return cfg, nil, usageError{err}
 		}
-		return cfg, rules.Build(cfg.RulesState(uint32(os.Getuid()))), nil
+		uid := uint32(os.Getuid())
+		if st, err := cl.status(ctx); err == nil && from == "the running agent" {
+			uid = uint32(st.UID)
+		}
+		return cfg, rules.Build(cfg.RulesState(uid)), nil
 	}
 	applier := func(cfg node.Config) (*rules.Applier, error) {
 		opts := cfg.Rules.ApplierOptions()
@@ -35,7 +43,7 @@ func newRulesCmd() *cobra.Command {
 		Short: "Print the rules the configuration asks for (iptables-save form; no root needed)",
 		Args:  noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			_, rs, err := load()
+			_, rs, err := load(c.Context())
 			if err != nil {
 				return err
 			}
@@ -47,7 +55,7 @@ func newRulesCmd() *cobra.Command {
 		Short: "Install (or converge to) the configuration's rules; the agent does this itself on start",
 		Args:  noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			cfg, rs, err := load()
+			cfg, rs, err := load(c.Context())
 			if err != nil {
 				return err
 			}
@@ -62,7 +70,7 @@ func newRulesCmd() *cobra.Command {
 		Short: "Remove every vmesh rule and chain (and nothing else)",
 		Args:  noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			cfg, err := node.LoadConfig(configPath)
+			cfg, _, err := cl.config(c.Context())
 			if err != nil {
 				// Removing rules must work even with a broken config.
 				cfg = node.DefaultConfig()

@@ -17,18 +17,22 @@ import (
 	"github.com/spf13/cobra"
 )
 
-func newStatCmd() *cobra.Command {
-	var admin string
+func newStatCmd(cl *cli) *cobra.Command {
 	var window time.Duration
 	cmd := &cobra.Command{
 		Use:   "stat",
 		Short: "Show golden metrics per service: success rate, requests/s, latency percentiles",
 		Long: `Stat scrapes the local agent's /metrics twice, WINDOW apart, and shows for each
 direction and service the success rate, requests per second and p50/p95/p99
-latency of HTTP traffic in that window, plus open TCP connections.`,
+latency of HTTP traffic in that window, the responses by status code, and
+open TCP connections.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
+			if window <= 0 {
+				return usageError{fmt.Errorf("--window must be positive, got %s", window)}
+			}
 			ctx := c.Context()
+			admin := cl.admin()
 			before, err := scrape(ctx, admin)
 			if err != nil {
 				return err
@@ -43,17 +47,23 @@ latency of HTTP traffic in that window, plus open TCP connections.`,
 				return err
 			}
 			rows := goldenStats(before, after, window)
+			if cl.json() {
+				out := make([]statJSON, len(rows))
+				for i, r := range rows {
+					out[i] = r.json(window)
+				}
+				return printJSON(c.OutOrStdout(), out)
+			}
 			tw := tabwriter.NewWriter(c.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "DIRECTION\tSERVICE\tSUCCESS\tRPS\tP50_MS\tP95_MS\tP99_MS\tTCP_CONNS")
+			fmt.Fprintln(tw, "DIRECTION\tSERVICE\tSUCCESS\tRPS\tP50_MS\tP95_MS\tP99_MS\tTCP_CONNS\tSTATUS")
 			for _, r := range rows {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%.1f\t%s\t%s\t%s\t%.0f\n", r.direction, r.service,
-					pct(r.success), r.rps, ms(r.p50), ms(r.p95), ms(r.p99), r.tcpConns)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%.1f\t%s\t%s\t%s\t%.0f\t%s\n", r.direction, r.service,
+					pct(r.success), r.rps, ms(r.p50), ms(r.p95), ms(r.p99), r.tcpConns, statusSummary(r.byStatus))
 			}
 			return tw.Flush()
 		},
 	}
-	cmd.Flags().StringVar(&admin, "admin", "127.0.0.1:4191", "the agent's admin address")
-	cmd.Flags().DurationVar(&window, "window", 2*time.Second, "how long to measure")
+	cmd.Flags().DurationVar(&window, "window", 2*time.Second, "how long to measure (e.g. 10s, 1m)")
 	return cmd
 }
 
@@ -87,6 +97,67 @@ type statRow struct {
 	success, rps       float64 // success is NaN without responses
 	p50, p95, p99      float64 // NaN without requests
 	tcpConns           float64
+	byStatus           map[string]float64 // responses in the window by status code
+}
+
+// statJSON is one row of `vmesh stat -o json`; absent numbers are null.
+type statJSON struct {
+	Direction string             `json:"direction"`
+	Service   string             `json:"service"`
+	Window    string             `json:"window"`
+	Success   *float64           `json:"success_rate"`
+	RPS       float64            `json:"rps"`
+	P50       *float64           `json:"p50_ms"`
+	P95       *float64           `json:"p95_ms"`
+	P99       *float64           `json:"p99_ms"`
+	TCPConns  float64            `json:"tcp_open_connections"`
+	ByStatus  map[string]float64 `json:"responses_by_status"`
+}
+
+func (r statRow) json(window time.Duration) statJSON {
+	num := func(f float64) *float64 {
+		if math.IsNaN(f) {
+			return nil
+		}
+		return &f
+	}
+	return statJSON{Direction: r.direction, Service: r.service, Window: window.String(), Success: num(r.success),
+		RPS: r.rps, P50: num(r.p50), P95: num(r.p95), P99: num(r.p99), TCPConns: r.tcpConns, ByStatus: r.byStatus}
+}
+
+// statusSummary renders "200:95 503:5", by status code.
+func statusSummary(m map[string]float64) string {
+	if len(m) == 0 {
+		return "-"
+	}
+	codes := make([]string, 0, len(m))
+	for c := range m {
+		codes = append(codes, c)
+	}
+	sort.Strings(codes)
+	parts := make([]string, len(codes))
+	for i, c := range codes {
+		parts[i] = fmt.Sprintf("%s:%.0f", c, m[c])
+	}
+	return strings.Join(parts, " ")
+}
+
+// byStatus counts the responses per (direction, service) and status code.
+func byStatus(mf map[string]*dto.MetricFamily) map[statKey]map[string]float64 {
+	out := map[statKey]map[string]float64{}
+	f, ok := mf["response_total"]
+	if !ok {
+		return out
+	}
+	for _, m := range f.GetMetric() {
+		l := labelsOf(m)
+		key := statKey{l["direction"], l["service"]}
+		if out[key] == nil {
+			out[key] = map[string]float64{}
+		}
+		out[key][l["status_code"]] += m.GetCounter().GetValue()
+	}
+	return out
 }
 
 type statKey struct{ direction, service string }
@@ -154,6 +225,7 @@ func goldenStats(before, after map[string]*dto.MetricFamily, window time.Duratio
 	okA, okB := sumBy(after, "response_total", "classification", "success"), sumBy(before, "response_total", "classification", "success")
 	conns := sumBy(after, "tcp_open_connections", "", "")
 	latA, latB := buckets(after), buckets(before)
+	stA, stB := byStatus(after), byStatus(before)
 	keys := map[statKey]bool{}
 	for k := range reqA {
 		keys[k] = true
@@ -177,6 +249,12 @@ func goldenStats(before, after map[string]*dto.MetricFamily, window time.Duratio
 			delta[ub] = n - latB[k][ub]
 		}
 		r.p50, r.p95, r.p99 = quantile(delta, 0.50), quantile(delta, 0.95), quantile(delta, 0.99)
+		r.byStatus = map[string]float64{}
+		for code, n := range stA[k] {
+			if d := n - stB[k][code]; d > 0 {
+				r.byStatus[code] = d
+			}
+		}
 		rows = append(rows, r)
 	}
 	sort.Slice(rows, func(i, j int) bool {

@@ -58,6 +58,14 @@ func TestGoldenStats(t *testing.T) {
 	if r.p50 != 1 || r.p99 < 9.5 || r.p99 > 10 {
 		t.Fatalf("p50 = %v, p99 = %v", r.p50, r.p99)
 	}
+	// Per-status breakdown of the window: 150 more 200s, 50 new 503s.
+	if r.byStatus["200"] != 150 || r.byStatus["503"] != 50 || statusSummary(r.byStatus) != "200:150 503:50" {
+		t.Fatalf("by status = %v", r.byStatus)
+	}
+	j := r.json(2 * time.Second)
+	if j.Success == nil || *j.Success != 0.75 || j.RPS != 100 || j.Window != "2s" {
+		t.Fatalf("json row = %+v", j)
+	}
 }
 
 func TestGoStyleFlags(t *testing.T) {
