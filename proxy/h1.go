@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -55,6 +56,8 @@ type h1Conn struct {
 	req      h1Head
 	resp     h1Head
 	idle     atomic.Bool // waiting for a request: Shutdown may close it
+	pr       prefixReader
+	small    [1024]byte // an idle connection's next bytes land here, not in br
 	sent100  bool        // a 100 Continue was relayed for the current request
 	arr      [64]byte
 
@@ -113,15 +116,10 @@ func (pr *prefixReader) Read(b []byte) (int, error) {
 // serveH1 serves the HTTP/1 requests of an accepted connection on route r
 // (peeked: bytes detection already read).
 func (p *Proxy) serveH1(c net.Conn, peeked []byte, r route, clientID string) {
-	var src io.Reader = c
-	if len(peeked) > 0 {
-		src = &prefixReader{b: peeked, r: c}
-	}
-	h := &h1Conn{
-		p: p, c: c, r: r, clientID: clientID,
-		br: bufio.NewReaderSize(src, h1ReadBuf),
-		bw: bufio.NewWriterSize(c, h1WriteBuf),
-	}
+	h := &h1Conn{p: p, c: c, r: r, clientID: clientID}
+	h.pr = prefixReader{b: peeked, r: c}
+	h.takeBuffers()
+	defer h.releaseBuffers()
 	h.tlsLabel = tlsTrue
 	if r.kind == routeInboundHTTP {
 		h.tlsLabel = tlsNoIdentity
@@ -130,7 +128,10 @@ func (p *Proxy) serveH1(c net.Conn, peeked []byte, r route, clientID string) {
 	defer p.h1conns.Delete(h)
 	for !p.drain.Load() {
 		h.idle.Store(true)
-		err := h.readRequest()
+		err := h.awaitRequest()
+		if err == nil {
+			err = h.readRequest()
+		}
 		h.idle.Store(false)
 		if err != nil {
 			var he *httpError
@@ -143,6 +144,52 @@ func (p *Proxy) serveH1(c net.Conn, peeked []byte, r route, clientID string) {
 			return
 		}
 	}
+}
+
+// Buffers of the lean path's connections, shared: a connection holds them
+// only while it has a request in hand.
+var (
+	h1Readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, h1ReadBuf) }}
+	h1Writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, h1WriteBuf) }}
+)
+
+func (h *h1Conn) takeBuffers() {
+	h.br = h1Readers.Get().(*bufio.Reader)
+	h.br.Reset(&h.pr)
+	h.bw = h1Writers.Get().(*bufio.Writer)
+	h.bw.Reset(h.c)
+}
+
+func (h *h1Conn) releaseBuffers() {
+	if h.br == nil {
+		return
+	}
+	h.br.Reset(nil)
+	h1Readers.Put(h.br)
+	h.bw.Reset(nil)
+	h1Writers.Put(h.bw)
+	h.br, h.bw = nil, nil
+}
+
+// awaitRequest waits for the next request's first bytes. With nothing
+// buffered, an idle keep-alive connection gives its buffers back and waits
+// with a read into h.small (the same single read that would have filled
+// br), so it costs little memory for as long as it stays idle.
+func (h *h1Conn) awaitRequest() error {
+	if h.br.Buffered() > 0 || len(h.pr.b) > 0 {
+		return nil
+	}
+	h.releaseBuffers()
+	n, err := h.c.Read(h.small[:])
+	if n == 0 {
+		if err == nil {
+			err = io.ErrNoProgress
+		}
+		return err
+	}
+	h.pr.b = h.small[:n]
+	h.takeBuffers()
+	return nil
 }
 
 // readRequest reads and parses the next request head. The head must arrive

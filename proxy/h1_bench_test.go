@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
@@ -148,4 +149,34 @@ func benchHTTP1(b *testing.B, mesh bool, conns int) {
 	u1 := processUsage()
 	b.ReportMetric(float64(u1.cpu-u0.cpu)/float64(time.Microsecond)/float64(b.N), "cpu-us/op")
 	b.ReportMetric(float64(u1.switches-u0.switches)/float64(b.N), "ctxsw/op")
+}
+
+// BenchmarkHTTP1IdleMemory reports the heap and stack held per idle
+// keep-alive HTTP/1 connection through two proxies (both in this process),
+// after one request each.
+func BenchmarkHTTP1IdleMemory(b *testing.B) {
+	backend := rawHTTPApp(b)
+	a, _, _ := meshPair(b, []LocalService{{Name: "web", Port: 80, Target: backend}}, proxyOpts{}, proxyOpts{})
+	req := []byte("GET /bench HTTP/1.1\r\nHost: web\r\n\r\n")
+	const n = 500
+	before := memInUse()
+	for range n {
+		c := a.dialOut(b, appAddr(80))
+		c.Write(req)
+		if err := readFixedResponse(bufio.NewReader(c)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	after := memInUse()
+	b.ReportMetric(float64(after-before)/n, "bytes/conn")
+	for range b.N {
+	}
+}
+
+func memInUse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapInuse + ms.StackInuse
 }
