@@ -58,7 +58,7 @@ type h1Conn struct {
 	idle     atomic.Bool // waiting for a request: Shutdown may close it
 	pr       prefixReader
 	small    [1024]byte // an idle connection's next bytes land here, not in br
-	sent100  bool        // a 100 Continue was relayed for the current request
+	sent100  bool       // a 100 Continue was relayed for the current request
 	arr      [64]byte
 
 	mc    *h1Metrics // metrics of the last service served
