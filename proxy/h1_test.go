@@ -490,3 +490,44 @@ func (r *patternReader) Read(b []byte) (int, error) {
 	r.off += int64(len(b))
 	return len(b), nil
 }
+
+// TestH1Shutdown: Shutdown closes idle keep-alive connections at once and
+// lets a request in flight finish, then closes its connection.
+func TestH1Shutdown(t *testing.T) {
+	a, _, app := h1Mesh(t, proxyOpts{})
+	idle := a.dialOut(t, appAddr(80))
+	io.WriteString(idle, "GET /hop HTTP/1.1\r\nHost: web\r\n\r\n")
+	if resp, body := readResp(t, bufio.NewReader(idle), "GET"); body != "ok" || resp.Close {
+		t.Fatalf("first request: %q close=%v", body, resp.Close)
+	}
+	busy := a.dialOut(t, appAddr(80))
+	io.WriteString(busy, "GET /stream HTTP/1.1\r\nHost: web\r\n\r\n")
+	br := bufio.NewReader(busy)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- a.p.Shutdown(ctx) }()
+	if !refused(idle) {
+		t.Fatal("idle keep-alive connection not closed by Shutdown")
+	}
+	app.next <- struct{}{}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || string(body) != "event1\nevent2\n" {
+		t.Fatalf("request in flight: %q %v", body, err)
+	}
+	if !refused(busy) {
+		t.Error("connection kept open after its response during Shutdown")
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Shutdown: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Shutdown still waiting after its connections ended")
+	}
+}
