@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"io"
 	"net"
 	"net/netip"
@@ -179,4 +180,41 @@ func memInUse() uint64 {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	return ms.HeapInuse + ms.StackInuse
+}
+
+// BenchmarkUpgrade measures a new app connection that upgrades (as a
+// WebSocket does) and echoes one message through two proxies.
+func BenchmarkUpgrade(b *testing.B) {
+	backend := serveUpgrade(b, listenLocal(b))
+	a, _, _ := meshPair(b, []LocalService{{Name: "ws", Port: 8081, Target: backend}}, proxyOpts{}, proxyOpts{})
+	req := []byte("GET /ws HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+	buf := make([]byte, 4)
+	b.ReportAllocs()
+	u0 := processUsage()
+	b.ResetTimer()
+	for range b.N {
+		c, err := a.orig.dialFrom(context.Background(), a.p.OutboundAddr(), appAddr(8081))
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Write(req)
+		br := bufio.NewReader(c)
+		for {
+			line, err := br.ReadSlice('\n')
+			if err != nil {
+				b.Fatal(err)
+			}
+			if len(line) <= 2 {
+				break
+			}
+		}
+		c.Write([]byte("ping"))
+		if _, err := io.ReadFull(br, buf); err != nil || string(buf) != "ping" {
+			b.Fatalf("echo %q %v", buf, err)
+		}
+		c.Close()
+	}
+	b.StopTimer()
+	u1 := processUsage()
+	b.ReportMetric(float64(u1.cpu-u0.cpu)/float64(time.Microsecond)/float64(b.N), "cpu-us/op")
 }
