@@ -311,6 +311,11 @@ func TestFailureLeaveAndRestart(t *testing.T) {
 		return true
 	})
 
+	eps, gen := agents[0].d.ServiceEndpoints("svc")
+	if len(eps) != 5 {
+		t.Fatalf("ServiceEndpoints: %d endpoints, want 5", len(eps))
+	}
+
 	// Killed: detected by failure detection.
 	victim := agents[4]
 	victimEP := victim.d.Endpoints("svc")[4]
@@ -327,6 +332,19 @@ func TestFailureLeaveAndRestart(t *testing.T) {
 		return true
 	})
 	t.Logf("killed host: dead and its endpoints dropped on all 4 peers after %s", time.Since(start))
+	for _, a := range rest {
+		// Its address stays a mesh address: its traffic is never sent in
+		// clear while it is gone.
+		if !a.d.MemberAddr(victimEP.Addr.Addr()) {
+			t.Errorf("%s: the dead host's address is no longer a member's", a.name)
+		}
+	}
+	if eps, g := agents[0].d.ServiceEndpoints("svc"); len(eps) != 4 || g == gen {
+		t.Errorf("after the death: %d endpoints, generation %d (was %d); want 4 and a new generation", len(eps), g, gen)
+	}
+	if agents[0].d.MemberAddr(netip.MustParseAddr("192.0.2.1")) {
+		t.Error("an address never in the mesh is a member's")
+	}
 
 	// Restarted with its database and no join list: rejoins by itself.
 	start = time.Now()
