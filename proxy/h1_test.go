@@ -373,6 +373,13 @@ func TestH1HopByHopAndHTTP10(t *testing.T) {
 		t.Errorf("response fields: X-Bar %q (hop-by-hop, want none), X-Keep %q", resp.Header.Get("X-Bar"), resp.Header.Get("X-Keep"))
 	}
 
+	// A field longer than the read buffer (a big cookie) is fine.
+	cookie := strings.Repeat("c", 20<<10)
+	io.WriteString(c, "GET /echo HTTP/1.1\r\nHost: web\r\nX-Foo-Not: 1\r\nCookie: "+cookie+"\r\nX-Keep: big\r\n\r\n")
+	if resp, _ := readResp(t, br, "GET"); resp.StatusCode != 200 || resp.Header.Get("X-Got-X-Keep") != "big" {
+		t.Fatalf("request with a 20 KiB field: %d %q", resp.StatusCode, resp.Header.Get("X-Got-X-Keep"))
+	}
+
 	// HTTP/1.0: the app sees HTTP/1.0; the response ends with the
 	// connection.
 	c = a.dialOut(t, appAddr(80))
