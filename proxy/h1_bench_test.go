@@ -82,7 +82,7 @@ func processUsage() cpuUsage {
 // request: both proxies, plus a raw client and app that cost little.
 func BenchmarkHTTP1Mesh(b *testing.B) {
 	for _, mode := range []string{"direct", "mesh"} {
-		for _, conns := range []int{1, 16} {
+		for _, conns := range []int{1, 16, 64} {
 			b.Run(mode+"/conns="+strconv.Itoa(conns), func(b *testing.B) { benchHTTP1(b, mode == "mesh", conns) })
 		}
 	}
