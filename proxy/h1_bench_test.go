@@ -83,15 +83,18 @@ func processUsage() cpuUsage {
 func BenchmarkHTTP1Mesh(b *testing.B) {
 	for _, mode := range []string{"direct", "mesh"} {
 		for _, conns := range []int{1, 16, 64} {
-			b.Run(mode+"/conns="+strconv.Itoa(conns), func(b *testing.B) { benchHTTP1(b, mode == "mesh", conns) })
+			b.Run(mode+"/conns="+strconv.Itoa(conns), func(b *testing.B) { benchHTTP1(b, mode == "mesh", conns, 0) })
 		}
+		// A low rate (one request per millisecond per connection), where
+		// a request's cost is mostly waking parked threads.
+		b.Run(mode+"/paced", func(b *testing.B) { benchHTTP1(b, mode == "mesh", 4, time.Millisecond) })
 	}
 }
 
 // benchHTTP1 runs keep-alive requests over conns connections, through the
 // mesh or (the baseline: the cost of the client and the app alone)
 // directly to the app.
-func benchHTTP1(b *testing.B, mesh bool, conns int) {
+func benchHTTP1(b *testing.B, mesh bool, conns int, pace time.Duration) {
 	backend := rawHTTPApp(b)
 	var a *testProxy
 	if mesh {
@@ -133,7 +136,15 @@ func benchHTTP1(b *testing.B, mesh bool, conns int) {
 		wg.Add(1)
 		go func(cl client) {
 			defer wg.Done()
+			var tick *time.Ticker
+			if pace > 0 {
+				tick = time.NewTicker(pace)
+				defer tick.Stop()
+			}
 			for range n {
+				if tick != nil {
+					<-tick.C
+				}
 				if _, err := cl.c.Write(req); err != nil {
 					b.Error(err)
 					return
