@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"io"
+	"net/http"
 	"strconv"
 	"strings"
 	"testing"
@@ -126,4 +127,38 @@ func TestParseResponseFraming(t *testing.T) {
 			t.Errorf("%q accepted", bad)
 		}
 	}
+}
+
+// BenchmarkParseRequest compares the lean parser with net/http's
+// ReadRequest on a typical request head.
+func BenchmarkParseRequest(b *testing.B) {
+	head := "GET /api/v1/items?page=2 HTTP/1.1\r\nHost: web.vmesh:8080\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n" +
+		"Accept: application/json\r\nAccept-Encoding: gzip, deflate\r\nAuthorization: Bearer abcdefghijklmnopqrstuvwxyz0123456789\r\n" +
+		"X-Request-Id: 0f8fad5b-d9cb-469f-a165-70867728950e\r\nCookie: session=1234567890abcdef\r\n\r\n"
+	r := strings.NewReader(head)
+	br := bufio.NewReaderSize(r, 4096)
+	b.Run("lean", func(b *testing.B) {
+		var h h1Head
+		b.ReportAllocs()
+		for range b.N {
+			r.Reset(head)
+			br.Reset(r)
+			if err := readHead(br, &h); err != nil {
+				b.Fatal(err)
+			}
+			if err := h.parseRequest(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("net/http", func(b *testing.B) {
+		b.ReportAllocs()
+		for range b.N {
+			r.Reset(head)
+			br.Reset(r)
+			if _, err := http.ReadRequest(br); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
