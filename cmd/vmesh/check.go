@@ -351,9 +351,16 @@ func checkServices(ctx context.Context, env checkEnv, cfg node.Config, st *node.
 		}
 		if len(problems) == 0 {
 			add(name, "ok", fmt.Sprintf("reachable at %s, healthy, certificate granted", target), "")
-			continue
+		} else {
+			add(name, status, strings.Join(problems, "; "), strings.Join(fixes, "; "))
 		}
-		add(name, status, strings.Join(problems, "; "), strings.Join(fixes, "; "))
+		// Every client seen is meshed, yet the service still takes
+		// plaintext: anyone on the network may connect in clear.
+		if ss, ok := byName[s.Name]; ok && ss.Policy == "all-unauthenticated" && ss.InboundMTLS > 0 && ss.InboundPlain == 0 {
+			add(name+" policy", "warn",
+				fmt.Sprintf("every client seen is meshed (%d mTLS connections, none in clear) but the policy is all-unauthenticated: anyone on the network may connect in clear", ss.InboundMTLS),
+				fmt.Sprintf("set policy = \"all-authenticated\" in the [[service]] named %s (or proxy.default_policy), then vmesh reload", s.Name))
+		}
 	}
 }
 
@@ -428,7 +435,7 @@ func checkMesh(ctx context.Context, env checkEnv, cfg node.Config, st *node.Stat
 	if st.GossipKeyed {
 		add("gossip encryption", "ok", "gossip is encrypted", "")
 	} else {
-		add("gossip encryption", "warn", "gossip is not encrypted", "vmesh keygen > /etc/vmesh/gossip.key on one host, copy it to all, set gossip.key_file")
+		add("gossip encryption", "warn", "gossip is not encrypted", "vmesh keygen /etc/vmesh/gossip.key on one host, copy it to all, set gossip.key_file")
 	}
 }
 

@@ -243,3 +243,28 @@ func TestParseProcAddr(t *testing.T) {
 		}
 	}
 }
+
+// Issue 16: a service whose every client so far is meshed but whose policy
+// still takes plaintext is flagged; one that also has plaintext clients is
+// not (all-authenticated would cut them off).
+func TestCheckWarnsOnUnauthenticatedMeshedService(t *testing.T) {
+	now := time.Now()
+	path := writeTestConfig(t, testConfig)
+	cfg, err := node.LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := healthyStatus(now, path)
+	st.Services[0].Policy = "all-unauthenticated"
+	st.Services[0].InboundMTLS = 12
+	results := runChecks(t.Context(), testEnv("", fakeAgent(t, st, cfg), now))
+	r := find(results, "service web policy")
+	if r == nil || r.Status != "warn" || !strings.Contains(r.Detail, "all-unauthenticated") || !strings.Contains(r.Fix, `policy = "all-authenticated"`) {
+		t.Errorf("meshed clients only, all-unauthenticated: %+v", r)
+	}
+	st.Services[0].InboundPlain = 1
+	results = runChecks(t.Context(), testEnv("", fakeAgent(t, st, cfg), now))
+	if r := find(results, "service web policy"); r != nil {
+		t.Errorf("a plaintext client is still there, yet check says: %+v", r)
+	}
+}
