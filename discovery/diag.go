@@ -88,3 +88,16 @@ func (d *Discovery) memberlistLogger() *log.Logger { return log.New(memberlistLo
 
 // Diagnostics returns what explains gossip trouble (see Diagnostics).
 func (d *Discovery) Diagnostics() Diagnostics { return d.diag.get() }
+
+// noteClock records a member's clock as it stated it in a push/pull
+// (sentAt) received at now.
+func (d *Discovery) noteClock(name string, sentAt, now time.Time) {
+	if name == d.name {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if m := d.members[name]; m != nil {
+		m.clock, m.clockAt = sentAt.Sub(now), now
+	}
+}
