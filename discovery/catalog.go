@@ -35,7 +35,9 @@ type Service struct {
 	// Protocol is one of the Protocol constants. Default ProtocolAuto.
 	Protocol string
 	// Opaque marks the port as opaque for the proxy even when Protocol is
-	// not ProtocolOpaque (e.g. it is in the default opaque port list).
+	// not ProtocolOpaque (e.g. it is in the host's opaque port list). The
+	// proxy decides what is opaque (proxy.Config.IsOpaque); discovery only
+	// carries the flag.
 	Opaque bool
 	// Weight for load balancing, 1-1000. Default 100.
 	Weight int
@@ -100,6 +102,9 @@ type snapshot struct {
 	nodes    []NodeEntry                 // sorted by name, self included
 	byAddr   map[netip.AddrPort]Endpoint // every address × port
 	bySvc    map[string][]Endpoint       // healthy only, sorted by node
+	allBySvc map[string][]Endpoint       // healthy or not, sorted by node
+	hosts    map[netip.Addr]struct{}     // addresses of every known member (set by rebuild)
+	gen      uint64                      // changes with every snapshot (set by rebuild)
 	services int                         // service instances
 }
 
@@ -109,9 +114,10 @@ type snapshot struct {
 func buildSnapshot(entries []*NodeEntry) *snapshot {
 	slices.SortFunc(entries, func(a, b *NodeEntry) int { return strings.Compare(a.Node, b.Node) })
 	s := &snapshot{
-		nodes:  make([]NodeEntry, 0, len(entries)),
-		byAddr: make(map[netip.AddrPort]Endpoint),
-		bySvc:  make(map[string][]Endpoint),
+		nodes:    make([]NodeEntry, 0, len(entries)),
+		byAddr:   make(map[netip.AddrPort]Endpoint),
+		bySvc:    make(map[string][]Endpoint),
+		allBySvc: make(map[string][]Endpoint),
 	}
 	for _, n := range entries {
 		s.nodes = append(s.nodes, *n)
@@ -125,7 +131,7 @@ func buildSnapshot(entries []*NodeEntry) *snapshot {
 					Addr:         netip.AddrPortFrom(a, svc.Port),
 					Proxy:        netip.AddrPortFrom(a, n.ProxyPort),
 					Protocol:     svc.Protocol,
-					Opaque:       svc.Opaque || svc.Protocol == ProtocolOpaque,
+					Opaque:       svc.Opaque,
 					Identity:     svc.Identity,
 					NodeIdentity: n.Identity,
 					Healthy:      svc.Health == HealthPassing,
@@ -135,8 +141,11 @@ func buildSnapshot(entries []*NodeEntry) *snapshot {
 				if _, taken := s.byAddr[ep.Addr]; !taken {
 					s.byAddr[ep.Addr] = ep
 				}
-				if j == 0 && ep.Healthy {
-					s.bySvc[svc.Name] = append(s.bySvc[svc.Name], ep)
+				if j == 0 {
+					s.allBySvc[svc.Name] = append(s.allBySvc[svc.Name], ep)
+					if ep.Healthy {
+						s.bySvc[svc.Name] = append(s.bySvc[svc.Name], ep)
+					}
 				}
 			}
 		}

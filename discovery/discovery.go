@@ -630,13 +630,19 @@ func (d *Discovery) rebuild() {
 	d.mu.Lock()
 	list := make([]*NodeEntry, 0, len(d.entries)+1)
 	list = append(list, d.self)
+	hosts := memberAddrs(d.self, d.entries, d.members)
 	for name, pe := range d.entries {
 		if m := d.members[name]; m != nil && m.state == StateAlive {
 			list = append(list, pe.entry)
 		}
 	}
 	d.mu.Unlock()
-	d.snap.Store(buildSnapshot(list))
+	s := buildSnapshot(list)
+	s.hosts = hosts
+	if prev := d.snap.Load(); prev != nil {
+		s.gen = prev.gen + 1
+	}
+	d.snap.Store(s)
 	d.notifySubscribers()
 }
 

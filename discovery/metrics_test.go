@@ -74,7 +74,7 @@ func TestRejectedPayloadsAndGauges(t *testing.T) {
 	}
 	// Its own services are in its catalog, unhealthy until checked.
 	ep, ok := d.Lookup(netip.MustParseAddrPort("127.0.0.1:5432"))
-	if !ok || !ep.Opaque || ep.Healthy || ep.Identity != "spiffe://test.example/svc/db" {
+	if !ok || ep.Protocol != ProtocolOpaque || ep.Healthy || ep.Identity != "spiffe://test.example/svc/db" {
 		t.Errorf("Lookup(own db) = %+v, %v", ep, ok)
 	}
 }

@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -482,7 +481,7 @@ func (a *Agent) buildProxy(cfg Config) error {
 	p, err := proxy.New(cfg.Proxy, proxy.Options{
 		VerifyPeer: verifier.Verify,
 		Dialer:     proxy.MarkDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
-		Catalog:    catalogAdapter{a.disc, cfg.CA.TrustDomain},
+		Catalog:    catalogAdapter{d: a.disc, td: cfg.CA.TrustDomain, self: cfg.NodeName(), cache: new(sync.Map)},
 		Identity:   a.caClient,
 		Services:   proxyServices(cfg),
 		Logger:     a.sub("proxy"),
@@ -512,15 +511,54 @@ func (a *Agent) buildRules(cfg Config) error {
 // taken from gossip: only hosts the CA granted the service hold that SVID,
 // so a forged catalog entry cannot make the proxy accept another identity.
 type catalogAdapter struct {
-	d  *discovery.Discovery
-	td string
+	d     *discovery.Discovery
+	td    string
+	self  string    // this host's node name: its endpoints are Local
+	cache *sync.Map // service -> *adaptedEndpoints, converted once per generation
 }
 
-func (c catalogAdapter) Lookup(addr netip.AddrPort) (proxy.Endpoint, bool) {
-	e, ok := c.d.Lookup(addr)
-	if !ok {
-		return proxy.Endpoint{}, false
+// adaptedEndpoints are a service's endpoints converted for the proxy, for
+// one catalog generation.
+type adaptedEndpoints struct {
+	gen uint64
+	eps []proxy.Endpoint
+}
+
+var _ proxy.Catalog = catalogAdapter{}
+
+// Resolve says what an outbound destination is: a declared service port of
+// a mesh host (DestEndpoint), another address of a mesh host (DestMeshHost:
+// never in clear), or an address the mesh does not know (DestUnknown).
+func (c catalogAdapter) Resolve(addr netip.AddrPort) proxy.Destination {
+	if e, ok := c.d.Lookup(addr); ok {
+		ep := c.endpoint(e)
+		return proxy.Destination{Kind: proxy.DestEndpoint, Endpoint: ep, Service: ep.Service}
 	}
+	if c.d.MemberAddr(addr.Addr()) {
+		return proxy.Destination{Kind: proxy.DestMeshHost}
+	}
+	return proxy.Destination{Kind: proxy.DestUnknown}
+}
+
+// Endpoints returns the service's endpoints, healthy or not, and the
+// catalog generation. The slice is converted once per generation and
+// shared.
+func (c catalogAdapter) Endpoints(service string) ([]proxy.Endpoint, uint64) {
+	es, gen := c.d.ServiceEndpoints(service)
+	if v, ok := c.cache.Load(service); ok {
+		if a := v.(*adaptedEndpoints); a.gen == gen {
+			return a.eps, gen
+		}
+	}
+	out := make([]proxy.Endpoint, len(es))
+	for i, e := range es {
+		out[i] = c.endpoint(e)
+	}
+	c.cache.Store(service, &adaptedEndpoints{gen: gen, eps: out})
+	return out, gen
+}
+
+func (c catalogAdapter) endpoint(e discovery.Endpoint) proxy.Endpoint {
 	return proxy.Endpoint{
 		Node:      e.Node,
 		Service:   e.Service,
@@ -530,7 +568,10 @@ func (c catalogAdapter) Lookup(addr netip.AddrPort) (proxy.Endpoint, bool) {
 		Protocol:  e.Protocol,
 		Opaque:    e.Opaque,
 		Healthy:   e.Healthy,
-	}, true
+		Weight:    e.Weight,
+		Labels:    e.Labels,
+		Local:     e.Node == c.self,
+	}
 }
 
 func serviceNames(cfg Config) []string {
@@ -548,7 +589,7 @@ func discoveryServices(cfg Config) []discovery.Service {
 			Name:      s.Name,
 			Port:      s.Port,
 			Protocol:  s.ServiceProtocol(),
-			Opaque:    s.ServiceProtocol() == "opaque" || slices.Contains(cfg.Proxy.OpaquePorts, s.Port),
+			Opaque:    cfg.Proxy.IsOpaque(s.ServiceProtocol(), false, s.Port),
 			Weight:    s.ServiceWeight(),
 			Labels:    s.Labels,
 			Identity:  ca.ServiceID(cfg.CA.TrustDomain, s.Name),
@@ -568,8 +609,7 @@ func proxyServices(cfg Config) []proxy.LocalService {
 			Protocol: s.ServiceProtocol(),
 			Policy:   s.Policy,
 			Allow:    s.Allow,
-			// LEAD: when proxy.LocalService has Target (h1), dial s.Target():
-			// Target: s.Target(),
+			Target:   s.Target(),
 		})
 	}
 	return out

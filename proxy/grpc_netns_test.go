@@ -130,7 +130,7 @@ func TestGRPCNetns(t *testing.T) {
 		{Name: "grpc", Port: 9090},
 		{Name: "grpc-private", Port: 9091, Allow: []string{"spiffe://vmesh.test/node/c"}},
 	}
-	cat := &testCatalog{m: map[netip.AddrPort]Endpoint{}}
+	cat := newTestCatalog()
 	for _, s := range svcs {
 		cat.add(Endpoint{
 			Node: "b", Service: s.Name, Addr: netip.AddrPortFrom(B.Addr, s.Port), ProxyAddr: netip.AddrPortFrom(B.Addr, 4143),
@@ -138,7 +138,7 @@ func TestGRPCNetns(t *testing.T) {
 		})
 	}
 	pa := startNSProxy(t, A, ca, "a", cat, nil, nil)
-	pb := startNSProxy(t, B, ca, "b", &testCatalog{m: map[netip.AddrPort]Endpoint{}}, svcs, nil)
+	pb := startNSProxy(t, B, ca, "b", newTestCatalog(), svcs, nil)
 
 	// The real gRPC client on A: its connection is made in A's namespace,
 	// unmarked, so A's OUTPUT rules redirect it to A's proxy.

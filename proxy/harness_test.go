@@ -66,22 +66,49 @@ func (r *origRegistry) dialFrom(ctx context.Context, to, dst netip.AddrPort) (*n
 	return c.(*net.TCPConn), nil
 }
 
+// testCatalog is a Catalog of endpoints added by tests; every address of
+// an added endpoint is a mesh host's (DestMeshHost at other ports).
 type testCatalog struct {
-	mu sync.Mutex
-	m  map[netip.AddrPort]Endpoint
+	mu    sync.Mutex
+	m     map[netip.AddrPort]Endpoint
+	hosts map[netip.Addr]bool
+	gen   uint64
 }
 
-func (c *testCatalog) Lookup(a netip.AddrPort) (Endpoint, bool) {
+func newTestCatalog() *testCatalog {
+	return &testCatalog{m: map[netip.AddrPort]Endpoint{}, hosts: map[netip.Addr]bool{}}
+}
+
+func (c *testCatalog) Resolve(a netip.AddrPort) Destination {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	e, ok := c.m[a]
-	return e, ok
+	if e, ok := c.m[a]; ok {
+		return Destination{Kind: DestEndpoint, Endpoint: e, Service: e.Service}
+	}
+	if c.hosts[a.Addr()] {
+		return Destination{Kind: DestMeshHost}
+	}
+	return Destination{}
+}
+
+func (c *testCatalog) Endpoints(service string) ([]Endpoint, uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var eps []Endpoint
+	for _, e := range c.m {
+		if e.Service == service {
+			eps = append(eps, e)
+		}
+	}
+	return eps, c.gen
 }
 
 func (c *testCatalog) add(e Endpoint) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.m[e.Addr] = e
+	c.hosts[e.Addr.Addr()] = true
+	c.gen++
 }
 
 type testProxy struct {
@@ -121,7 +148,7 @@ func startProxy(t testing.TB, name string, ca *testCA, o proxyOpts) *testProxy {
 	}
 	tp := &testProxy{
 		name: name, reg: prometheus.NewRegistry(), id: newTestIdentity(t, ca, name, o.certs...),
-		cat: &testCatalog{m: map[netip.AddrPort]Endpoint{}}, orig: &origRegistry{m: map[netip.Addr]netip.AddrPort{}}, ip: ip,
+		cat: newTestCatalog(), orig: &origRegistry{m: map[netip.Addr]netip.AddrPort{}}, ip: ip,
 	}
 	p, err := New(cfg, Options{
 		Catalog: tp.cat, Identity: tp.id, VerifyPeer: o.verify, Services: o.services, Dialer: o.dialer,

@@ -1,19 +1,14 @@
 package proxy
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
-	"fmt"
 	"io"
 	"log"
-	"maps"
 	"net"
 	"net/http"
 	"net/http/httputil"
-	"net/netip"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -30,27 +25,23 @@ const (
 	hdrProxyError = "L5d-Proxy-Error"
 )
 
-// serveHTTPConn serves a detected HTTP connection from an app: HTTP/1 on the
-// shared HTTP/1 server, HTTP/2 (prior knowledge) with ServeConn. The peeked
-// bytes are replayed first; bp is returned to the pool once the connection
-// is done.
+// serveHTTPConn serves a detected HTTP connection from an app: HTTP/1 on
+// the lean path (h1.go), HTTP/2 (prior knowledge) with ServeConn. The
+// peeked bytes are replayed first; bp is returned to the pool once the
+// connection is done.
 func (p *Proxy) serveHTTPConn(c net.Conn, peeked []byte, bp *[]byte, info *connInfo) {
 	defer putBuf(bp)
+	if info.route.proto == protoHTTP1 {
+		p.serveH1(c, peeked, info.route, "")
+		return
+	}
 	pc := &peekedConn{Conn: c, peeked: peeked, buf: bp, info: info, done: make(chan struct{})}
-	if info.proto == protoHTTP2 {
-		p.h2.ServeConn(pc, &http2.ServeConnOpts{
-			Context:    context.WithValue(context.Background(), connInfoKey{}, info),
-			BaseConfig: p.h1,
-			Handler:    p.h1.Handler,
-		})
-		pc.Close()
-		return
-	}
-	if !p.h1ln.Push(pc) {
-		pc.Close()
-		return
-	}
-	<-pc.done
+	p.h2.ServeConn(pc, &http2.ServeConnOpts{
+		Context:    context.WithValue(context.Background(), connInfoKey{}, info),
+		BaseConfig: p.h1,
+		Handler:    p.h1.Handler,
+	})
+	pc.Close()
 }
 
 // serveRequest is the handler of every HTTP request the proxy serves.
@@ -60,30 +51,20 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "no connection info", http.StatusInternalServerError)
 		return
 	}
-	if info.direction == dirOutbound {
+	switch info.route.kind {
+	case routeHTTP:
 		p.outboundHTTP(w, r, info)
-		return
-	}
-	if !info.redirected && info.clientID != "" && r.ProtoMajor == 2 && r.Header.Get(hdrOpaque) != "" {
-		p.inboundStream(w, r, info)
-		return
-	}
-	p.inboundHTTP(w, r, info)
-}
-
-// isUpgrade reports whether r asks for a protocol upgrade (e.g. WebSocket).
-func isUpgrade(r *http.Request) bool {
-	if r.ProtoMajor != 1 || r.Header.Get("Upgrade") == "" {
-		return false
-	}
-	for _, v := range r.Header.Values("Connection") {
-		for t := range strings.SplitSeq(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(t), "upgrade") {
-				return true
-			}
+	case routePeerHTTP:
+		if r.ProtoMajor == 2 && r.Header.Get(hdrOpaque) != "" {
+			p.inboundStream(w, r, info)
+			return
 		}
+		p.inboundHTTP(w, r, info)
+	case routeInboundHTTP:
+		p.inboundHTTP(w, r, info)
+	default:
+		http.Error(w, "no HTTP route", http.StatusInternalServerError)
 	}
-	return false
 }
 
 // stripMeshHeaders removes headers only proxies may set.
@@ -106,18 +87,14 @@ func restoreForwarded(pr *httputil.ProxyRequest) {
 // outboundHTTP proxies one request from a local app to the peer proxy over
 // the pooled, multiplexed HTTP/2 mTLS connections.
 func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connInfo) {
-	ep := info.ep
+	ep := info.route.ep
 	labels := connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue}
-	if isUpgrade(r) {
-		p.outboundUpgrade(w, r, info, labels)
-		return
-	}
 	if d := p.cfg.RequestTimeout; d > 0 {
 		ctx, cancel := context.WithTimeout(r.Context(), d)
 		defer cancel()
 		r = r.WithContext(ctx)
 	}
-	port := strconv.Itoa(int(info.dst.Port()))
+	port := strconv.Itoa(int(info.route.dst.Port()))
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "https"
@@ -142,104 +119,6 @@ func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connI
 	rp.ServeHTTP(w, r)
 }
 
-// outboundUpgrade carries an HTTP/1 Upgrade request (WebSocket) over the
-// opaque transport: the request is written as HTTP/1 to a fresh transport
-// connection whose header says http1, and after that the bytes flow as they
-// are in both directions.
-func (p *Proxy) outboundUpgrade(w http.ResponseWriter, r *http.Request, info *connInfo, labels connLabels) {
-	ep := info.ep
-	up, err := p.dialTransport(r.Context(), ep, alpnTransport)
-	if err != nil {
-		p.m.requests.WithLabelValues(labels.values()...).Inc()
-		p.log.Warn("connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
-		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "connecting to peer proxy failed")
-		return
-	}
-	if err := writeTransportHeader(up, transportHeader{Port: info.dst.Port(), Protocol: sessionHTTP1, Service: ep.Service}, nil); err != nil {
-		up.Close()
-		p.m.requests.WithLabelValues(labels.values()...).Inc()
-		p.denyHTTP(w, labels.values(), http.StatusBadGateway, "writing transport header failed")
-		return
-	}
-	p.proxyUpgrade(w, r, up, labels)
-}
-
-// proxyUpgrade forwards an HTTP/1 Upgrade request to up (a connection that
-// carries HTTP/1 to the server) and reads the response, counting both. A
-// 101 response is written to the client's hijacked connection and then the
-// bytes flow as they are, in both directions, counted as a TCP connection;
-// any other response is answered normally and up is closed. proxyUpgrade
-// owns up.
-func (p *Proxy) proxyUpgrade(w http.ResponseWriter, r *http.Request, up net.Conn, labels connLabels) {
-	lv := labels.values()
-	p.m.requests.WithLabelValues(lv...).Inc()
-	hj, ok := w.(http.Hijacker)
-	if !ok {
-		up.Close()
-		p.denyHTTP(w, lv, http.StatusBadGateway, "upgrade not supported")
-		return
-	}
-	start := time.Now()
-	stripMeshHeaders(r.Header)
-	if err := r.Write(up); err != nil {
-		up.Close()
-		p.denyHTTP(w, lv, http.StatusBadGateway, "writing upgrade request failed")
-		return
-	}
-	// The response head arrives under the request's context: a client
-	// that goes away stops the wait.
-	stop := context.AfterFunc(r.Context(), func() { up.SetReadDeadline(time.Now()) })
-	br := bufio.NewReader(up)
-	resp, err := http.ReadResponse(br, r)
-	if !stop() {
-		up.Close()
-		return
-	}
-	if err != nil {
-		up.Close()
-		p.log.Debug("reading upgrade response failed", "host", r.Host, "err", err)
-		p.denyHTTP(w, lv, http.StatusBadGateway, "reading upgrade response failed")
-		return
-	}
-	p.m.latency.WithLabelValues(lv...).Observe(float64(time.Since(start)) / float64(time.Millisecond))
-	if resp.StatusCode != http.StatusSwitchingProtocols {
-		defer up.Close()
-		mb := &meteredBody{ReadCloser: resp.Body, p: p, labels: lv, resp: resp}
-		defer mb.Close()
-		maps.Copy(w.Header(), resp.Header)
-		w.WriteHeader(resp.StatusCode)
-		io.Copy(w, mb)
-		return
-	}
-	p.m.responses.WithLabelValues(append(lv[:len(lv):len(lv)], statusLabel(resp.StatusCode), "success")...).Inc()
-	conn, brw, err := hj.Hijack()
-	if err != nil {
-		up.Close()
-		return
-	}
-	// The 101 head, then what the server sent after it, then what the
-	// client sent after its request, before either side's bytes flow.
-	head := bytes.NewBufferString(fmt.Sprintf("HTTP/%d.%d %s\r\n", resp.ProtoMajor, resp.ProtoMinor, resp.Status))
-	resp.Header.Write(head)
-	head.WriteString("\r\n")
-	if n := br.Buffered(); n > 0 {
-		b, _ := br.Peek(n)
-		head.Write(b)
-	}
-	var early []byte
-	if n := brw.Reader.Buffered(); n > 0 {
-		early, _ = brw.Reader.Peek(n)
-	}
-	if err := writeAll(conn, head.Bytes()); err != nil || writeAll(up, early) != nil {
-		up.Close()
-		conn.Close()
-		return
-	}
-	t := p.m.openTCP(labels)
-	in, out, _ := relay(conn, up)
-	t.close(in+int64(len(early)), out+int64(head.Len()))
-}
-
 // inboundHTTP serves one request from a peer proxy or from an unmeshed
 // client whose connection was redirected (info.redirected): the target must
 // be a local service, the client must be authorized, then the request goes
@@ -249,55 +128,38 @@ func (p *Proxy) inboundHTTP(w http.ResponseWriter, r *http.Request, info *connIn
 	if info.clientID == "" {
 		tlsLabel = tlsNoIdentity
 	}
-	var (
-		svc    *localService
-		target netip.AddrPort
-		orig   string // the app's HTTP/1 version; "" for HTTP/2
-	)
-	if info.redirected {
-		// The connection says which service; an unmeshed client's mesh
-		// headers are ignored (and stripped below).
-		var ok bool
-		if svc, ok = p.localService(info.dst.Port()); !ok {
-			svc = &localService{policy: p.cfg.DefaultPolicy} // removed by a reload
-		}
-		target = info.dst
-		if info.proto == protoHTTP1 {
+	rt := info.route
+	orig := "" // the app's HTTP/1 version; "" for HTTP/2
+	if rt.kind == routeInboundHTTP {
+		// The connection's route says which service; an unmeshed
+		// client's mesh headers are ignored (and stripped below).
+		if rt.proto == protoHTTP1 {
 			orig = r.Proto
 		}
 	} else {
 		port, err := strconv.ParseUint(r.Header.Get(hdrDstPort), 10, 16)
-		var ok bool
-		svc, ok = p.localService(uint16(port))
-		if err != nil || !ok {
-			p.m.refused.WithLabelValues(dirInbound, refuseUnknownPort).Inc()
+		var svc *localService
+		if err == nil {
+			svc, _ = p.localService(uint16(port))
+		}
+		if rt = p.routes.peer(uint16(port), svc, rt.proto); rt.kind == routeDeny {
+			p.m.refused.WithLabelValues(dirInbound, rt.reason).Inc()
 			w.Header().Set(hdrProxyError, "unknown target port")
 			http.Error(w, "vmesh: unknown target port", http.StatusForbidden)
 			return
 		}
-		target = svc.target
 		orig = r.Header.Get(hdrOrigProto)
 	}
+	svc, target := rt.svc, rt.target
 	labels := connLabels{direction: dirInbound, service: svc.Name, clientID: info.clientID, tls: tlsLabel}
 	if d := p.authorizeHTTP(svc, info.clientID, tlsLabel); !d.allow {
 		p.m.requests.WithLabelValues(labels.values()...).Inc()
 		p.denyHTTP(w, labels.values(), http.StatusForbidden, "unauthorized: "+d.reason)
 		return
 	}
-	if info.redirected && isUpgrade(r) {
-		up, err := p.dial(r.Context(), target)
-		if err != nil {
-			p.m.requests.WithLabelValues(labels.values()...).Inc()
-			p.log.Debug("connecting to local service failed", "service", svc.Name, "addr", target, "err", err)
-			p.denyHTTP(w, labels.values(), http.StatusBadGateway, "connecting to local service failed")
-			return
-		}
-		p.proxyUpgrade(w, r, up, labels)
-		return
-	}
-	var rt http.RoundTripper = p.local.h2c
+	var tr http.RoundTripper = p.local.h2c
 	if orig != "" {
-		rt = p.local.h1
+		tr = p.local.h1
 	}
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
@@ -310,7 +172,7 @@ func (p *Proxy) inboundHTTP(w http.ResponseWriter, r *http.Request, info *connIn
 				pr.Out.Proto, pr.Out.ProtoMajor, pr.Out.ProtoMinor = "HTTP/1.0", 1, 0
 			}
 		},
-		Transport: &meteredTransport{p: p, rt: rt, labels: labels.values()},
+		Transport: &meteredTransport{p: p, rt: tr, labels: labels.values()},
 		// 0: a response of known length goes out in one write at the end
 		// (headers and body in one TLS record) instead of a flush per
 		// write; ReverseProxy still flushes every write of streams of

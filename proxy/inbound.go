@@ -22,59 +22,46 @@ func (p *Proxy) handleInbound(c *net.TCPConn) {
 	p.inboundMesh(c)
 }
 
-// inboundRedirected serves an unmeshed client: no identity, so the
-// service's policy decides whether plaintext is allowed. On a declared
-// service port that is not opaque (by its protocol or Config.OpaquePorts)
-// the protocol is detected, or taken from the service's declared protocol,
-// and HTTP is served per request like meshed HTTP (authorization, 403 on
-// denial, request metrics). Everything else is authorized once and relayed
-// as TCP to the original destination. Undeclared ports are never detected:
-// as outbound passthrough, the mesh knows nothing about them.
+// inboundRedirected serves an unmeshed client: the route table decides
+// from the local service at the destination port (detecting the protocol
+// first when it must), serveRoute carries it out.
 func (p *Proxy) inboundRedirected(c *net.TCPConn, dst netip.AddrPort) {
-	svc, declared := p.localService(dst.Port())
-	proto := protoOpaque
-	var peeked []byte
+	svc, _ := p.localService(dst.Port())
+	r := p.routes.inboundRedirected(dst, svc, protoOpaque, false)
 	bp := getBuf()
-	if declared && svc.Protocol != "opaque" && !p.isOpaquePort(dst.Port()) {
-		switch svc.Protocol {
-		case "http1":
-			proto = protoHTTP1
-		case "http2":
-			proto = protoHTTP2
-		default:
-			var err error
-			proto, peeked, err = detect(c, *bp, p.cfg.DetectTimeout)
-			if err != nil {
-				putBuf(bp)
-				p.log.Debug("inbound connection closed before its first byte", "dst", dst, "err", err)
-				return
-			}
+	var peeked []byte
+	if r.kind == routeDetect {
+		var proto appProtocol
+		var err error
+		proto, peeked, err = detect(c, *bp, p.cfg.DetectTimeout)
+		if err != nil {
+			putBuf(bp)
+			p.log.Debug("inbound connection closed before its first byte", "dst", dst, "err", err)
+			return
 		}
+		r = p.routes.inboundRedirected(dst, svc, proto, true)
 	}
-	if proto != protoOpaque {
-		info := &connInfo{direction: dirInbound, dst: dst, redirected: true, proto: proto}
-		p.serveHTTPConn(c, peeked, bp, info) // returns bp to the pool
-		return
-	}
-	defer putBuf(bp)
-	if !declared {
-		// Not a declared service: the client asked for this host's port,
-		// so relaying there is no open relay; the default policy decides.
-		svc = &localService{policy: p.cfg.DefaultPolicy}
-	}
+	p.serveRoute(c, r, peeked, bp)
+}
+
+// inboundTCP carries out routeInboundTCP: an unmeshed client has no
+// identity, so the service's policy decides whether plaintext is allowed;
+// then the connection is relayed to the route's target.
+func (p *Proxy) inboundTCP(c net.Conn, r route, peeked []byte) {
+	svc := r.svc
 	if !p.authorizeTCP(svc, "", tlsNoIdentity) {
 		return
 	}
-	up, err := p.dial(context.Background(), dst)
+	up, err := p.dial(context.Background(), r.target)
 	if err != nil {
 		p.m.refused.WithLabelValues(dirInbound, refuseDial).Inc()
-		p.log.Debug("connecting to local service failed", "dst", dst, "err", err)
+		p.log.Debug("connecting to local service failed", "service", svc.Name, "addr", r.target, "err", err)
 		return
 	}
 	if len(peeked) > 0 {
 		if err := writeAll(up, peeked); err != nil {
 			up.Close()
-			p.log.Debug("replaying detected bytes to local service failed", "dst", dst, "err", err)
+			p.log.Debug("replaying detected bytes to local service failed", "addr", r.target, "err", err)
 			return
 		}
 	}
@@ -124,50 +111,60 @@ func (p *Proxy) inboundMesh(c *net.TCPConn) {
 		return
 	}
 	cs := tc.ConnectionState()
-	info := &connInfo{direction: dirInbound, clientID: peerIDFromState(cs)}
+	clientID := peerIDFromState(cs)
 	switch cs.NegotiatedProtocol {
 	case alpnH2:
-		info.proto = protoHTTP2
+		info := &connInfo{route: route{kind: routePeerHTTP, dir: dirInbound, proto: protoHTTP2}, clientID: clientID}
 		p.h2.ServeConn(tc, &http2.ServeConnOpts{
 			Context:    context.WithValue(context.Background(), connInfoKey{}, info),
 			BaseConfig: p.h1,
 			Handler:    p.h1.Handler,
 		})
 	case alpnTransport:
-		p.inboundTransport(tc, info)
+		p.inboundTransport(tc, clientID)
+	case alpnH1:
+		p.serveH1(tc, nil, route{kind: routePeerHTTP, dir: dirInbound, proto: protoHTTP1}, clientID)
 	default:
 		p.m.refused.WithLabelValues(dirInbound, refuseALPN).Inc()
 	}
 }
 
-// inboundTransport reads the transport header under the detect timeout,
-// checks that it names a declared local service port, authorizes the client
-// and relays to the service.
-func (p *Proxy) inboundTransport(tc *tls.Conn, info *connInfo) {
+// inboundTransport reads the transport header under the detect timeout;
+// the route table decides from the local service at its port, and
+// peerTCP carries it out.
+func (p *Proxy) inboundTransport(tc *tls.Conn, clientID string) {
 	tc.SetReadDeadline(time.Now().Add(p.cfg.DetectTimeout))
 	h, err := readHeader(tc)
 	tc.SetReadDeadline(time.Time{})
 	if err != nil {
 		p.m.refused.WithLabelValues(dirInbound, refuseHeader).Inc()
-		p.log.Info("inbound transport header refused", "client_id", info.clientID, "err", err)
+		p.log.Info("inbound transport header refused", "client_id", clientID, "err", err)
 		return
 	}
-	svc, ok := p.localService(h.Port)
-	if !ok {
-		p.m.refused.WithLabelValues(dirInbound, refuseUnknownPort).Inc()
-		p.log.Info("inbound transport header names no local service", "client_id", info.clientID, "port", h.Port)
+	svc, _ := p.localService(h.Port)
+	r := p.routes.peer(h.Port, svc, protoOpaque)
+	if r.kind == routeDeny {
+		p.m.refused.WithLabelValues(dirInbound, r.reason).Inc()
+		p.log.Info("inbound transport header names no local service", "client_id", clientID, "port", h.Port)
 		return
 	}
-	if !p.authorizeTCP(svc, info.clientID, tlsTrue) {
+	p.peerTCP(tc, r, clientID)
+}
+
+// peerTCP carries out routePeerTCP: the client is authorized for TCP, then
+// the stream is relayed to the service's target.
+func (p *Proxy) peerTCP(tc net.Conn, r route, clientID string) {
+	svc := r.svc
+	if !p.authorizeTCP(svc, clientID, tlsTrue) {
 		return
 	}
-	up, err := p.dial(context.Background(), svc.target)
+	up, err := p.dial(context.Background(), r.target)
 	if err != nil {
 		p.m.refused.WithLabelValues(dirInbound, refuseDial).Inc()
-		p.log.Debug("connecting to local service failed", "service", svc.Name, "addr", svc.target, "err", err)
+		p.log.Debug("connecting to local service failed", "service", svc.Name, "addr", r.target, "err", err)
 		return
 	}
-	t := p.m.openTCP(connLabels{direction: dirInbound, service: svc.Name, clientID: info.clientID, tls: tlsTrue})
+	t := p.m.openTCP(connLabels{direction: dirInbound, service: svc.Name, clientID: clientID, tls: tlsTrue})
 	in, out, _ := relay(tc, up)
 	t.close(in, out)
 }

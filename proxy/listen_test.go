@@ -19,7 +19,7 @@ func TestOutboundListensOnIPv6Loopback(t *testing.T) {
 	cfg.OutboundAddr = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)
 	cfg.InboundAddr = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), port)
 	ca := newTestCA(t, "td")
-	p, err := New(cfg, Options{Catalog: &testCatalog{m: map[netip.AddrPort]Endpoint{}}, Identity: newTestIdentity(t, ca, "a")})
+	p, err := New(cfg, Options{Catalog: newTestCatalog(), Identity: newTestIdentity(t, ca, "a")})
 	if err != nil {
 		t.Fatal(err)
 	}

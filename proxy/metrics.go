@@ -53,6 +53,7 @@ type metrics struct {
 	tcpDeny      *prometheus.CounterVec
 	audit        *prometheus.CounterVec
 	refused      *prometheus.CounterVec
+	rejected     *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -102,13 +103,16 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tcp_refused_total", Help: "Connections refused before authorization (bad handshake, header, port, unknown destination).",
 		}, []string{"direction", "reason"}),
+		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "http_rejected_total", Help: "HTTP/1 requests refused as malformed or ambiguous (request smuggling shapes, oversized heads).",
+		}, []string{"direction", "reason"}),
 	}
 	if reg == nil {
 		return m, nil
 	}
 	for _, c := range []prometheus.Collector{
 		m.requests, m.responses, m.latency, m.tcpOpen, m.tcpClose, m.tcpOpenConns,
-		m.tcpRead, m.tcpWrite, m.httpAllow, m.httpDeny, m.tcpAllow, m.tcpDeny, m.audit, m.refused,
+		m.tcpRead, m.tcpWrite, m.httpAllow, m.httpDeny, m.tcpAllow, m.tcpDeny, m.audit, m.refused, m.rejected,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

@@ -244,7 +244,7 @@ func TestMeshNetns(t *testing.T) {
 		{Name: "sink", Port: 9000, Protocol: "opaque"},
 		{Name: "redis", Port: 6379},
 	}
-	cat := &testCatalog{m: map[netip.AddrPort]Endpoint{}}
+	cat := newTestCatalog()
 	for _, s := range svcs {
 		cat.add(Endpoint{
 			Node: "b", Service: s.Name, Addr: netip.AddrPortFrom(B.Addr, s.Port), ProxyAddr: netip.AddrPortFrom(B.Addr, 4143),
@@ -254,7 +254,7 @@ func TestMeshNetns(t *testing.T) {
 	const detectTimeout = 500 * time.Millisecond
 	cfg := func(c *Config) { c.DetectTimeout = detectTimeout }
 	pa := startNSProxy(t, A, ca, "a", cat, nil, cfg)
-	pb := startNSProxy(t, B, ca, "b", &testCatalog{m: map[netip.AddrPort]Endpoint{}}, svcs, cfg)
+	pb := startNSProxy(t, B, ca, "b", newTestCatalog(), svcs, cfg)
 	// Wait until B's redis answers locally.
 	eventually(t, "redis-server on B", func() bool {
 		out, err := B.Try("redis-cli", "-h", "127.0.0.1", "PING")

@@ -12,7 +12,10 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// handleOutbound serves one connection redirected to the outbound listener.
+// handleOutbound serves one connection redirected to the outbound listener:
+// the catalog says what its original destination is, the route table
+// decides (detecting the protocol first when it must), serveRoute carries
+// it out.
 func (p *Proxy) handleOutbound(c *net.TCPConn) {
 	dst, err := p.origDst(c)
 	if err != nil || sameAddr(dst, c.LocalAddr()) {
@@ -21,35 +24,21 @@ func (p *Proxy) handleOutbound(c *net.TCPConn) {
 		p.log.Debug("outbound connection was not redirected", "remote", c.RemoteAddr(), "err", err)
 		return
 	}
-	ep, known := p.opts.Catalog.Lookup(dst)
-	if !known || !ep.ProxyAddr.IsValid() {
-		if p.cfg.OutboundUnknown == "deny" {
-			p.m.refused.WithLabelValues(dirOutbound, refuseUnknownDst).Inc()
-			p.log.Debug("outbound destination unknown, refused", "dst", dst)
-			return
-		}
-		p.passthrough(c, dst)
-		return
-	}
-	info := &connInfo{direction: dirOutbound, dst: dst, ep: ep, meshed: true}
-	proto := protoOpaque
-	var peeked []byte
+	d := p.opts.Catalog.Resolve(dst)
+	r := p.routes.outbound(dst, d, protoOpaque, false)
 	bp := getBuf()
-	if !ep.Opaque && ep.Protocol != "opaque" && !p.isOpaquePort(dst.Port()) {
+	var peeked []byte
+	if r.kind == routeDetect {
+		var proto appProtocol
 		proto, peeked, err = detect(c, *bp, p.cfg.DetectTimeout)
 		if err != nil {
 			putBuf(bp)
 			p.log.Debug("outbound connection closed before its first byte", "dst", dst, "err", err)
 			return
 		}
+		r = p.routes.outbound(dst, d, proto, true)
 	}
-	info.proto = proto
-	if proto != protoOpaque {
-		p.serveHTTPConn(c, peeked, bp, info)
-		return
-	}
-	defer putBuf(bp)
-	p.outboundOpaque(c, ep, dst, peeked)
+	p.serveRoute(c, r, peeked, bp)
 }
 
 // sameAddr reports whether ap is the address a.
@@ -63,7 +52,7 @@ func sameAddr(ap netip.AddrPort, a net.Addr) bool {
 
 // passthrough relays a connection to a destination the mesh does not know,
 // as plain TCP (the kernel splices).
-func (p *Proxy) passthrough(c *net.TCPConn, dst netip.AddrPort) {
+func (p *Proxy) passthrough(c net.Conn, dst netip.AddrPort) {
 	up, err := p.dial(context.Background(), dst)
 	if err != nil {
 		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()

@@ -13,9 +13,10 @@ type LocalService struct {
 	Name string
 	// Port is the port the service listens on (required).
 	Port uint16
-	// Addr is where the inbound proxy connects for this service. Optional:
-	// the zero value means 127.0.0.1:Port.
-	Addr netip.AddrPort
+	// Target is where the inbound proxy connects for this service, whatever
+	// address the client's packets were sent to. Optional: the zero value
+	// means 127.0.0.1:Port.
+	Target netip.AddrPort
 	// Protocol is "auto" (default: detect), "http1", "http2" (assumed, no
 	// detection) or "opaque" (TCP, no detection). It only matters for
 	// unmeshed clients arriving through the PREROUTING redirect; meshed
@@ -62,7 +63,7 @@ func buildServices(list []LocalService, def Policy) (*services, error) {
 		default:
 			return nil, fmt.Errorf("service %q: unknown protocol %q", ls.Name, ls.Protocol)
 		}
-		e := &localService{LocalService: ls, target: ls.Addr, policy: ls.Policy}
+		e := &localService{LocalService: ls, target: ls.Target, policy: ls.Policy}
 		e.Allow = append([]string(nil), ls.Allow...)
 		if !e.target.IsValid() {
 			e.target = netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), ls.Port)

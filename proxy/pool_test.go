@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
 )
 
 // recordingDialer dials with a net.Dialer and remembers every connection,
@@ -74,21 +77,28 @@ func closedAfterSweep(pool *peerPool, c *recordedConn) func() bool {
 // when the pool is full (least recently used first).
 func TestPeerPoolEviction(t *testing.T) {
 	ln := listenLocal(t)
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })}
+	var protos http.Protocols
+	protos.SetHTTP1(true)
+	protos.SetUnencryptedHTTP2(true)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }), Protocols: &protos}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	backend := addrPort(ln.Addr())
 
 	dialer := &recordingDialer{}
-	services := []LocalService{{Name: "s1", Port: 81, Addr: backend}, {Name: "s2", Port: 82, Addr: backend}, {Name: "s3", Port: 83, Addr: backend}}
+	services := []LocalService{{Name: "s1", Port: 81, Target: backend}, {Name: "s2", Port: 82, Target: backend}, {Name: "s3", Port: 83, Target: backend}}
 	a, b, _ := meshPair(t, services, proxyOpts{dialer: dialer}, proxyOpts{})
 	var clock atomic.Int64 // nanoseconds since start
 	start := time.Now()
 	pool := a.p.pool
 	pool.now = func() time.Time { return start.Add(time.Duration(clock.Load())) }
 	pool.max = 2
-	client := &http.Client{Transport: &http.Transport{DialContext: a.dialContext}}
-	t.Cleanup(client.CloseIdleConnections)
+	// HTTP/2 from the app: HTTP/1 takes the lean path's pool (h1pool.go).
+	tr := &http2.Transport{AllowHTTP: true, DialTLSContext: func(ctx context.Context, n, addr string, _ *tls.Config) (net.Conn, error) {
+		return a.dialContext(ctx, n, addr)
+	}}
+	client := &http.Client{Transport: tr}
+	t.Cleanup(tr.CloseIdleConnections)
 	get := func(port int) {
 		t.Helper()
 		resp, err := client.Get(fmt.Sprintf("http://198.18.99.2:%d/", port))

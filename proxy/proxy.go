@@ -57,16 +57,23 @@ type Proxy struct {
 	errLog   *log.Logger
 	m        *metrics
 	dialer   Dialer
-	opaque   map[uint16]bool
+	routes   routeTable
+	warns    *warnLimiter // refusals logged at warn, once per (reason, address) per minute
 	sessions tls.ClientSessionCache
 	svcs     atomic.Pointer[services]
 
 	serverTLS *tls.Config
-	h1        *http.Server  // serves detected HTTP/1 connections (outbound and redirected inbound)
-	h1ln      *chanListener // feeds h1
+	h1        *http.Server  // the base configuration of h2
 	h2        *http2.Server // serves h2 (from apps and from peer proxies)
 	pool      *peerPool     // HTTP/2 transports to peer proxies
 	local     *localTransports
+
+	// The lean HTTP/1 path (h1.go): keep-alive connections to peer proxies
+	// and to local services, and the connections it serves.
+	h1peers *upPool
+	h1local *upPool
+	h1conns sync.Map    // *h1Conn -> struct{}
+	drain   atomic.Bool // Shutdown began: HTTP/1 connections close after their response
 
 	// origDst returns a connection's original destination; a test seam.
 	origDst func(*net.TCPConn) (netip.AddrPort, error)
@@ -99,7 +106,8 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		opts:     opts,
 		log:      opts.Logger,
 		dialer:   opts.Dialer,
-		opaque:   make(map[uint16]bool, len(cfg.OpaquePorts)),
+		routes:   newRouteTable(cfg),
+		warns:    newWarnLimiter(time.Minute),
 		sessions: tls.NewLRUClientSessionCache(1024),
 		conns:    make(map[net.Conn]struct{}),
 		origDst:  originalDst,
@@ -114,9 +122,6 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	if p.opts.VerifyPeer == nil {
 		p.opts.VerifyPeer = VerifyPeerWithRoots(opts.Identity.Roots, opts.Identity.TrustDomain())
 	}
-	for _, port := range cfg.OpaquePorts {
-		p.opaque[port] = true
-	}
 	m, err := newMetrics(opts.Registerer)
 	if err != nil {
 		return nil, fmt.Errorf("creating proxy: registering metrics: %w", err)
@@ -126,7 +131,6 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		return nil, fmt.Errorf("creating proxy: %w", err)
 	}
 	p.serverTLS = p.serverTLSConfig()
-	p.h1ln = newChanListener()
 	p.h1 = &http.Server{
 		Handler:           http.HandlerFunc(p.serveRequest),
 		ConnContext:       connContext,
@@ -144,6 +148,8 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	}
 	p.pool = newPeerPool(p)
 	p.local = newLocalTransports(p)
+	p.h1peers = newUpPool(h1PeerIdle, 256)
+	p.h1local = newUpPool(h1LocalIdle, 256)
 	return p, nil
 }
 
@@ -233,9 +239,8 @@ func (p *Proxy) Serve(ctx context.Context) error {
 	}
 	stop := context.AfterFunc(ctx, func() { p.Close() })
 	defer stop()
-	errc := make(chan error, 4)
-	loops := 3
-	go func() { errc <- p.h1.Serve(p.h1ln) }()
+	errc := make(chan error, 3)
+	loops := 2
 	go func() { errc <- p.acceptLoop(out, p.handleOutbound) }()
 	go func() { errc <- p.acceptLoop(in, p.handleInbound) }()
 	if out6 != nil {
@@ -323,6 +328,10 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	// http.Server.Shutdown only tracks the HTTP/1 conns it accepted itself.
 	go p.h1.Shutdown(ctx)
 	p.pool.closeIdle()
+	p.drain.Store(true)
+	p.closeIdleH1()
+	p.h1peers.closeIdle()
+	p.h1local.closeIdle()
 	var err error
 	select {
 	case <-done:
@@ -343,7 +352,6 @@ func (p *Proxy) closeListenersLocked() {
 	if p.inLn != nil {
 		p.inLn.Close()
 	}
-	p.h1ln.Close()
 }
 
 // Close stops the listeners and closes every connection at once, then waits
@@ -364,13 +372,12 @@ func (p *Proxy) Close() error {
 		}
 		p.pool.close()
 		p.local.close()
+		p.h1peers.close()
+		p.h1local.close()
 	})
 	p.wg.Wait()
 	return nil
 }
-
-// isOpaquePort reports whether port skips protocol detection by config.
-func (p *Proxy) isOpaquePort(port uint16) bool { return p.opaque[port] }
 
 // dial opens a TCP connection with the connect timeout.
 func (p *Proxy) dial(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
@@ -378,44 +385,6 @@ func (p *Proxy) dial(ctx context.Context, addr netip.AddrPort) (net.Conn, error)
 	defer cancel()
 	return p.dialer.DialContext(ctx, "tcp", addr.String())
 }
-
-// chanListener is a net.Listener fed by Push: it hands connections the
-// proxy has already accepted and detected to the HTTP/1 server.
-type chanListener struct {
-	ch   chan net.Conn
-	done chan struct{}
-	once sync.Once
-}
-
-func newChanListener() *chanListener {
-	return &chanListener{ch: make(chan net.Conn), done: make(chan struct{})}
-}
-
-// Push hands c to the server; it reports false if the listener is closed.
-func (l *chanListener) Push(c net.Conn) bool {
-	select {
-	case l.ch <- c:
-		return true
-	case <-l.done:
-		return false
-	}
-}
-
-func (l *chanListener) Accept() (net.Conn, error) {
-	select {
-	case c := <-l.ch:
-		return c, nil
-	case <-l.done:
-		return nil, net.ErrClosed
-	}
-}
-
-func (l *chanListener) Close() error {
-	l.once.Do(func() { close(l.done) })
-	return nil
-}
-
-func (l *chanListener) Addr() net.Addr { return &net.TCPAddr{} }
 
 // peekedConn replays bytes read during detection before reading from Conn.
 // done is closed when the connection is closed, so the handler that pushed
@@ -455,15 +424,8 @@ func (c *peekedConn) CloseWrite() error {
 // connInfo is what the proxy knows about an accepted connection; HTTP
 // handlers find it in the request context.
 type connInfo struct {
-	direction string
-	dst       netip.AddrPort // original destination
-	ep        Endpoint       // outbound: the catalog endpoint (zero if unknown)
-	meshed    bool           // outbound: ep is a mesh endpoint
-	clientID  string         // inbound: the verified client identity, "" if none
-	// redirected: an unmeshed client's connection to dst, a local service
-	// port, that the PREROUTING redirect sent to the inbound listener.
-	redirected bool
-	proto      appProtocol
+	route    route  // the connection's route
+	clientID string // from a peer proxy: the verified client identity
 }
 
 type connInfoKey struct{}

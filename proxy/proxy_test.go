@@ -50,7 +50,7 @@ func serveConns(ln net.Listener, handle func(net.Conn)) netip.AddrPort {
 
 func TestOpaqueEchoHalfClose(t *testing.T) {
 	backend := echoServer(t)
-	svc := LocalService{Name: "redis", Port: 6379, Addr: backend}
+	svc := LocalService{Name: "redis", Port: 6379, Target: backend}
 	a, b, _ := meshPair(t, []LocalService{svc}, proxyOpts{}, proxyOpts{})
 
 	c := a.dialOut(t, appAddr(6379))
@@ -103,7 +103,7 @@ func TestHTTP1ThroughMesh(t *testing.T) {
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 
-	a, b, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Addr: addrPort(ln.Addr())}}, proxyOpts{}, proxyOpts{})
+	a, b, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Target: addrPort(ln.Addr())}}, proxyOpts{}, proxyOpts{})
 	client := &http.Client{Transport: &http.Transport{DialContext: a.dialContext}}
 	for i := range 3 {
 		req, _ := http.NewRequest("POST", "http://198.18.99.2:80/path", strings.NewReader(fmt.Sprint("body", i)))
@@ -193,7 +193,7 @@ func serveGRPCLike(t testing.TB, ln net.Listener) netip.AddrPort {
 
 func TestH2CStreamingTrailers(t *testing.T) {
 	backend := grpcLike(t)
-	a, b, _ := meshPair(t, []LocalService{{Name: "grpc", Port: 9090, Addr: backend}}, proxyOpts{}, proxyOpts{})
+	a, b, _ := meshPair(t, []LocalService{{Name: "grpc", Port: 9090, Target: backend}}, proxyOpts{}, proxyOpts{})
 	tr := &http2.Transport{AllowHTTP: true, DialTLSContext: func(ctx context.Context, n, addr string, _ *tls.Config) (net.Conn, error) {
 		return a.dialContext(ctx, n, addr)
 	}}
@@ -271,7 +271,7 @@ func serveUpgrade(t testing.TB, ln net.Listener) netip.AddrPort {
 
 func TestUpgrade(t *testing.T) {
 	backend := upgradeServer(t)
-	a, _, _ := meshPair(t, []LocalService{{Name: "ws", Port: 8081, Addr: backend}}, proxyOpts{}, proxyOpts{})
+	a, _, _ := meshPair(t, []LocalService{{Name: "ws", Port: 8081, Target: backend}}, proxyOpts{}, proxyOpts{})
 	c := a.dialOut(t, appAddr(8081))
 	fmt.Fprintf(c, "GET /ws HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly")
 	br := bufio.NewReader(c)
@@ -338,8 +338,8 @@ func TestServerSpeaksFirst(t *testing.T) {
 	backend := speaksFirst(t)
 	const detect = 300 * time.Millisecond
 	a, _, _ := meshPair(t, []LocalService{
-		{Name: "smtp", Port: 2525, Addr: backend},
-		{Name: "smtp-opaque", Port: 25, Addr: backend},
+		{Name: "smtp", Port: 2525, Target: backend},
+		{Name: "smtp-opaque", Port: 25, Target: backend},
 	}, proxyOpts{cfg: func(c *Config) { c.DetectTimeout = detect }}, proxyOpts{})
 	greet := func(port uint16) time.Duration {
 		start := time.Now()
@@ -397,13 +397,13 @@ func TestPolicy(t *testing.T) {
 	backend := echoServer(t)
 	web := upgradeServer(t) // any HTTP server: 400 for plain GETs
 	services := []LocalService{
-		{Name: "open", Port: 7001, Addr: backend, Policy: PolicyAllUnauthenticated},
-		{Name: "authn", Port: 7002, Addr: backend, Policy: PolicyAllAuthenticated},
-		{Name: "only-c", Port: 7003, Addr: backend, Allow: []string{"spiffe://vmesh.test/node/c"}},
-		{Name: "nodes", Port: 7004, Addr: backend, Allow: []string{"spiffe://vmesh.test/node/*"}},
-		{Name: "web-only-c", Port: 7005, Addr: web, Allow: []string{"spiffe://vmesh.test/node/c"}},
-		{Name: "closed", Port: 7006, Addr: backend, Policy: PolicyDeny},
-		{Name: "audit", Port: 7007, Addr: backend, Policy: PolicyAudit, Allow: []string{"spiffe://vmesh.test/node/c"}},
+		{Name: "open", Port: 7001, Target: backend, Policy: PolicyAllUnauthenticated},
+		{Name: "authn", Port: 7002, Target: backend, Policy: PolicyAllAuthenticated},
+		{Name: "only-c", Port: 7003, Target: backend, Allow: []string{"spiffe://vmesh.test/node/c"}},
+		{Name: "nodes", Port: 7004, Target: backend, Allow: []string{"spiffe://vmesh.test/node/*"}},
+		{Name: "web-only-c", Port: 7005, Target: web, Allow: []string{"spiffe://vmesh.test/node/c"}},
+		{Name: "closed", Port: 7006, Target: backend, Policy: PolicyDeny},
+		{Name: "audit", Port: 7007, Target: backend, Policy: PolicyAudit, Allow: []string{"spiffe://vmesh.test/node/c"}},
 	}
 	a, b, _ := meshPair(t, services, proxyOpts{cfg: func(c *Config) { c.OpaquePorts = []uint16{7001, 7002, 7003, 7004, 7006, 7007} }}, proxyOpts{})
 
@@ -509,7 +509,7 @@ func refused(c net.Conn) bool {
 
 func TestInboundRefusals(t *testing.T) {
 	backend := echoServer(t)
-	a, b, ca := meshPair(t, []LocalService{{Name: "db", Port: 5432, Addr: backend}}, proxyOpts{}, proxyOpts{})
+	a, b, ca := meshPair(t, []LocalService{{Name: "db", Port: 5432, Target: backend}}, proxyOpts{}, proxyOpts{})
 	_ = a
 	good := ca.issue(t, "node/x")
 	hdr := func(port uint16) []byte { return must(appendHeader(nil, transportHeader{Port: port})) }
@@ -592,7 +592,7 @@ func TestInboundRefusals(t *testing.T) {
 
 func TestSetServicesKeepsConnections(t *testing.T) {
 	backend := echoServer(t)
-	a, b, _ := meshPair(t, []LocalService{{Name: "db", Port: 5432, Addr: backend}}, proxyOpts{}, proxyOpts{})
+	a, b, _ := meshPair(t, []LocalService{{Name: "db", Port: 5432, Target: backend}}, proxyOpts{}, proxyOpts{})
 	c := a.dialOut(t, appAddr(5432))
 	br := bufio.NewReader(c)
 	c.Write([]byte("1\n"))
@@ -628,7 +628,7 @@ func TestLargeTransfer(t *testing.T) {
 		io.Copy(h, c)
 		c.Write(h.Sum(nil))
 	})
-	a, _, _ := meshPair(t, []LocalService{{Name: "sink", Port: 9000, Addr: addrPort(ln.Addr())}}, proxyOpts{cfg: func(c *Config) { c.OpaquePorts = []uint16{9000} }}, proxyOpts{})
+	a, _, _ := meshPair(t, []LocalService{{Name: "sink", Port: 9000, Target: addrPort(ln.Addr())}}, proxyOpts{cfg: func(c *Config) { c.OpaquePorts = []uint16{9000} }}, proxyOpts{})
 	c := a.dialOut(t, appAddr(9000))
 	h := sha256.New()
 	if _, err := io.Copy(c, io.TeeReader(io.LimitReader(zeroRand{}, size), h)); err != nil {
@@ -656,7 +656,7 @@ func (zeroRand) Read(b []byte) (int, error) {
 
 func TestShutdownDrains(t *testing.T) {
 	backend := echoServer(t)
-	a, _, _ := meshPair(t, []LocalService{{Name: "db", Port: 5432, Addr: backend}}, proxyOpts{}, proxyOpts{})
+	a, _, _ := meshPair(t, []LocalService{{Name: "db", Port: 5432, Target: backend}}, proxyOpts{}, proxyOpts{})
 	c := a.dialOut(t, appAddr(5432))
 	br := bufio.NewReader(c)
 	c.Write([]byte("1\n"))
@@ -702,7 +702,7 @@ func TestRequestTimeout(t *testing.T) {
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	const timeout = 300 * time.Millisecond
-	a, _, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Addr: addrPort(ln.Addr())}},
+	a, _, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Target: addrPort(ln.Addr())}},
 		proxyOpts{cfg: func(c *Config) { c.RequestTimeout = timeout }}, proxyOpts{})
 	client := &http.Client{Transport: &http.Transport{DialContext: a.dialContext}}
 	t.Cleanup(client.CloseIdleConnections)

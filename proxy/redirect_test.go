@@ -65,10 +65,15 @@ func TestRedirectedHTTP(t *testing.T) {
 		{Name: "h2only", Port: 7106, Protocol: "http2"},
 		{Name: "audited", Port: 7107, Policy: PolicyAudit},
 	}
-	b := startProxy(t, "b", ca, proxyOpts{services: services, cfg: func(c *Config) { c.OpaquePorts = []uint16{7105} }})
-	for _, s := range services {
-		serveAt(t, netip.AddrPortFrom(b.ip, s.Port))
+	// The services listen at their own targets, not at the address the
+	// clients dial: the inbound proxy dials a declared service's target,
+	// never an address taken from the packet.
+	svcIP := nextLoopbackIP(2)
+	for i := range services {
+		services[i].Target = netip.AddrPortFrom(svcIP, services[i].Port)
+		serveAt(t, services[i].Target)
 	}
+	b := startProxy(t, "b", ca, proxyOpts{services: services, cfg: func(c *Config) { c.OpaquePorts = []uint16{7105} }})
 	dial := func(ctx context.Context, _, addr string) (net.Conn, error) {
 		dst, err := netip.ParseAddrPort(addr)
 		if err != nil {

@@ -18,7 +18,7 @@ import (
 func TestOpaqueStreamsShareOneHandshake(t *testing.T) {
 	const n = 20
 	backend := echoServer(t)
-	svc := LocalService{Name: "redis", Port: 6379, Addr: backend, Protocol: "opaque"}
+	svc := LocalService{Name: "redis", Port: 6379, Target: backend, Protocol: "opaque"}
 	d := &recordingDialer{}
 	a, b, _ := meshPair(t, []LocalService{svc}, proxyOpts{dialer: d, cfg: func(c *Config) { c.MultiplexOpaque = true }}, proxyOpts{})
 	for i := range n {
@@ -69,15 +69,15 @@ func TestOpaqueStalledStreamDoesNotBlockOthers(t *testing.T) {
 	backend := echoServer(t)
 	d := &recordingDialer{}
 	a, _, _ := meshPair(t, []LocalService{
-		{Name: "sink", Port: 7000, Addr: sink, Protocol: "opaque"},
-		{Name: "echo", Port: 7001, Addr: backend, Protocol: "opaque"},
+		{Name: "sink", Port: 7000, Target: sink, Protocol: "opaque"},
+		{Name: "echo", Port: 7001, Target: backend, Protocol: "opaque"},
 	}, proxyOpts{dialer: d, cfg: func(c *Config) { c.MultiplexOpaque = true }}, proxyOpts{})
 	// Release the sink before the proxies close (cleanups run last first):
 	// a proxy's Close waits for relays blocked writing to it.
 	t.Cleanup(func() { close(stalled) })
 	// Pools are per (peer, service identity): address the sink as the echo
 	// service so both streams share one pooled connection.
-	ep, _ := a.cat.Lookup(appAddr(7001))
+	ep := a.cat.Resolve(appAddr(7001)).Endpoint
 	ep.Addr = appAddr(7000)
 	a.cat.add(ep)
 

@@ -5,29 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"net/netip"
 )
-
-// Catalog tells the outbound proxy what an address is. node adapts the
-// discovery catalog to it. Lookup must be safe for concurrent use and must
-// not block (an in-memory lookup).
-type Catalog interface {
-	// Lookup returns the mesh endpoint serving addr (an application
-	// address, e.g. 198.18.0.2:8080), or false if the mesh does not know it.
-	Lookup(addr netip.AddrPort) (Endpoint, bool)
-}
-
-// Endpoint is one service port on one mesh host.
-type Endpoint struct {
-	Node      string         // host name, for logs
-	Service   string         // service name; the client proxy sends it as SNI
-	Addr      netip.AddrPort // application address
-	ProxyAddr netip.AddrPort // the peer's inbound proxy, e.g. 198.18.0.2:4143; invalid = not meshed
-	Identity  string         // expected server SPIFFE ID, spiffe://td/svc/NAME
-	Protocol  string         // "auto", "http1", "http2" or "opaque"
-	Opaque    bool           // skip protocol detection
-	Healthy   bool
-}
 
 // Identity supplies this host's certificates. node adapts the ca client to
 // it. The methods are called for every handshake and must be safe for
@@ -144,7 +122,7 @@ func (p *Proxy) serverTLSConfig() *tls.Config {
 		MinVersion:       tls.VersionTLS13,
 		GetCertificate:   p.opts.Identity.GetCertificate,
 		ClientAuth:       tls.RequireAnyClientCert,
-		NextProtos:       []string{alpnH2, alpnTransport},
+		NextProtos:       []string{alpnH2, alpnTransport, alpnH1},
 		CurvePreferences: curvePreferences,
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			if len(cs.PeerCertificates) == 0 {

@@ -100,9 +100,21 @@ func (i *identity) TrustDomain() string   { return i.td }
 // catalog is a fixed map of the peer's service addresses.
 type catalog map[netip.AddrPort]proxy.Endpoint
 
-func (c catalog) Lookup(a netip.AddrPort) (proxy.Endpoint, bool) {
-	ep, ok := c[a]
-	return ep, ok
+func (c catalog) Resolve(a netip.AddrPort) proxy.Destination {
+	if ep, ok := c[a]; ok {
+		return proxy.Destination{Kind: proxy.DestEndpoint, Endpoint: ep, Service: ep.Service}
+	}
+	return proxy.Destination{}
+}
+
+func (c catalog) Endpoints(service string) ([]proxy.Endpoint, uint64) {
+	var eps []proxy.Endpoint
+	for _, ep := range c {
+		if ep.Service == service {
+			eps = append(eps, ep)
+		}
+	}
+	return eps, 0
 }
 
 func run(td, root, nodeCert, svcDir, peer, remote, local, control string, mark uint32) error {

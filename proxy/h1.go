@@ -1,0 +1,685 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// The lean HTTP/1 path. One goroutine per accepted connection reads a
+// request, picks the upstream (a pooled keep-alive mTLS connection to the
+// peer proxy with ALPN "vmesh.h1/1", or a pooled keep-alive connection to
+// the local service), writes the request to it, reads the response and
+// writes it back: no hand-off to another goroutine unless the request body
+// has not arrived whole (it is then copied by a second goroutine while the
+// response is read, so 100-continue and early responses work). Head and
+// body go out in one write when both are ready. Between proxies the
+// request carries the mesh's fields: Vmesh-Dst-Port (the target port) and
+// L5d-Orig-Proto (for HTTP/1.0 clients); bodies of unknown length are
+// chunked on that hop so its connections stay reusable.
+
+// alpnH1 carries pooled HTTP/1.1 keep-alive connections between proxies.
+const alpnH1 = "vmesh.h1/1"
+
+// Buffer sizes of the lean path's connections. Writes of up to
+// h1WriteBuf go out as one TLS record.
+const (
+	h1ReadBuf  = 8 << 10
+	h1WriteBuf = 16 << 10
+	// maxDiscardBody is the largest request body read and dropped after
+	// the proxy answered without it, keeping the connection; larger
+	// bodies close it.
+	maxDiscardBody = 64 << 10
+)
+
+// h1Conn serves one accepted connection on the lean path: an app's
+// (outbound, or redirected inbound) or a peer proxy's.
+type h1Conn struct {
+	p        *Proxy
+	c        net.Conn
+	br       *bufio.Reader
+	bw       *bufio.Writer
+	r        route  // routeHTTP, routeInboundHTTP or routePeerHTTP
+	clientID string // routePeerHTTP: the peer's identity
+	tlsLabel string
+	req      h1Head
+	resp     h1Head
+	idle     atomic.Bool // waiting for a request: Shutdown may close it
+	arr      [64]byte
+
+	mc    *h1Metrics // metrics of the last service served
+	mcSvc *localService
+}
+
+// h1Metrics are one label set's request metrics, looked up once.
+type h1Metrics struct {
+	labels   []string
+	requests prometheus.Counter
+	latency  prometheus.Observer
+	resp     map[int]prometheus.Counter // status*2 + failure
+}
+
+func (p *Proxy) newH1Metrics(l connLabels) *h1Metrics {
+	v := l.values()
+	return &h1Metrics{
+		labels:   v,
+		requests: p.m.requests.WithLabelValues(v...),
+		latency:  p.m.latency.WithLabelValues(v...),
+		resp:     make(map[int]prometheus.Counter, 2),
+	}
+}
+
+func (m *h1Metrics) response(p *Proxy, status int, success bool) {
+	k := status * 2
+	class := "success"
+	if !success {
+		k++
+		class = "failure"
+	}
+	c, ok := m.resp[k]
+	if !ok {
+		c = p.m.responses.WithLabelValues(append(m.labels[:len(m.labels):len(m.labels)], statusLabel(status), class)...)
+		m.resp[k] = c
+	}
+	c.Inc()
+}
+
+// prefixReader reads b, then r: the bytes protocol detection read first.
+type prefixReader struct {
+	b []byte
+	r io.Reader
+}
+
+func (pr *prefixReader) Read(b []byte) (int, error) {
+	if len(pr.b) > 0 {
+		n := copy(b, pr.b)
+		pr.b = pr.b[n:]
+		return n, nil
+	}
+	return pr.r.Read(b)
+}
+
+// serveH1 serves the HTTP/1 requests of an accepted connection on route r
+// (peeked: bytes detection already read).
+func (p *Proxy) serveH1(c net.Conn, peeked []byte, r route, clientID string) {
+	var src io.Reader = c
+	if len(peeked) > 0 {
+		src = &prefixReader{b: peeked, r: c}
+	}
+	h := &h1Conn{
+		p: p, c: c, r: r, clientID: clientID,
+		br: bufio.NewReaderSize(src, h1ReadBuf),
+		bw: bufio.NewWriterSize(c, h1WriteBuf),
+	}
+	h.tlsLabel = tlsTrue
+	if r.kind == routeInboundHTTP {
+		h.tlsLabel = tlsNoIdentity
+	}
+	p.h1conns.Store(h, struct{}{})
+	defer p.h1conns.Delete(h)
+	for !p.drain.Load() {
+		h.idle.Store(true)
+		err := h.readRequest()
+		h.idle.Store(false)
+		if err != nil {
+			var he *httpError
+			if errors.As(err, &he) {
+				h.reject(he)
+			}
+			return
+		}
+		if !h.exchange() {
+			return
+		}
+	}
+}
+
+// readRequest reads and parses the next request head. The head must arrive
+// within Config.DetectTimeout of its first byte; an idle keep-alive
+// connection may wait for that first byte as long as it likes.
+func (h *h1Conn) readRequest() error {
+	if _, err := h.br.Peek(1); err != nil {
+		return err
+	}
+	if buf, _ := h.br.Peek(h.br.Buffered()); bytes.Index(buf, []byte("\n\r\n")) < 0 && bytes.Index(buf, []byte("\n\n")) < 0 {
+		// The head is not all here: bound the wait for the rest.
+		h.c.SetReadDeadline(time.Now().Add(h.p.cfg.DetectTimeout))
+		defer h.c.SetReadDeadline(time.Time{})
+	}
+	if err := readHead(h.br, &h.req); err != nil {
+		return err
+	}
+	if err := h.req.parseRequest(); err != nil {
+		return err
+	}
+	if asciiEqualFold(h.req.method, "connect") {
+		return errConnect
+	}
+	return nil
+}
+
+var errConnect = &httpError{405, "connect"}
+
+// reject answers a request the proxy refuses to parse and counts it; the
+// connection is closed afterwards.
+func (h *h1Conn) reject(he *httpError) {
+	h.p.m.rejected.WithLabelValues(h.r.dir, he.reason).Inc()
+	h.p.log.Debug("HTTP/1 request rejected", "direction", h.r.dir, "reason", he.reason)
+	h.writeError(he.status, "bad request: "+he.reason, true)
+}
+
+// writeError answers with code, l5d-proxy-error saying why, and a short
+// body.
+func (h *h1Conn) writeError(code int, why string, closeConn bool) error {
+	bw := h.bw
+	bw.WriteString("HTTP/1.1 ")
+	bw.Write(strconv.AppendInt(h.arr[:0], int64(code), 10))
+	bw.WriteByte(' ')
+	bw.WriteString(statusText(code))
+	bw.WriteString("\r\nContent-Type: text/plain; charset=utf-8\r\nL5d-Proxy-Error: ")
+	bw.WriteString(why)
+	bw.WriteString("\r\nContent-Length: ")
+	bw.Write(strconv.AppendInt(h.arr[:0], int64(len(why)+8), 10))
+	if closeConn {
+		bw.WriteString("\r\nConnection: close")
+	}
+	bw.WriteString("\r\n\r\nvmesh: ")
+	bw.WriteString(why)
+	bw.WriteByte('\n')
+	return bw.Flush()
+}
+
+func statusText(code int) string {
+	switch code {
+	case 400:
+		return "Bad Request"
+	case 403:
+		return "Forbidden"
+	case 405:
+		return "Method Not Allowed"
+	case 431:
+		return "Request Header Fields Too Large"
+	case 501:
+		return "Not Implemented"
+	case 502:
+		return "Bad Gateway"
+	case 504:
+		return "Gateway Timeout"
+	case 505:
+		return "HTTP Version Not Supported"
+	}
+	return "Error"
+}
+
+// h1Leg is where one request goes.
+type h1Leg struct {
+	m       *h1Metrics
+	pool    *upPool
+	key     poolKey
+	ep      Endpoint       // to a peer proxy
+	peer    bool           // upstream is a peer proxy: mesh fields, HTTP/1.1
+	minor   int            // HTTP version to a local service
+	port    uint16         // to a peer: the target port
+	timeout time.Duration  // Config.RequestTimeout (outbound)
+	target  netip.AddrPort // to a local service
+}
+
+// leg decides where the current request goes; ok=false means it was
+// answered (denied) and keep says whether the connection goes on.
+func (h *h1Conn) leg() (l h1Leg, ok, keep bool) {
+	p, req := h.p, &h.req
+	switch h.r.kind {
+	case routeHTTP:
+		ep := h.r.ep
+		if h.mc == nil {
+			h.mc = p.newH1Metrics(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
+		}
+		return h1Leg{
+			m: h.mc, pool: p.h1peers, key: poolKey{ep.ProxyAddr, ep.Service, ep.Identity},
+			ep: ep, peer: true, port: h.r.dst.Port(), timeout: p.cfg.RequestTimeout,
+		}, true, true
+	case routePeerHTTP:
+		port, err := strconv.ParseUint(string(req.dstPort), 10, 16)
+		var svc *localService
+		if err == nil {
+			svc, _ = p.localService(uint16(port))
+		}
+		r := p.routes.peer(uint16(port), svc, protoHTTP1)
+		if r.kind == routeDeny {
+			p.m.refused.WithLabelValues(dirInbound, r.reason).Inc()
+			return l, false, h.answerEarly(nil, 403, "unknown target port")
+		}
+		l = h1Leg{pool: p.h1local, key: poolKey{addr: r.target}, target: r.target, minor: 1}
+		if bytes.Equal(req.origProto, []byte("HTTP/1.0")) {
+			l.minor = 0
+		}
+		return h.authorized(l, svc)
+	case routeInboundHTTP:
+		l = h1Leg{pool: p.h1local, key: poolKey{addr: h.r.target}, target: h.r.target, minor: req.minor}
+		return h.authorized(l, h.r.svc)
+	}
+	return l, false, h.answerEarly(nil, 500, "no HTTP route")
+}
+
+// authorized authorizes the current request for svc; a denial is answered
+// with 403.
+func (h *h1Conn) authorized(l h1Leg, svc *localService) (h1Leg, bool, bool) {
+	if h.mcSvc != svc || h.mc == nil {
+		h.mc = h.p.newH1Metrics(connLabels{direction: dirInbound, service: svc.Name, clientID: h.clientID, tls: h.tlsLabel})
+		h.mcSvc = svc
+	}
+	l.m = h.mc
+	if d := h.p.authorize("http", svc, h.clientID, h.tlsLabel); !d.allow {
+		l.m.requests.Inc()
+		return l, false, h.answerEarly(l.m, 403, "unauthorized: "+d.reason)
+	}
+	return l, true, true
+}
+
+// answerEarly answers the current request without forwarding it, counting
+// the response when m is set, and drops its body when that is cheap. It
+// reports whether the connection can go on.
+func (h *h1Conn) answerEarly(m *h1Metrics, code int, why string) bool {
+	req := &h.req
+	keep := !req.connClose
+	switch {
+	case req.body == bodyNone:
+	case req.body == bodyLength && req.length <= maxDiscardBody && !req.expect100:
+	default:
+		keep = false
+	}
+	if m != nil {
+		m.response(h.p, code, false)
+	}
+	if h.writeError(code, why, !keep) != nil || !keep {
+		return false
+	}
+	if req.body == bodyLength {
+		if _, err := h.br.Discard(int(req.length)); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// exchange forwards the current request and relays its response. It
+// reports whether the connection can serve another request.
+func (h *h1Conn) exchange() bool {
+	l, ok, keep := h.leg()
+	if !ok {
+		return keep
+	}
+	req, resp := &h.req, &h.resp
+	l.m.requests.Inc()
+	start := time.Now()
+
+	var uc *upConn
+	var bodyDone chan error // set when the body is copied by another goroutine
+	retried := false
+	var err error
+	for {
+		uc, err = h.upstream(&l)
+		if err != nil {
+			h.p.log.Debug("connecting upstream failed", "direction", h.r.dir, "err", err)
+			return h.failEarly(l, bodyDone, 502, "connecting upstream failed")
+		}
+		if l.timeout > 0 {
+			uc.SetDeadline(start.Add(l.timeout))
+		}
+		bodyDone, err = h.sendRequest(uc, &l)
+		if err == nil {
+			err = h.readResponseHead(uc, bodyDone)
+		}
+		if err == nil {
+			break
+		}
+		l.pool.drop(uc)
+		if uc.reused && !retried && req.body == bodyNone && isStale(err) {
+			// The pooled connection was closed under us before it
+			// answered: the request went nowhere, try a fresh one.
+			retried = true
+			continue
+		}
+		if bodyDone != nil {
+			h.c.SetReadDeadline(time.Now())
+			<-bodyDone
+		}
+		var he *httpError
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded) && l.timeout > 0:
+			return h.failEarly(l, nil, 504, "request timeout")
+		case errors.As(err, &he) && he.status < 500:
+			// The request body was malformed: the app's fault.
+			h.p.m.rejected.WithLabelValues(h.r.dir, he.reason).Inc()
+			return h.failEarly(l, nil, he.status, "bad request: "+he.reason)
+		}
+		h.p.log.Debug("proxying request failed", "direction", h.r.dir, "err", err)
+		return h.failEarly(l, nil, 502, "proxying failed")
+	}
+	l.m.latency.Observe(float64(time.Since(start)) / float64(time.Millisecond))
+
+	if resp.status == 101 {
+		return h.upgrade(uc, l, bodyDone)
+	}
+
+	// The final response: head and body to the client.
+	chunked := req.minor == 1 && (resp.body == bodyChunked || resp.body == bodyEOF)
+	keep = !req.connClose && !h.p.drain.Load() &&
+		(resp.body == bodyNone || resp.body == bodyLength || chunked)
+	h.writeResponseHead(keep, chunked)
+	bc := bodyCopier{dst: h.bw, src: uc.br}
+	berr := bc.copy(resp.body, resp.length, chunked)
+	if berr == nil {
+		berr = h.bw.Flush()
+	}
+	l.m.response(h.p, resp.status, berr == nil && resp.status < 500)
+
+	var reqErr error
+	if bodyDone != nil {
+		select {
+		case reqErr = <-bodyDone:
+		default:
+			// The response ended before the request: stop reading it;
+			// neither connection's state is known any more.
+			h.c.SetReadDeadline(time.Now())
+			<-bodyDone
+			reqErr = errIncomplete
+		}
+	}
+	if l.timeout > 0 {
+		uc.SetDeadline(time.Time{})
+	}
+	if berr == nil && reqErr == nil && !resp.connClose && resp.body != bodyEOF && (l.peer || l.minor == 1 || resp.keepAlive) {
+		l.pool.put(uc)
+	} else {
+		l.pool.drop(uc)
+	}
+	if berr != nil {
+		h.p.log.Debug("relaying response body failed", "direction", h.r.dir, "err", berr)
+	}
+	return keep && berr == nil && reqErr == nil
+}
+
+// isStale reports whether err says a pooled connection was closed before
+// it answered.
+func isStale(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+		errors.Is(err, errStaleConn) || isConnReset(err)
+}
+
+var errStaleConn = errors.New("pooled connection closed")
+
+// failEarly answers 5xx (or 4xx) before any response byte was sent and
+// counts it; the connection is closed if the request body was not all
+// read.
+func (h *h1Conn) failEarly(l h1Leg, bodyDone chan error, code int, why string) bool {
+	if bodyDone != nil {
+		h.c.SetReadDeadline(time.Now())
+		<-bodyDone
+		l.m.response(h.p, code, false)
+		h.writeError(code, why, true)
+		return false
+	}
+	return h.answerEarly(l.m, code, why)
+}
+
+// upstream returns a pooled connection for l or dials one.
+func (h *h1Conn) upstream(l *h1Leg) (*upConn, error) {
+	if uc := l.pool.get(l.key); uc != nil {
+		return uc, nil
+	}
+	p := h.p
+	var c net.Conn
+	var err error
+	if l.peer {
+		c, err = p.dialTransport(context.Background(), l.ep, alpnH1)
+	} else {
+		c, err = p.dial(context.Background(), l.target)
+	}
+	if err != nil {
+		return nil, err
+	}
+	uc, ok := l.pool.add(c, l.key)
+	if !ok {
+		return nil, net.ErrClosed
+	}
+	return uc, nil
+}
+
+// sendRequest writes the request head and, when it is all here, its body;
+// otherwise a goroutine copies the body and reports on the returned
+// channel.
+func (h *h1Conn) sendRequest(uc *upConn, l *h1Leg) (chan error, error) {
+	req := &h.req
+	bw := uc.bw
+	bw.Write(req.method)
+	bw.WriteByte(' ')
+	bw.Write(req.target)
+	if l.peer || l.minor == 1 {
+		bw.WriteString(" HTTP/1.1\r\n")
+	} else {
+		bw.WriteString(" HTTP/1.0\r\n")
+	}
+	for _, f := range req.fields {
+		if req.hopByHop(f) {
+			continue
+		}
+		writeField(bw, f.name, f.value)
+	}
+	if l.peer {
+		bw.WriteString("Vmesh-Dst-Port: ")
+		bw.Write(strconv.AppendUint(h.arr[:0], uint64(l.port), 10))
+		bw.WriteString("\r\n")
+		if req.minor == 0 {
+			bw.WriteString("L5d-Orig-Proto: HTTP/1.0\r\n")
+		}
+	}
+	switch req.body {
+	case bodyLength:
+		bw.WriteString("Content-Length: ")
+		bw.Write(strconv.AppendInt(h.arr[:0], req.length, 10))
+		bw.WriteString("\r\n")
+	case bodyChunked:
+		bw.WriteString("Transfer-Encoding: chunked\r\n")
+	}
+	if req.upgrade {
+		bw.WriteString("Connection: Upgrade\r\nUpgrade: ")
+		bw.Write(req.field(fUpgrade))
+		bw.WriteString("\r\n")
+	}
+	if req.teTrailers {
+		bw.WriteString("Te: trailers\r\n")
+	}
+	bw.WriteString("\r\n")
+	switch {
+	case req.body == bodyNone:
+		return nil, bw.Flush()
+	case req.body == bodyLength && !req.expect100 && int64(h.br.Buffered()) >= req.length:
+		bc := bodyCopier{dst: bw, src: h.br}
+		if err := bc.copy(req.body, req.length, false); err != nil {
+			return nil, err
+		}
+		return nil, bw.Flush()
+	}
+	// The body is still coming (or waits for 100 Continue): send the head
+	// now and copy the body alongside reading the response.
+	if err := bw.Flush(); err != nil {
+		return nil, err
+	}
+	done := make(chan error, 1)
+	go copyRequestBody(done, uc, h.br, req.body, req.length)
+	return done, nil
+}
+
+// copyRequestBody copies a request body that had not arrived whole when
+// its head was sent. It has its own name so stack dumps show it.
+func copyRequestBody(done chan<- error, uc *upConn, src *bufio.Reader, kind bodyKind, length int64) {
+	bc := bodyCopier{dst: uc.bw, src: src}
+	err := bc.copy(kind, length, kind == bodyChunked)
+	if err == nil {
+		err = uc.bw.Flush()
+	}
+	done <- err
+}
+
+func writeField(bw *bufio.Writer, name, value []byte) {
+	bw.Write(name)
+	bw.WriteString(": ")
+	bw.Write(value)
+	bw.WriteString("\r\n")
+}
+
+// readResponseHead reads the response head, relaying 1xx interim responses
+// (100 Continue) to HTTP/1.1 clients, until a final response or a 101.
+func (h *h1Conn) readResponseHead(uc *upConn, bodyDone chan error) error {
+	resp := &h.resp
+	head := asciiEqualFold(h.req.method, "head")
+	for {
+		if err := readHead(uc.br, resp); err != nil {
+			if err == io.EOF {
+				return errStaleConn
+			}
+			if bodyDone != nil {
+				// A broken body explains a broken response best.
+				select {
+				case berr := <-bodyDone:
+					bodyDone <- berr
+					var he *httpError
+					if errors.As(berr, &he) {
+						return berr
+					}
+				default:
+				}
+			}
+			return err
+		}
+		if err := resp.parseResponse(head); err != nil {
+			return err
+		}
+		if resp.status/100 != 1 || resp.status == 101 {
+			if resp.status == 101 && !h.req.upgrade {
+				return errors.New("101 to a request that asked for no upgrade")
+			}
+			return nil
+		}
+		if h.req.minor == 1 {
+			h.bw.Write(resp.buf)
+			if err := h.bw.Flush(); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// writeResponseHead writes the final response head to the client, framed
+// for it.
+func (h *h1Conn) writeResponseHead(keep, chunked bool) {
+	resp, bw := &h.resp, h.bw
+	bw.WriteString("HTTP/1.1 ")
+	bw.Write(strconv.AppendInt(h.arr[:0], int64(resp.status), 10))
+	bw.WriteByte(' ')
+	bw.Write(resp.reason)
+	bw.WriteString("\r\n")
+	for _, f := range resp.fields {
+		if resp.hopByHop(f) {
+			continue
+		}
+		writeField(bw, f.name, f.value)
+	}
+	switch {
+	case resp.body == bodyLength || (resp.body == bodyNone && resp.hasLength):
+		bw.WriteString("Content-Length: ")
+		bw.Write(strconv.AppendInt(h.arr[:0], resp.length, 10))
+		bw.WriteString("\r\n")
+	case chunked:
+		bw.WriteString("Transfer-Encoding: chunked\r\n")
+	}
+	switch {
+	case !keep:
+		bw.WriteString("Connection: close\r\n")
+	case h.req.minor == 0:
+		bw.WriteString("Connection: keep-alive\r\n")
+	}
+	bw.WriteString("\r\n")
+}
+
+// upgrade relays a 101 response and then the bytes of both connections as
+// they are, counted as a TCP connection.
+func (h *h1Conn) upgrade(uc *upConn, l h1Leg, bodyDone chan error) bool {
+	if bodyDone != nil {
+		if err := <-bodyDone; err != nil {
+			l.pool.drop(uc)
+			l.m.response(h.p, 101, false)
+			return false
+		}
+	}
+	if l.timeout > 0 {
+		uc.SetDeadline(time.Time{})
+	}
+	l.pool.forget(uc)
+	l.m.response(h.p, 101, true)
+	h.bw.Write(h.resp.buf)
+	if err := h.bw.Flush(); err != nil {
+		uc.Close()
+		return false
+	}
+	t := h.p.m.openTCP(connLabels{direction: h.r.dir, service: l.m.labels[1], clientID: l.m.labels[2], serverID: l.m.labels[3], tls: l.m.labels[4]})
+	in, out, _ := relay(bufConn(h.c, h.br), bufConn(uc.Conn, uc.br))
+	t.close(in, out+int64(len(h.resp.buf)))
+	return false
+}
+
+// bufConn returns c reading first what br buffered.
+func bufConn(c net.Conn, br *bufio.Reader) net.Conn {
+	if br.Buffered() == 0 {
+		return c
+	}
+	return &bufferedConn{Conn: c, br: br}
+}
+
+type bufferedConn struct {
+	net.Conn
+	br *bufio.Reader
+}
+
+func (c *bufferedConn) Read(b []byte) (int, error) {
+	if c.br.Buffered() > 0 {
+		return c.br.Read(b)
+	}
+	return c.Conn.Read(b)
+}
+
+func (c *bufferedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(closeWriter); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+func (c *bufferedConn) CloseRead() error {
+	if cr, ok := c.Conn.(closeReader); ok {
+		return cr.CloseRead()
+	}
+	return nil
+}
+
+// closeIdleH1 wakes the lean path's connections that wait for a request,
+// so they close (Shutdown).
+func (p *Proxy) closeIdleH1() {
+	p.h1conns.Range(func(k, _ any) bool {
+		if h := k.(*h1Conn); h.idle.Load() {
+			h.c.SetReadDeadline(time.Now())
+		}
+		return true
+	})
+}
