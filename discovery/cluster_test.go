@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -412,8 +413,13 @@ func TestGossipKeys(t *testing.T) {
 				t.Errorf("%s's diagnostics after a wrong-key join: %+v", agents[0].name, dg)
 			}
 		}
-		if dg := out.d.Diagnostics(); dg.JoinError == "" {
-			t.Errorf("the outsider (keys %d) has no join error: %+v", len(keys), dg)
+		if dg := out.d.Diagnostics(); dg.JoinError == "" || strings.Contains(dg.JoinError, "error occurred") {
+			t.Errorf("the outsider (keys %d) has no (tidy) join error: %+v", len(keys), dg)
+		}
+		// The outsider with the wrong key sees the cause too: the reply it
+		// got could not be decrypted.
+		if dg := out.d.Diagnostics(); len(keys) == 1 && (dg.DecryptFailures == 0 || !strings.HasPrefix(dg.LastDecryptFrom, agents[0].addr.String())) {
+			t.Errorf("the outsider with the wrong key did not count a decrypt failure: %+v", dg)
 		}
 		out.kill()
 	}

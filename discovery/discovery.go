@@ -786,6 +786,11 @@ func (d *Discovery) joinOnce() {
 	case alone:
 		if err != nil {
 			d.diag.setJoinError(err.Error())
+			// The peer answered with gossip this host cannot decrypt: the
+			// keys differ. Count it where the operator looks (check).
+			if isDecryptFailure(err.Error()) {
+				d.diag.noteDecryptFailure(err.Error(), time.Now())
+			}
 		}
 		d.log.Warn("joining the cluster: no peer reached, retrying", "tried", cands, "err", err, "every", d.cfg.RetryInterval)
 	}

@@ -438,7 +438,14 @@ func checkMesh(ctx context.Context, env checkEnv, cfg node.Config, st *node.Stat
 		if g.JoinError != "" {
 			detail += "; the last join failed: " + g.JoinError
 		}
-		add("gossip", "fail", detail, "open TCP and UDP 7946 between the hosts and use the same gossip key on all of them")
+		fix := "open TCP and UDP 7946 between the hosts and use the same gossip key on all of them"
+		switch je := strings.ToLower(g.JoinError); {
+		case strings.Contains(je, "encryption is not configured"):
+			fix = "the cluster's gossip is encrypted and this host has no key: copy the cluster's key file and set gossip.key_file"
+		case strings.Contains(je, "remote state is not encrypted"):
+			fix = "the peer's gossip is not encrypted but this host's is: use the same gossip.key_file on every host"
+		}
+		add("gossip", "fail", detail, fix)
 	default:
 		add("gossip", "ok", fmt.Sprintf("%d member(s) alive", alive), "")
 	}

@@ -262,3 +262,17 @@ func TestCheckClockSkew(t *testing.T) {
 		t.Errorf("peers in step: %+v", r)
 	}
 }
+
+// A host without the cluster's key learns it from its join error.
+func TestCheckGossipKeyMissing(t *testing.T) {
+	now := time.Now()
+	path := writeTestConfig(t, testConfig)
+	cfg, _ := node.LoadConfig(path)
+	st := healthyStatus(now, path)
+	st.Members = []discovery.Member{{Name: "web", State: "alive"}}
+	st.Gossip.JoinError = "failed to join 198.18.0.1:7946: remote state is encrypted and encryption is not configured"
+	results := runChecks(t.Context(), testEnv("", fakeAgent(t, st, cfg), now))
+	if r := find(results, "gossip"); r == nil || r.Status != "fail" || !strings.Contains(r.Detail, "encryption is not configured") || !strings.Contains(r.Fix, "gossip.key_file") {
+		t.Errorf("joining an encrypted cluster without a key: %+v", r)
+	}
+}
