@@ -101,7 +101,9 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 			writeJSON(w, http.StatusOK, a.disc.Catalog())
 		},
 		"/v1/status": func(w http.ResponseWriter, r *http.Request) {
-			writeJSON(w, http.StatusOK, a.status(r.Context()))
+			// ?rules=false skips comparing the installed rules (it runs
+			// iptables): the web page polls without it.
+			writeJSON(w, http.StatusOK, a.status(r.Context(), r.URL.Query().Get("rules") != "false"))
 		},
 		// The running configuration (what the agent applies, which may
 		// differ from the file until a reload), join token left out.
@@ -119,7 +121,7 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 	return views
 }
 
-func (a *Agent) status(ctx context.Context) Status {
+func (a *Agent) status(ctx context.Context, withRules bool) Status {
 	cfg := a.config()
 	why := a.ready.why()
 	st := Status{
@@ -185,6 +187,9 @@ func (a *Agent) status(ctx context.Context) Status {
 	}
 	if a.rulesInstalled.Load() && cfg.Rules.Enabled {
 		st.Rules.Installed = true
+		st.Rules.Backend = a.applier.Backend()
+	}
+	if withRules && a.rulesInstalled.Load() && cfg.Rules.Enabled {
 		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
 		drift, err := a.applier.Installed(ctx, rules.Build(cfg.RulesState(a.uid())))

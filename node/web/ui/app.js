@@ -129,7 +129,7 @@ function renderServices(entries) {
 
 async function tick() {
   try {
-    const [st, services, gold] = await Promise.all([getJSON("/v1/status"), getJSON("/v1/services").catch(() => []), getJSON("/v1/golden")]);
+    const [st, services, gold] = await Promise.all([getJSON("/v1/status?rules=false"), getJSON("/v1/services").catch(() => []), getJSON("/v1/golden")]);
     renderStatus(st);
     renderServices(services);
     renderGolden(gold);
