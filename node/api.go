@@ -108,7 +108,9 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 			writeJSON(w, http.StatusOK, a.disc.Catalog())
 		},
 		"/v1/status": func(w http.ResponseWriter, r *http.Request) {
-			writeJSON(w, http.StatusOK, a.status(r.Context()))
+			// ?rules=false skips comparing the installed rules (it runs
+			// iptables): the web page polls without it.
+			writeJSON(w, http.StatusOK, a.status(r.Context(), r.URL.Query().Get("rules") != "false"))
 		},
 		// The running configuration (what the agent applies, which may
 		// differ from the file until a reload), join token left out.
@@ -126,7 +128,7 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 	return views
 }
 
-func (a *Agent) status(ctx context.Context) Status {
+func (a *Agent) status(ctx context.Context, withRules bool) Status {
 	cfg := a.config()
 	why := a.ready.why()
 	st := Status{
@@ -198,6 +200,9 @@ func (a *Agent) status(ctx context.Context) Status {
 	}
 	if a.rulesInstalled.Load() && cfg.Rules.Enabled {
 		st.Rules.Installed = true
+		st.Rules.Backend = a.applier.Backend()
+	}
+	if withRules && a.rulesInstalled.Load() && cfg.Rules.Enabled {
 		drift, backend, err := a.rulesView.get(ctx)
 		st.Rules.Drift = drift
 		st.Rules.Backend = backend
