@@ -23,9 +23,14 @@ type Config struct {
 	// been reached. Default 5s.
 	RetryInterval time.Duration `toml:"retry_interval"`
 	// KeyFile holds the cluster's gossip encryption keys (base64, one per
-	// line, the first is used for sending). Empty means unencrypted gossip,
-	// which `vmesh check` flags. Create one with `vmesh keygen`.
+	// line, the first is used for sending). Create one with `vmesh keygen`.
+	// Empty means unencrypted gossip, which the agent refuses unless
+	// Insecure is set (or it runs with -dev).
 	KeyFile string `toml:"key_file"`
+	// Insecure lets the agent run with unencrypted gossip (no KeyFile):
+	// anyone who can reach the gossip port can then join the cluster and
+	// read its catalog. Default false. `vmesh check` flags it.
+	Insecure bool `toml:"insecure"`
 	// PushPullInterval is how often full state is exchanged with a random
 	// peer. Default 30s.
 	PushPullInterval time.Duration `toml:"push_pull_interval"`

@@ -85,7 +85,7 @@ func (g *delegate) LocalState(join bool) []byte {
 		}
 	}
 	d.mu.Unlock()
-	return encodeState(list)
+	return encodeState(list, time.Now())
 }
 
 // MergeRemoteState merges a peer's side of a push/pull, keeping the newest
@@ -102,6 +102,12 @@ func (g *delegate) MergeRemoteState(buf []byte, join bool) {
 	if err != nil {
 		d.reject(err)
 		return
+	}
+	if msg.sentAt != 0 && len(msg.entries) > 0 {
+		// The sender's own entry comes first (LocalState).
+		if m, err := decodeMessage(msg.entries[0]); err == nil && m.typ == msgEntry {
+			d.noteClock(m.entry.Node, time.UnixMilli(msg.sentAt), time.Now())
+		}
 	}
 	for _, raw := range msg.entries {
 		m, err := decodeMessage(raw)

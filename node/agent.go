@@ -75,11 +75,12 @@ type Agent struct {
 	ruleset  *rules.Ruleset
 	advAddr  netip.Addr
 
-	ready    readiness
-	adminLn  net.Listener
-	ctlLn    net.Listener
-	adminSrv *http.Server
-	ctlSrv   *http.Server
+	ready     readiness
+	rulesView rulesView // /v1/status's cached view of the installed rules
+	adminLn   net.Listener
+	ctlLn     net.Listener
+	adminSrv  *http.Server
+	ctlSrv    *http.Server
 
 	everReady      atomic.Bool  // the host took traffic at least once
 	rulesInstalled atomic.Bool  // applier and ruleset are set and were applied once
@@ -103,6 +104,10 @@ func New(opts Options) (*Agent, error) {
 	if err := opts.Config.Validate(); err != nil {
 		return nil, err
 	}
+	if opts.Config.Gossip.KeyFile == "" && !opts.Config.Gossip.Insecure && !opts.Dev {
+		return nil, errors.New("starting the agent: gossip.key_file is not set: unencrypted gossip lets anyone who reaches the gossip port join the mesh; " +
+			"make a key with `vmesh keygen /etc/vmesh/gossip.key`, copy it to every host and set gossip.key_file (or set gossip.insecure = true to accept the risk)")
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -110,6 +115,13 @@ func New(opts Options) (*Agent, error) {
 		opts.Notify = func(state string) { daemon.SdNotify(false, state) }
 	}
 	a := &Agent{opts: opts, log: opts.Logger.With("subsystem", "agent"), cfg: opts.Config}
+	a.rulesView.check = func(ctx context.Context) (string, string, error) {
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		cfg := a.config()
+		drift, err := a.applier.Installed(ctx, rules.Build(cfg.RulesState(a.uid())))
+		return drift, a.applier.Backend(), err
+	}
 	a.ready.set("starting")
 	return a, nil
 }
@@ -221,6 +233,7 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 	if err := a.applier.Apply(gctx, a.ruleset); err != nil {
 		return fmt.Errorf("installing iptables rules: %w", err)
 	}
+	a.rulesView.invalidate()
 	a.rulesInstalled.Store(true)
 	return nil
 }

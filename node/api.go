@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"os"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/vmesh/vmesh/ca"
 	"github.com/vmesh/vmesh/discovery"
-	"github.com/vmesh/vmesh/rules"
 )
 
 // Status is the agent's view of itself, for `vmesh check` (GET /v1/status).
@@ -61,6 +63,12 @@ type ServiceStatus struct {
 	// else "missing" (CertError then says why, if the CA answered).
 	Certificate string `json:"certificate"`
 	CertError   string `json:"cert_error,omitempty"`
+	// Policy is the service's effective authorization policy.
+	Policy string `json:"policy"`
+	// InboundMTLS and InboundPlain count the inbound connections to the
+	// service since the agent started, from meshed clients and in clear.
+	InboundMTLS  uint64 `json:"inbound_mtls"`
+	InboundPlain uint64 `json:"inbound_plaintext"`
 }
 
 // RulesStatus says whether the iptables rules are as the config wants.
@@ -101,7 +109,15 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 			writeJSON(w, http.StatusOK, a.disc.Catalog())
 		},
 		"/v1/status": func(w http.ResponseWriter, r *http.Request) {
-			writeJSON(w, http.StatusOK, a.status(r.Context()))
+			// ?rules=false skips comparing the installed rules (it runs
+			// iptables): the web page polls without it. The comparison is
+			// cached (the admin port may face the network); ?rules=fresh,
+			// honoured for loopback clients only (vmesh check), looks again.
+			q := r.URL.Query().Get("rules")
+			if q == "fresh" && fromLoopback(r) {
+				a.rulesView.invalidate()
+			}
+			writeJSON(w, http.StatusOK, a.status(r.Context(), q != "false"))
 		},
 		// The running configuration (what the agent applies, which may
 		// differ from the file until a reload), join token left out.
@@ -119,7 +135,7 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 	return views
 }
 
-func (a *Agent) status(ctx context.Context) Status {
+func (a *Agent) status(ctx context.Context, withRules bool) Status {
 	cfg := a.config()
 	why := a.ready.why()
 	st := Status{
@@ -165,8 +181,14 @@ func (a *Agent) status(ctx context.Context) Status {
 			}
 		}
 	}
+	inbound := inboundConns(a.reg)
 	for _, s := range cfg.Services {
 		ss := ServiceStatus{Name: s.Name, Port: s.Port, Target: s.Target().String(), Health: health[s.Name], Certificate: "missing"}
+		ss.Policy = string(cfg.Proxy.DefaultPolicy)
+		if s.Policy != "" {
+			ss.Policy = string(s.Policy)
+		}
+		ss.InboundMTLS, ss.InboundPlain = inbound[s.Name][0], inbound[s.Name][1]
 		if ss.Health == "" {
 			ss.Health = "unknown"
 		}
@@ -185,11 +207,12 @@ func (a *Agent) status(ctx context.Context) Status {
 	}
 	if a.rulesInstalled.Load() && cfg.Rules.Enabled {
 		st.Rules.Installed = true
-		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
-		drift, err := a.applier.Installed(ctx, rules.Build(cfg.RulesState(a.uid())))
-		st.Rules.Drift = drift
 		st.Rules.Backend = a.applier.Backend()
+	}
+	if withRules && a.rulesInstalled.Load() && cfg.Rules.Enabled {
+		drift, backend, err := a.rulesView.get(ctx)
+		st.Rules.Drift = drift
+		st.Rules.Backend = backend
 		if err != nil {
 			st.Rules.Error = err.Error()
 		}
@@ -376,4 +399,52 @@ func (a *Agent) keyring(_ context.Context, req KeyRequest) (any, error) {
 		}
 	}
 	return KeyResponse{Keys: a.disc.Keys()}, nil
+}
+
+// inboundConns counts the inbound connections opened per service, with mTLS
+// ([0]) and in clear ([1]), from the proxy's tcp_open_total.
+func inboundConns(g prometheus.Gatherer) map[string][2]uint64 {
+	out := map[string][2]uint64{}
+	if g == nil {
+		return out
+	}
+	mfs, err := g.Gather()
+	if err != nil {
+		return out
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "tcp_open_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			var dir, svc, tls string
+			for _, lp := range m.GetLabel() {
+				switch lp.GetName() {
+				case "direction":
+					dir = lp.GetValue()
+				case "service":
+					svc = lp.GetValue()
+				case "tls":
+					tls = lp.GetValue()
+				}
+			}
+			if dir != "inbound" || svc == "" {
+				continue
+			}
+			c := out[svc]
+			if tls == "true" {
+				c[0] += uint64(m.GetCounter().GetValue())
+			} else {
+				c[1] += uint64(m.GetCounter().GetValue())
+			}
+			out[svc] = c
+		}
+	}
+	return out
+}
+
+// fromLoopback reports whether r came from this host's loopback.
+func fromLoopback(r *http.Request) bool {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	return err == nil && ap.Addr().Unmap().IsLoopback()
 }

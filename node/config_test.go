@@ -279,3 +279,25 @@ func TestWebAssets(t *testing.T) {
 		t.Errorf("GET /nothing: %d, want 404", rec.Code)
 	}
 }
+
+// Issue 16: the agent refuses to start with unencrypted gossip unless the
+// operator says so (gossip.insecure) or it is a -dev agent.
+func TestAgentRefusesUnencryptedGossip(t *testing.T) {
+	cfg := DefaultConfig()
+	_, err := New(Options{Config: cfg})
+	if err == nil || !strings.Contains(err.Error(), "gossip.key_file") || !strings.Contains(err.Error(), "vmesh keygen") {
+		t.Errorf("no key file, not insecure: %v, want a refusal naming gossip.key_file and vmesh keygen", err)
+	}
+	if _, err := New(Options{Config: cfg, Dev: true}); err != nil {
+		t.Errorf("-dev without a key file: %v", err)
+	}
+	cfg.Gossip.Insecure = true
+	if _, err := New(Options{Config: cfg}); err != nil {
+		t.Errorf("gossip.insecure = true: %v", err)
+	}
+	cfg.Gossip.Insecure = false
+	cfg.Gossip.KeyFile = "/etc/vmesh/gossip.key"
+	if _, err := New(Options{Config: cfg}); err != nil {
+		t.Errorf("with a key file: %v", err)
+	}
+}

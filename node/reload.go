@@ -180,6 +180,7 @@ func (a *Agent) Reload(ctx context.Context) error {
 		if err := a.applier.Apply(ctx, rs); err != nil {
 			return fmt.Errorf("reload: iptables rules: %w", err)
 		}
+		a.rulesView.invalidate()
 		a.ruleset = rs
 	}
 	a.cfg = next

@@ -130,7 +130,15 @@ func build(s State, v6 bool) Rules {
 		rs.Rules = append(rs.Rules, Rule{Chain: chain, Args: tagged(name, args)})
 	}
 
-	// Inbound: only traffic addressed to this host, never own or skip ports.
+	// Inbound: only traffic addressed to this host, never own or skip ports,
+	// and never to loopback: a neighbour can send to 127.0.0.1 through this
+	// host's MAC, and PREROUTING sees the packet before the kernel drops it
+	// as a martian; redirected, it would reach loopback-only services.
+	loopback := "127.0.0.0/8"
+	if v6 {
+		loopback = "::1/128"
+	}
+	add(InboundChain, "in-loopback", "-d", loopback, "-j", "RETURN")
 	notInbound := ports(own, s.SkipInboundPorts)
 	if s.CaptureAllInbound {
 		for i, chunk := range chunks(notInbound) {

@@ -12,7 +12,10 @@
 //	-A VMESH_INBOUND  (PREROUTING -p tcp jumps here) traffic addressed to this
 //	   host (-m addrtype --dst-type LOCAL) on a declared service port, or on
 //	   any port with capture-all, is REDIRECTed to the inbound proxy; skip
-//	   ports (22 by default) and vmesh's own ports never are.
+//	   ports (22 by default), vmesh's own ports and loopback destinations
+//	   (127.0.0.0/8, ::1: a neighbour can send to them through this host's
+//	   MAC, and PREROUTING sees them before the kernel's martian check)
+//	   never are.
 //	-A VMESH_OUTPUT   (OUTPUT -p tcp jumps here) RETURN for the proxy's uid
 //	   (and gid), -o lo, local destinations, skip ports and vmesh's own ports,
 //	   excluded CIDRs; REDIRECT the rest to the outbound proxy.

@@ -273,6 +273,45 @@ func TestKernelRedirect(t *testing.T) {
 		dial(t, h2, h1addr(8080), "in-1")
 		expect(t, inb, "in-1", h1addr(8080))
 	})
+	t.Run("loopback destination from a neighbour not redirected", func(t *testing.T) {
+		// The attack: a neighbour sends to 127.0.0.1:8080 through h1's MAC.
+		// It needs route_localnet and a route for 127.0.0.1 ahead of its own
+		// local table (its kernel then also accepts replies from 127.0.0.1).
+		// Were the packet redirected, the proxy would get 127.0.0.1:8080 as
+		// the original destination: a loopback-only service reached from
+		// the network.
+		for _, args := range [][]string{
+			{"sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1", "net.ipv4.conf.eth0.route_localnet=1"},
+			{"ip", "rule", "add", "pref", "10", "to", "127.0.0.1/32", "lookup", "100"},
+			{"ip", "route", "add", "127.0.0.1/32", "via", h1.Addr.String(), "dev", "eth0", "table", "100"},
+			{"ip", "rule", "del", "pref", "0", "lookup", "local"},
+			{"ip", "rule", "add", "pref", "20", "lookup", "local"},
+		} {
+			h2.Run(t, args[0], args[1:]...)
+		}
+		t.Cleanup(func() {
+			h2.Try("ip", "rule", "add", "pref", "0", "lookup", "local")
+			h2.Try("ip", "rule", "del", "pref", "20", "lookup", "local")
+			h2.Try("ip", "rule", "del", "pref", "10")
+		})
+		err := h2.Do(func() error {
+			c, err := net.DialTimeout("tcp4", "127.0.0.1:8080", 2*time.Second)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			_, err = c.Write([]byte("lo-attack\n"))
+			return err
+		})
+		if err == nil {
+			t.Errorf("a neighbour connected to h1's 127.0.0.1:8080")
+		}
+		select {
+		case g := <-inb.got:
+			t.Fatalf("the inbound proxy got a connection from the network to %v (%q)", g.origDst, g.token)
+		case <-time.After(500 * time.Millisecond):
+		}
+	})
 	t.Run("ssh not redirected", func(t *testing.T) {
 		dial(t, h2, h1addr(22), "ssh-1")
 		expect(t, ssh, "ssh-1", netip.AddrPort{})

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -156,18 +157,47 @@ reload its agent; it asks for the new certificate by itself.`,
 
 func newKeygenCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "keygen",
-		Short: "Print a new gossip encryption key (base64, for gossip.key_file)",
-		Args:  noArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
+		Use:   "keygen [PATH]",
+		Short: "Make a new gossip encryption key (base64, for gossip.key_file)",
+		Long: `Make a new gossip encryption key. With PATH, write it there (mode 0600,
+refusing to overwrite an existing file); without, print it.`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(c *cobra.Command, args []string) error {
 			k, err := discovery.GenerateKey()
 			if err != nil {
 				return err
 			}
-			fmt.Fprintln(c.OutOrStdout(), k)
-			return nil
+			if len(args) == 0 {
+				fmt.Fprintln(c.OutOrStdout(), k)
+				return nil
+			}
+			return writeKeyFile(args[0], k)
 		},
 	}
+}
+
+// writeKeyFile creates path with mode 0600 (whatever the umask) and writes
+// the key; an existing file is left alone.
+func writeKeyFile(path, key string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("writing the gossip key: %w", err)
+	}
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		os.Remove(path)
+		return fmt.Errorf("writing the gossip key: %w", err)
+	}
+	if _, err := fmt.Fprintln(f, key); err != nil {
+		f.Close()
+		os.Remove(path)
+		return fmt.Errorf("writing the gossip key: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(path)
+		return fmt.Errorf("writing the gossip key: %w", err)
+	}
+	return nil
 }
 
 func newKeyringCmd(cl *cli) *cobra.Command {
