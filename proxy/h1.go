@@ -63,7 +63,21 @@ type h1Conn struct {
 
 	mc    *h1Metrics // metrics of the last service served
 	mcSvc *localService
+
+	// Watching the client while its response is slow (watchClient).
+	watchState atomic.Int32 // watchIdle, watchWaiting or watchRunning
+	waitSince  atomic.Int64 // watchWaiting since (Unix ns)
+	watchUC    *upConn
+	watchDone  chan struct{}
+	watchGone  bool
 }
+
+// Watch states.
+const (
+	watchIdle    = iota // no response awaited, or the client may not be watched
+	watchWaiting        // a response is awaited; the sweeper may start a watch
+	watchRunning        // watchOnce reads ahead on the client connection
+)
 
 // h1Metrics are one label set's request metrics, looked up once.
 type h1Metrics struct {
@@ -116,7 +130,7 @@ func (pr *prefixReader) Read(b []byte) (int, error) {
 // serveH1 serves the HTTP/1 requests of an accepted connection on route r
 // (peeked: bytes detection already read).
 func (p *Proxy) serveH1(c net.Conn, peeked []byte, r route, clientID string) {
-	h := &h1Conn{p: p, c: c, r: r, clientID: clientID}
+	h := &h1Conn{p: p, c: c, r: r, clientID: clientID, watchDone: make(chan struct{}, 1)}
 	h.pr = prefixReader{b: peeked, r: c}
 	h.takeBuffers()
 	defer h.releaseBuffers()
@@ -392,7 +406,13 @@ func (h *h1Conn) exchange() bool {
 		}
 		bodyDone, err = h.sendRequest(uc, &l)
 		if err == nil {
+			watching := bodyDone == nil && h.watchClient(uc, start)
 			err = h.readResponseHead(uc, bodyDone)
+			if watching && h.endWatch() {
+				// The client went away while the response was slow.
+				l.pool.drop(uc)
+				return false
+			}
 		}
 		if err == nil {
 			break
@@ -455,6 +475,72 @@ func (h *h1Conn) exchange() bool {
 		h.p.log.Debug("relaying response body failed", "direction", h.r.dir, "err", berr)
 	}
 	return keep && berr == nil && reqErr == nil
+}
+
+// watchAfter is how long a response may take before the proxy checks
+// whether its client is still there.
+const watchAfter = time.Second
+
+// watchClient arranges that a client that goes away while its response is
+// slow does not hold the upstream connection (a long poll, a request the
+// client gave up on): once the response has taken watchAfter, the proxy's
+// sweeper (sweepSlowH1) starts watchOnce, which reads ahead on the client
+// connection and closes uc if the client closed it, as net/http cancels a
+// request whose client went away. endWatch ends the watch; h.br is the
+// caller's again after it. Per request this costs two atomic stores, no
+// timer. A client that already sent more bytes (pipelining) is there: no
+// watch.
+func (h *h1Conn) watchClient(uc *upConn, since time.Time) bool {
+	if h.br.Buffered() > 0 {
+		return false
+	}
+	h.watchUC, h.watchGone = uc, false
+	h.waitSince.Store(since.UnixNano())
+	h.watchState.Store(watchWaiting)
+	return true
+}
+
+// watchOnce waits for the client to send something or go away.
+func (h *h1Conn) watchOnce() {
+	if _, err := h.br.Peek(1); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		h.watchGone = true
+		h.watchUC.Close()
+	}
+	h.watchDone <- struct{}{}
+}
+
+// endWatch ends a watch and reports whether the client went away.
+func (h *h1Conn) endWatch() bool {
+	if h.watchState.CompareAndSwap(watchWaiting, watchIdle) {
+		return false
+	}
+	h.c.SetReadDeadline(time.Now())
+	<-h.watchDone
+	h.c.SetReadDeadline(time.Time{})
+	h.watchState.Store(watchIdle)
+	return h.watchGone
+}
+
+// sweepSlowH1 starts a watch on every lean-path connection whose response
+// has taken watchAfter, until stop is closed.
+func (p *Proxy) sweepSlowH1(stop <-chan struct{}) {
+	t := time.NewTicker(watchAfter / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case now := <-t.C:
+			p.h1conns.Range(func(k, _ any) bool {
+				h := k.(*h1Conn)
+				if h.watchState.Load() == watchWaiting && now.UnixNano()-h.waitSince.Load() >= int64(watchAfter) &&
+					h.watchState.CompareAndSwap(watchWaiting, watchRunning) {
+					go h.watchOnce()
+				}
+				return true
+			})
+		}
+	}
 }
 
 // bodyGrace bounds the wait for the rest of a request body after its

@@ -577,3 +577,31 @@ func TestH1IdleServerClose(t *testing.T) {
 		eventually(t, "the service to close its idle connection", func() bool { return closed.Load() == want })
 	}
 }
+
+// TestH1ClientGoneWhileWaiting: a client that goes away while its response
+// is slow does not hold the service's connection: the proxies close it,
+// as net/http cancels such a request.
+func TestH1ClientGoneWhileWaiting(t *testing.T) {
+	ln := listenLocal(t)
+	canceled, started := make(chan struct{}, 1), make(chan struct{}, 1)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		started <- struct{}{}
+		select {
+		case <-r.Context().Done():
+			canceled <- struct{}{}
+		case <-time.After(20 * time.Second):
+		}
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	a, _, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Target: addrPort(ln.Addr())}}, proxyOpts{}, proxyOpts{})
+	c := a.dialOut(t, appAddr(80))
+	io.WriteString(c, "GET /poll HTTP/1.1\r\nHost: web\r\n\r\n")
+	<-started
+	c.Close()
+	select {
+	case <-canceled:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the service's request was not canceled after its client went away")
+	}
+}

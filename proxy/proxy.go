@@ -74,6 +74,7 @@ type Proxy struct {
 	h1local *upPool
 	h1conns sync.Map    // *h1Conn -> struct{}
 	drain   atomic.Bool // Shutdown began: HTTP/1 connections close after their response
+	h1stop  chan struct{} // closed by Close: ends sweepSlowH1
 
 	// origDst returns a connection's original destination; a test seam.
 	origDst func(*net.TCPConn) (netip.AddrPort, error)
@@ -150,6 +151,7 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	p.local = newLocalTransports(p)
 	p.h1peers = newUpPool(h1PeerIdle, 256)
 	p.h1local = newUpPool(h1LocalIdle, 256)
+	p.h1stop = make(chan struct{})
 	return p, nil
 }
 
@@ -241,6 +243,11 @@ func (p *Proxy) Serve(ctx context.Context) error {
 	defer stop()
 	errc := make(chan error, 3)
 	loops := 2
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		p.sweepSlowH1(p.h1stop)
+	}()
 	go func() { errc <- p.acceptLoop(out, p.handleOutbound) }()
 	go func() { errc <- p.acceptLoop(in, p.handleInbound) }()
 	if out6 != nil {
@@ -374,6 +381,7 @@ func (p *Proxy) Close() error {
 		p.local.close()
 		p.h1peers.close()
 		p.h1local.close()
+		close(p.h1stop)
 	})
 	p.wg.Wait()
 	return nil
