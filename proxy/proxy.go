@@ -72,8 +72,8 @@ type Proxy struct {
 	// and to local services, and the connections it serves.
 	h1peers *upPool
 	h1local *upPool
-	h1conns sync.Map    // *h1Conn -> struct{}
-	drain   atomic.Bool // Shutdown began: HTTP/1 connections close after their response
+	h1conns sync.Map      // *h1Conn -> struct{}
+	drain   atomic.Bool   // Shutdown began: HTTP/1 connections close after their response
 	h1stop  chan struct{} // closed by Close: ends sweepSlowH1
 
 	// origDst returns a connection's original destination; a test seam.
