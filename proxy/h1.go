@@ -60,6 +60,7 @@ type h1Conn struct {
 	small    [1024]byte // an idle connection's next bytes land here, not in br
 	sent100  bool       // a 100 Continue was relayed for the current request
 	arr      [64]byte
+	bc       bodyCopier // the body being relayed by this goroutine
 
 	mc    *h1Metrics // metrics of the last service served
 	mcSvc *localService
@@ -452,7 +453,8 @@ func (h *h1Conn) exchange() bool {
 	keep = !req.connClose && !h.p.drain.Load() &&
 		(resp.body == bodyNone || resp.body == bodyLength || chunked)
 	h.writeResponseHead(keep, chunked)
-	bc := bodyCopier{dst: h.bw, src: uc.br}
+	bc := &h.bc
+	*bc = bodyCopier{dst: h.bw, src: uc.br}
 	berr := bc.copy(resp.body, resp.length, chunked)
 	if berr == nil {
 		berr = h.bw.Flush()
@@ -686,7 +688,8 @@ func (h *h1Conn) sendRequest(uc *upConn, l *h1Leg) (chan error, error) {
 	case req.body == bodyNone:
 		return nil, bw.Flush()
 	case req.body == bodyLength && !req.expect100 && int64(h.br.Buffered()) >= req.length:
-		bc := bodyCopier{dst: bw, src: h.br}
+		bc := &h.bc
+		*bc = bodyCopier{dst: bw, src: h.br}
 		if err := bc.copy(req.body, req.length, false); err != nil {
 			return nil, err
 		}
