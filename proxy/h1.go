@@ -667,13 +667,13 @@ func (h *h1Conn) sendRequest(uc *upConn, l *h1Leg) (chan error, error) {
 			bw.WriteString("L5d-Orig-Proto: HTTP/1.0\r\n")
 		}
 	}
-	switch req.body {
-	case bodyLength:
+	switch {
+	case req.body == bodyChunked:
+		bw.WriteString("Transfer-Encoding: chunked\r\n")
+	case req.hasLength: // also Content-Length: 0, which some servers want on a POST
 		bw.WriteString("Content-Length: ")
 		bw.Write(strconv.AppendInt(h.arr[:0], req.length, 10))
 		bw.WriteString("\r\n")
-	case bodyChunked:
-		bw.WriteString("Transfer-Encoding: chunked\r\n")
 	}
 	if req.upgrade {
 		bw.WriteString("Connection: Upgrade\r\nUpgrade: ")

@@ -34,7 +34,7 @@ func startH1App(t *testing.T) *h1App {
 		body, _ := io.ReadAll(r.Body)
 		w.Header().Set("X-Proto", r.Proto)
 		w.Header().Set("X-Path", r.URL.Path)
-		for _, k := range []string{"X-Foo", "Keep-Alive", "Proxy-Connection", "Vmesh-Dst-Port", "L5d-Orig-Proto", "Te", "X-Keep"} {
+		for _, k := range []string{"X-Foo", "Keep-Alive", "Proxy-Connection", "Vmesh-Dst-Port", "L5d-Orig-Proto", "Te", "X-Keep", "Content-Length"} {
 			w.Header().Set("X-Got-"+k, strings.Join(r.Header.Values(k), ","))
 		}
 		w.Header().Set("X-Len", strconv.FormatInt(r.ContentLength, 10))
@@ -126,6 +126,7 @@ func TestH1Pipelining(t *testing.T) {
 		fmt.Fprintf(&reqs, "POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\nb%d", i)
 	}
 	reqs.WriteString("HEAD /echo HTTP/1.1\r\nHost: web\r\n\r\nGET /echo HTTP/1.1\r\nHost: web\r\n\r\n")
+	reqs.WriteString("POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\n\r\n")
 	if _, err := c.Write(reqs.Bytes()); err != nil {
 		t.Fatal(err)
 	}
@@ -141,6 +142,9 @@ func TestH1Pipelining(t *testing.T) {
 	}
 	if resp, body := readResp(t, br, "GET"); resp.StatusCode != 200 || body != "" || resp.Header.Get("X-Path") != "/echo" {
 		t.Fatalf("GET after HEAD: %d %q", resp.StatusCode, body)
+	}
+	if resp, _ := readResp(t, br, "POST"); resp.Header.Get("X-Got-Content-Length") != "0" {
+		t.Fatalf("POST with Content-Length: 0 reached the app with Content-Length %q, want 0", resp.Header.Get("X-Got-Content-Length"))
 	}
 	if n := app.conns.Load(); n != 1 {
 		t.Errorf("app accepted %d connections, want 1", n)
