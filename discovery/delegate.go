@@ -48,20 +48,32 @@ func (g *delegate) NotifyMsg(buf []byte) {
 		return
 	}
 	switch msg.typ {
-	case msgEntry:
-		d.mergeEntry(msg.entry, bytes.Clone(buf), true)
+	case msgEntry, msgSigned:
+		d.acceptEntry(msg, bytes.Clone(buf), true)
 	case msgNotice:
 		d.notice(msg.node, msg.version, true)
 	case msgRequest:
-		// Reply to the address in the request: the requester may not be
-		// in this host's member list yet (it is joining).
-		to := &memberlist.Node{Name: msg.node, Addr: msg.addr.Addr().AsSlice(), Port: msg.addr.Port()}
+		// Reply only to the requester's memberlist address, never to an
+		// address named in the message (which would make this host dial
+		// wherever a gossip-key holder points it). A requester not yet in
+		// the member list asks again (anti-entropy).
+		node := msg.node
 		d.enqueue(func() {
 			d.mu.Lock()
 			raw := d.selfRaw
 			d.mu.Unlock()
-			d.send(to, raw)
+			d.sendTo(node, raw)
 		})
+	case msgCert:
+		d.acceptCert(msg.chain)
+	case msgCertReq:
+		node, id := msg.node, msg.cert
+		d.mu.Lock()
+		raw := d.certRawLocked(id)
+		d.mu.Unlock()
+		if raw != nil {
+			d.enqueue(func() { d.sendTo(node, raw) })
+		}
 	default:
 		d.reject(errMalformed)
 	}
@@ -78,14 +90,25 @@ func (g *delegate) LocalState(join bool) []byte {
 	d := g.d
 	d.mu.Lock()
 	list := make([][]byte, 0, len(d.entries)+1)
+	var certs [][]byte
+	if join && d.selfCert != nil {
+		// A joining host knows no certificate yet: hand it those of the
+		// entries it gets, so that it need not pull each from its owner.
+		certs = append(certs, d.selfCert)
+	}
 	list = append(list, d.selfRaw)
 	for name, pe := range d.entries {
 		if m := d.members[name]; m != nil && m.state == StateAlive {
 			list = append(list, pe.raw)
+			if join {
+				if c := d.certs[pe.cert]; c != nil {
+					certs = append(certs, c.raw)
+				}
+			}
 		}
 	}
 	d.mu.Unlock()
-	return encodeState(list)
+	return encodeState(append(certs, list...))
 }
 
 // MergeRemoteState merges a peer's side of a push/pull, keeping the newest
@@ -105,14 +128,18 @@ func (g *delegate) MergeRemoteState(buf []byte, join bool) {
 	}
 	for _, raw := range msg.entries {
 		m, err := decodeMessage(raw)
-		if err == nil && m.typ != msgEntry {
+		if err == nil && m.typ != msgEntry && m.typ != msgSigned && m.typ != msgCert {
 			err = errMalformed
 		}
 		if err != nil {
 			d.reject(err)
 			continue
 		}
-		d.mergeEntry(m.entry, bytes.Clone(raw), false)
+		if m.typ == msgCert {
+			d.acceptCert(m.chain)
+			continue
+		}
+		d.acceptEntry(m, bytes.Clone(raw), false)
 	}
 }
 
@@ -201,10 +228,23 @@ func (d *Discovery) countAliveLocked() {
 	d.numAlive.Store(n)
 }
 
-// mergeEntry keeps e if it is newer than what this host holds, and passes
-// it on (when it came by broadcast) so that it spreads epidemically.
-func (d *Discovery) mergeEntry(e NodeEntry, raw []byte, rebroadcast bool) {
+// mergeEntry keeps an accepted entry if it is newer than what this host
+// holds, and passes it on (when it came by broadcast) so that it spreads
+// epidemically. An entry of this host newer than the one it published (an
+// earlier run's, whose version this host lost) makes it publish above it.
+func (d *Discovery) mergeEntry(msg message, raw []byte, rebroadcast bool) {
+	e := msg.entry
 	if e.Node == d.name {
+		d.mu.Lock()
+		if e.Version > d.version && !d.leaving {
+			d.log.Info("a newer entry of this host is in the cluster: publishing above it", "version", e.Version)
+			d.version = e.Version
+			d.publishLocked()
+			d.mu.Unlock()
+			d.rebuild()
+			return
+		}
+		d.mu.Unlock()
 		return
 	}
 	// Versions are the writer's clock in nanoseconds. One far ahead of
@@ -226,7 +266,7 @@ func (d *Discovery) mergeEntry(e NodeEntry, raw []byte, rebroadcast bool) {
 		d.metrics.rejected.WithLabelValues(rejectTooMany).Inc()
 		return
 	}
-	d.entries[e.Node] = &peerEntry{entry: &e, raw: raw, at: time.Now()}
+	d.entries[e.Node] = &peerEntry{entry: &e, raw: raw, at: time.Now(), cert: msg.cert}
 	m := d.members[e.Node]
 	visible := m != nil && m.state == StateAlive
 	if e.Leaving && m != nil && m.state == StateDead {
