@@ -162,6 +162,20 @@ func (d *Discovery) acceptEntry(msg message, raw []byte, rebroadcast bool) {
 		d.refuse(reason, e.Node, why)
 		return
 	}
+	// Services the CA did not grant the host are left out (the rest of
+	// its entry stands): a service declared before `vmesh node grant`
+	// reaches its node certificate appears with the renewal that follows.
+	if i := slices.IndexFunc(e.Services, func(s ServiceEntry) bool { return !slices.Contains(c.Services, s.Name) }); i >= 0 {
+		kept := make([]ServiceEntry, 0, len(e.Services))
+		for _, s := range e.Services {
+			if slices.Contains(c.Services, s.Name) {
+				kept = append(kept, s)
+			} else {
+				d.refuse(rejectGrant, e.Node, "service "+s.Name+" is not granted to it")
+			}
+		}
+		msg.entry.Services = kept
+	}
 	d.mergeEntry(msg, raw, rebroadcast)
 }
 
@@ -173,11 +187,6 @@ func (d *Discovery) checkSigned(msg message, c *NodeCert) (reason, why string) {
 	}
 	if e.Identity != "spiffe://"+d.td+"/node/"+e.Node {
 		return rejectSignature, fmt.Sprintf("identity %s", e.Identity)
-	}
-	for _, s := range e.Services {
-		if !slices.Contains(c.Services, s.Name) {
-			return rejectGrant, fmt.Sprintf("service %s is not granted to it", s.Name)
-		}
 	}
 	digest := sha256.Sum256(msg.payload)
 	ok := false

@@ -126,7 +126,8 @@ func TestForgedEntriesChangeNothing(t *testing.T) {
 	altered.Services = []ServiceEntry{{Name: "web", Port: 1, Protocol: ProtocolAuto, Health: HealthPassing, Weight: 100}}
 	own := NodeEntry{Node: forger.name, Identity: "spiffe://test.example/node/" + forger.name, Version: future,
 		Addrs: []netip.Addr{forger.addr}, ProxyPort: 4143,
-		Services: []ServiceEntry{{Name: "db", Port: 5432, Protocol: ProtocolAuto, Health: HealthPassing, Weight: 100}}}
+		Services: []ServiceEntry{{Name: "api", Port: 9, Protocol: ProtocolAuto, Health: HealthPassing, Weight: 100},
+			{Name: "db", Port: 5432, Protocol: ProtocolAuto, Health: HealthPassing, Weight: 100}}}
 	sign := func(s *testSigner, e *NodeEntry) []byte {
 		payload := encodeEntry(e)
 		digest := sha256.Sum256(payload)

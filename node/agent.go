@@ -473,8 +473,12 @@ func (a *Agent) buildDiscovery(cfg Config) error {
 		Roles:       roles,
 		DB:          a.db,
 		Keys:        keys,
-		Logger:      a.sub("discovery"),
-		Registerer:  a.reg,
+		// Each host's entry is signed with its node SVID; peers keep only
+		// entries signed by that host for services the CA granted it.
+		Signer:     a.caClient,
+		Verifier:   nodeVerifier{ca.NewNodeVerifier(a.caClient.Roots, cfg.CA.TrustDomain)},
+		Logger:     a.sub("discovery"),
+		Registerer: a.reg,
 	})
 	if err != nil {
 		return fmt.Errorf("starting discovery: %w", err)
@@ -517,6 +521,19 @@ func (a *Agent) buildRules(cfg Config) error {
 	a.applier = ap
 	a.ruleset = rules.Build(cfg.RulesState(a.uid()))
 	return nil
+}
+
+// nodeVerifier gives discovery the CA's node certificate checks.
+type nodeVerifier struct{ v *ca.NodeVerifier }
+
+var _ discovery.CertVerifier = nodeVerifier{}
+
+func (n nodeVerifier) VerifyNodeChain(chain [][]byte) (discovery.NodeCert, error) {
+	c, err := n.v.VerifyNodeChain(chain)
+	if err != nil {
+		return discovery.NodeCert{}, err
+	}
+	return discovery.NodeCert{Node: c.Node, Services: c.Services, Key: c.Key, NotAfter: c.NotAfter}, nil
 }
 
 // catalogAdapter gives the proxy discovery's lookups in its own terms. The
