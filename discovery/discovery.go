@@ -126,7 +126,7 @@ type Discovery struct {
 	signer   Signer       // Options.Signer
 	verifier CertVerifier // Options.Verifier
 
-	refusedLog atomic.Int64 // unix nanoseconds of the last refusal logged at warn
+	refusedLog atomic.Int64  // unix nanoseconds of the last refusal logged at warn
 	sends      chan struct{} // bounds the reliable sends in flight
 
 	snap     atomic.Pointer[snapshot]

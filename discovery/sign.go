@@ -3,12 +3,12 @@ package discovery
 import (
 	"bytes"
 	"context"
-	"log/slog"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/sha256"
 	"fmt"
+	"log/slog"
 	"slices"
 	"time"
 )
