@@ -206,18 +206,23 @@ func (d *Discovery) checkSigned(msg message, c *NodeCert) (reason, why string) {
 // asks the entry's owner for it.
 func (d *Discovery) awaitCertLocked(msg message, raw []byte, rebroadcast bool) {
 	node := msg.entry.Node
-	if p := d.pending[node]; p != nil && p.msg.entry.Version >= msg.entry.Version {
-		return
-	}
-	if d.pending[node] == nil && len(d.pending) >= maxPending {
+	p := d.pending[node]
+	switch {
+	case p == nil && len(d.pending) >= maxPending:
 		d.metrics.rejected.WithLabelValues(rejectTooMany).Inc()
 		return
+	case p == nil || p.msg.entry.Version < msg.entry.Version:
+		p = &pendingEntry{msg: msg, raw: bytes.Clone(raw), rebroadcast: rebroadcast}
+		d.pending[node] = p
 	}
-	d.pending[node] = &pendingEntry{msg: msg, raw: bytes.Clone(raw), rebroadcast: rebroadcast}
+	// Ask again for the certificate of the entry waiting (a copy that
+	// arrived before this host had the mesh roots was refused).
+	msg = p.msg
 	if t, ok := d.certPullAt[msg.cert]; ok && time.Since(t) < certPullBackoff {
 		return
 	}
 	d.certPullAt[msg.cert] = time.Now()
+	d.log.Debug("catalog entry waits for its signing certificate", "node", node, "version", msg.entry.Version)
 	req := encodeCertRequest(d.name, msg.cert)
 	d.enqueue(func() { d.sendTo(node, req) })
 }
@@ -251,6 +256,7 @@ func (d *Discovery) acceptCert(chain [][]byte) {
 		}
 		delete(d.certPullAt, id)
 		d.mu.Unlock()
+		d.log.Debug("signing certificate verified", "node", nc.Node, "services", nc.Services)
 	}
 	d.mu.Lock()
 	var ready []*pendingEntry

@@ -201,6 +201,8 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 		g.Go(func() error { return a.caServer.Run(gctx) })
 	}
 	g.Go(func() error { return a.caClient.Run(gctx) })
+	expired := a.caClient.Expired
+	a.ready.check.Store(&expired)
 	a.phase.Store(phaseCA)
 
 	if err := a.buildDiscovery(cfg); err != nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"os"
 	"time"
 
@@ -108,6 +109,12 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 			writeJSON(w, http.StatusOK, a.disc.Catalog())
 		},
 		"/v1/status": func(w http.ResponseWriter, r *http.Request) {
+			// The iptables view is cached for callers from the network
+			// (the admin port may face it); `vmesh check` on the host
+			// itself sees the rules as they are now (one at a time).
+			if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil && ap.Addr().Unmap().IsLoopback() {
+				a.rulesView.invalidate()
+			}
 			writeJSON(w, http.StatusOK, a.status(r.Context()))
 		},
 		// The running configuration (what the agent applies, which may
