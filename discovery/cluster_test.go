@@ -17,6 +17,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/hashicorp/memberlist"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.etcd.io/bbolt"
 )
 
@@ -45,6 +46,9 @@ type agent struct {
 	wrap   func(memberlist.Transport) memberlist.Transport
 	// newTransport, if set, makes the agent's transport (test bed hosts).
 	newTransport func() memberlist.Transport
+	// tweak, if set, adjusts the options before New.
+	tweak func(*Options)
+	reg   *prometheus.Registry
 
 	d      *Discovery
 	db     *bbolt.DB
@@ -108,6 +112,11 @@ func (a *agent) start(join ...netip.AddrPort) {
 	}
 	if a.newTransport != nil {
 		opts.Transport = a.newTransport()
+	}
+	a.reg = prometheus.NewRegistry()
+	opts.Registerer = a.reg
+	if a.tweak != nil {
+		a.tweak(&opts)
 	}
 	d, err := New(opts)
 	if err != nil {
