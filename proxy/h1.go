@@ -283,6 +283,8 @@ func statusText(code int) string {
 		return "Not Implemented"
 	case 502:
 		return "Bad Gateway"
+	case 503:
+		return "Service Unavailable"
 	case 504:
 		return "Gateway Timeout"
 	case 505:
@@ -310,7 +312,10 @@ func (h *h1Conn) leg() (l h1Leg, ok, keep bool) {
 	p, req := h.p, &h.req
 	switch h.r.kind {
 	case routeHTTP:
-		ep := h.r.ep
+		ep, ok := h.endpoint()
+		if !ok {
+			return l, false, h.answerEarly(nil, 503, "no endpoint")
+		}
 		if h.mc == nil {
 			h.mc = p.newH1Metrics(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
 		}
@@ -339,6 +344,13 @@ func (h *h1Conn) leg() (l h1Leg, ok, keep bool) {
 		return h.authorized(l, h.r.svc)
 	}
 	return l, false, h.answerEarly(nil, 500, "no HTTP route")
+}
+
+// endpoint picks the endpoint of the current outbound request: the
+// route's endpoint. (A service VIP route will pick one per request here,
+// from Catalog.Endpoints, with the balancer.)
+func (h *h1Conn) endpoint() (Endpoint, bool) {
+	return h.r.ep, h.r.ep.ProxyAddr.IsValid()
 }
 
 // authorized authorizes the current request for svc; a denial is answered
