@@ -166,7 +166,7 @@ func TestParsePprofTop(t *testing.T) {
 		t.Errorf("top 3: %+v", fns)
 	}
 	want := map[string]float64{
-		"system calls (read, write, …)": 70.49, // the innermost frame here has the largest cum
+		"system calls (read, write, …)":                               70.49, // the innermost frame here has the largest cum
 		"scheduler (runtime.schedule: finding work, parking, waking)": 11.48,
 	}
 	for _, k := range kinds {
