@@ -3,6 +3,7 @@ package bench
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
@@ -28,6 +29,7 @@ var (
 	flagHold     = flag.Int("bench.hold", 10000, "idle proxied connections to open for the memory scenario")
 	flagOut      = flag.String("bench.out", "results", "directory for the JSON results; empty: none")
 	flagDoc      = flag.String("bench.doc", "", "Markdown file whose results section to rewrite (make bench: ../BENCHMARKS.md); empty: none")
+	flagRender   = flag.String("bench.render", "", "TestRender: a results JSON file to render again into -bench.doc (no measuring)")
 	flagPprof    = flag.Bool("bench.pprof", true, "profile the vmesh proxies (control socket /debug/pprof): CPU under HTTP max rate, iperf3 and new connections, heap holding idle connections")
 )
 
@@ -171,7 +173,7 @@ func TestBench(t *testing.T) {
 	if only("memory") {
 		r.memoryHold()
 	}
-	if only("balance") {
+	if only("balance") && slices.ContainsFunc(r.columns, func(c *column) bool { return c.name == VMeshVIP }) {
 		r.balance()
 	}
 	r.setTargets()
@@ -183,6 +185,31 @@ func TestBench(t *testing.T) {
 	r.report.WriteText(&buf)
 	fmt.Print(buf.String())
 	r.save()
+}
+
+// TestRender rewrites -bench.doc's results section from a saved results
+// file (-bench.render), e.g. after the rendering changed; it measures
+// nothing.
+func TestRender(t *testing.T) {
+	if *flagRender == "" {
+		t.Skip("re-renders a results file: -bench.render FILE -bench.doc ../BENCHMARKS.md")
+	}
+	b, err := os.ReadFile(*flagRender)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rep Report
+	if err := json.Unmarshal(b, &rep); err != nil {
+		t.Fatalf("reading %s: %v", *flagRender, err)
+	}
+	var buf bytes.Buffer
+	rep.WriteText(&buf)
+	fmt.Print(buf.String())
+	if *flagDoc != "" {
+		if err := rewriteDoc(*flagDoc, &rep); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // shippedDefault says what `vmesh config default` sets key to in the tree
@@ -434,19 +461,25 @@ func (r *run) save() {
 		r.t.Logf("results written to %s", path)
 	}
 	if *flagDoc != "" {
-		doc, err := os.ReadFile(*flagDoc)
-		if err != nil {
-			r.t.Fatal(err)
-		}
-		upd, err := UpdateMarkdown(string(doc), r.report.Markdown())
-		if err != nil {
-			r.t.Fatal(err)
-		}
-		if err := os.WriteFile(*flagDoc, []byte(upd), 0o644); err != nil {
+		if err := rewriteDoc(*flagDoc, r.report); err != nil {
 			r.t.Fatal(err)
 		}
 		r.t.Logf("results section of %s rewritten", *flagDoc)
 	}
+}
+
+// rewriteDoc replaces the results section of the Markdown file path with
+// rep.
+func rewriteDoc(path string, rep *Report) error {
+	doc, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	upd, err := UpdateMarkdown(string(doc), rep.Markdown())
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, []byte(upd), 0o644)
 }
 
 // loadavg returns the machine's 1, 5 and 15-minute load averages: other

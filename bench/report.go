@@ -517,17 +517,53 @@ func (r *Report) Markdown() string {
 	}
 	if len(r.Profiles) > 0 {
 		b.WriteString("\n**Where the time goes: CPU profiles of the vmesh agents under load**\n\n")
-		b.WriteString("Shares of each process's sampled CPU; kinds overlap (allocation happens inside request handling).\n\n")
+		b.WriteString("Shares of each agent's sampled CPU (kinds overlap: allocation happens inside request handling); " +
+			"the profiles are saved next to the JSON results.\n")
+		var loads []string
 		for _, p := range r.Profiles {
-			var kinds, top []string
-			for _, k := range p.Kinds {
-				kinds = append(kinds, fmt.Sprintf("%s %.1f %%", k.What, k.Percent))
+			if !slices.Contains(loads, p.Load) {
+				loads = append(loads, p.Load)
 			}
-			for _, f := range p.Top {
-				top = append(top, fmt.Sprintf("`%s` %.1f %%", f.Name, f.Flat))
+		}
+		for _, load := range loads {
+			var ps []ProfileSummary
+			for _, p := range r.Profiles {
+				if p.Load == load {
+					ps = append(ps, p)
+				}
 			}
-			fmt.Fprintf(&b, "- %s, %s (%s side), under %s, %s sampled (`%s`): %s. Top functions (flat): %s.\n",
-				p.Column, p.Host, p.Side, p.Load, p.Total, p.File, strings.Join(kinds, "; "), strings.Join(top, ", "))
+			slices.SortFunc(ps, func(a, b ProfileSummary) int { return strings.Compare(a.Side, b.Side) })
+			fmt.Fprintf(&b, "\n*%s*\n\n", load)
+			hdr := []string{"share of CPU"}
+			for _, p := range ps {
+				hdr = append(hdr, fmt.Sprintf("%s %s (%s side, %s sampled)", p.Column, p.Host, p.Side, p.Total))
+			}
+			line(hdr)
+			sep := make([]string, len(hdr))
+			for i := range sep {
+				sep[i] = "---"
+			}
+			line(sep)
+			for i, k := range ps[0].Kinds {
+				cells := []string{k.What}
+				for _, p := range ps {
+					if i < len(p.Kinds) {
+						cells = append(cells, fmt.Sprintf("%.1f %%", p.Kinds[i].Percent))
+					}
+				}
+				line(cells)
+			}
+			cells := []string{"top functions (flat)"}
+			for _, p := range ps {
+				var top []string
+				for _, f := range p.Top {
+					if f.Flat > 0 {
+						top = append(top, fmt.Sprintf("`%s` %.1f %%", strings.TrimPrefix(f.Name, "github.com/vmesh/vmesh/"), f.Flat))
+					}
+				}
+				cells = append(cells, strings.Join(top, ", "))
+			}
+			line(cells)
 		}
 	}
 	if len(r.Notes) > 0 {
