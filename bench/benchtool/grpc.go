@@ -39,18 +39,22 @@ func serveGRPC(addr string) error {
 	if err != nil {
 		return fmt.Errorf("listening: %w", err)
 	}
+	return grpcServer().Serve(ln)
+}
+
+func grpcServer() *grpc.Server {
 	srv := grpc.NewServer()
 	srv.RegisterService(&echoService, struct{}{})
-	return srv.Serve(ln)
+	return srv
 }
 
 // grpcLoop makes unary echo calls from workers goroutines over one client
-// connection for d and prints a LoopResult; each call has a 5 s deadline and
+// connection for d; each call has a 5 s deadline and
 // must return what it sent.
-func grpcLoop(addr string, workers int, d time.Duration, size int) error {
+func grpcLoop(addr string, workers int, d time.Duration, size int) (LoopResult, error) {
 	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return fmt.Errorf("making grpc client: %w", err)
+		return LoopResult{}, fmt.Errorf("making grpc client: %w", err)
 	}
 	defer cc.Close()
 	payload := bytes.Repeat([]byte{'g'}, size)
@@ -68,7 +72,7 @@ func grpcLoop(addr string, workers int, d time.Duration, size int) error {
 	}
 	// One call first: the connection is up before the clock starts.
 	if err := call(); err != nil {
-		return fmt.Errorf("first call: %w", err)
+		return LoopResult{}, fmt.Errorf("first call: %w", err)
 	}
 	return loop(workers, d, func() (func() error, func(), error) { return call, func() {}, nil })
 }

@@ -66,22 +66,22 @@ func main() {
 		c := fs.Int("c", 16, "concurrent dialers")
 		d := fs.Duration("t", 4*time.Second, "duration")
 		fs.Parse(args)
-		err = loop(*c, *d, func() (func() error, func(), error) {
+		err = printLoop(loop(*c, *d, func() (func() error, func(), error) {
 			return func() error { return roundTrip(*addr) }, func() {}, nil
-		})
+		}))
 	case "grpc":
 		c := fs.Int("c", 1, "concurrent callers, sharing one client connection as grpc-go apps do")
 		d := fs.Duration("t", 4*time.Second, "duration")
 		size := fs.Int("size", 64, "payload bytes")
 		fs.Parse(args)
-		err = grpcLoop(*addr, *c, *d, *size)
+		err = printLoop(grpcLoop(*addr, *c, *d, *size))
 	case "ws":
 		url := fs.String("url", "", "WebSocket URL of the echo server")
 		c := fs.Int("c", 16, "connections, each sending one message and awaiting its echo in turn")
 		d := fs.Duration("t", 4*time.Second, "duration")
 		size := fs.Int("size", 64, "message bytes")
 		fs.Parse(args)
-		err = wsLoop(*url, *c, *d, *size)
+		err = printLoop(wsLoop(*url, *c, *d, *size))
 	case "get":
 		url := fs.String("url", "", "URL to GET")
 		fs.Parse(args)
@@ -105,6 +105,15 @@ func main() {
 var body = []byte(`{"ok":true,"service":"bench-backend","pad":"0123456789abcdef"}` + "\n")
 
 func serveHTTP(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listening: %w", err)
+	}
+	return httpServer().Serve(ln)
+}
+
+// httpServer is the HTTP backend.
+func httpServer() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
@@ -122,8 +131,7 @@ func serveHTTP(addr string) error {
 	var protos http.Protocols
 	protos.SetHTTP1(true)
 	protos.SetUnencryptedHTTP2(true)
-	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 10 * time.Second, Protocols: &protos}
-	return srv.ListenAndServe()
+	return &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, Protocols: &protos}
 }
 
 // get prints the body of a GET; a status other than 200 is an error.
@@ -216,10 +224,19 @@ type LoopResult struct {
 	FirstError string `json:"first_error,omitempty"`
 }
 
+// printLoop prints a loop client's result as JSON.
+func printLoop(res LoopResult, err error) error {
+	if err != nil {
+		return err
+	}
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
 // loop runs workers until d has passed, each with the operation setup
-// returns (and its cleanup), and prints a LoopResult. A worker whose setup
-// fails counts one error and stops; after 1,000 errors every worker stops.
-func loop(workers int, d time.Duration, setup func() (op func() error, done func(), err error)) error {
+// returns (and its cleanup), and returns what they did. A worker whose
+// setup fails counts one error and stops; after 1,000 errors every worker
+// stops.
+func loop(workers int, d time.Duration, setup func() (op func() error, done func(), err error)) (LoopResult, error) {
 	var (
 		ok, bad  atomic.Int64
 		mu       sync.Mutex
@@ -286,10 +303,10 @@ func loop(workers int, d time.Duration, setup func() (op func() error, done func
 		}
 		return float64(lat[int(p*float64(len(lat)-1))].Microseconds()) / 1000
 	}
-	return json.NewEncoder(os.Stdout).Encode(LoopResult{
+	return LoopResult{
 		Ops: ok.Load(), Errors: bad.Load(), Seconds: el, Rate: float64(ok.Load()) / el,
 		P50Ms: pct(0.50), P99Ms: pct(0.99), FirstError: firstErr,
-	})
+	}, nil
 }
 
 // HoldResult is what `benchtool hold` prints once its connections are open.

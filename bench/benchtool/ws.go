@@ -24,9 +24,9 @@ func wsEcho(ws *websocket.Conn) {
 }
 
 // wsLoop opens conns WebSocket connections to url; each sends a binary
-// message, waits for its echo and checks it, in turn, for d. It prints a
-// LoopResult counting echoed messages.
-func wsLoop(url string, conns int, d time.Duration, size int) error {
+// message, waits for its echo and checks it, in turn, for d. Its result
+// counts echoed messages.
+func wsLoop(url string, conns int, d time.Duration, size int) (LoopResult, error) {
 	payload := bytes.Repeat([]byte{'w'}, size)
 	return loop(conns, d, func() (func() error, func(), error) {
 		ws, err := websocket.Dial(url, "", "http://bench.local/")
