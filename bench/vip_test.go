@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -17,7 +16,6 @@ import (
 func vipColumn(r *run, vm *column) (*column, error) {
 	sock := vm.controls[vm.client.Name]
 	c := &column{name: VMeshVIP, client: vm.client, server: vm.server, procs: vm.procs, target: map[string]string{}}
-	var why []string
 	deadline := time.Now().Add(10 * time.Second)
 	for _, s := range Services {
 		if s.Name != "http" && s.Name != "echo" {
@@ -31,14 +29,10 @@ func vipColumn(r *run, vm *column) (*column, error) {
 				break
 			}
 			if time.Now().After(deadline) {
-				why = append(why, fmt.Sprintf("%s: %v", s.Name, err))
-				break
+				return nil, fmt.Errorf("n/a: no VIP support in this tree (%s: %v)", s.Name, err)
 			}
 			time.Sleep(500 * time.Millisecond)
 		}
-	}
-	if len(why) > 0 {
-		return nil, errors.New("n/a: no VIP support in this tree (" + strings.Join(why, "; ") + ")")
 	}
 	return c, nil
 }
@@ -62,5 +56,5 @@ func findVIP(r *run, vm *column, sock, service string) (netip.Addr, string, erro
 			}
 		}
 	}
-	return netip.Addr{}, "", fmt.Errorf("no VIP in vmesh services -o json, and %s does not resolve (%v)", name, derr)
+	return netip.Addr{}, "", fmt.Errorf("vmesh services -o json names no VIP, and %s does not resolve on %s: %v", name, vm.client.Name, derr)
 }
