@@ -149,6 +149,11 @@ func (r *run) h2load() {
 		return nil
 	})
 	r.flushPeaks(gH2)
+	if *flagPprof {
+		r.profile("h2load h2c, 8 connections × 10 streams", "h2load", func(c *column, secs int) {
+			r.client(c, time.Duration(secs+60)*time.Second, "h2load", "-c", "8", "-m", "10", "-D", strconv.Itoa(secs), c.url("/"))
+		})
+	}
 }
 
 // loopClient runs a benchtool loop client (dial, grpc, ws) with args and
