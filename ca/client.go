@@ -279,6 +279,30 @@ func (c *Client) GetClientCertificate(*tls.CertificateRequestInfo) (*tls.Certifi
 	return c.node.cert, nil
 }
 
+// Expired says which held certificate has expired, and since when, or ""
+// when none has: mTLS with an expired certificate fails, so the host is not
+// ready (the agent's /ready and `vmesh check` show this reason).
+func (c *Client) Expired() string {
+	now := c.now()
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	ids := make([]*identity, 0, len(c.svcs)+1)
+	if c.node != nil {
+		ids = append(ids, c.node)
+	}
+	for _, s := range c.want {
+		if id := c.svcs[s]; id != nil {
+			ids = append(ids, id)
+		}
+	}
+	for _, id := range ids {
+		if !now.Before(id.notAfter()) {
+			return fmt.Sprintf("certificate %s expired at %s; waiting for the ca to renew it", id.id, id.notAfter().Format(time.RFC3339))
+		}
+	}
+	return ""
+}
+
 // Status lists the held identities, node first, then services by name.
 func (c *Client) Status() []IdentityStatus {
 	c.mu.RLock()
@@ -515,6 +539,9 @@ func (c *Client) nextDue() time.Time {
 	return next
 }
 
+// checkReady closes Ready once the node SVID and every wanted service SVID
+// are held and none has expired (certificates restored from the database
+// after a long outage do not make a host ready).
 func (c *Client) checkReady() {
 	c.mu.RLock()
 	ok := c.node != nil
@@ -524,6 +551,9 @@ func (c *Client) checkReady() {
 		}
 	}
 	c.mu.RUnlock()
+	if ok && c.Expired() != "" {
+		ok = false
+	}
 	if ok {
 		c.readyOnce.Do(func() {
 			c.log.Info("identity ready", "id", c.nodeID)
@@ -545,13 +575,28 @@ func (c *Client) obtainNode(ctx context.Context, cur *identity) error {
 		if err := c.setRoots("", []*x509.Certificate{c.opts.LocalServer.root}); err != nil {
 			return err
 		}
+		c.mu.RLock()
+		want := slices.Clone(c.want)
+		c.mu.RUnlock()
+		if err := c.opts.LocalServer.grantSelf(c.opts.NodeName, want); err != nil {
+			return fmt.Errorf("granting the ca host its own services: %w", err)
+		}
 		chain, err = c.opts.LocalServer.issueLocal(ctx, csr)
-	case cur != nil && c.now().Before(cur.notAfter()):
-		chain, err = c.rekey(ctx, csr)
+	case cur != nil:
+		// Renewal through vmesh's endpoint: the CA applies the node's
+		// current grant, and accepts a certificate that expired within
+		// its grace period (the TLS handshake proves the key).
+		chain, err = c.renewNode(ctx, csr)
+		if err != nil && !c.now().Before(cur.notAfter()) {
+			if c.token != "" {
+				chain, err = c.join(ctx, csr)
+				break
+			}
+			return fmt.Errorf("node certificate expired at %s and the ca refused to renew it (%w); create a new token with `vmesh token create --node %s` and restart with it",
+				cur.notAfter().Format(time.RFC3339), err, c.opts.NodeName)
+		}
 	case c.token != "":
 		chain, err = c.join(ctx, csr)
-	case cur != nil:
-		return fmt.Errorf("node certificate expired at %s; create a new token with `vmesh token create --node %s` and restart with it", cur.notAfter().Format(time.RFC3339), c.opts.NodeName)
 	default:
 		return fmt.Errorf("host has not joined the mesh and has no token; create one with `vmesh token create --node %s` on a ca host", c.opts.NodeName)
 	}
@@ -896,6 +941,11 @@ func (c *Client) rekey(ctx context.Context, csr *x509.CertificateRequest) ([]*x5
 		return nil, err
 	}
 	return signChain(&resp)
+}
+
+// renewNode asks the CA for a new node SVID over mTLS with the current one.
+func (c *Client) renewNode(ctx context.Context, csr *x509.CertificateRequest) ([]*x509.Certificate, error) {
+	return c.requestService(ctx, csr)
 }
 
 func (c *Client) requestService(ctx context.Context, csr *x509.CertificateRequest) ([]*x509.Certificate, error) {

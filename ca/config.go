@@ -42,6 +42,22 @@ type Config struct {
 	ListenAddr netip.AddrPort `toml:"listen_addr"`
 	// CertLifetime is the lifetime of node and service SVIDs. Default 24h.
 	CertLifetime time.Duration `toml:"cert_lifetime"`
+	// RenewAfterExpiry is how long after its node certificate expired a
+	// host may still renew it, proving its key by the TLS handshake (a CA
+	// outage or a powered-off host outlasting the lifetime). Default 168h
+	// (7 days); negative: never (the host then needs a new token).
+	RenewAfterExpiry time.Duration `toml:"renew_after_expiry"`
+}
+
+// renewAfterExpiry resolves RenewAfterExpiry's default.
+func (c *Config) renewAfterExpiry() time.Duration {
+	switch {
+	case c.RenewAfterExpiry < 0:
+		return 0
+	case c.RenewAfterExpiry == 0:
+		return 7 * 24 * time.Hour
+	}
+	return c.RenewAfterExpiry
 }
 
 // DefaultConfig returns a fresh CA configuration with every default set.
@@ -51,6 +67,8 @@ func DefaultConfig() Config {
 		TrustDomain:  "vmesh.local",
 		ListenAddr:   netip.MustParseAddrPort("0.0.0.0:4192"),
 		CertLifetime: 24 * time.Hour,
+		// A week: a host powered off over a long weekend comes back alone.
+		RenewAfterExpiry: 7 * 24 * time.Hour,
 	}
 }
 
@@ -92,6 +110,9 @@ func (c *Config) Validate() error {
 		errs.Add("cert_lifetime", "must be at least 5m, got %s", c.CertLifetime)
 	case c.CertLifetime > 30*24*time.Hour:
 		errs.Add("cert_lifetime", "must be at most 720h, got %s", c.CertLifetime)
+	}
+	if c.RenewAfterExpiry > 90*24*time.Hour {
+		errs.Add("renew_after_expiry", "must be at most 2160h (90 days), got %s", c.RenewAfterExpiry)
 	}
 	return errs.Err()
 }

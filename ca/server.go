@@ -694,11 +694,45 @@ func (s *Server) tlsConfig() *tls.Config {
 	return &tls.Config{
 		MinVersion:     tls.VersionTLS12,
 		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return s.serverCert() },
-		ClientAuth:     tls.VerifyClientCertIfGiven,
-		ClientCAs:      s.roots,
-		Time:           s.now,
-		NextProtos:     []string{"http/1.1"},
+		// Client certificates are verified by verifyClient rather than by
+		// crypto/tls, which refuses an expired one outright: a node whose
+		// certificate expired within the grace period may renew it.
+		ClientAuth:            tls.RequestClientCert,
+		VerifyPeerCertificate: s.verifyClient,
+		Time:                  s.now,
+		NextProtos:            []string{"http/1.1"},
 	}
+}
+
+// verifyClient verifies a client certificate chain, if one is given,
+// against the mesh roots: as of now, or, for a leaf that expired less than
+// renew_after_expiry ago, as of just before it expired. Handlers that must
+// not accept an expired certificate check the time again (only node
+// self-renewal does not; smallstep's renew refuses expired certificates).
+func (s *Server) verifyClient(raw [][]byte, _ [][]*x509.Certificate) error {
+	if len(raw) == 0 {
+		return nil
+	}
+	certs := make([]*x509.Certificate, 0, len(raw))
+	for _, r := range raw {
+		c, err := x509.ParseCertificate(r)
+		if err != nil {
+			return fmt.Errorf("verifying client certificate: %w", err)
+		}
+		certs = append(certs, c)
+	}
+	_, err := verifySVIDCerts(certs, s.roots, s.td, s.clientVerifyTime(certs[0]))
+	return err
+}
+
+// clientVerifyTime is the time a client's certificate is verified at: now,
+// or just before it expired when that was less than the grace period ago.
+func (s *Server) clientVerifyTime(leaf *x509.Certificate) time.Time {
+	now := s.now()
+	if grace := s.opts.Config.renewAfterExpiry(); now.After(leaf.NotAfter) && now.Sub(leaf.NotAfter) <= grace {
+		return leaf.NotAfter.Add(-time.Second)
+	}
+	return now
 }
 
 // serverCert returns the CA API's own certificate (spiffe://TD/ca), issued
@@ -868,16 +902,6 @@ func (s *Server) handleSVID(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusUnauthorized, "a node svid (mtls client certificate) is required")
 		return
 	}
-	peer, err := verifySVIDCerts(r.TLS.PeerCertificates, s.roots, s.td, s.now())
-	if err != nil {
-		writeError(w, http.StatusUnauthorized, "%v", err)
-		return
-	}
-	kind, node, err := ParseID(peer, s.td)
-	if err != nil || kind != kindNode {
-		writeError(w, http.StatusForbidden, "only node svids may request service svids, not %s", peer)
-		return
-	}
 	var req svidRequest
 	if err := json.NewDecoder(io.LimitReader(r.Body, maxBody)).Decode(&req); err != nil {
 		writeError(w, http.StatusBadRequest, "decoding request: %v", err)
@@ -899,6 +923,26 @@ func (s *Server) handleSVID(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	k, svc, _ := ParseID(id, s.td)
+	// A service SVID needs a current node SVID; a node renewing its own
+	// SVID may present one that expired within the grace period.
+	at := s.now()
+	if k == kindNode {
+		at = s.clientVerifyTime(r.TLS.PeerCertificates[0])
+	}
+	peer, err := verifySVIDCerts(r.TLS.PeerCertificates, s.roots, s.td, at)
+	if err != nil {
+		writeError(w, http.StatusUnauthorized, "%v", err)
+		return
+	}
+	kind, node, err := ParseID(peer, s.td)
+	if err != nil || kind != kindNode {
+		writeError(w, http.StatusForbidden, "only node svids may request svids, not %s", peer)
+		return
+	}
+	if k == kindNode {
+		s.renewNode(w, r, csr, id, peer, node)
+		return
+	}
 	if k != kindSvc {
 		writeError(w, http.StatusForbidden, "%s is not a service id", id)
 		return
@@ -929,4 +973,69 @@ func writeError(w http.ResponseWriter, status int, format string, args ...any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(map[string]any{"status": status, "message": fmt.Sprintf(format, args...)})
+}
+
+// renewNode issues a node its own SVID again (mTLS with its current one,
+// which may have expired within renew_after_expiry), with the grant this
+// CA records for it now: unlike smallstep's renew, which copies the old
+// certificate, a `vmesh node grant` reaches the node SVID. A node this CA
+// has no record of (it joined through another CA host) is adopted with the
+// grant its certificate carries.
+func (s *Server) renewNode(w http.ResponseWriter, r *http.Request, csr *x509.CertificateRequest, id, peer, node string) {
+	if id != peer {
+		writeError(w, http.StatusForbidden, "node %s may not get the svid of %s", peer, id)
+		return
+	}
+	grant, _, err := certGrant(r.TLS.PeerCertificates[0])
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "%v", err)
+		return
+	}
+	var revoked bool
+	err = s.updateNode(node, func(rec *nodeRecord) *nodeRecord {
+		switch {
+		case rec == nil:
+			return &nodeRecord{Services: grant}
+		case rec.Revoked:
+			revoked = true
+		}
+		return nil
+	})
+	switch {
+	case err != nil:
+		writeError(w, http.StatusInternalServerError, "renewing %s: %v", id, err)
+		return
+	case revoked:
+		s.log.Warn("renewal refused: node revoked", "node", node)
+		writeError(w, http.StatusUnauthorized, "renewal refused: node %s is revoked", node)
+		return
+	}
+	chain, err := s.issue(r.Context(), csr, id)
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, "issuing %s: %v", id, err)
+		return
+	}
+	if leaf := r.TLS.PeerCertificates[0]; s.now().After(leaf.NotAfter) {
+		s.log.Info("expired node certificate renewed", "node", node, "expired_at", leaf.NotAfter)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(svidResponse{Chain: string(encodeCertsPEM(chain))})
+}
+
+// grantSelf records the services of the CA host's own node (it is trusted
+// with its own configuration), so that its node SVID carries them.
+func (s *Server) grantSelf(node string, services []string) error {
+	svcs := slices.Clone(services)
+	slices.Sort(svcs)
+	svcs = slices.Compact(svcs)
+	return s.updateNode(node, func(rec *nodeRecord) *nodeRecord {
+		if rec == nil {
+			rec = &nodeRecord{}
+		}
+		if slices.Equal(rec.Services, svcs) && !rec.Revoked {
+			return nil
+		}
+		rec.Services, rec.Revoked = svcs, false
+		return rec
+	})
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/hashicorp/memberlist"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.etcd.io/bbolt"
 )
 
@@ -45,6 +46,9 @@ type agent struct {
 	wrap   func(memberlist.Transport) memberlist.Transport
 	// newTransport, if set, makes the agent's transport (test bed hosts).
 	newTransport func() memberlist.Transport
+	// tweak, if set, adjusts the options before New.
+	tweak func(*Options)
+	reg   *prometheus.Registry
 
 	d      *Discovery
 	db     *bbolt.DB
@@ -108,6 +112,11 @@ func (a *agent) start(join ...netip.AddrPort) {
 	}
 	if a.newTransport != nil {
 		opts.Transport = a.newTransport()
+	}
+	a.reg = prometheus.NewRegistry()
+	opts.Registerer = a.reg
+	if a.tweak != nil {
+		a.tweak(&opts)
 	}
 	d, err := New(opts)
 	if err != nil {
@@ -313,6 +322,11 @@ func TestFailureLeaveAndRestart(t *testing.T) {
 		return true
 	})
 
+	eps, gen := agents[0].d.ServiceEndpoints("svc")
+	if len(eps) != 5 {
+		t.Fatalf("ServiceEndpoints: %d endpoints, want 5", len(eps))
+	}
+
 	// Killed: detected by failure detection.
 	victim := agents[4]
 	victimEP := victim.d.Endpoints("svc")[4]
@@ -329,6 +343,19 @@ func TestFailureLeaveAndRestart(t *testing.T) {
 		return true
 	})
 	t.Logf("killed host: dead and its endpoints dropped on all 4 peers after %s", time.Since(start))
+	for _, a := range rest {
+		// Its address stays a mesh address: its traffic is never sent in
+		// clear while it is gone.
+		if !a.d.MemberAddr(victimEP.Addr.Addr()) {
+			t.Errorf("%s: the dead host's address is no longer a member's", a.name)
+		}
+	}
+	if eps, g := agents[0].d.ServiceEndpoints("svc"); len(eps) != 4 || g == gen {
+		t.Errorf("after the death: %d endpoints, generation %d (was %d); want 4 and a new generation", len(eps), g, gen)
+	}
+	if agents[0].d.MemberAddr(netip.MustParseAddr("192.0.2.1")) {
+		t.Error("an address never in the mesh is a member's")
+	}
 
 	// Restarted with its database and no join list: rejoins by itself.
 	start = time.Now()

@@ -21,8 +21,14 @@ const (
 	msgEntry   = 1 // a host's whole catalog entry
 	msgNotice  = 2 // "host H is at version V" (entries too large to broadcast)
 	msgRequest = 3 // "send your entry to host H" (reply: msgEntry, reliably)
-	msgState   = 4 // push/pull: a list of encoded msgEntry payloads
+	msgState   = 4 // push/pull: a list of encoded msgEntry, msgSigned or msgCert payloads
+	msgSigned  = 5 // a msgEntry payload, its owner's signature and the signing certificate's ID
+	msgCert    = 6 // a node SVID chain (leaf first, DER), the signer of msgSigned entries
+	msgCertReq = 7 // "send your certificate with this ID to host H" (reply: msgCert, reliably)
 )
+
+// certID names a signing certificate: the SHA-256 of its leaf's DER.
+type certID [32]byte
 
 // Limits of what peers accept. An entry beyond them is refused and counted.
 const (
@@ -34,6 +40,9 @@ const (
 	maxServices      = 512
 	maxLabels        = 64
 	maxBroadcastSize = 1024 // larger entries are announced by a notice and pulled
+	maxSigBytes      = 256  // one signature
+	maxChainCerts    = 4    // certificates in a msgCert chain
+	maxCertBytes     = 8 << 10
 )
 
 var (
@@ -54,8 +63,43 @@ type message struct {
 	node    string         // msgNotice: the host; msgRequest: who wants the entry
 	addr    netip.AddrPort // msgRequest: its gossip address
 	version uint64         // msgNotice
-	entries [][]byte       // msgState: encoded msgEntry payloads (sub-slices of the input)
+	entries [][]byte       // msgState: encoded payloads (sub-slices of the input)
 	sentAt  int64          // msgState: the sender's clock (Unix ms) when it encoded it; 0 if absent
+	payload []byte         // msgSigned: the signed msgEntry payload (sub-slice of the input)
+	sig     []byte         // msgSigned (sub-slice of the input)
+	cert    certID         // msgSigned: the signing certificate; msgCertReq: the one wanted
+	chain   [][]byte       // msgCert: DER certificates, leaf first (sub-slices of the input)
+}
+
+// encodeSigned wraps an encoded msgEntry with its signature.
+func encodeSigned(payload, sig []byte, id certID) []byte {
+	e := encoder{b: make([]byte, 0, len(payload)+len(sig)+len(id)+8)}
+	e.byte(wireFormat)
+	e.byte(msgSigned)
+	e.bytes(payload)
+	e.bytes(sig)
+	e.b = append(e.b, id[:]...)
+	return e.b
+}
+
+func encodeCert(chain [][]byte) []byte {
+	e := encoder{}
+	e.byte(wireFormat)
+	e.byte(msgCert)
+	e.uint(uint64(len(chain)))
+	for _, c := range chain {
+		e.bytes(c)
+	}
+	return e.b
+}
+
+func encodeCertRequest(from string, id certID) []byte {
+	e := encoder{}
+	e.byte(wireFormat)
+	e.byte(msgCertReq)
+	e.string(from)
+	e.b = append(e.b, id[:]...)
+	return e.b
 }
 
 type encoder struct{ b []byte }
@@ -205,6 +249,17 @@ func (d *decoder) raw(max uint64) []byte {
 	return p
 }
 
+// fixed reads n bytes.
+func (d *decoder) fixed(n int) []byte {
+	if len(d.b) < n {
+		d.fail(errMalformed)
+		return nil
+	}
+	p := d.b[:n:n]
+	d.b = d.b[n:]
+	return p
+}
+
 func (d *decoder) string() string {
 	p := d.raw(maxString)
 	if !utf8.Valid(p) {
@@ -242,6 +297,38 @@ func decodeMessage(buf []byte) (message, error) {
 		if !ok || m.addr.Port() == 0 {
 			d.fail(errMalformed)
 		}
+	case msgSigned:
+		if len(buf) > maxEntryBytes+maxSigBytes+64 {
+			return m, errOversized
+		}
+		m.payload = d.raw(maxEntryBytes)
+		m.sig = d.raw(maxSigBytes)
+		copy(m.cert[:], d.fixed(len(m.cert)))
+		if d.err == nil {
+			inner, err := decodeMessage(m.payload)
+			switch {
+			case err != nil:
+				d.fail(err)
+			case inner.typ != msgEntry:
+				d.fail(errMalformed)
+			default:
+				m.entry = inner.entry
+			}
+		}
+		if len(m.sig) == 0 {
+			d.fail(errMalformed)
+		}
+	case msgCert:
+		n := d.count(maxChainCerts, 1)
+		for range n {
+			m.chain = append(m.chain, d.raw(maxCertBytes))
+		}
+		if n == 0 {
+			d.fail(errMalformed)
+		}
+	case msgCertReq:
+		m.node = d.string()
+		copy(m.cert[:], d.fixed(len(m.cert)))
 	case msgState:
 		n := d.count(maxStateEntries, 1)
 		m.entries = make([][]byte, 0, n)
@@ -257,7 +344,7 @@ func decodeMessage(buf []byte) (message, error) {
 	if d.err == nil && len(d.b) != 0 {
 		d.err = errMalformed
 	}
-	if d.err == nil && (m.typ == msgNotice || m.typ == msgRequest) && m.node == "" {
+	if d.err == nil && (m.typ == msgNotice || m.typ == msgRequest || m.typ == msgCertReq) && m.node == "" {
 		d.err = errMalformed
 	}
 	return m, d.err

@@ -48,20 +48,32 @@ func (g *delegate) NotifyMsg(buf []byte) {
 		return
 	}
 	switch msg.typ {
-	case msgEntry:
-		d.mergeEntry(msg.entry, bytes.Clone(buf), true)
+	case msgEntry, msgSigned:
+		d.acceptEntry(msg, bytes.Clone(buf), true)
 	case msgNotice:
 		d.notice(msg.node, msg.version, true)
 	case msgRequest:
-		// Reply to the address in the request: the requester may not be
-		// in this host's member list yet (it is joining).
-		to := &memberlist.Node{Name: msg.node, Addr: msg.addr.Addr().AsSlice(), Port: msg.addr.Port()}
+		// Reply only to the requester's memberlist address, never to an
+		// address named in the message (which would make this host dial
+		// wherever a gossip-key holder points it). A requester not yet in
+		// the member list asks again (anti-entropy).
+		node := msg.node
 		d.enqueue(func() {
 			d.mu.Lock()
 			raw := d.selfRaw
 			d.mu.Unlock()
-			d.send(to, raw)
+			d.sendTo(node, raw)
 		})
+	case msgCert:
+		d.acceptCert(msg.chain)
+	case msgCertReq:
+		node, id := msg.node, msg.cert
+		d.mu.Lock()
+		raw := d.certRawLocked(id)
+		d.mu.Unlock()
+		if raw != nil {
+			d.enqueue(func() { d.sendTo(node, raw) })
+		}
 	default:
 		d.reject(errMalformed)
 	}
@@ -78,14 +90,25 @@ func (g *delegate) LocalState(join bool) []byte {
 	d := g.d
 	d.mu.Lock()
 	list := make([][]byte, 0, len(d.entries)+1)
+	var certs [][]byte
+	if join && d.selfCert != nil {
+		// A joining host knows no certificate yet: hand it those of the
+		// entries it gets, so that it need not pull each from its owner.
+		certs = append(certs, d.selfCert)
+	}
 	list = append(list, d.selfRaw)
 	for name, pe := range d.entries {
 		if m := d.members[name]; m != nil && m.state == StateAlive {
 			list = append(list, pe.raw)
+			if join {
+				if c := d.certs[pe.cert]; c != nil {
+					certs = append(certs, c.raw)
+				}
+			}
 		}
 	}
 	d.mu.Unlock()
-	return encodeState(list, time.Now())
+	return encodeState(append(certs, list...), time.Now())
 }
 
 // MergeRemoteState merges a peer's side of a push/pull, keeping the newest
@@ -103,22 +126,27 @@ func (g *delegate) MergeRemoteState(buf []byte, join bool) {
 		d.reject(err)
 		return
 	}
-	if msg.sentAt != 0 && len(msg.entries) > 0 {
-		// The sender's own entry comes first (LocalState).
-		if m, err := decodeMessage(msg.entries[0]); err == nil && m.typ == msgEntry {
-			d.noteClock(m.entry.Node, time.UnixMilli(msg.sentAt), time.Now())
+	if msg.sentAt != 0 {
+		// The sender's own entry comes first after the certificates
+		// (LocalState). The clock offset is a diagnostic only.
+		if node := firstEntryNode(msg.entries); node != "" {
+			d.noteClock(node, time.UnixMilli(msg.sentAt), time.Now())
 		}
 	}
 	for _, raw := range msg.entries {
 		m, err := decodeMessage(raw)
-		if err == nil && m.typ != msgEntry {
+		if err == nil && m.typ != msgEntry && m.typ != msgSigned && m.typ != msgCert {
 			err = errMalformed
 		}
 		if err != nil {
 			d.reject(err)
 			continue
 		}
-		d.mergeEntry(m.entry, bytes.Clone(raw), false)
+		if m.typ == msgCert {
+			d.acceptCert(m.chain)
+			continue
+		}
+		d.acceptEntry(m, bytes.Clone(raw), false)
 	}
 }
 
@@ -207,10 +235,23 @@ func (d *Discovery) countAliveLocked() {
 	d.numAlive.Store(n)
 }
 
-// mergeEntry keeps e if it is newer than what this host holds, and passes
-// it on (when it came by broadcast) so that it spreads epidemically.
-func (d *Discovery) mergeEntry(e NodeEntry, raw []byte, rebroadcast bool) {
+// mergeEntry keeps an accepted entry if it is newer than what this host
+// holds, and passes it on (when it came by broadcast) so that it spreads
+// epidemically. An entry of this host newer than the one it published (an
+// earlier run's, whose version this host lost) makes it publish above it.
+func (d *Discovery) mergeEntry(msg message, raw []byte, rebroadcast bool) {
+	e := msg.entry
 	if e.Node == d.name {
+		d.mu.Lock()
+		if e.Version > d.version && !d.leaving {
+			d.log.Info("a newer entry of this host is in the cluster: publishing above it", "version", e.Version)
+			d.version = e.Version
+			d.publishLocked()
+			d.mu.Unlock()
+			d.rebuild()
+			return
+		}
+		d.mu.Unlock()
 		return
 	}
 	// Versions are the writer's clock in nanoseconds. One far ahead of
@@ -232,7 +273,7 @@ func (d *Discovery) mergeEntry(e NodeEntry, raw []byte, rebroadcast bool) {
 		d.metrics.rejected.WithLabelValues(rejectTooMany).Inc()
 		return
 	}
-	d.entries[e.Node] = &peerEntry{entry: &e, raw: raw, at: time.Now()}
+	d.entries[e.Node] = &peerEntry{entry: &e, raw: raw, at: time.Now(), cert: msg.cert}
 	m := d.members[e.Node]
 	visible := m != nil && m.state == StateAlive
 	if e.Leaving && m != nil && m.state == StateDead {
@@ -390,4 +431,28 @@ func decodeMeta(buf []byte) (nodeMeta, error) {
 		return nodeMeta{}, d.err
 	}
 	return m, nil
+}
+
+// firstEntryNode returns the host of the first catalog entry among a push/
+// pull state's messages, signed or not, or "".
+func firstEntryNode(entries [][]byte) string {
+	for _, raw := range entries {
+		m, err := decodeMessage(raw)
+		if err != nil {
+			return ""
+		}
+		switch m.typ {
+		case msgCert:
+			continue
+		case msgSigned:
+			if m, err = decodeMessage(m.payload); err != nil || m.typ != msgEntry {
+				return ""
+			}
+			return m.entry.Node
+		case msgEntry:
+			return m.entry.Node
+		}
+		return ""
+	}
+	return ""
 }

@@ -39,6 +39,7 @@ const (
 	updateMetaWait   = time.Second      // UpdateNode timeout
 	sendTimeout      = 5 * time.Second
 	workQueueLen     = 1024
+	maxSends         = 16 // reliable sends (TCP dials) in flight
 	reconnectPerTick = 3
 )
 
@@ -83,6 +84,14 @@ type Options struct {
 	// the inbound proxy connects to (loopback), so "healthy" means "the mesh
 	// can reach it".
 	CheckAddr netip.Addr
+	// Signer signs this host's catalog entry with its node SVID. Optional:
+	// nil publishes it unsigned, which peers with a Verifier refuse.
+	Signer Signer
+	// Verifier checks the node SVIDs that sign peers' entries: with it,
+	// only entries signed by spiffe://TD/node/<that host>, whose services
+	// the CA granted that host, are kept. Optional: nil accepts any entry
+	// from a gossip-key holder (tests, single hosts).
+	Verifier CertVerifier
 	// Tune adjusts the memberlist configuration just before it is used.
 	// Optional, for tests (e.g. shorter probe intervals); production keeps
 	// memberlist's LAN defaults.
@@ -113,6 +122,12 @@ type Discovery struct {
 	metrics   *metrics
 	queue     *memberlist.TransmitLimitedQueue
 	http      *http.Client
+
+	signer   Signer       // Options.Signer
+	verifier CertVerifier // Options.Verifier
+
+	refusedLog atomic.Int64  // unix nanoseconds of the last refusal logged at warn
+	sends      chan struct{} // bounds the reliable sends in flight
 
 	snap     atomic.Pointer[snapshot]
 	meta     atomic.Pointer[[]byte]
@@ -145,6 +160,12 @@ type Discovery struct {
 	storedPeers map[string]storedPeer
 	dirtyPeers  map[string]*storedPeer // nil value: delete
 	saveVersion bool
+	certs       map[certID]*heldCert     // verified signing certificates of peers
+	pending     map[string]*pendingEntry // signed entries waiting for their certificate
+	certPullAt  map[certID]time.Time     // last request for a certificate
+	selfCertID  certID                   // this host's signing certificate
+	selfCert    []byte                   // its msgCert encoding; nil before it signed
+	signedLeaf  []byte                   // the node SVID leaf the published entry is signed with
 	checkGen    uint64
 	leaving     bool // Leave was called: publish no services
 	selfAddr    netip.AddrPort
@@ -162,7 +183,8 @@ type localService struct {
 
 type peerEntry struct {
 	entry *NodeEntry
-	raw   []byte // encoded msgEntry, owned
+	raw   []byte // encoded msgEntry or msgSigned, owned
+	cert  certID // msgSigned: the signing certificate
 	at    time.Time
 }
 
@@ -229,6 +251,12 @@ func New(opts Options) (*Discovery, error) {
 		pullAt:      map[string]pull{},
 		storedPeers: map[string]storedPeer{},
 		dirtyPeers:  map[string]*storedPeer{},
+		signer:      opts.Signer,
+		verifier:    opts.Verifier,
+		certs:       map[certID]*heldCert{},
+		pending:     map[string]*pendingEntry{},
+		certPullAt:  map[certID]time.Time{},
+		sends:       make(chan struct{}, maxSends),
 	}
 	if d.identity == "" {
 		d.identity = "spiffe://" + d.td + "/node/" + d.name
@@ -549,7 +577,7 @@ func (d *Discovery) localEntryLocked() *NodeEntry {
 func (d *Discovery) publishLocked() {
 	d.version = max(d.version+1, uint64(time.Now().UnixNano()))
 	e := d.localEntryLocked()
-	raw := encodeEntry(e)
+	raw := d.signLocked(encodeEntry(e))
 	d.self, d.selfRaw = e, raw
 	d.broadcast(e.Node, e.Version, raw)
 	meta := encodeMeta(nodeMeta{version: d.version, proxyPort: d.proxyPort, addrs: e.Addrs, roles: d.roles, agent: d.agent})
@@ -613,6 +641,12 @@ func (d *Discovery) rebuildLoop(ctx context.Context) {
 		case <-d.dirty:
 			d.rebuild()
 		case <-t.C:
+			if d.resignDue() {
+				d.mu.Lock()
+				d.publishLocked()
+				d.mu.Unlock()
+				d.rebuild()
+			}
 			d.mu.Lock()
 			for name, m := range d.members {
 				if m.state == StateAlive {
@@ -702,13 +736,31 @@ func (d *Discovery) sendTo(name string, msg []byte) {
 	}
 }
 
+// send sends msg reliably (a TCP dial) on a goroutine of its own, so that
+// a slow or unreachable peer never holds up the work goroutine; at most
+// maxSends are in flight, beyond that the send is dropped and counted
+// (anti-entropy repeats it).
 func (d *Discovery) send(to *memberlist.Node, msg []byte) {
 	d.mu.Lock()
 	ml := d.ml
 	d.mu.Unlock()
-	if err := ml.SendReliable(to, msg); err != nil {
-		d.log.Debug("sending catalog message", "to", to.Name, "err", err)
+	if ml == nil {
+		return
 	}
+	select {
+	case d.sends <- struct{}{}:
+	default:
+		d.metrics.rejected.WithLabelValues(rejectQueueFull).Inc()
+		return
+	}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		defer func() { <-d.sends }()
+		if err := ml.SendReliable(to, msg); err != nil {
+			d.log.Debug("sending catalog message", "to", to.Name, "err", err)
+		}
+	}()
 }
 
 // joinLoop joins the cluster: the configured hosts and the peers remembered

@@ -91,7 +91,7 @@ func TestFutureVersionRefused(t *testing.T) {
 	}
 	defer d.Close()
 	forged := NodeEntry{Node: "b", Version: ^uint64(0), Addrs: []netip.Addr{netip.MustParseAddr("127.0.0.2")}, ProxyPort: 4143}
-	d.mergeEntry(forged, encodeEntry(&forged), false)
+	d.mergeEntry(message{typ: msgEntry, entry: forged}, encodeEntry(&forged), false)
 	if got := gatherValue(t, reg, "gossip_rejected_total", "reason", rejectFuture); got != 1 {
 		t.Errorf("gossip_rejected_total{reason=%s} = %v, want 1", rejectFuture, got)
 	}
@@ -102,7 +102,7 @@ func TestFutureVersionRefused(t *testing.T) {
 		t.Fatal("entry with a version from the future was kept")
 	}
 	ok := NodeEntry{Node: "b", Version: uint64(time.Now().UnixNano()), Addrs: forged.Addrs, ProxyPort: 4143}
-	d.mergeEntry(ok, encodeEntry(&ok), false)
+	d.mergeEntry(message{typ: msgEntry, entry: ok}, encodeEntry(&ok), false)
 	d.mu.Lock()
 	_, kept = d.entries["b"]
 	d.mu.Unlock()

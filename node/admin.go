@@ -12,6 +12,9 @@ import (
 // readiness is the agent's /ready state with the reason it is not ready.
 type readiness struct {
 	reason atomic.Pointer[string] // nil: ready
+	// check, once set, is consulted when reason is nil: a reason the
+	// running host stopped being ready (its certificates expired).
+	check atomic.Pointer[func() string]
 }
 
 func (r *readiness) set(notReadyBecause string) {
@@ -26,6 +29,9 @@ func (r *readiness) set(notReadyBecause string) {
 func (r *readiness) why() string {
 	if p := r.reason.Load(); p != nil {
 		return *p
+	}
+	if f := r.check.Load(); f != nil {
+		return (*f)()
 	}
 	return ""
 }

@@ -201,6 +201,8 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 		g.Go(func() error { return a.caServer.Run(gctx) })
 	}
 	g.Go(func() error { return a.caClient.Run(gctx) })
+	expired := a.caClient.Expired
+	a.ready.check.Store(&expired)
 	a.phase.Store(phaseCA)
 
 	if err := a.buildDiscovery(cfg); err != nil {
@@ -338,15 +340,56 @@ func (a *Agent) openState(cfg Config) error {
 		return fmt.Errorf("creating data dir: %w", err)
 	}
 	path := filepath.Join(cfg.Node.DataDir, "vmesh.db")
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	db, err := openDB(path)
 	if err != nil {
-		if errors.Is(err, bolterrors.ErrTimeout) {
-			return fmt.Errorf("opening %s: it is locked: is another agent running with this data dir?", path)
-		}
-		return fmt.Errorf("opening state database: %w", err)
+		return err
 	}
 	a.db = db
 	return nil
+}
+
+// openDB opens the agent's bbolt file and checks it: bbolt panics (or
+// faults on its memory map) on some corruptions, which must end in an
+// error that names the file and what to do, not a crash.
+func openDB(path string) (db *bolt.DB, err error) {
+	corrupt := func(why any) error {
+		return fmt.Errorf("opening %s: the state database is corrupt (%v): stop the agent, move the file away (mv %s %s.corrupt) and start again; "+
+			"the host then needs a join token (ca.token, from `vmesh token create --node NAME` on a CA host) and relearns its peers from gossip.join", path, why, path, path)
+	}
+	if fi, serr := os.Stat(path); serr == nil && fi.Size() > 0 && fi.Size()%int64(os.Getpagesize()) != 0 {
+		return nil, corrupt(fmt.Sprintf("size %d is not a whole number of pages", fi.Size()))
+	}
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			if db != nil {
+				db.Close()
+			}
+			db, err = nil, corrupt(r)
+		}
+	}()
+	db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	switch {
+	case errors.Is(err, bolterrors.ErrTimeout):
+		return nil, fmt.Errorf("opening %s: it is locked: is another agent running with this data dir?", path)
+	case errors.Is(err, bolterrors.ErrInvalid), errors.Is(err, bolterrors.ErrChecksum), errors.Is(err, bolterrors.ErrVersionMismatch):
+		return nil, corrupt(err)
+	case err != nil:
+		return nil, fmt.Errorf("opening state database %s: %w", path, err)
+	}
+	// The file is small (identity, peers, versions): check every page.
+	cerr := db.View(func(tx *bolt.Tx) error {
+		var errs []error
+		for e := range tx.Check() {
+			errs = append(errs, e)
+		}
+		return errors.Join(errs...)
+	})
+	if cerr != nil {
+		db.Close()
+		return nil, corrupt(cerr)
+	}
+	return db, nil
 }
 
 func (a *Agent) startAPIs(cfg Config) error {
@@ -473,8 +516,12 @@ func (a *Agent) buildDiscovery(cfg Config) error {
 		Roles:       roles,
 		DB:          a.db,
 		Keys:        keys,
-		Logger:      a.sub("discovery"),
-		Registerer:  a.reg,
+		// Each host's entry is signed with its node SVID; peers keep only
+		// entries signed by that host for services the CA granted it.
+		Signer:     a.caClient,
+		Verifier:   nodeVerifier{ca.NewNodeVerifier(a.caClient.Roots, cfg.CA.TrustDomain)},
+		Logger:     a.sub("discovery"),
+		Registerer: a.reg,
 	})
 	if err != nil {
 		return fmt.Errorf("starting discovery: %w", err)
@@ -517,6 +564,19 @@ func (a *Agent) buildRules(cfg Config) error {
 	a.applier = ap
 	a.ruleset = rules.Build(cfg.RulesState(a.uid()))
 	return nil
+}
+
+// nodeVerifier gives discovery the CA's node certificate checks.
+type nodeVerifier struct{ v *ca.NodeVerifier }
+
+var _ discovery.CertVerifier = nodeVerifier{}
+
+func (n nodeVerifier) VerifyNodeChain(chain [][]byte) (discovery.NodeCert, error) {
+	c, err := n.v.VerifyNodeChain(chain)
+	if err != nil {
+		return discovery.NodeCert{}, err
+	}
+	return discovery.NodeCert{Node: c.Node, Services: c.Services, Key: c.Key, NotAfter: c.NotAfter}, nil
 }
 
 // catalogAdapter gives the proxy discovery's lookups in its own terms. The

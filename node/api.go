@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"os"
 	"time"
 
@@ -109,8 +110,14 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 		},
 		"/v1/status": func(w http.ResponseWriter, r *http.Request) {
 			// ?rules=false skips comparing the installed rules (it runs
-			// iptables): the web page polls without it.
-			writeJSON(w, http.StatusOK, a.status(r.Context(), r.URL.Query().Get("rules") != "false"))
+			// iptables): the web page polls without it. The comparison is
+			// cached (the admin port may face the network); ?rules=fresh,
+			// honoured for loopback clients only (vmesh check), looks again.
+			q := r.URL.Query().Get("rules")
+			if q == "fresh" && fromLoopback(r) {
+				a.rulesView.invalidate()
+			}
+			writeJSON(w, http.StatusOK, a.status(r.Context(), q != "false"))
 		},
 		// The running configuration (what the agent applies, which may
 		// differ from the file until a reload), join token left out.
@@ -434,4 +441,10 @@ func inboundConns(g prometheus.Gatherer) map[string][2]uint64 {
 		}
 	}
 	return out
+}
+
+// fromLoopback reports whether r came from this host's loopback.
+func fromLoopback(r *http.Request) bool {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	return err == nil && ap.Addr().Unmap().IsLoopback()
 }

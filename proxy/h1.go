@@ -398,9 +398,10 @@ func (h *h1Conn) exchange() bool {
 			break
 		}
 		l.pool.drop(uc)
-		if uc.reused && !retried && req.body == bodyNone && isStale(err) {
+		if uc.reused && !retried && req.replayable() && isStale(err) {
 			// The pooled connection was closed under us before it
-			// answered: the request went nowhere, try a fresh one.
+			// answered: try a fresh one (as net/http does, only for a
+			// request without a body that is safe to send twice).
 			retried = true
 			continue
 		}
@@ -483,6 +484,25 @@ func (h *h1Conn) awaitBody(bodyDone chan error) error {
 	h.c.SetReadDeadline(time.Now())
 	<-bodyDone
 	return errIncomplete
+}
+
+// replayable reports whether the request may be sent again after a
+// connection failed under it: no body, and an idempotent method or an
+// idempotency key (net/http's rule).
+func (h *h1Head) replayable() bool {
+	if h.body != bodyNone {
+		return false
+	}
+	switch string(h.method) {
+	case "GET", "HEAD", "OPTIONS", "TRACE":
+		return true
+	}
+	for _, f := range h.fields {
+		if asciiEqualFold(f.name, "idempotency-key") || asciiEqualFold(f.name, "x-idempotency-key") {
+			return true
+		}
+	}
+	return false
 }
 
 // isStale reports whether err says a pooled connection was closed before

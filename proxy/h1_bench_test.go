@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"io"
 	"net"
 	"net/netip"
@@ -81,16 +82,19 @@ func processUsage() cpuUsage {
 // request: both proxies, plus a raw client and app that cost little.
 func BenchmarkHTTP1Mesh(b *testing.B) {
 	for _, mode := range []string{"direct", "mesh"} {
-		for _, conns := range []int{1, 16} {
-			b.Run(mode+"/conns="+strconv.Itoa(conns), func(b *testing.B) { benchHTTP1(b, mode == "mesh", conns) })
+		for _, conns := range []int{1, 16, 64} {
+			b.Run(mode+"/conns="+strconv.Itoa(conns), func(b *testing.B) { benchHTTP1(b, mode == "mesh", conns, 0) })
 		}
+		// A low rate (one request per millisecond per connection), where
+		// a request's cost is mostly waking parked threads.
+		b.Run(mode+"/paced", func(b *testing.B) { benchHTTP1(b, mode == "mesh", 4, time.Millisecond) })
 	}
 }
 
 // benchHTTP1 runs keep-alive requests over conns connections, through the
 // mesh or (the baseline: the cost of the client and the app alone)
 // directly to the app.
-func benchHTTP1(b *testing.B, mesh bool, conns int) {
+func benchHTTP1(b *testing.B, mesh bool, conns int, pace time.Duration) {
 	backend := rawHTTPApp(b)
 	var a *testProxy
 	if mesh {
@@ -132,7 +136,15 @@ func benchHTTP1(b *testing.B, mesh bool, conns int) {
 		wg.Add(1)
 		go func(cl client) {
 			defer wg.Done()
+			var tick *time.Ticker
+			if pace > 0 {
+				tick = time.NewTicker(pace)
+				defer tick.Stop()
+			}
 			for range n {
+				if tick != nil {
+					<-tick.C
+				}
 				if _, err := cl.c.Write(req); err != nil {
 					b.Error(err)
 					return
@@ -179,4 +191,41 @@ func memInUse() uint64 {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	return ms.HeapInuse + ms.StackInuse
+}
+
+// BenchmarkUpgrade measures a new app connection that upgrades (as a
+// WebSocket does) and echoes one message through two proxies.
+func BenchmarkUpgrade(b *testing.B) {
+	backend := serveUpgrade(b, listenLocal(b))
+	a, _, _ := meshPair(b, []LocalService{{Name: "ws", Port: 8081, Target: backend}}, proxyOpts{}, proxyOpts{})
+	req := []byte("GET /ws HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+	buf := make([]byte, 4)
+	b.ReportAllocs()
+	u0 := processUsage()
+	b.ResetTimer()
+	for range b.N {
+		c, err := a.orig.dialFrom(context.Background(), a.p.OutboundAddr(), appAddr(8081))
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Write(req)
+		br := bufio.NewReader(c)
+		for {
+			line, err := br.ReadSlice('\n')
+			if err != nil {
+				b.Fatal(err)
+			}
+			if len(line) <= 2 {
+				break
+			}
+		}
+		c.Write([]byte("ping"))
+		if _, err := io.ReadFull(br, buf); err != nil || string(buf) != "ping" {
+			b.Fatalf("echo %q %v", buf, err)
+		}
+		c.Close()
+	}
+	b.StopTimer()
+	u1 := processUsage()
+	b.ReportMetric(float64(u1.cpu-u0.cpu)/float64(time.Microsecond)/float64(b.N), "cpu-us/op")
 }

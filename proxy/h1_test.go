@@ -373,6 +373,13 @@ func TestH1HopByHopAndHTTP10(t *testing.T) {
 		t.Errorf("response fields: X-Bar %q (hop-by-hop, want none), X-Keep %q", resp.Header.Get("X-Bar"), resp.Header.Get("X-Keep"))
 	}
 
+	// A field longer than the read buffer (a big cookie) is fine.
+	cookie := strings.Repeat("c", 20<<10)
+	io.WriteString(c, "GET /echo HTTP/1.1\r\nHost: web\r\nX-Foo-Not: 1\r\nCookie: "+cookie+"\r\nX-Keep: big\r\n\r\n")
+	if resp, _ := readResp(t, br, "GET"); resp.StatusCode != 200 || resp.Header.Get("X-Got-X-Keep") != "big" {
+		t.Fatalf("request with a 20 KiB field: %d %q", resp.StatusCode, resp.Header.Get("X-Got-X-Keep"))
+	}
+
 	// HTTP/1.0: the app sees HTTP/1.0; the response ends with the
 	// connection.
 	c = a.dialOut(t, appAddr(80))
@@ -529,5 +536,44 @@ func TestH1Shutdown(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Shutdown still waiting after its connections ended")
+	}
+}
+
+// TestH1IdleServerClose: a service that closes idle keep-alive connections
+// on its own schedule never costs a request (not even one with a body):
+// the pooled connection is checked before use.
+func TestH1IdleServerClose(t *testing.T) {
+	ln := listenLocal(t)
+	var closed atomic.Int32
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			body, _ := io.ReadAll(r.Body)
+			w.Write(body)
+		}),
+		IdleTimeout: 50 * time.Millisecond,
+		ConnState: func(_ net.Conn, s http.ConnState) {
+			if s == http.StateClosed {
+				closed.Add(1)
+			}
+		},
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	a, b, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Target: addrPort(ln.Addr())}}, proxyOpts{}, proxyOpts{})
+	b.p.h1local.checkAfter = 0
+	client := &http.Client{Transport: &http.Transport{DialContext: a.dialContext}}
+	t.Cleanup(client.CloseIdleConnections)
+	for i := range 3 {
+		resp, err := client.Post("http://198.18.99.2:80/", "text/plain", strings.NewReader(fmt.Sprint("body", i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(body) != fmt.Sprint("body", i) {
+			t.Fatalf("request %d after the service closed its idle connection: %d %q", i, resp.StatusCode, body)
+		}
+		want := int32(i + 1)
+		eventually(t, "the service to close its idle connection", func() bool { return closed.Load() == want })
 	}
 }

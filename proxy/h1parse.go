@@ -104,33 +104,40 @@ var (
 )
 
 // readHead reads one head (up to and including the empty line) from br into
-// h.buf. Empty lines before a request line are skipped (RFC 9112 §2.2). It
-// returns io.EOF if br ends before any byte of a head.
+// h.buf. Empty lines before a request line are skipped (RFC 9112 §2.2). A
+// line may be longer than br's buffer; the head may not be longer than
+// maxHeadSize. It returns io.EOF if br ends before any byte of a head.
 func readHead(br *bufio.Reader, h *h1Head) error {
 	h.reset()
+	lineStart := 0
 	for {
-		line, err := br.ReadSlice('\n')
-		if err != nil {
-			if err == bufio.ErrBufferFull {
-				return errHeadTooLarge
-			}
-			if len(h.buf) == 0 && len(line) == 0 && err == io.EOF {
-				return io.EOF
-			}
-			if err == io.EOF {
-				return io.ErrUnexpectedEOF
-			}
-			return err
-		}
-		if len(h.buf) == 0 && (len(line) == 1 || (len(line) == 2 && line[0] == '\r')) {
-			continue // an empty line before the start line
-		}
-		if len(h.buf)+len(line) > maxHeadSize {
+		frag, err := br.ReadSlice('\n')
+		if len(h.buf)+len(frag) > maxHeadSize {
 			return errHeadTooLarge
 		}
-		h.buf = append(h.buf, line...)
-		if len(line) == 1 || (len(line) == 2 && line[0] == '\r') {
+		switch err {
+		case nil:
+		case bufio.ErrBufferFull:
+			h.buf = append(h.buf, frag...)
+			continue
+		case io.EOF:
+			if len(h.buf) == 0 && len(frag) == 0 {
+				return io.EOF
+			}
+			return io.ErrUnexpectedEOF
+		default:
+			return err
+		}
+		h.buf = append(h.buf, frag...)
+		line := h.buf[lineStart:]
+		empty := len(line) == 1 || (len(line) == 2 && line[0] == '\r')
+		switch {
+		case empty && lineStart == 0:
+			h.buf = h.buf[:0] // an empty line before the start line
+		case empty:
 			return nil
+		default:
+			lineStart = len(h.buf)
 		}
 	}
 }

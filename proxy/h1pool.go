@@ -44,6 +44,9 @@ type upPool struct {
 	idle    time.Duration
 	maxIdle int
 	now     func() time.Time
+	// checkAfter: a connection idle this long is checked before use (a
+	// server closes idle connections on its own schedule).
+	checkAfter time.Duration
 
 	mu        sync.Mutex
 	free      map[poolKey][]*upConn
@@ -54,13 +57,25 @@ type upPool struct {
 
 func newUpPool(idle time.Duration, maxIdle int) *upPool {
 	return &upPool{
-		idle: idle, maxIdle: maxIdle, now: time.Now,
+		idle: idle, maxIdle: maxIdle, now: time.Now, checkAfter: time.Second,
 		free: make(map[poolKey][]*upConn), all: make(map[*upConn]struct{}),
 	}
 }
 
-// get returns an idle connection for k, or nil.
+// get returns an idle connection for k that is still open, or nil.
 func (pl *upPool) get(k poolKey) *upConn {
+	for {
+		uc, check := pl.pop(k)
+		if uc == nil || !check || !peerClosed(uc.Conn) {
+			return uc
+		}
+		pl.drop(uc)
+	}
+}
+
+// pop takes the most recently used idle connection for k; check says it
+// has been idle long enough to be checked.
+func (pl *upPool) pop(k poolKey) (uc *upConn, check bool) {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	now := pl.now()
@@ -80,10 +95,10 @@ func (pl *upPool) get(k poolKey) *upConn {
 		}
 		pl.free[k] = s
 		uc.reused = true
-		return uc
+		return uc, now.Sub(uc.idleAt) >= pl.checkAfter
 	}
 	delete(pl.free, k)
-	return nil
+	return nil, false
 }
 
 // add registers a new connection; false if the pool is closed (c is then

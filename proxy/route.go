@@ -88,11 +88,17 @@ func newRouteTable(cfg Config) routeTable {
 // opaque flag it gossips for its own services; the proxy uses it for every
 // route.
 func (c *Config) IsOpaque(protocol string, declared bool, port uint16) bool {
-	return protocol == "opaque" || declared || slices.Contains(c.OpaquePorts, port)
+	return opaqueRule(protocol, declared, slices.Contains(c.OpaquePorts, port))
 }
 
 func (t *routeTable) isOpaque(protocol string, declared bool, port uint16) bool {
-	return protocol == "opaque" || declared || t.opaque[port]
+	return opaqueRule(protocol, declared, t.opaque[port])
+}
+
+// opaqueRule is the one rule: opaque by protocol, by the endpoint host's
+// declaration, or by this host's opaque_ports.
+func opaqueRule(protocol string, declared, listed bool) bool {
+	return protocol == "opaque" || declared || listed
 }
 
 // Refusal reasons of routes (label "reason" of tcp_refused_total), besides

@@ -123,7 +123,7 @@ func runChecks(ctx context.Context, env checkEnv) []checkResult {
 	var stErr error
 	{
 		var s node.Status
-		if stErr = adminGet(ctx, env.Admin, "/v1/status", &s); stErr == nil {
+		if stErr = adminGet(ctx, env.Admin, "/v1/status?rules=fresh", &s); stErr == nil {
 			st = &s
 		}
 	}
