@@ -29,6 +29,7 @@ var (
 	flagHold     = flag.Int("bench.hold", 10000, "idle proxied connections to open for the memory scenario")
 	flagOut      = flag.String("bench.out", "results", "directory for the JSON results; empty: none")
 	flagDoc      = flag.String("bench.doc", "", "Markdown file whose results section to rewrite (make bench: ../BENCHMARKS.md); empty: none")
+	flagVIPs     = flag.String("bench.vips", "", "the vmesh-vip column's VIPs as http=ADDR,echo=ADDR (default: found through the agent)")
 	flagRender   = flag.String("bench.render", "", "TestRender: a results JSON file to render again into -bench.doc (no measuring)")
 	flagPprof    = flag.Bool("bench.pprof", true, "profile the vmesh proxies (control socket /debug/pprof): CPU under HTTP max rate, iperf3 and new connections, heap holding idle connections")
 )

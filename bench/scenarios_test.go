@@ -343,6 +343,11 @@ func (r *run) redis() {
 // backend; the VIP path adds the balancer's pick per request (HTTP) or per
 // connection (opaque TCP).
 func (r *run) balance() {
+	for _, c := range r.columns {
+		if c.runs("balance") {
+			r.warmup(c)
+		}
+	}
 	r.rounds("balance HTTP", "balance", func(c *column, round int) error {
 		var res FortioResult
 		u, err := c.during(func() (err error) {

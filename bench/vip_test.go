@@ -13,9 +13,33 @@ import (
 // or else from resolving <service>.vmesh there (through the agent's DNS
 // capture, as an app would). A tree without VIPs makes the column
 // unavailable with "n/a: no VIP support in this tree".
+//
+// -bench.vips (service=address,...) names the VIPs instead, for an agent
+// whose VIPs neither way finds.
 func vipColumn(r *run, vm *column) (*column, error) {
 	sock := vm.controls[vm.client.Name]
 	c := &column{name: VMeshVIP, client: vm.client, server: vm.server, procs: vm.procs, target: map[string]string{}}
+	if *flagVIPs != "" {
+		given := map[string]netip.Addr{}
+		for _, f := range strings.Split(*flagVIPs, ",") {
+			name, addr, _ := strings.Cut(f, "=")
+			a, err := netip.ParseAddr(addr)
+			if err != nil {
+				return nil, fmt.Errorf("-bench.vips: %q: want service=address", f)
+			}
+			given[name] = a
+		}
+		for _, s := range Services {
+			if a, ok := given[s.Name]; ok {
+				c.target[s.Name] = netip.AddrPortFrom(a, s.Port).String()
+			}
+		}
+		if c.target["http"] == "" || c.target["echo"] == "" {
+			return nil, fmt.Errorf("-bench.vips names no VIP for http or echo")
+		}
+		r.report.Notes = append(r.report.Notes, "vmesh-vip: VIPs given by -bench.vips "+*flagVIPs)
+		return c, nil
+	}
 	deadline := time.Now().Add(10 * time.Second)
 	for _, s := range Services {
 		if s.Name != "http" && s.Name != "echo" {
