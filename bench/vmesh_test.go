@@ -158,3 +158,36 @@ func setupMeshProxy(t *testing.T, tl *tools, client, server *testbed.Host) (*col
 	}
 	return c, nil
 }
+
+// TestColumnScenarios pins which columns take part in which scenario: the
+// dedicated-connection column in the opaque ones, the VIP column in
+// balancing only, and balancing between vmesh and its VIP only.
+func TestColumnScenarios(t *testing.T) {
+	cols := map[string]*column{
+		Direct:         {name: Direct},
+		HAProxy:        {name: HAProxy},
+		VMesh:          {name: VMesh},
+		VMeshDedicated: {name: VMeshDedicated, only: []string{"bulk", "conns", "memory", "idle"}},
+		VMeshVIP:       {name: VMeshVIP},
+	}
+	want := map[string][]string{
+		"fixed":      {Direct, HAProxy, VMesh},
+		"h2":         {Direct, HAProxy, VMesh},
+		"bulk":       {Direct, HAProxy, VMesh, VMeshDedicated},
+		"conns":      {Direct, HAProxy, VMesh, VMeshDedicated},
+		"conns-http": {Direct, HAProxy, VMesh},
+		"idle":       {Direct, HAProxy, VMesh, VMeshDedicated},
+		"balance":    {VMesh, VMeshVIP},
+	}
+	for scn, names := range want {
+		var got []string
+		for _, name := range []string{Direct, HAProxy, VMesh, VMeshDedicated, VMeshVIP} {
+			if cols[name].runs(scn) {
+				got = append(got, name)
+			}
+		}
+		if strings.Join(got, ",") != strings.Join(names, ",") {
+			t.Errorf("scenario %s runs %v, want %v", scn, got, names)
+		}
+	}
+}
