@@ -316,6 +316,10 @@ func TestReportTargetsAndMedians(t *testing.T) {
 		"| p50 | ms | 0.300 | 1.000 | 1.040 | – | ×3.33 (+0.700) | ×3.47 (+0.740) | ×1.04 (+0.040) | ≤ haproxy +0.050: vmesh +0.040 met |",
 		"| vip | req/s | – | – | 1,000 | 890.0 |  |  |  | within 10% of vmesh: vmesh-vip ×0.89 MISSED |",
 		"**n/a**\n\n- no such thing here\n",
+		"| g: p50 | ms | 0.320 | 1.150 | vmesh | 0.410 | direct 0.320 | +0.090 | +≤0.100 | met |",
+		"| h: req/s | req/s | – | 1,000 | vmesh | 900.0 | haproxy 1,000 | ×0.90 | ≥1.00× haproxy | **MISSED** |",
+		"| h: vip | req/s | – | – | vmesh-vip | 890.0 | vmesh 1,000 | ×0.89 | within 10% of vmesh | **MISSED** |",
+		"| g: rss | MB | – | – | vmesh | 29.00 | – |  | ≤30.00 | met |",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md)

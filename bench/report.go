@@ -438,24 +438,15 @@ func (r *Report) WriteText(w io.Writer) {
 			}
 		}
 		if len(lines) > 1 {
-			width := make([]int, len(lines[0]))
-			for _, line := range lines {
-				for i, c := range line {
-					width[i] = max(width[i], len([]rune(c)))
-				}
-			}
-			for _, line := range lines {
-				var b strings.Builder
-				for i, c := range line {
-					b.WriteString(c)
-					b.WriteString(strings.Repeat(" ", width[i]-len([]rune(c))+2))
-				}
-				fmt.Fprintln(w, strings.TrimRight(b.String(), " "))
-			}
+			printAligned(w, lines)
 		}
 		for _, n := range r.groupNotes(g) {
 			fmt.Fprintln(w, "  note:", n)
 		}
+	}
+	if glance := r.Glance(); len(glance) > 1 {
+		fmt.Fprintln(w, "\n== targets")
+		printAligned(w, glance)
 	}
 	for _, p := range r.Profiles {
 		fmt.Fprintf(w, "\nprofile %s %s (%s side) under %s, %s sampled:", p.Column, p.Host, p.Side, p.Load, p.Total)
@@ -466,6 +457,24 @@ func (r *Report) WriteText(w io.Writer) {
 	}
 	for _, n := range r.Notes {
 		fmt.Fprintln(w, "note:", n)
+	}
+}
+
+// printAligned prints lines of cells as aligned plain-text columns.
+func printAligned(w io.Writer, lines [][]string) {
+	width := make([]int, len(lines[0]))
+	for _, line := range lines {
+		for i, c := range line {
+			width[i] = max(width[i], len([]rune(c)))
+		}
+	}
+	for _, line := range lines {
+		var b strings.Builder
+		for i, c := range line {
+			b.WriteString(c)
+			b.WriteString(strings.Repeat(" ", width[i]-len([]rune(c))+2))
+		}
+		fmt.Fprintln(w, strings.TrimRight(b.String(), " "))
 	}
 }
 
@@ -485,6 +494,19 @@ func (r *Report) Markdown() string {
 	}
 	for _, col := range slices.Sorted(maps.Keys(r.Unavailable)) {
 		fmt.Fprintf(&b, "\nColumn **%s** unavailable in this run: %s\n", col, r.Unavailable[col])
+	}
+	if glance := r.Glance(); len(glance) > 1 {
+		b.WriteString("\n**Targets at a glance** (every row with a target; the tables below have the rest)\n\n")
+		for i, cells := range glance {
+			line(cells)
+			if i == 0 {
+				sep := make([]string, len(cells))
+				for i := range sep {
+					sep[i] = "---"
+				}
+				line(sep)
+			}
+		}
 	}
 	for _, g := range r.groups() {
 		fmt.Fprintf(&b, "\n**%s**\n\n", g)
@@ -573,6 +595,55 @@ func (r *Report) Markdown() string {
 		}
 	}
 	return b.String()
+}
+
+// Glance returns the targets table: a header, then one line per judged
+// column of every row with a target: the row, direct's and HAProxy's
+// values, the judged column's, the target's reference, the compared
+// quantity, the target and the verdict.
+func (r *Report) Glance() [][]string {
+	out := [][]string{{"row", "unit", "direct", "haproxy", "judged", "value", "compared with", "got", "target", "verdict"}}
+	val := func(row *Row, col string) string {
+		if v, ok := row.Values[col]; ok {
+			return fmtNum(v)
+		}
+		return "–"
+	}
+	for _, row := range r.Rows {
+		t := row.Target
+		if t == nil {
+			continue
+		}
+		for _, col := range r.Columns {
+			met, ok := t.Met[col]
+			if !ok {
+				continue
+			}
+			verdict, got, ref := "met", "", "–"
+			if !met {
+				verdict = "**MISSED**"
+			}
+			switch t.Kind {
+			case AddedAtMost:
+				got = fmt.Sprintf("%+.3f", t.Got[col])
+				ref = t.ref() + " " + val(row, t.ref())
+			case RatioAtLeast, RatioAtMost, RatioWithin:
+				got = fmt.Sprintf("×%.2f", t.Got[col])
+				ref = t.ref() + " " + val(row, t.ref())
+			}
+			out = append(out, []string{shortGroup(row.Group) + ": " + row.Name, row.Unit, val(row, Direct), val(row, HAProxy),
+				col, val(row, col), ref, got, t.String(), verdict})
+		}
+	}
+	return out
+}
+
+// shortGroup is a group's title up to its first parenthesis or colon.
+func shortGroup(g string) string {
+	if i := strings.IndexAny(g, "(:"); i > 0 {
+		return strings.TrimSpace(g[:i])
+	}
+	return g
 }
 
 // Result markers in BENCHMARKS.md: UpdateMarkdown replaces what is between.
