@@ -66,6 +66,7 @@ type Proxy struct {
 	h1        *http.Server  // the base configuration of h2
 	h2        *http2.Server // serves h2 (from apps and from peer proxies)
 	pool      *peerPool     // HTTP/2 transports to peer proxies
+	muxes     *muxPool      // mux sessions to peer proxies (opaque streams)
 	local     *localTransports
 
 	// The lean HTTP/1 path (h1.go): keep-alive connections to peer proxies
@@ -147,6 +148,7 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		return nil, fmt.Errorf("creating proxy: %w", err)
 	}
 	p.pool = newPeerPool(p)
+	p.muxes = newMuxPool(p)
 	p.local = newLocalTransports(p)
 	p.h1peers = newUpPool(h1PeerIdle, 256)
 	p.h1local = newUpPool(h1LocalIdle, 256)
@@ -328,6 +330,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	// http.Server.Shutdown only tracks the HTTP/1 conns it accepted itself.
 	go p.h1.Shutdown(ctx)
 	p.pool.closeIdle()
+	p.muxes.closeIdle()
 	p.drain.Store(true)
 	p.closeIdleH1()
 	p.h1peers.closeIdle()
@@ -371,6 +374,7 @@ func (p *Proxy) Close() error {
 			c.Close()
 		}
 		p.pool.close()
+		p.muxes.close()
 		p.local.close()
 		p.h1peers.close()
 		p.h1local.close()
