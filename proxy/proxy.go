@@ -91,6 +91,13 @@ type Proxy struct {
 	closeOnce sync.Once
 }
 
+// Bounds of the HTTP/2 server (see New).
+const (
+	h2MaxStreams   = 200
+	h2StreamWindow = 4 << 20
+	h2ConnWindow   = 4 * h2StreamWindow
+)
+
 // New checks cfg and opts and builds a proxy. It starts nothing.
 func New(cfg Config, opts Options) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
@@ -138,12 +145,12 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		ReadHeaderTimeout: cfg.DetectTimeout,
 		ErrorLog:          p.errLog,
 	}
-	// Receive windows: opaque streams (stream.go) share the connection
-	// window, which a peer gets back only as handlers read. With 1 MiB per
-	// stream and 1 GiB per connection, even MaxConcurrentStreams streams
-	// whose services stop reading cannot stall the other streams; memory
-	// is taken only by bytes actually in flight.
-	p.h2 = &http2.Server{MaxConcurrentStreams: 1000, MaxUploadBufferPerStream: 1 << 20, MaxUploadBufferPerConnection: 1 << 30}
+	// HTTP/2 between proxies (and from apps) is bounded like ztunnel's
+	// server: h2MaxStreams concurrent streams a connection, h2StreamWindow
+	// per stream and a connection window of 4x that (equal windows can
+	// deadlock when one stream fills the shared window). A peer cannot make
+	// the proxy buffer more than h2ConnWindow per connection.
+	p.h2 = &http2.Server{MaxConcurrentStreams: h2MaxStreams, MaxUploadBufferPerStream: h2StreamWindow, MaxUploadBufferPerConnection: h2ConnWindow}
 	if err := http2.ConfigureServer(p.h1, p.h2); err != nil {
 		return nil, fmt.Errorf("creating proxy: %w", err)
 	}
