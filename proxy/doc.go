@@ -70,6 +70,14 @@
 // 32 KiB or 256 fields; 405 for CONNECT. An Upgrade request (WebSocket)
 // rides the same pooled connection; after a 101 the bytes flow as they are
 // both ways (the connection leaves the pool), counted as a TCP connection.
+// A pooled connection idle for a second is checked (a non-blocking peek)
+// before use; one found closed under a request is replaced and the request
+// sent again only if it is replayable (no body; GET, HEAD, OPTIONS, TRACE
+// or an idempotency key). A client that goes away while its response takes
+// more than a second is noticed (a read-ahead started by a sweeper) and
+// its upstream connection closed, so the service sees the request
+// canceled. Local services are reached over their own keep-alive pool
+// (idle ones closed after 30 s).
 // HTTP/2 (prior knowledge) is proxied per request over pooled, multiplexed
 // HTTP/2 (ALPN "h2") mTLS connections, one pool per (peer proxy, service
 // identity; unused for 5 minutes or beyond 4096 pools, least recently

@@ -60,14 +60,30 @@ type h1Conn struct {
 	small    [1024]byte // an idle connection's next bytes land here, not in br
 	sent100  bool       // a 100 Continue was relayed for the current request
 	arr      [64]byte
+	bc       bodyCopier // the body being relayed by this goroutine
 
 	mc    *h1Metrics // metrics of the last service served
 	mcSvc *localService
+
+	// Watching the client while its response is slow (watchClient).
+	watchState atomic.Int32 // watchIdle, watchWaiting or watchRunning
+	waitSince  atomic.Int64 // watchWaiting since (Unix ns)
+	watchUC    *upConn
+	watchDone  chan struct{}
+	watchGone  bool
 }
+
+// Watch states.
+const (
+	watchIdle    = iota // no response awaited, or the client may not be watched
+	watchWaiting        // a response is awaited; the sweeper may start a watch
+	watchRunning        // watchOnce reads ahead on the client connection
+)
 
 // h1Metrics are one label set's request metrics, looked up once.
 type h1Metrics struct {
 	labels   []string
+	allowed  prometheus.Counter // inbound: inbound_http_authz_allow_total
 	requests prometheus.Counter
 	latency  prometheus.Observer
 	resp     map[int]prometheus.Counter // status*2 + failure
@@ -116,7 +132,7 @@ func (pr *prefixReader) Read(b []byte) (int, error) {
 // serveH1 serves the HTTP/1 requests of an accepted connection on route r
 // (peeked: bytes detection already read).
 func (p *Proxy) serveH1(c net.Conn, peeked []byte, r route, clientID string) {
-	h := &h1Conn{p: p, c: c, r: r, clientID: clientID}
+	h := &h1Conn{p: p, c: c, r: r, clientID: clientID, watchDone: make(chan struct{}, 1)}
 	h.pr = prefixReader{b: peeked, r: c}
 	h.takeBuffers()
 	defer h.releaseBuffers()
@@ -267,6 +283,8 @@ func statusText(code int) string {
 		return "Not Implemented"
 	case 502:
 		return "Bad Gateway"
+	case 503:
+		return "Service Unavailable"
 	case 504:
 		return "Gateway Timeout"
 	case 505:
@@ -294,7 +312,10 @@ func (h *h1Conn) leg() (l h1Leg, ok, keep bool) {
 	p, req := h.p, &h.req
 	switch h.r.kind {
 	case routeHTTP:
-		ep := h.r.ep
+		ep, ok := h.endpoint()
+		if !ok {
+			return l, false, h.answerEarly(nil, 503, "no endpoint")
+		}
 		if h.mc == nil {
 			h.mc = p.newH1Metrics(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
 		}
@@ -325,14 +346,26 @@ func (h *h1Conn) leg() (l h1Leg, ok, keep bool) {
 	return l, false, h.answerEarly(nil, 500, "no HTTP route")
 }
 
+// endpoint picks the endpoint of the current outbound request: the
+// route's endpoint. (A service VIP route will pick one per request here,
+// from Catalog.Endpoints, with the balancer.)
+func (h *h1Conn) endpoint() (Endpoint, bool) {
+	return h.r.ep, h.r.ep.ProxyAddr.IsValid()
+}
+
 // authorized authorizes the current request for svc; a denial is answered
 // with 403.
 func (h *h1Conn) authorized(l h1Leg, svc *localService) (h1Leg, bool, bool) {
 	if h.mcSvc != svc || h.mc == nil {
 		h.mc = h.p.newH1Metrics(connLabels{direction: dirInbound, service: svc.Name, clientID: h.clientID, tls: h.tlsLabel})
+		h.mc.allowed = h.p.m.httpAllow.WithLabelValues(svc.Name, h.clientID, h.tlsLabel)
 		h.mcSvc = svc
 	}
 	l.m = h.mc
+	if d := svc.authorize(h.clientID); d.allow && d.reason == "" {
+		l.m.allowed.Inc() // the common case, without the label lookups
+		return l, true, true
+	}
 	if d := h.p.authorize("http", svc, h.clientID, h.tlsLabel); !d.allow {
 		l.m.requests.Inc()
 		return l, false, h.answerEarly(l.m, 403, "unauthorized: "+d.reason)
@@ -392,7 +425,13 @@ func (h *h1Conn) exchange() bool {
 		}
 		bodyDone, err = h.sendRequest(uc, &l)
 		if err == nil {
+			watching := bodyDone == nil && h.watchClient(uc, start)
 			err = h.readResponseHead(uc, bodyDone)
+			if watching && h.endWatch() {
+				// The client went away while the response was slow.
+				l.pool.drop(uc)
+				return false
+			}
 		}
 		if err == nil {
 			break
@@ -432,7 +471,8 @@ func (h *h1Conn) exchange() bool {
 	keep = !req.connClose && !h.p.drain.Load() &&
 		(resp.body == bodyNone || resp.body == bodyLength || chunked)
 	h.writeResponseHead(keep, chunked)
-	bc := bodyCopier{dst: h.bw, src: uc.br}
+	bc := &h.bc
+	*bc = bodyCopier{dst: h.bw, src: uc.br}
 	berr := bc.copy(resp.body, resp.length, chunked)
 	if berr == nil {
 		berr = h.bw.Flush()
@@ -455,6 +495,72 @@ func (h *h1Conn) exchange() bool {
 		h.p.log.Debug("relaying response body failed", "direction", h.r.dir, "err", berr)
 	}
 	return keep && berr == nil && reqErr == nil
+}
+
+// watchAfter is how long a response may take before the proxy checks
+// whether its client is still there.
+const watchAfter = time.Second
+
+// watchClient arranges that a client that goes away while its response is
+// slow does not hold the upstream connection (a long poll, a request the
+// client gave up on): once the response has taken watchAfter, the proxy's
+// sweeper (sweepSlowH1) starts watchOnce, which reads ahead on the client
+// connection and closes uc if the client closed it, as net/http cancels a
+// request whose client went away. endWatch ends the watch; h.br is the
+// caller's again after it. Per request this costs two atomic stores, no
+// timer. A client that already sent more bytes (pipelining) is there: no
+// watch.
+func (h *h1Conn) watchClient(uc *upConn, since time.Time) bool {
+	if h.br.Buffered() > 0 {
+		return false
+	}
+	h.watchUC, h.watchGone = uc, false
+	h.waitSince.Store(since.UnixNano())
+	h.watchState.Store(watchWaiting)
+	return true
+}
+
+// watchOnce waits for the client to send something or go away.
+func (h *h1Conn) watchOnce() {
+	if _, err := h.br.Peek(1); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		h.watchGone = true
+		h.watchUC.Close()
+	}
+	h.watchDone <- struct{}{}
+}
+
+// endWatch ends a watch and reports whether the client went away.
+func (h *h1Conn) endWatch() bool {
+	if h.watchState.CompareAndSwap(watchWaiting, watchIdle) {
+		return false
+	}
+	h.c.SetReadDeadline(time.Now())
+	<-h.watchDone
+	h.c.SetReadDeadline(time.Time{})
+	h.watchState.Store(watchIdle)
+	return h.watchGone
+}
+
+// sweepSlowH1 starts a watch on every lean-path connection whose response
+// has taken watchAfter, until stop is closed.
+func (p *Proxy) sweepSlowH1(stop <-chan struct{}) {
+	t := time.NewTicker(watchAfter / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case now := <-t.C:
+			p.h1conns.Range(func(k, _ any) bool {
+				h := k.(*h1Conn)
+				if h.watchState.Load() == watchWaiting && now.UnixNano()-h.waitSince.Load() >= int64(watchAfter) &&
+					h.watchState.CompareAndSwap(watchWaiting, watchRunning) {
+					go h.watchOnce()
+				}
+				return true
+			})
+		}
+	}
 }
 
 // bodyGrace bounds the wait for the rest of a request body after its
@@ -579,13 +685,13 @@ func (h *h1Conn) sendRequest(uc *upConn, l *h1Leg) (chan error, error) {
 			bw.WriteString("L5d-Orig-Proto: HTTP/1.0\r\n")
 		}
 	}
-	switch req.body {
-	case bodyLength:
+	switch {
+	case req.body == bodyChunked:
+		bw.WriteString("Transfer-Encoding: chunked\r\n")
+	case req.hasLength: // also Content-Length: 0, which some servers want on a POST
 		bw.WriteString("Content-Length: ")
 		bw.Write(strconv.AppendInt(h.arr[:0], req.length, 10))
 		bw.WriteString("\r\n")
-	case bodyChunked:
-		bw.WriteString("Transfer-Encoding: chunked\r\n")
 	}
 	if req.upgrade {
 		bw.WriteString("Connection: Upgrade\r\nUpgrade: ")
@@ -600,7 +706,8 @@ func (h *h1Conn) sendRequest(uc *upConn, l *h1Leg) (chan error, error) {
 	case req.body == bodyNone:
 		return nil, bw.Flush()
 	case req.body == bodyLength && !req.expect100 && int64(h.br.Buffered()) >= req.length:
-		bc := bodyCopier{dst: bw, src: h.br}
+		bc := &h.bc
+		*bc = bodyCopier{dst: bw, src: h.br}
 		if err := bc.copy(req.body, req.length, false); err != nil {
 			return nil, err
 		}

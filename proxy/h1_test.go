@@ -34,7 +34,7 @@ func startH1App(t *testing.T) *h1App {
 		body, _ := io.ReadAll(r.Body)
 		w.Header().Set("X-Proto", r.Proto)
 		w.Header().Set("X-Path", r.URL.Path)
-		for _, k := range []string{"X-Foo", "Keep-Alive", "Proxy-Connection", "Vmesh-Dst-Port", "L5d-Orig-Proto", "Te", "X-Keep"} {
+		for _, k := range []string{"X-Foo", "Keep-Alive", "Proxy-Connection", "Vmesh-Dst-Port", "L5d-Orig-Proto", "Te", "X-Keep", "Content-Length"} {
 			w.Header().Set("X-Got-"+k, strings.Join(r.Header.Values(k), ","))
 		}
 		w.Header().Set("X-Len", strconv.FormatInt(r.ContentLength, 10))
@@ -126,6 +126,7 @@ func TestH1Pipelining(t *testing.T) {
 		fmt.Fprintf(&reqs, "POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\nb%d", i)
 	}
 	reqs.WriteString("HEAD /echo HTTP/1.1\r\nHost: web\r\n\r\nGET /echo HTTP/1.1\r\nHost: web\r\n\r\n")
+	reqs.WriteString("POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\n\r\n")
 	if _, err := c.Write(reqs.Bytes()); err != nil {
 		t.Fatal(err)
 	}
@@ -141,6 +142,9 @@ func TestH1Pipelining(t *testing.T) {
 	}
 	if resp, body := readResp(t, br, "GET"); resp.StatusCode != 200 || body != "" || resp.Header.Get("X-Path") != "/echo" {
 		t.Fatalf("GET after HEAD: %d %q", resp.StatusCode, body)
+	}
+	if resp, _ := readResp(t, br, "POST"); resp.Header.Get("X-Got-Content-Length") != "0" {
+		t.Fatalf("POST with Content-Length: 0 reached the app with Content-Length %q, want 0", resp.Header.Get("X-Got-Content-Length"))
 	}
 	if n := app.conns.Load(); n != 1 {
 		t.Errorf("app accepted %d connections, want 1", n)
@@ -575,5 +579,33 @@ func TestH1IdleServerClose(t *testing.T) {
 		}
 		want := int32(i + 1)
 		eventually(t, "the service to close its idle connection", func() bool { return closed.Load() == want })
+	}
+}
+
+// TestH1ClientGoneWhileWaiting: a client that goes away while its response
+// is slow does not hold the service's connection: the proxies close it,
+// as net/http cancels such a request.
+func TestH1ClientGoneWhileWaiting(t *testing.T) {
+	ln := listenLocal(t)
+	canceled, started := make(chan struct{}, 1), make(chan struct{}, 1)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		started <- struct{}{}
+		select {
+		case <-r.Context().Done():
+			canceled <- struct{}{}
+		case <-time.After(20 * time.Second):
+		}
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	a, _, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Target: addrPort(ln.Addr())}}, proxyOpts{}, proxyOpts{})
+	c := a.dialOut(t, appAddr(80))
+	io.WriteString(c, "GET /poll HTTP/1.1\r\nHost: web\r\n\r\n")
+	<-started
+	c.Close()
+	select {
+	case <-canceled:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the service's request was not canceled after its client went away")
 	}
 }

@@ -73,8 +73,9 @@ type Proxy struct {
 	// and to local services, and the connections it serves.
 	h1peers *upPool
 	h1local *upPool
-	h1conns sync.Map    // *h1Conn -> struct{}
-	drain   atomic.Bool // Shutdown began: HTTP/1 connections close after their response
+	h1conns sync.Map      // *h1Conn -> struct{}
+	drain   atomic.Bool   // Shutdown began: HTTP/1 connections close after their response
+	h1stop  chan struct{} // closed by Close: ends sweepSlowH1
 
 	// origDst returns a connection's original destination; a test seam.
 	origDst func(*net.TCPConn) (netip.AddrPort, error)
@@ -159,6 +160,7 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	p.local = newLocalTransports(p)
 	p.h1peers = newUpPool(h1PeerIdle, 256)
 	p.h1local = newUpPool(h1LocalIdle, 256)
+	p.h1stop = make(chan struct{})
 	return p, nil
 }
 
@@ -250,6 +252,11 @@ func (p *Proxy) Serve(ctx context.Context) error {
 	defer stop()
 	errc := make(chan error, 3)
 	loops := 2
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		p.sweepSlowH1(p.h1stop)
+	}()
 	go func() { errc <- p.acceptLoop(out, p.handleOutbound) }()
 	go func() { errc <- p.acceptLoop(in, p.handleInbound) }()
 	if out6 != nil {
@@ -385,6 +392,7 @@ func (p *Proxy) Close() error {
 		p.local.close()
 		p.h1peers.close()
 		p.h1local.close()
+		close(p.h1stop)
 	})
 	p.wg.Wait()
 	return nil
