@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -145,4 +146,163 @@ func TestShutdownDrainsBeforeRemovingRules(t *testing.T) {
 	cli.start(t)
 	p2 := startPinger(t, cli.Host, to)
 	cli.waitFor(t, "round trips after the restart", 10*time.Second, func() bool { last, _ := p2.state(); return !last.IsZero() })
+}
+
+// Issue 16: a meshed host whose agent stopped is never sent to in clear,
+// even by a client whose agent restarted since (it remembers every member
+// address in bbolt): the app's connection is refused, counted and logged,
+// and its bytes never reach the wire.
+func TestNoPlaintextToStoppedMeshHost(t *testing.T) {
+	if _, err := exec.LookPath("tcpdump"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("tcpdump missing (apt-get install tcpdump)")
+		}
+		t.Skip("tcpdump missing")
+	}
+	bed := testbed.New(t, 3)
+	caH := newMeshHost(t, bed.Hosts[0], "ca1")
+	web := newMeshHost(t, bed.Hosts[1], "web")
+	cli := newMeshHost(t, bed.Hosts[2], "client")
+	keyFile := filepath.Join(caH.dir, "gossip.key")
+	caH.Run(t, vmeshBin, "keygen", keyFile)
+	caH.Run(t, vmeshBin, "ca", "init", "--trust-domain", td, "--dir", filepath.Join(caH.dir, "ca"))
+	caH.writeConfig(t, keyFile, fmt.Sprintf("role = \"server\"\ndir = %q\n", filepath.Join(caH.dir, "ca")))
+	caH.start(t)
+	token := func(node, services string) string {
+		return strings.TrimSpace(caH.Run(t, vmeshBin, "token", "create", "--socket", caH.socket(), "--node", node, "--services", services))
+	}
+	echoServer(t, web.Host, 7000)
+	web.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n[[service]]\nname = \"echo\"\nport = 7000\nprotocol = \"opaque\"\n", token("web", "echo")))
+	addJoin(t, web.cfg, caH.Addr.String())
+	web.start(t)
+	cli.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n", token("client", "")))
+	addJoin(t, cli.cfg, caH.Addr.String())
+	cli.start(t)
+	cli.waitFor(t, "echo in the client's catalog", 30*time.Second, func() bool {
+		out, err := cli.Try(vmeshBin, "services")
+		return err == nil && strings.Contains(out, "echo")
+	})
+	to := web.Addr.String() + ":7000"
+	p := startPinger(t, cli.Host, to)
+	cli.waitFor(t, "a round trip through the mesh", 10*time.Second, func() bool { last, _ := p.state(); return !last.IsZero() })
+
+	web.stop(t, syscall.SIGTERM)
+	cli.stop(t, syscall.SIGTERM)
+	cli.start(t) // knows web only from its database now
+
+	// A plain listener on the client host: the bed's last marker comes
+	// from web (no agent there any more) to it, in clear.
+	var ln net.Listener
+	if err := cli.Do(func() (err error) { ln, err = net.Listen("tcp", ":9999"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, c)
+			c.Close()
+		}
+	}()
+	stop := tcpdumpBridge(t, bed)
+	secret := fmt.Sprintf("SECRET-%d", time.Now().UnixNano())
+	err := cli.Do(func() error {
+		c, err := net.DialTimeout("tcp", to, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(c, secret+"\n"); err != nil {
+			return err
+		}
+		_, err = bufio.NewReader(c).ReadString('\n')
+		return err
+	})
+	if err == nil {
+		t.Error("the app reached the stopped mesh host (echo came back): the connection was passed in clear")
+	}
+	last := fmt.Sprintf("LAST-%d", time.Now().UnixNano())
+	if err := web.Do(func() error {
+		c, err := net.DialTimeout("tcp", cli.Addr.String()+":9999", 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = io.WriteString(c, last)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if capture := stop(last); strings.Contains(string(capture), secret) {
+		t.Error("the app's bytes to a stopped mesh host went on the wire in clear")
+	}
+	if n := cli.metric(t, "tcp_refused_total", map[string]string{"direction": "outbound", "reason": "mesh_host"}); n < 1 {
+		t.Errorf("tcp_refused_total{reason=mesh_host} = %v, want >= 1", n)
+	}
+	cli.waitFor(t, "the refusal logged at warn", 5*time.Second, func() bool {
+		l := cli.log.String()
+		return strings.Contains(l, "level=WARN") && strings.Contains(l, "connection refused") && strings.Contains(l, "mesh_host")
+	})
+}
+
+// tcpdumpBridge captures the bed's bridge until stop is called; stop first
+// waits until the capture holds last, a marker sent in clear as the last
+// packet, so nothing sent before is missing.
+func tcpdumpBridge(t *testing.T, bed *testbed.Bed) (stop func(last string) []byte) {
+	t.Helper()
+	file := filepath.Join(t.TempDir(), "bridge.pcap")
+	cmd := exec.Command("ip", "netns", "exec", bed.Switch, "tcpdump", "-i", "br0", "-U", "-s", "0", "-w", file, "tcp")
+	stderr, _ := cmd.StderrPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "listening on") {
+				close(ready)
+				io.Copy(io.Discard, stderr)
+				return
+			}
+		}
+	}()
+	select {
+	case <-ready:
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("tcpdump did not start")
+	}
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	return func(last string) []byte {
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			b, _ := os.ReadFile(file)
+			if strings.Contains(string(b), last) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the capture never held the last marker")
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		stopped = true
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		b, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
 }
