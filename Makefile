@@ -5,7 +5,7 @@ GO      ?= go
 GOFLAGS_BUILD := -tags $(TAGS) -trimpath -ldflags "-s -w -X main.version=$(VERSION)"
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
 
-.PHONY: build test check lint unit bench clean
+.PHONY: build test check lint unit fuzz bench clean
 
 build:
 	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o bin/vmesh ./cmd/vmesh
@@ -29,18 +29,34 @@ lint: check
 unit:
 	$(GO) test -race -tags $(TAGS) -timeout 20m ./...
 
-# test: what CI runs. The compose example needs root and a Docker engine.
-test: lint unit compose-test
+# fuzz: each fuzz target for FUZZTIME (their seed corpora also run as
+# ordinary tests in unit). What comes from the network: gossip payloads, the
+# transport header, protocol detection, CA requests and tokens, the grant
+# extension, SPIFFE IDs, allow patterns, iptables -S output, the config.
+FUZZTIME ?= 5s
+FUZZ_TARGETS := ./discovery:FuzzDecodeMessage ./proxy:FuzzReadHeader ./proxy:FuzzDetectProtocol \
+	./proxy:FuzzAllowPattern ./ca:FuzzParseID ./ca:FuzzCertGrant ./ca:FuzzReadJoinInfo \
+	./ca:FuzzSVIDRequest ./rules:FuzzParseRules ./node:FuzzParseConfig
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  pkg=$${t%%:*}; fn=$${t##*:}; echo "fuzz $$pkg $$fn ($(FUZZTIME))"; \
+	  $(GO) test -tags $(TAGS) -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	done
 
-# bench: the benchmark harness (bench/, ~12 minutes on 2 cores, as root):
-# vmesh vs direct vs HAProxy on test-bed hosts; prints a table, writes
+# test: what CI runs. The compose example needs root and a Docker engine.
+test: lint unit fuzz compose-test
+
+# bench: the benchmark harness (bench/, ~16 minutes on 2 cores, as root):
+# vmesh vs direct vs HAProxy on test-bed hosts (issues 13 and 14's rows:
+# HTTP/1.1, h2c, gRPC, WebSocket, opaque bulk and new connections, memory,
+# VIP balancing; see BENCHMARKS.md); prints a table, writes
 # bench/results/<date>.json and rewrites the results section of
 # BENCHMARKS.md. Then the packages' go test -bench micro-benchmarks.
 # BENCHFLAGS passes harness flags, e.g. BENCHFLAGS="-bench.rounds 1".
 BENCHFLAGS ?=
 bench:
 	bash bench/deps.sh
-	cd bench && VMESH_BENCH=1 $(GO) test -tags $(TAGS) -run '^TestBench$$' -v -timeout 30m . \
+	cd bench && VMESH_BENCH=1 $(GO) test -tags $(TAGS) -run '^TestBench$$' -v -timeout 45m . \
 	  -args -bench.doc ../BENCHMARKS.md $(BENCHFLAGS)
 	$(GO) test -tags $(TAGS) -run '^$$' -bench . -benchtime 2x ./...
 

@@ -57,6 +57,11 @@ func parseIDURL(u *url.URL, td string) (kind, name string, err error) {
 	if !ok || (k != kindNode && k != kindSvc) || !ValidName(n) {
 		return "", "", fmt.Errorf("%q is neither spiffe://%s/node/<name> nor spiffe://%s/svc/<name>", u, td, td)
 	}
+	// Only the canonical spelling: "svc/%77eb" would otherwise be service
+	// web, yet compare unequal to spiffe://TD/svc/web everywhere else.
+	if canon := "spiffe://" + td + "/" + k + "/" + n; u.String() != canon {
+		return "", "", fmt.Errorf("%q is not in canonical form (%s)", u, canon)
+	}
 	return k, n, nil
 }
 

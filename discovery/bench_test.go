@@ -10,7 +10,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// BenchmarkCatalogConvergence runs 50 and 100 agents in one process over an
+// BenchmarkCatalogConvergence runs 50, 100 and 500 agents (5 services
+// each, entries signed) in one process over an
 // in-memory transport (memNetwork), with memberlist's LAN timings. Each
 // iteration changes one host's services and waits until every host holds
 // the new entry. It reports:
@@ -20,13 +21,14 @@ import (
 //   - B/host/s: gossip bytes sent per host per second during the loop
 //     (memberlist's probes and gossip plus the catalog traffic).
 func BenchmarkCatalogConvergence(b *testing.B) {
-	for _, n := range []int{50, 100} {
+	for _, n := range []int{50, 100, 500} {
 		b.Run(fmt.Sprintf("hosts=%d", n), func(b *testing.B) { benchConvergence(b, n) })
 	}
 }
 
 func benchConvergence(b *testing.B, n int) {
 	var network memNetwork
+	ca := &testCA{}
 	agents := make([]*Discovery, n)
 	regs := make([]*prometheus.Registry, n)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -41,16 +43,20 @@ func benchConvergence(b *testing.B, n int) {
 	start := time.Now()
 	for i := range agents {
 		regs[i] = prometheus.NewRegistry()
+		name := fmt.Sprintf("host-%03d", i)
+		signer := ca.issue(name, "web", "db", "cache", "api", "queue")
 		cfg := DefaultConfig()
 		cfg.BindAddr = netip.MustParseAddrPort("127.0.0.1:0")
 		d, err := New(Options{
 			Config:        cfg,
-			NodeName:      fmt.Sprintf("host-%03d", i),
-			AdvertiseAddr: netip.AddrFrom4([4]byte{127, 0, 1, byte(i)}),
+			NodeName:      name,
+			AdvertiseAddr: netip.AddrFrom4([4]byte{127, 1, byte(i >> 8), byte(i)}),
 			ProxyPort:     4143,
 			TrustDomain:   "bench.example",
 			Transport:     network.newTransport(),
 			Registerer:    regs[i],
+			Signer:        signer,
+			Verifier:      ca,
 		})
 		if err != nil {
 			b.Fatal(err)
@@ -58,10 +64,7 @@ func benchConvergence(b *testing.B, n int) {
 		if i > 0 {
 			d.cfg.Join = []string{agents[0].LocalAddr().String()}
 		}
-		err = d.SetLocal([]Service{
-			{Name: "web", Port: 1, Labels: map[string]string{"version": "v1"}, Health: HealthCheck{Interval: time.Hour}},
-			{Name: "db", Port: 2, Protocol: ProtocolOpaque, Health: HealthCheck{Interval: time.Hour}},
-		})
+		err = d.SetLocal(benchServices("v1"))
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -106,10 +109,7 @@ func benchConvergence(b *testing.B, n int) {
 		d := agents[i%n]
 		i++
 		began := time.Now()
-		err := d.SetLocal([]Service{
-			{Name: "web", Port: 1, Labels: map[string]string{"version": fmt.Sprintf("v%d", i)}, Health: HealthCheck{Interval: time.Hour}},
-			{Name: "db", Port: 2, Protocol: ProtocolOpaque, Health: HealthCheck{Interval: time.Hour}},
-		})
+		err := d.SetLocal(benchServices(fmt.Sprintf("v%d", i)))
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -121,6 +121,19 @@ func benchConvergence(b *testing.B, n int) {
 	b.ReportMetric(joined.Seconds(), "join-s")
 	b.ReportMetric(float64(total.Milliseconds())/float64(i), "ms/converge")
 	b.ReportMetric((sent()-bytes0)/float64(n)/elapsed, "B/host/s")
+}
+
+// benchServices are a host's five services, their entry signed: about the
+// size of a real host's.
+func benchServices(version string) []Service {
+	hc := HealthCheck{Interval: time.Hour}
+	return []Service{
+		{Name: "web", Port: 8080, Labels: map[string]string{"version": version}, Health: hc},
+		{Name: "db", Port: 5432, Protocol: ProtocolOpaque, Health: hc},
+		{Name: "cache", Port: 6379, Protocol: ProtocolOpaque, Health: hc},
+		{Name: "api", Port: 9000, Protocol: ProtocolHTTP2, Labels: map[string]string{"zone": "a"}, Health: hc},
+		{Name: "queue", Port: 5672, Health: hc},
+	}
 }
 
 func (s *snapshot) selfVersion(node string) uint64 {

@@ -160,6 +160,8 @@ type Discovery struct {
 	storedPeers map[string]storedPeer
 	dirtyPeers  map[string]*storedPeer // nil value: delete
 	saveVersion bool
+	meshAddrs   map[netip.Addr]struct{}  // every member address ever seen (bbolt "discovery/addrs")
+	dirtyAddrs  []netip.Addr             // not yet written to bbolt
 	certs       map[certID]*heldCert     // verified signing certificates of peers
 	pending     map[string]*pendingEntry // signed entries waiting for their certificate
 	certPullAt  map[certID]time.Time     // last request for a certificate
@@ -254,6 +256,7 @@ func New(opts Options) (*Discovery, error) {
 		signer:      opts.Signer,
 		verifier:    opts.Verifier,
 		certs:       map[certID]*heldCert{},
+		meshAddrs:   map[netip.Addr]struct{}{},
 		pending:     map[string]*pendingEntry{},
 		certPullAt:  map[certID]time.Time{},
 		sends:       make(chan struct{}, maxSends),
@@ -665,6 +668,19 @@ func (d *Discovery) rebuild() {
 	list := make([]*NodeEntry, 0, len(d.entries)+1)
 	list = append(list, d.self)
 	hosts := memberAddrs(d.self, d.entries, d.members)
+	// Every address ever seen stays a mesh address (kept in bbolt): a
+	// host whose agent stopped or that left is still never sent to in
+	// clear.
+	for a := range hosts {
+		if _, ok := d.meshAddrs[a]; !ok {
+			d.meshAddrs[a] = struct{}{}
+			d.dirtyAddrs = append(d.dirtyAddrs, a)
+			d.kick(d.slow)
+		}
+	}
+	for a := range d.meshAddrs {
+		hosts[a] = struct{}{}
+	}
 	for name, pe := range d.entries {
 		if m := d.members[name]; m != nil && m.state == StateAlive {
 			list = append(list, pe.entry)

@@ -22,10 +22,11 @@ func memberAddrs(self *NodeEntry, entries map[string]*peerEntry, members map[str
 	return hosts
 }
 
-// MemberAddr reports whether a is an address of this host or of a member
-// this host knows (alive, suspect, dead or left, until memberlist forgets
-// it). The proxy never sends such an address's traffic in clear. It is
-// cheap and safe for concurrent use.
+// MemberAddr reports whether a is an address of this host or of any member
+// this host has ever seen (alive, suspect, dead or left, and after a
+// restart: the addresses are kept in bbolt, bucket "discovery/addrs"). The
+// proxy never sends such an address's traffic in clear. It is a lock-free
+// read of the snapshot, safe for concurrent use.
 func (d *Discovery) MemberAddr(a netip.Addr) bool {
 	s := d.snap.Load()
 	if s == nil {

@@ -229,3 +229,23 @@ func TestPullRequestNeverDialsNamedAddress(t *testing.T) {
 	case <-time.After(time.Second):
 	}
 }
+
+// Issue 16: every member address ever seen stays a mesh address, across
+// the member's death and this host's restart (kept in bbolt), so that the
+// proxy never sends to it in clear.
+func TestMeshAddressesRemembered(t *testing.T) {
+	agents := startCluster(t, 2)
+	a, b := agents[0], agents[1]
+	if !a.d.MemberAddr(b.addr) {
+		t.Fatal("a live member's address is not a mesh address")
+	}
+	b.kill()
+	a.kill()
+	a.start() // alone, from its database
+	if !a.d.MemberAddr(b.addr) {
+		t.Error("after a restart, the address of a member seen before is not a mesh address")
+	}
+	if a.d.MemberAddr(netip.MustParseAddr("127.0.77.250")) {
+		t.Error("an address never seen is a mesh address")
+	}
+}

@@ -14,6 +14,7 @@ import (
 var (
 	bucketPeers = []byte("discovery/peers") // node name → storedPeer (JSON)
 	bucketSelf  = []byte("discovery/self")  // "version" → uint64, big endian
+	bucketAddrs = []byte("discovery/addrs") // member address (4 or 16 bytes) → first seen, unix seconds
 	keyVersion  = []byte("version")
 )
 
@@ -34,6 +35,14 @@ func (d *Discovery) loadStore() error {
 			if v := b.Get(keyVersion); len(v) == 8 {
 				d.version = binary.BigEndian.Uint64(v)
 			}
+		}
+		if b := tx.Bucket(bucketAddrs); b != nil {
+			b.ForEach(func(k, _ []byte) error {
+				if a, ok := netip.AddrFromSlice(k); ok {
+					d.meshAddrs[a.Unmap()] = struct{}{}
+				}
+				return nil
+			})
 		}
 		b := tx.Bucket(bucketPeers)
 		if b == nil {
@@ -63,6 +72,8 @@ func (d *Discovery) flushStore() {
 	d.dirtyPeers = map[string]*storedPeer{}
 	version, saveVersion := d.version, d.saveVersion
 	d.saveVersion = false
+	addrs := d.dirtyAddrs
+	d.dirtyAddrs = nil
 	now := time.Now()
 	for name, p := range peers {
 		if p == nil {
@@ -73,7 +84,7 @@ func (d *Discovery) flushStore() {
 		d.storedPeers[name] = *p
 	}
 	d.mu.Unlock()
-	if len(peers) == 0 && !saveVersion {
+	if len(peers) == 0 && !saveVersion && len(addrs) == 0 {
 		return
 	}
 	err := d.db.Update(func(tx *bbolt.Tx) error {
@@ -84,6 +95,20 @@ func (d *Discovery) flushStore() {
 			}
 			if err := b.Put(keyVersion, binary.BigEndian.AppendUint64(nil, version)); err != nil {
 				return err
+			}
+		}
+		if len(addrs) > 0 {
+			b, err := tx.CreateBucketIfNotExists(bucketAddrs)
+			if err != nil {
+				return err
+			}
+			seen := binary.BigEndian.AppendUint64(nil, uint64(now.Unix()))
+			for _, a := range addrs {
+				if b.Get(a.AsSlice()) == nil {
+					if err := b.Put(a.AsSlice(), seen); err != nil {
+						return err
+					}
+				}
 			}
 		}
 		b, err := tx.CreateBucketIfNotExists(bucketPeers)

@@ -256,11 +256,20 @@ func (a *Agent) finish(g *errgroup.Group, cancelRun context.CancelFunc, cause er
 }
 
 // shutdown: not ready; leave the cluster (peers stop sending new
-// connections at once); remove the rules when on_stop = "remove" — before
-// the proxy stops accepting, so no new connection is refused in between;
-// drain established connections for drain_timeout; close everything.
-// With on_stop = "keep" the rules stay and redirected traffic is refused
-// until the agent returns (fail closed).
+// connections at once); drain established connections for drain_timeout;
+// then remove the rules when on_stop = "remove"; close everything.
+//
+// The rules go last: an established redirected connection depends on its
+// NAT translation, which with the nft backend dies with vmesh's nat rules
+// (the proxy's FIN would leave as 127.0.0.1:4140 and the app would see a
+// reset or hang). While draining, new redirected connections are refused
+// (fail closed); with on_stop = "keep" that goes on until the agent
+// returns.
+//
+// `systemctl restart` therefore ends a host's established meshed
+// connections once drain_timeout has passed (the new process does not
+// inherit them), and refuses new ones from SIGTERM until the new process
+// is ready: long-lived connections must reconnect.
 func (a *Agent) shutdown() {
 	cfg := a.config()
 	a.opts.Notify(daemon.SdNotifyStopping)
@@ -270,19 +279,19 @@ func (a *Agent) shutdown() {
 			a.log.Warn("leaving the cluster", "err", err)
 		}
 	}
+	if a.prx != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), cfg.Node.DrainTimeout)
+		if err := a.prx.Shutdown(ctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			a.log.Warn("draining connections", "err", err)
+		}
+		cancel()
+	}
 	// A run that never became ready removes its rules whatever on_stop
 	// says: they would point at a proxy that never served.
 	if a.applier != nil && (cfg.Rules.OnStop == "remove" || !a.everReady.Load()) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if err := a.applier.Uninstall(ctx); err != nil {
 			a.log.Error("removing iptables rules", "err", err)
-		}
-		cancel()
-	}
-	if a.prx != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), cfg.Node.DrainTimeout)
-		if err := a.prx.Shutdown(ctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
-			a.log.Warn("draining connections", "err", err)
 		}
 		cancel()
 	}

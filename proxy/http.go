@@ -55,10 +55,6 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	case routeHTTP:
 		p.outboundHTTP(w, r, info)
 	case routePeerHTTP:
-		if r.ProtoMajor == 2 && r.Header.Get(hdrOpaque) != "" {
-			p.inboundStream(w, r, info)
-			return
-		}
 		p.inboundHTTP(w, r, info)
 	case routeInboundHTTP:
 		p.inboundHTTP(w, r, info)
@@ -71,7 +67,6 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 func stripMeshHeaders(h http.Header) {
 	h.Del(hdrOrigProto)
 	h.Del(hdrDstPort)
-	h.Del(hdrOpaque)
 }
 
 // restoreForwarded puts back the X-Forwarded-*/Forwarded headers that

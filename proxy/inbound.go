@@ -122,6 +122,8 @@ func (p *Proxy) inboundMesh(c *net.TCPConn) {
 		})
 	case alpnTransport:
 		p.inboundTransport(tc, clientID)
+	case alpnMux:
+		p.serveMux(tc, clientID)
 	case alpnH1:
 		p.serveH1(tc, nil, route{kind: routePeerHTTP, dir: dirInbound, proto: protoHTTP1}, clientID)
 	default:

@@ -130,6 +130,7 @@ const (
 	refuseUnknownPort   = "unknown_port"
 	refuseUnknownDst    = "unknown_destination"
 	refuseDial          = "connect"
+	refusePeer          = "peer_refused" // the peer proxy reset the stream (denied, no such port, service down)
 )
 
 // tcpConnMetrics tracks one proxied TCP connection.

@@ -70,7 +70,7 @@ func (p *Proxy) passthrough(c net.Conn, dst netip.AddrPort) {
 // mTLS connections to the peer (stream.go).
 func (p *Proxy) outboundOpaque(c net.Conn, ep Endpoint, dst netip.AddrPort, peeked []byte) {
 	if p.cfg.MultiplexOpaque {
-		p.outboundStream(c, ep, dst, peeked)
+		p.outboundMux(c, ep, dst, peeked)
 		return
 	}
 	p.outboundDedicated(c, ep, dst, peeked)
