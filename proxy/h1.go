@@ -642,9 +642,12 @@ func (h *h1Conn) upstream(l *h1Leg) (*upConn, error) {
 	p := h.p
 	var c net.Conn
 	var err error
-	if l.peer {
+	switch {
+	case l.peer && p.h1Mux:
+		c, err = p.openH1Stream(l.ep, l.port)
+	case l.peer:
 		c, err = p.dialTransport(context.Background(), l.ep, alpnH1)
-	} else {
+	default:
 		c, err = p.dial(context.Background(), l.target)
 	}
 	if err != nil {
@@ -891,4 +894,35 @@ func (p *Proxy) closeIdleH1() {
 		}
 		return true
 	})
+}
+
+// openH1Stream opens a stream to ep's proxy that carries HTTP/1 requests
+// like an ALPN vmesh.h1/1 connection.
+func (p *Proxy) openH1Stream(ep Endpoint, port uint16) (net.Conn, error) {
+	var arr [256]byte
+	hdr, err := appendHeader(arr[:0], transportHeader{Port: port, Protocol: sessionHTTP1, Service: ep.Service})
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+	defer cancel()
+	st, err := p.muxes.open(ctx, ep, hdr)
+	if err != nil {
+		return nil, err
+	}
+	if err := st.Accepted(p.muxAcceptTimeout()); err != nil {
+		st.Close()
+		return nil, err
+	}
+	return st, nil
+}
+
+// muxH1Stream serves a peer's stream that carries HTTP/1 requests.
+func (p *Proxy) muxH1Stream(st net.Conn, clientID string) {
+	type accepter interface{ Accept() error }
+	if err := st.(accepter).Accept(); err != nil {
+		return
+	}
+	p.serveH1(st, nil, route{kind: routePeerHTTP, dir: dirInbound, proto: protoHTTP1}, clientID)
+	st.Close()
 }

@@ -199,6 +199,10 @@ func (p *Proxy) muxStream(st *mux.Stream, clientID string) {
 		st.Reset(mux.CodeBadHeader)
 		return
 	}
+	if h.Protocol == sessionHTTP1 {
+		p.muxH1Stream(st, clientID)
+		return
+	}
 	svc, _ := p.localService(h.Port)
 	r := p.routes.peer(h.Port, svc, protoOpaque)
 	if r.kind == routeDeny {
