@@ -179,9 +179,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.everReady.Store(true)
 	// Start-up (CA, certificates, first rules) leaves garbage behind: give
-	// its pages back now rather than at the runtime's leisure, so an idle
+	// its pages back now rather than at the runtime's leisure, and let the
+	// kernel reclaim the executable's pages start-up touched, so an idle
 	// agent's RSS is its working set.
 	debug.FreeOSMemory()
+	if _, err := pageOutExecutable(); err != nil {
+		a.log.Debug("trimming resident memory", "err", err)
+	}
 	a.ready.set("")
 	a.opts.Notify(daemon.SdNotifyReady)
 	a.log.Info("vmesh is ready", "node", cfg.NodeName(), "identity", a.caClient.NodeID(),
