@@ -110,8 +110,9 @@
 // its Vmesh-Dst-Port and authorized (403 with l5d-proxy-error when denied
 // or the port is not a declared service, 502 when the service cannot be
 // reached; a "vmesh.mux/1" stream whose transport header says http1
-// carries them the same way), opaque streams (authorized as TCP; 403 when denied or the
-// port is not declared, 502 when the service is unreachable), or one
+// carries them the same way), opaque streams (authorized as TCP; 403 when
+// denied or the port is not declared, 502 when the service is
+// unreachable), or one
 // transport header whose port must be a declared LocalService, else the
 // connection is closed: the inbound proxy is never a relay to arbitrary
 // ports.
