@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"runtime"
 	"testing"
 	"time"
 
@@ -80,7 +82,54 @@ func benchConvergence(b *testing.B, n int) {
 		}
 		return true
 	}
+	progress := time.Now()
 	waitBench(b, 180*time.Second, func() bool {
+		if testing.Verbose() && time.Since(progress) > 5*time.Second {
+			progress = time.Now()
+			lo, sum, alive, held := n, 0, int64(0), 0
+			for _, d := range agents {
+				c := len(d.Catalog())
+				lo, sum = min(lo, c), sum+c
+				alive += d.numAlive.Load()
+				d.mu.Lock()
+				held += len(d.entries)
+				d.mu.Unlock()
+			}
+			rej := map[string]float64{}
+			for _, r := range regs {
+				mfs, _ := r.Gather()
+				for _, mf := range mfs {
+					if mf.GetName() == "gossip_rejected_total" {
+						for _, m := range mf.GetMetric() {
+							rej[m.GetLabel()[0].GetValue()] += m.GetCounter().GetValue()
+						}
+					}
+				}
+			}
+			lag, example := 0, ""
+			for _, owner := range agents {
+				v := owner.snap.Load().selfVersion(owner.name)
+				for _, d := range agents {
+					if got := entryOfVersion(d, owner.name); got < v {
+						lag++
+						if example == "" {
+							d.mu.Lock()
+							m := d.members[owner.name]
+							var mv uint64
+							if m != nil {
+								mv = m.meta.version
+							}
+							_, pend := d.pending[owner.name]
+							d.mu.Unlock()
+							example = fmt.Sprintf("%s holds %s at %d, current %d, meta %d, pending %v", d.name, owner.name, got, v, mv, pend)
+						}
+					}
+				}
+			}
+			fmt.Fprintf(os.Stderr, "lagging %d: %s\n", lag, example)
+			fmt.Fprintf(os.Stderr, "%s: catalog sizes min %d avg %d of %d; alive avg %d, entries held avg %d; %d goroutines; rejected %v\n",
+				time.Since(start).Round(time.Second), lo, sum/n, n, alive/int64(n), held/n, runtime.NumGoroutine(), rej)
+		}
 		for _, d := range agents {
 			if len(d.Catalog()) != n {
 				return false

@@ -58,30 +58,50 @@ func (g *delegate) NotifyMsg(buf []byte) {
 		// wherever a gossip-key holder points it). A requester not yet in
 		// the member list asks again (anti-entropy).
 		node := msg.node
-		d.enqueue(func() {
-			d.mu.Lock()
-			raw := d.selfRaw
-			d.mu.Unlock()
-			d.sendTo(node, raw)
-		})
+		d.enqueue(func() { d.sendTo(node, d.selfState()) })
 	case msgCert:
 		d.acceptCert(msg.chain)
 	case msgCertReq:
 		node, id := msg.node, msg.cert
 		d.mu.Lock()
 		raw := d.certRawLocked(id)
+		own := id == d.selfCertID
 		d.mu.Unlock()
-		if raw != nil {
+		switch {
+		case own:
+			// The requester wants this host's entry too (it saw it signed
+			// with that certificate): both in one send.
+			d.enqueue(func() { d.sendTo(node, d.selfState()) })
+		case raw != nil:
 			d.enqueue(func() { d.sendTo(node, raw) })
 		}
+	case msgState:
+		// A pull reply: this host's certificate and entry.
+		g.mergeState(msg)
 	default:
 		d.reject(errMalformed)
 	}
 }
 
+// selfState is this host's reply to a pull: its signing certificate (when
+// it signs) and its entry, in one message.
+func (d *Discovery) selfState() []byte {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.selfCert == nil {
+		return encodeState([][]byte{d.selfRaw})
+	}
+	return encodeState([][]byte{d.selfCert, d.selfRaw})
+}
+
 // GetBroadcasts hands queued catalog messages to memberlist's gossip.
 func (g *delegate) GetBroadcasts(overhead, limit int) [][]byte {
-	return g.d.queue.GetBroadcasts(overhead, limit)
+	d := g.d
+	own := d.queue.GetBroadcasts(overhead, limit)
+	for _, m := range own {
+		limit -= overhead + len(m)
+	}
+	return append(own, d.relay.GetBroadcasts(overhead, limit)...)
 }
 
 // LocalState is this host's side of a push/pull: its own entry and those of
@@ -126,6 +146,12 @@ func (g *delegate) MergeRemoteState(buf []byte, join bool) {
 		d.reject(err)
 		return
 	}
+	g.mergeState(msg)
+}
+
+// mergeState merges the certificates and entries of a msgState message.
+func (g *delegate) mergeState(msg message) {
+	d := g.d
 	for _, raw := range msg.entries {
 		m, err := decodeMessage(raw)
 		if err == nil && m.typ != msgEntry && m.typ != msgSigned && m.typ != msgCert {
@@ -294,7 +320,7 @@ func (d *Discovery) notice(node string, version uint64, rebroadcast bool) {
 	newer := d.wantLocked(node, version)
 	d.mu.Unlock()
 	if newer && rebroadcast {
-		d.queue.QueueBroadcast(&broadcast{node: node, msg: encodeNotice(node, version)})
+		d.relay.QueueBroadcast(&broadcast{node: node, msg: encodeNotice(node, version)})
 	}
 }
 

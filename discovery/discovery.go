@@ -31,16 +31,18 @@ const (
 
 // Tunables that are not configuration.
 const (
-	maxEntries       = 1 << 16          // peer entries kept (refused beyond)
-	pullBackoff      = 2 * time.Second  // between two pulls of one host's entry
-	antiEntropyEvery = time.Second      // check metadata versions against entries
-	reconnectTimeout = 24 * time.Hour   // stop reconnecting to a dead host after
-	unknownEntryTTL  = 10 * time.Minute // entries of hosts never seen as members
-	updateMetaWait   = time.Second      // UpdateNode timeout
-	sendTimeout      = 5 * time.Second
-	workQueueLen     = 1024
-	maxSends         = 16 // reliable sends (TCP dials) in flight
-	reconnectPerTick = 3
+	maxEntries          = 1 << 16          // peer entries kept (refused beyond)
+	pullBackoff         = 2 * time.Second  // between two pulls of one host's entry
+	antiEntropyEvery    = time.Second      // check metadata versions against entries
+	reconnectTimeout    = 24 * time.Hour   // stop reconnecting to a dead host after
+	unknownEntryTTL     = 10 * time.Minute // entries of hosts never seen as members
+	updateMetaWait      = time.Second      // UpdateNode timeout
+	sendTimeout         = 5 * time.Second
+	workQueueLen        = 1024
+	maxSends            = 64                    // reliable sends (TCP dials) in flight
+	rebuildGap          = 50 * time.Millisecond // at most one snapshot rebuild per gap
+	relayRetransmitMult = 2
+	reconnectPerTick    = 3
 )
 
 // Options are Discovery's dependencies.
@@ -120,7 +122,8 @@ type Discovery struct {
 	transport memberlist.Transport
 	tune      func(*memberlist.Config)
 	metrics   *metrics
-	queue     *memberlist.TransmitLimitedQueue
+	queue     *memberlist.TransmitLimitedQueue // this host's own entry
+	relay     *memberlist.TransmitLimitedQueue // peers' entries passed on
 	http      *http.Client
 
 	signer   Signer       // Options.Signer
@@ -270,6 +273,14 @@ func New(opts Options) (*Discovery, error) {
 	d.queue = &memberlist.TransmitLimitedQueue{
 		NumNodes:       func() int { return int(d.numAlive.Load()) },
 		RetransmitMult: memberlist.DefaultLANConfig().RetransmitMult,
+	}
+	// Entries passed on go out to fewer peers than the owner's own: every
+	// host that got one relays it, so the epidemic needs few sends each
+	// (with 2·log10(n) sends, about 0.3 % of hosts miss a change and pull
+	// it on the next anti-entropy tick); the owner's count is memberlist's.
+	d.relay = &memberlist.TransmitLimitedQueue{
+		NumNodes:       func() int { return int(d.numAlive.Load()) },
+		RetransmitMult: relayRetransmitMult,
 	}
 	d.numAlive.Store(1)
 	d.http = &http.Client{
@@ -527,7 +538,7 @@ func (d *Discovery) SetLocal(services []Service) error {
 	}
 	old := d.local
 	d.local = local
-	if size := len(encodeEntry(d.localEntryLocked())); size > maxEntryBytes {
+	if size := len(encodeEntry(d.compact(d.localEntryLocked()))); size > maxEntryBytes {
 		d.local = old
 		d.mu.Unlock()
 		return fmt.Errorf("setting local services: the catalog entry would be %d bytes, peers accept %d", size, maxEntryBytes)
@@ -576,7 +587,7 @@ func (d *Discovery) localEntryLocked() *NodeEntry {
 func (d *Discovery) publishLocked() {
 	d.version = max(d.version+1, uint64(time.Now().UnixNano()))
 	e := d.localEntryLocked()
-	raw := d.signLocked(encodeEntry(e))
+	raw := d.signLocked(encodeEntry(d.compact(e)))
 	d.self, d.selfRaw = e, raw
 	d.broadcast(e.Node, e.Version, raw)
 	meta := encodeMeta(nodeMeta{version: d.version, proxyPort: d.proxyPort, addrs: e.Addrs, roles: d.roles, agent: d.agent})
@@ -592,7 +603,11 @@ func (d *Discovery) broadcast(node string, version uint64, raw []byte) {
 	if len(raw) > maxBroadcastSize {
 		msg = encodeNotice(node, version)
 	}
-	d.queue.QueueBroadcast(&broadcast{node: node, msg: msg})
+	q := d.queue
+	if node != d.name {
+		q = d.relay
+	}
+	q.QueueBroadcast(&broadcast{node: node, msg: msg})
 }
 
 // broadcast is a queued catalog message; a newer one about the same host
@@ -639,6 +654,15 @@ func (d *Discovery) rebuildLoop(ctx context.Context) {
 			return
 		case <-d.dirty:
 			d.rebuild()
+			// A burst of changes (a join brings every host's entry)
+			// would otherwise rebuild the whole snapshot once per entry:
+			// O(hosts²) per host. Coalesce what comes in the next
+			// rebuildGap into one rebuild.
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(rebuildGap):
+			}
 		case <-t.C:
 			if d.resignDue() {
 				d.mu.Lock()
@@ -967,4 +991,34 @@ func (d *Discovery) probe(ctx context.Context, hc *HealthCheck, addr netip.AddrP
 		return err
 	}
 	return c.Close()
+}
+
+// compact returns e as it goes on the wire: identities that are the
+// default for their name (spiffe://TD/node/NAME, spiffe://TD/svc/NAME) are
+// left out, and expand puts them back. It saves about a third of a typical
+// entry.
+func (d *Discovery) compact(e *NodeEntry) *NodeEntry {
+	c := *e
+	if c.Identity == "spiffe://"+d.td+"/node/"+c.Node {
+		c.Identity = ""
+	}
+	c.Services = slices.Clone(e.Services)
+	for i := range c.Services {
+		if s := &c.Services[i]; s.Identity == "spiffe://"+d.td+"/svc/"+s.Name {
+			s.Identity = ""
+		}
+	}
+	return &c
+}
+
+// expand undoes compact on a decoded entry.
+func (d *Discovery) expand(e *NodeEntry) {
+	if e.Identity == "" {
+		e.Identity = "spiffe://" + d.td + "/node/" + e.Node
+	}
+	for i := range e.Services {
+		if s := &e.Services[i]; s.Identity == "" {
+			s.Identity = "spiffe://" + d.td + "/svc/" + s.Name
+		}
+	}
 }
