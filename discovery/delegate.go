@@ -78,6 +78,8 @@ func (g *delegate) NotifyMsg(buf []byte) {
 	case msgState:
 		// A pull reply: this host's certificate and entry.
 		g.mergeState(msg)
+	case msgRevoke:
+		d.acceptRevocation(msg.blob, true)
 	default:
 		d.reject(errMalformed)
 	}
@@ -127,6 +129,7 @@ func (g *delegate) LocalState(join bool) []byte {
 			}
 		}
 	}
+	list = append(list, d.revocationMsgsLocked()...)
 	d.mu.Unlock()
 	return encodeState(append(certs, list...))
 }
@@ -154,15 +157,19 @@ func (g *delegate) mergeState(msg message) {
 	d := g.d
 	for _, raw := range msg.entries {
 		m, err := decodeMessage(raw)
-		if err == nil && m.typ != msgEntry && m.typ != msgSigned && m.typ != msgCert {
+		if err == nil && m.typ != msgEntry && m.typ != msgSigned && m.typ != msgCert && m.typ != msgRevoke {
 			err = errMalformed
 		}
 		if err != nil {
 			d.reject(err)
 			continue
 		}
-		if m.typ == msgCert {
+		switch m.typ {
+		case msgCert:
 			d.acceptCert(m.chain)
+			continue
+		case msgRevoke:
+			d.acceptRevocation(m.blob, false)
 			continue
 		}
 		d.acceptEntry(m, bytes.Clone(raw), false)

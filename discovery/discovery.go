@@ -94,6 +94,10 @@ type Options struct {
 	// the CA granted that host, are kept. Optional: nil accepts any entry
 	// from a gossip-key holder (tests, single hosts).
 	Verifier CertVerifier
+	// Revocations verifies the CA's revocations, which Discovery spreads to
+	// every host (PublishRevocation, Revocations). Optional: nil ignores
+	// them.
+	Revocations RevocationVerifier
 	// Tune adjusts the memberlist configuration just before it is used.
 	// Optional, for tests (e.g. shorter probe intervals); production keeps
 	// memberlist's LAN defaults.
@@ -126,8 +130,9 @@ type Discovery struct {
 	relay     *memberlist.TransmitLimitedQueue // peers' entries passed on
 	http      *http.Client
 
-	signer   Signer       // Options.Signer
-	verifier CertVerifier // Options.Verifier
+	revVerifier RevocationVerifier // Options.Revocations
+	signer      Signer             // Options.Signer
+	verifier    CertVerifier       // Options.Verifier
 
 	refusedLog atomic.Int64  // unix nanoseconds of the last refusal logged at warn
 	sends      chan struct{} // bounds the reliable sends in flight
@@ -164,6 +169,7 @@ type Discovery struct {
 	dirtyPeers  map[string]*storedPeer // nil value: delete
 	saveVersion bool
 	meshAddrs   map[netip.Addr]struct{}  // every member address ever seen (bbolt "discovery/addrs")
+	revocations map[string][]byte        // verified revocations by key
 	dirtyAddrs  []netip.Addr             // not yet written to bbolt
 	certs       map[certID]*heldCert     // verified signing certificates of peers
 	pending     map[string]*pendingEntry // signed entries waiting for their certificate
@@ -256,6 +262,8 @@ func New(opts Options) (*Discovery, error) {
 		verifier:    opts.Verifier,
 		certs:       map[certID]*heldCert{},
 		meshAddrs:   map[netip.Addr]struct{}{},
+		revocations: map[string][]byte{},
+		revVerifier: opts.Revocations,
 		pending:     map[string]*pendingEntry{},
 		certPullAt:  map[certID]time.Time{},
 		sends:       make(chan struct{}, maxSends),
