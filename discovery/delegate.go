@@ -235,7 +235,8 @@ func (d *Discovery) memberAlive(n *memberlist.Node) {
 		d.kick(d.slow)
 	}
 	d.countAliveLocked()
-	d.wantLocked(n.Name, meta.version)
+	// A newer version is pulled by anti-entropy if its broadcast does not
+	// arrive first.
 	d.mu.Unlock()
 	if !wasAlive {
 		d.log.Info("host alive", "node", n.Name, "addr", addr)

@@ -31,9 +31,11 @@ const (
 
 // Tunables that are not configuration.
 const (
-	maxEntries          = 1 << 16          // peer entries kept (refused beyond)
-	pullBackoff         = 2 * time.Second  // between two pulls of one host's entry
-	antiEntropyEvery    = time.Second      // check metadata versions against entries
+	maxEntries          = 1 << 16                // peer entries kept (refused beyond)
+	pullBackoff         = 2 * time.Second        // between two pulls of one host's entry
+	antiEntropyEvery    = 250 * time.Millisecond // check metadata versions against entries
+	pullGrace           = 500 * time.Millisecond // a newer version seen that long is pulled
+	maxPullsPerTick     = 32
 	reconnectTimeout    = 24 * time.Hour   // stop reconnecting to a dead host after
 	unknownEntryTTL     = 10 * time.Minute // entries of hosts never seen as members
 	updateMetaWait      = time.Second      // UpdateNode timeout
@@ -165,6 +167,7 @@ type Discovery struct {
 	entries     map[string]*peerEntry
 	members     map[string]*member
 	pullAt      map[string]pull
+	newerSince  map[string]time.Time // a newer version than held was first seen in metadata
 	storedPeers map[string]storedPeer
 	dirtyPeers  map[string]*storedPeer // nil value: delete
 	saveVersion bool
@@ -256,6 +259,7 @@ func New(opts Options) (*Discovery, error) {
 		entries:     map[string]*peerEntry{},
 		members:     map[string]*member{},
 		pullAt:      map[string]pull{},
+		newerSince:  map[string]time.Time{},
 		storedPeers: map[string]storedPeer{},
 		dirtyPeers:  map[string]*storedPeer{},
 		signer:      opts.Signer,
@@ -678,13 +682,36 @@ func (d *Discovery) rebuildLoop(ctx context.Context) {
 				d.mu.Unlock()
 				d.rebuild()
 			}
-			d.mu.Lock()
-			for name, m := range d.members {
-				if m.state == StateAlive {
-					d.wantLocked(name, m.meta.version)
-				}
-			}
-			d.mu.Unlock()
+			d.antiEntropy(time.Now())
+		}
+	}
+}
+
+// antiEntropy pulls the entries of hosts whose metadata has shown a newer
+// version than the entry held for longer than pullGrace: the broadcast
+// usually arrives first, and pulling at once made every host pull every
+// change (a storm of streams at a few hundred hosts). At most
+// maxPullsPerTick pulls start per tick.
+func (d *Discovery) antiEntropy(now time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	pulls := 0
+	for name, m := range d.members {
+		held := uint64(0)
+		if pe := d.entries[name]; pe != nil {
+			held = pe.entry.Version
+		}
+		if m.state != StateAlive || m.meta.version <= held {
+			delete(d.newerSince, name)
+			continue
+		}
+		since, ok := d.newerSince[name]
+		if !ok {
+			d.newerSince[name] = now
+			continue
+		}
+		if now.Sub(since) >= pullGrace && pulls < maxPullsPerTick && d.wantLocked(name, m.meta.version) {
+			pulls++
 		}
 	}
 }

@@ -136,7 +136,9 @@ func TestForgedEntriesChangeNothing(t *testing.T) {
 		return encodeSigned(payload, sig, idOf(chain[0]))
 	}
 	unknown := ca.issue(victim.name, "web") // a certificate the cluster has never seen...
+	ca.mu.Lock()
 	delete(ca.issued, string(unknown.cert)) // ...and the CA never issued
+	ca.mu.Unlock()
 	forgeries := map[string][]byte{
 		"unsigned empty":              encodeEntry(&empty),
 		"empty, forger's signature":   sign(signers[0], &empty),
