@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -72,6 +73,7 @@ type Agent struct {
 	disc     *discovery.Discovery
 	prx      *proxy.Proxy
 	applier  *rules.Applier
+	verifier *ca.Verifier // the proxy's: revocations go to it
 	ruleset  *rules.Ruleset
 	advAddr  netip.Addr
 
@@ -222,6 +224,7 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 		return fmt.Errorf("binding proxy listeners: %w", err)
 	}
 	g.Go(func() error { return a.prx.Serve(serveCtx) })
+	g.Go(func() error { a.applyRevocations(gctx, a.verifier, cfg.CA.TrustDomain); return nil })
 	a.phase.Store(phaseProxy)
 
 	// Wait for certificates before redirecting anything.
@@ -531,10 +534,11 @@ func (a *Agent) buildDiscovery(cfg Config) error {
 		Keys:        keys,
 		// Each host's entry is signed with its node SVID; peers keep only
 		// entries signed by that host for services the CA granted it.
-		Signer:     a.caClient,
-		Verifier:   nodeVerifier{ca.NewNodeVerifier(a.caClient.Roots, cfg.CA.TrustDomain)},
-		Logger:     a.sub("discovery"),
-		Registerer: a.reg,
+		Revocations: revocationVerifier{roots: a.caClient.Roots, td: cfg.CA.TrustDomain},
+		Signer:      a.caClient,
+		Verifier:    nodeVerifier{ca.NewNodeVerifier(a.caClient.Roots, cfg.CA.TrustDomain)},
+		Logger:      a.sub("discovery"),
+		Registerer:  a.reg,
 	})
 	if err != nil {
 		return fmt.Errorf("starting discovery: %w", err)
@@ -551,6 +555,7 @@ func (a *Agent) buildProxy(cfg Config) error {
 	// (none yet: refuse), one spiffe URI SAN of a node or service in our
 	// trust domain, the right key usages; verdicts are cached per leaf.
 	verifier := ca.NewVerifier(a.caClient.Roots, cfg.CA.TrustDomain)
+	a.verifier = verifier
 	p, err := proxy.New(cfg.Proxy, proxy.Options{
 		VerifyPeer: verifier.Verify,
 		Dialer:     proxy.MarkDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
@@ -577,6 +582,54 @@ func (a *Agent) buildRules(cfg Config) error {
 	a.applier = ap
 	a.ruleset = rules.Build(cfg.RulesState(a.uid()))
 	return nil
+}
+
+// revocationVerifier gives discovery the CA's revocation check.
+type revocationVerifier struct {
+	roots func() *x509.CertPool
+	td    string
+}
+
+func (r revocationVerifier) VerifyRevocation(blob []byte) (string, error) {
+	rev, err := ca.VerifyRevocation(blob, r.roots(), r.td)
+	if err != nil {
+		return "", err
+	}
+	return rev.Node, nil
+}
+
+// applyRevocations hands every revocation discovery holds to the proxies'
+// verifier (peers' certificates of a revoked node are refused from then on)
+// and, on a CA host, to the CA (it refuses the node's renewals too), as
+// they arrive.
+func (a *Agent) applyRevocations(ctx context.Context, verifier *ca.Verifier, td string) {
+	changed, stop := a.disc.Subscribe()
+	defer stop()
+	applied := map[string]bool{}
+	for {
+		for _, blob := range a.disc.Revocations() {
+			if applied[string(blob)] {
+				continue
+			}
+			rev, err := ca.VerifyRevocation(blob, a.caClient.Roots(), td)
+			if err != nil {
+				continue // discovery verified it; the roots may have changed
+			}
+			applied[string(blob)] = true
+			verifier.Revoke(rev)
+			if a.caServer != nil {
+				if _, err := a.caServer.ApplyRevocation(blob); err != nil {
+					a.log.Error("applying a revocation from another CA host", "revoked_node", rev.Node, "err", err)
+				}
+			}
+			a.log.Warn("node revoked: its certificates are refused from now on", "revoked_node", rev.Node, "at", rev.At)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+	}
 }
 
 // nodeVerifier gives discovery the CA's node certificate checks.
