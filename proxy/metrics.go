@@ -54,6 +54,7 @@ type metrics struct {
 	audit        *prometheus.CounterVec
 	refused      *prometheus.CounterVec
 	rejected     *prometheus.CounterVec
+	retries      *prometheus.CounterVec // balanced attempts moved to another endpoint
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -106,13 +107,16 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "http_rejected_total", Help: "HTTP/1 requests refused as malformed or ambiguous (request smuggling shapes, oversized heads).",
 		}, []string{"direction", "reason"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "balancer_retries_total", Help: "Connections (tcp) and requests (http) to a service VIP moved to another endpoint after the first failed before the app saw anything.",
+		}, []string{"direction", "service", "protocol"}),
 	}
 	if reg == nil {
 		return m, nil
 	}
 	for _, c := range []prometheus.Collector{
 		m.requests, m.responses, m.latency, m.tcpOpen, m.tcpClose, m.tcpOpenConns,
-		m.tcpRead, m.tcpWrite, m.httpAllow, m.httpDeny, m.tcpAllow, m.tcpDeny, m.audit, m.refused, m.rejected,
+		m.tcpRead, m.tcpWrite, m.httpAllow, m.httpDeny, m.tcpAllow, m.tcpDeny, m.audit, m.refused, m.rejected, m.retries,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

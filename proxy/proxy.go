@@ -67,6 +67,7 @@ type Proxy struct {
 	h2        *http2.Server // serves h2 (from apps and from peer proxies)
 	pool      *peerPool     // HTTP/2 transports to peer proxies
 	muxes     *muxPool      // mux sessions to peer proxies (opaque streams)
+	balancers sync.Map      // service name -> *svcBalancer (balance.go)
 	local     *localTransports
 
 	// The lean HTTP/1 path (h1.go): keep-alive connections to peer proxies
