@@ -989,6 +989,7 @@ func (p *Proxy) muxH1Stream(st net.Conn, clientID string) {
 	p.serveH1(st, nil, route{kind: routePeerHTTP, dir: dirInbound, proto: protoHTTP1}, clientID)
 	st.Close()
 }
+
 // errPeerUnavailable is a balanced attempt the peer proxy answered with 502
 // or 503.
 var errPeerUnavailable = errors.New("peer proxy answered 502/503")
