@@ -36,9 +36,6 @@ type Endpoint struct {
 type Options struct {
 	// Decay is the time constant of the latency average. Default 2s.
 	Decay time.Duration
-	// InitialLatency is the latency assumed of an endpoint not observed
-	// yet. Default 5ms.
-	InitialLatency time.Duration
 	// FailurePenalty is the latency recorded for a failure. Default 1s.
 	FailurePenalty time.Duration
 	// PreferLocal chooses this host's own healthy endpoint when there is
@@ -53,13 +50,6 @@ func (o Options) decay() float64 {
 		return float64(2 * time.Second)
 	}
 	return float64(o.Decay)
-}
-
-func (o Options) initial() float64 {
-	if o.InitialLatency <= 0 {
-		return float64(5 * time.Millisecond)
-	}
-	return float64(o.InitialLatency)
 }
 
 func (o Options) penalty() float64 {

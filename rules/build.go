@@ -168,7 +168,7 @@ func build(s State, v6 bool) Rules {
 		add(OutboundChain, "out-gid", "-m", "owner", "--gid-owner", strconv.Itoa(s.ProxyGID), "-j", "RETURN")
 	}
 	for i, p := range prefixes(s.VIPRanges, v6) {
-		add(OutboundChain, numbered("out-vip", i), "-p", "tcp", "-d", p.String(), "-j", "REDIRECT", "--to-ports", itoa(out))
+		add(OutboundChain, numbered("out-vip", i), "-d", p.String(), "-p", "tcp", "-j", "REDIRECT", "--to-ports", itoa(out))
 	}
 	add(OutboundChain, "out-lo", "-o", "lo", "-j", "RETURN")
 	add(OutboundChain, "out-local", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "RETURN")
