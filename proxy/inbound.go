@@ -128,6 +128,8 @@ func (p *Proxy) inboundMesh(c *net.TCPConn) {
 		p.serveMux(tc, clientID)
 	case alpnH1:
 		p.serveH1(tc, nil, route{kind: routePeerHTTP, dir: dirInbound, proto: protoHTTP1}, clientID)
+	case alpnPing:
+		p.servePing(tc, clientID) // ping.go
 	default:
 		p.m.refused.WithLabelValues(dirInbound, refuseALPN).Inc()
 	}
