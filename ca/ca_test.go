@@ -7,6 +7,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"errors"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -353,7 +354,7 @@ func TestRevoke(t *testing.T) {
 	if err := c.obtainNode(ctx, cur); err != nil {
 		t.Fatalf("renewal before revoke: %v", err)
 	}
-	if err := ca.Revoke("r1"); err != nil {
+	if _, err := ca.Revoke("r1", false); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.obtainNode(ctx, c.node); apiStatus(err) != http.StatusUnauthorized {
@@ -536,6 +537,7 @@ func TestTwoCAs(t *testing.T) {
 	nb := startClient(t, ClientOptions{NodeName: "nb", Services: []string{"db"}, DB: openDB(t, ""), Token: tokB})
 	waitReady(t, na.Client)
 	waitReady(t, nb.Client)
+	svcFromA := na.svcs["web"].cert.Certificate
 	// A token works only on the CA that minted it.
 	tokA2, _ := a.CreateToken("nc", nil, 0)
 	nc, _ := newTestClient(t, ClientOptions{NodeName: "nc", DB: openDB(t, ""), Token: tokA2, CAURL: b.url})
@@ -565,12 +567,50 @@ func TestTwoCAs(t *testing.T) {
 	if _, err := na.requestService(context.Background(), csr); apiStatus(err) != http.StatusForbidden {
 		t.Errorf("ungranted service from the other ca: %v, want 403", err)
 	}
-	// A revocation on B applies on B even though the grant travels.
-	if err := b.Revoke("na"); err != nil {
+	// Revoking a node the CA never heard of is an error unless it is known
+	// as a member of the mesh.
+	if _, err := b.Revoke("ghost", false); !errors.Is(err, ErrUnknownNode) {
+		t.Errorf("revoking a node unknown to this CA: %v, want ErrUnknownNode", err)
+	}
+	// Issue 16: a revocation made on A, passed to B (gossip does that),
+	// applies on B although the grant travels in na's certificate; and
+	// proxies refuse na's node and service certificates.
+	rev, err := a.Revoke("na", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := na.obtainService(context.Background(), "web"); err != nil {
+		t.Fatalf("service svid from B before it learned of the revocation: %v", err)
+	}
+	if _, err := b.ApplyRevocation(rev); err != nil {
 		t.Fatal(err)
 	}
 	if err := na.obtainService(context.Background(), "web"); apiStatus(err) != http.StatusForbidden {
-		t.Errorf("service svid after revocation on B: %v, want 403", err)
+		t.Errorf("service svid from B after the revocation on A: %v, want 403", err)
+	}
+	if err := na.obtainNode(context.Background(), na.node); apiStatus(err) != http.StatusUnauthorized {
+		t.Errorf("node renewal on B after the revocation on A: %v, want 401", err)
+	}
+	v := NewVerifier(nb.Roots, testTD)
+	if _, err := v.Verify(na.node.cert.Certificate); err != nil {
+		t.Fatalf("na's node certificate before the revocation reached the verifier: %v", err)
+	}
+	r, err := VerifyRevocation(rev, nb.Roots(), testTD)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.Revoke(r)
+	if _, err := v.Verify(na.node.cert.Certificate); err == nil || !strings.Contains(err.Error(), "revoked") {
+		t.Errorf("na's node certificate after the revocation: %v", err)
+	}
+	// The service SVID A issued na before the revocation is refused too.
+	if _, err := v.Verify(svcFromA); err == nil || !strings.Contains(err.Error(), "revoked") {
+		t.Errorf("na's service certificate from A after the revocation: %v", err)
+	}
+	forged := append([]byte(nil), rev...)
+	forged[len(forged)/2] ^= 1
+	if _, err := VerifyRevocation(forged, nb.Roots(), testTD); err == nil {
+		t.Error("an altered revocation verified")
 	}
 	// Both hosts' SVIDs chain to the same roots: they talk mTLS.
 	m := serveMesh(t, nb.Client)

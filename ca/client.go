@@ -931,18 +931,6 @@ func (c *Client) fetchRoots(ctx context.Context, base, fp string) ([]*x509.Certi
 	return nil, fmt.Errorf("fetching roots: %s has no root with fingerprint %s (wrong ca, or a man in the middle)", base, fp)
 }
 
-func (c *Client) rekey(ctx context.Context, csr *x509.CertificateRequest) ([]*x509.Certificate, error) {
-	base, err := c.caURL()
-	if err != nil {
-		return nil, err
-	}
-	var resp api.SignResponse
-	if err := c.post(ctx, base+"/1.0/rekey", api.RekeyRequest{CsrPEM: api.CertificateRequest{CertificateRequest: csr}}, &resp); err != nil {
-		return nil, err
-	}
-	return signChain(&resp)
-}
-
 // renewNode asks the CA for a new node SVID over mTLS with the current one.
 func (c *Client) renewNode(ctx context.Context, csr *x509.CertificateRequest) ([]*x509.Certificate, error) {
 	return c.requestService(ctx, csr)

@@ -27,7 +27,18 @@
 // carries the grant in a non-critical extension, so every CA host sharing the
 // intermediate can issue that node's service SVIDs; a token only works on the
 // CA that minted it. [Server.Revoke] refuses the node's renewals and service
-// SVIDs on that CA host (revoke on each CA host).
+// SVIDs on that CA host and returns the revocation signed with the
+// intermediate; node gossips it, every other CA host applies it
+// ([Server.ApplyRevocation]) and every proxy's [Verifier] refuses the
+// node's node SVID and the service SVIDs listed by serial ([Verifier.Revoke]).
+//
+// Node SVIDs renew through POST /vmesh/1.0/svid with the node's own ID: the
+// CA applies the grant it records now (so `vmesh node grant` reaches the
+// node SVID, which carries the grant peers check on its signed catalog
+// entry), and accepts a node SVID that expired less than
+// ca.renew_after_expiry ago (default 7 days): the TLS handshake proves the
+// key, so a host recovers on its own after a CA outage or a long power-off.
+// A host whose certificates expired is never ready ([Client.Expired]).
 //
 // # Every host
 //

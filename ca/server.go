@@ -95,6 +95,7 @@ type Server struct {
 	url      string
 	root     *x509.Certificate
 	inter    *x509.Certificate
+	interKey *ecdsa.PrivateKey // signs revocations
 	roots    *x509.CertPool
 	fp       string
 	join     *joinSigner
@@ -125,6 +126,13 @@ type nodeRecord struct {
 	// Revoked nodes get nothing until a new token is created for them.
 	Revoked   bool      `json:"revoked,omitempty"`
 	UpdatedAt time.Time `json:"updated_at"`
+	// Serials of the certificates this CA issued the node (node and
+	// service SVIDs, the latest maxSerials): a revocation lists them so
+	// proxies refuse the node's service SVIDs too.
+	Serials []string `json:"serials,omitempty"`
+	// TokenAt is when the latest token was made: a revocation from before
+	// it no longer applies.
+	TokenAt time.Time `json:"token_at,omitzero"`
 	// TokenExpires is when the latest token stops working.
 	TokenExpires time.Time `json:"token_expires,omitzero"`
 	// JoinedAt is when the latest token was used (zero: not yet).
@@ -187,6 +195,7 @@ func NewServer(o ServerOptions) (*Server, error) {
 	if !interKey.PublicKey.Equal(s.inter.PublicKey) {
 		return nil, errors.New("creating ca server: intermediate key does not match its certificate")
 	}
+	s.interKey = interKey
 	joinKey, err := s.loadJoinKey()
 	if err != nil {
 		return nil, fmt.Errorf("creating ca server: %w", err)
@@ -339,7 +348,7 @@ func (s *Server) CreateToken(node string, services []string, ttl time.Duration) 
 		return "", fmt.Errorf("creating token: %w", err)
 	}
 	err = s.updateNode(node, func(r *nodeRecord) *nodeRecord {
-		return &nodeRecord{Services: svcs, TokenID: c.ID, TokenExpires: c.Expiry.Time()}
+		return &nodeRecord{Services: svcs, TokenID: c.ID, TokenExpires: c.Expiry.Time(), TokenAt: s.now()}
 	})
 	if err != nil {
 		return "", fmt.Errorf("creating token: %w", err)
@@ -388,25 +397,47 @@ func (s *Server) Grant(node string, services []string) error {
 	return nil
 }
 
+// ErrUnknownNode is returned by Revoke for a node this CA has no record of.
+var ErrUnknownNode = errors.New("unknown node")
+
 // Revoke stops the CA from renewing node's certificate or issuing it service
-// SVIDs, and voids its outstanding token, until a new token is created.
-func (s *Server) Revoke(node string) error {
+// SVIDs, and voids its outstanding token, until a new token is created. It
+// returns the revocation signed with the intermediate, for the other CA
+// hosts (ApplyRevocation) and every proxy (Verifier.Revoke): pass it on by
+// gossip. A node this CA has no record of is an error wrapping
+// ErrUnknownNode, unless known says it is a member of the mesh (it joined
+// through another CA host).
+func (s *Server) Revoke(node string, known bool) ([]byte, error) {
 	if !ValidName(node) {
-		return fmt.Errorf("revoking node: invalid node name %q", node)
+		return nil, fmt.Errorf("revoking node: invalid node name %q", node)
 	}
+	var unknown bool
+	var serials []string
 	err := s.updateNode(node, func(r *nodeRecord) *nodeRecord {
 		if r == nil {
+			if !known {
+				unknown = true
+				return nil
+			}
 			r = &nodeRecord{}
 		}
 		r.Revoked = true
 		r.TokenID = ""
+		serials = r.Serials
 		return r
 	})
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("revoking node %s: %w", node, err)
+	case unknown:
+		return nil, fmt.Errorf("revoking node %s: %w: no token was made for it here and it is not a member of the mesh (vmesh node list)", node, ErrUnknownNode)
+	}
+	rev, err := s.signRevocation(Revocation{Node: node, At: s.now(), Serials: serials})
 	if err != nil {
-		return fmt.Errorf("revoking node %s: %w", node, err)
+		return nil, fmt.Errorf("revoking node %s: %w", node, err)
 	}
 	s.log.Warn("node revoked", "node", node)
-	return nil
+	return rev, nil
 }
 
 // NodeServices returns the services node may get SVIDs for, and whether the
@@ -963,6 +994,7 @@ func (s *Server) handleSVID(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusInternalServerError, "issuing %s: %v", id, err)
 		return
 	}
+	s.noteSerial(node, chain[0])
 	s.log.Debug("service svid issued", "node", node, "id", id, "not_after", chain[0].NotAfter)
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(svidResponse{Chain: string(encodeCertsPEM(chain))})
@@ -1015,6 +1047,7 @@ func (s *Server) renewNode(w http.ResponseWriter, r *http.Request, csr *x509.Cer
 		writeError(w, http.StatusInternalServerError, "issuing %s: %v", id, err)
 		return
 	}
+	s.noteSerial(node, chain[0])
 	if leaf := r.TLS.PeerCertificates[0]; s.now().After(leaf.NotAfter) {
 		s.log.Info("expired node certificate renewed", "node", node, "expired_at", leaf.NotAfter)
 	}

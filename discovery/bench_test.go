@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"runtime"
 	"testing"
 	"time"
 
@@ -21,7 +23,7 @@ import (
 //   - B/host/s: gossip bytes sent per host per second during the loop
 //     (memberlist's probes and gossip plus the catalog traffic).
 func BenchmarkCatalogConvergence(b *testing.B) {
-	for _, n := range []int{50, 100, 500} {
+	for _, n := range []int{50, 100, 200, 500} {
 		b.Run(fmt.Sprintf("hosts=%d", n), func(b *testing.B) { benchConvergence(b, n) })
 	}
 }
@@ -71,7 +73,13 @@ func benchConvergence(b *testing.B, n int) {
 		agents[i] = d
 		go d.Run(ctx)
 		<-d.Ready()
+		if testing.Verbose() && i%50 == 49 {
+			fmt.Fprintf(os.Stderr, "%s: %d agents started\n", time.Since(start).Round(time.Second), i+1)
+		}
 	}
+	// The harness must cost little next to the agents it watches: one
+	// pass over each agent's snapshot per poll, not one per host (that
+	// was O(n³) per poll and took a core of its own at 500 hosts).
 	converged := func(node string, version uint64) bool {
 		for _, d := range agents {
 			if entryOfVersion(d, node) < version {
@@ -80,18 +88,52 @@ func benchConvergence(b *testing.B, n int) {
 		}
 		return true
 	}
-	waitBench(b, 180*time.Second, func() bool {
+	allConverged := func() bool {
+		want := make(map[string]uint64, n)
 		for _, d := range agents {
-			if len(d.Catalog()) != n {
+			want[d.name] = d.snap.Load().selfVersion(d.name)
+		}
+		for _, d := range agents {
+			s := d.snap.Load()
+			if len(s.nodes) != n {
 				return false
 			}
-		}
-		for i, d := range agents {
-			if !converged(fmt.Sprintf("host-%03d", i), d.snap.Load().selfVersion(d.name)) {
-				return false
+			for _, e := range s.nodes {
+				if e.Version < want[e.Node] {
+					return false
+				}
 			}
 		}
 		return true
+	}
+	progress := time.Now()
+	waitBench(b, 180*time.Second, func() bool {
+		if testing.Verbose() && time.Since(progress) > 5*time.Second {
+			progress = time.Now()
+			lo, sum, alive, held := n, 0, int64(0), 0
+			for _, d := range agents {
+				c := len(d.Catalog())
+				lo, sum = min(lo, c), sum+c
+				alive += d.numAlive.Load()
+				d.mu.Lock()
+				held += len(d.entries)
+				d.mu.Unlock()
+			}
+			rej := map[string]float64{}
+			for _, r := range regs {
+				mfs, _ := r.Gather()
+				for _, mf := range mfs {
+					if mf.GetName() == "gossip_rejected_total" {
+						for _, m := range mf.GetMetric() {
+							rej[m.GetLabel()[0].GetValue()] += m.GetCounter().GetValue()
+						}
+					}
+				}
+			}
+			fmt.Fprintf(os.Stderr, "%s: catalog sizes min %d avg %d of %d; alive avg %d, entries held avg %d; %d goroutines; rejected %v\n",
+				time.Since(start).Round(time.Second), lo, sum/n, n, alive/int64(n), held/n, runtime.NumGoroutine(), rej)
+		}
+		return allConverged()
 	})
 	joined := time.Since(start)
 
@@ -154,7 +196,7 @@ func waitBench(b *testing.B, timeout time.Duration, cond func() bool) {
 		if time.Now().After(deadline) {
 			b.Fatalf("no convergence within %s", timeout)
 		}
-		time.Sleep(time.Millisecond)
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

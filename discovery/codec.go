@@ -25,6 +25,7 @@ const (
 	msgSigned  = 5 // a msgEntry payload, its owner's signature and the signing certificate's ID
 	msgCert    = 6 // a node SVID chain (leaf first, DER), the signer of msgSigned entries
 	msgCertReq = 7 // "send your certificate with this ID to host H" (reply: msgCert, reliably)
+	msgRevoke  = 8 // a revocation signed by the CA (opaque to this package)
 )
 
 // certID names a signing certificate: the SHA-256 of its leaf's DER.
@@ -69,6 +70,15 @@ type message struct {
 	sig     []byte         // msgSigned (sub-slice of the input)
 	cert    certID         // msgSigned: the signing certificate; msgCertReq: the one wanted
 	chain   [][]byte       // msgCert: DER certificates, leaf first (sub-slices of the input)
+	blob    []byte         // msgRevoke (sub-slice of the input)
+}
+
+func encodeRevocation(blob []byte) []byte {
+	e := encoder{b: make([]byte, 0, len(blob)+8)}
+	e.byte(wireFormat)
+	e.byte(msgRevoke)
+	e.bytes(blob)
+	return e.b
 }
 
 // encodeSigned wraps an encoded msgEntry with its signature.
@@ -324,6 +334,11 @@ func decodeMessage(buf []byte) (message, error) {
 			m.chain = append(m.chain, d.raw(maxCertBytes))
 		}
 		if n == 0 {
+			d.fail(errMalformed)
+		}
+	case msgRevoke:
+		m.blob = d.raw(maxRevocationBytes)
+		if len(m.blob) == 0 {
 			d.fail(errMalformed)
 		}
 	case msgCertReq:

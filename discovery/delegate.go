@@ -58,30 +58,52 @@ func (g *delegate) NotifyMsg(buf []byte) {
 		// wherever a gossip-key holder points it). A requester not yet in
 		// the member list asks again (anti-entropy).
 		node := msg.node
-		d.enqueue(func() {
-			d.mu.Lock()
-			raw := d.selfRaw
-			d.mu.Unlock()
-			d.sendTo(node, raw)
-		})
+		d.enqueue(func() { d.sendTo(node, d.selfState()) })
 	case msgCert:
 		d.acceptCert(msg.chain)
 	case msgCertReq:
 		node, id := msg.node, msg.cert
 		d.mu.Lock()
 		raw := d.certRawLocked(id)
+		own := id == d.selfCertID
 		d.mu.Unlock()
-		if raw != nil {
+		switch {
+		case own:
+			// The requester wants this host's entry too (it saw it signed
+			// with that certificate): both in one send.
+			d.enqueue(func() { d.sendTo(node, d.selfState()) })
+		case raw != nil:
 			d.enqueue(func() { d.sendTo(node, raw) })
 		}
+	case msgState:
+		// A pull reply: this host's certificate and entry.
+		g.mergeState(msg)
+	case msgRevoke:
+		d.acceptRevocation(msg.blob, true)
 	default:
 		d.reject(errMalformed)
 	}
 }
 
+// selfState is this host's reply to a pull: its signing certificate (when
+// it signs) and its entry, in one message.
+func (d *Discovery) selfState() []byte {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.selfCert == nil {
+		return encodeState([][]byte{d.selfRaw}, time.Time{})
+	}
+	return encodeState([][]byte{d.selfCert, d.selfRaw}, time.Time{})
+}
+
 // GetBroadcasts hands queued catalog messages to memberlist's gossip.
 func (g *delegate) GetBroadcasts(overhead, limit int) [][]byte {
-	return g.d.queue.GetBroadcasts(overhead, limit)
+	d := g.d
+	own := d.queue.GetBroadcasts(overhead, limit)
+	for _, m := range own {
+		limit -= overhead + len(m)
+	}
+	return append(own, d.relay.GetBroadcasts(overhead, limit)...)
 }
 
 // LocalState is this host's side of a push/pull: its own entry and those of
@@ -107,6 +129,7 @@ func (g *delegate) LocalState(join bool) []byte {
 			}
 		}
 	}
+	list = append(list, d.revocationMsgsLocked()...)
 	d.mu.Unlock()
 	return encodeState(append(certs, list...), time.Now())
 }
@@ -133,17 +156,27 @@ func (g *delegate) MergeRemoteState(buf []byte, join bool) {
 			d.noteClock(node, time.UnixMilli(msg.sentAt), time.Now())
 		}
 	}
+	g.mergeState(msg)
+}
+
+// mergeState merges the certificates and entries of a msgState message.
+func (g *delegate) mergeState(msg message) {
+	d := g.d
 	for _, raw := range msg.entries {
 		m, err := decodeMessage(raw)
-		if err == nil && m.typ != msgEntry && m.typ != msgSigned && m.typ != msgCert {
+		if err == nil && m.typ != msgEntry && m.typ != msgSigned && m.typ != msgCert && m.typ != msgRevoke {
 			err = errMalformed
 		}
 		if err != nil {
 			d.reject(err)
 			continue
 		}
-		if m.typ == msgCert {
+		switch m.typ {
+		case msgCert:
 			d.acceptCert(m.chain)
+			continue
+		case msgRevoke:
+			d.acceptRevocation(m.blob, false)
 			continue
 		}
 		d.acceptEntry(m, bytes.Clone(raw), false)
@@ -209,7 +242,8 @@ func (d *Discovery) memberAlive(n *memberlist.Node) {
 		d.kick(d.slow)
 	}
 	d.countAliveLocked()
-	d.wantLocked(n.Name, meta.version)
+	// A newer version is pulled by anti-entropy if its broadcast does not
+	// arrive first.
 	d.mu.Unlock()
 	if !wasAlive {
 		d.log.Info("host alive", "node", n.Name, "addr", addr)
@@ -301,7 +335,7 @@ func (d *Discovery) notice(node string, version uint64, rebroadcast bool) {
 	newer := d.wantLocked(node, version)
 	d.mu.Unlock()
 	if newer && rebroadcast {
-		d.queue.QueueBroadcast(&broadcast{node: node, msg: encodeNotice(node, version)})
+		d.relay.QueueBroadcast(&broadcast{node: node, msg: encodeNotice(node, version)})
 	}
 }
 

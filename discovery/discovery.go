@@ -31,16 +31,20 @@ const (
 
 // Tunables that are not configuration.
 const (
-	maxEntries       = 1 << 16          // peer entries kept (refused beyond)
-	pullBackoff      = 2 * time.Second  // between two pulls of one host's entry
-	antiEntropyEvery = time.Second      // check metadata versions against entries
-	reconnectTimeout = 24 * time.Hour   // stop reconnecting to a dead host after
-	unknownEntryTTL  = 10 * time.Minute // entries of hosts never seen as members
-	updateMetaWait   = time.Second      // UpdateNode timeout
-	sendTimeout      = 5 * time.Second
-	workQueueLen     = 1024
-	maxSends         = 16 // reliable sends (TCP dials) in flight
-	reconnectPerTick = 3
+	maxEntries          = 1 << 16                // peer entries kept (refused beyond)
+	pullBackoff         = 2 * time.Second        // between two pulls of one host's entry
+	antiEntropyEvery    = 250 * time.Millisecond // check metadata versions against entries
+	pullGrace           = 500 * time.Millisecond // a newer version seen that long is pulled
+	maxPullsPerTick     = 32
+	reconnectTimeout    = 24 * time.Hour   // stop reconnecting to a dead host after
+	unknownEntryTTL     = 10 * time.Minute // entries of hosts never seen as members
+	updateMetaWait      = time.Second      // UpdateNode timeout
+	sendTimeout         = 5 * time.Second
+	workQueueLen        = 1024
+	maxSends            = 64                    // reliable sends (TCP dials) in flight
+	rebuildGap          = 50 * time.Millisecond // at most one snapshot rebuild per gap
+	relayRetransmitMult = 2
+	reconnectPerTick    = 3
 )
 
 // Options are Discovery's dependencies.
@@ -92,6 +96,10 @@ type Options struct {
 	// the CA granted that host, are kept. Optional: nil accepts any entry
 	// from a gossip-key holder (tests, single hosts).
 	Verifier CertVerifier
+	// Revocations verifies the CA's revocations, which Discovery spreads to
+	// every host (PublishRevocation, Revocations). Optional: nil ignores
+	// them.
+	Revocations RevocationVerifier
 	// Tune adjusts the memberlist configuration just before it is used.
 	// Optional, for tests (e.g. shorter probe intervals); production keeps
 	// memberlist's LAN defaults.
@@ -120,11 +128,13 @@ type Discovery struct {
 	transport memberlist.Transport
 	tune      func(*memberlist.Config)
 	metrics   *metrics
-	queue     *memberlist.TransmitLimitedQueue
+	queue     *memberlist.TransmitLimitedQueue // this host's own entry
+	relay     *memberlist.TransmitLimitedQueue // peers' entries passed on
 	http      *http.Client
 
-	signer   Signer       // Options.Signer
-	verifier CertVerifier // Options.Verifier
+	revVerifier RevocationVerifier // Options.Revocations
+	signer      Signer             // Options.Signer
+	verifier    CertVerifier       // Options.Verifier
 
 	refusedLog atomic.Int64  // unix nanoseconds of the last refusal logged at warn
 	sends      chan struct{} // bounds the reliable sends in flight
@@ -157,10 +167,12 @@ type Discovery struct {
 	entries     map[string]*peerEntry
 	members     map[string]*member
 	pullAt      map[string]pull
+	newerSince  map[string]time.Time // a newer version than held was first seen in metadata
 	storedPeers map[string]storedPeer
 	dirtyPeers  map[string]*storedPeer // nil value: delete
 	saveVersion bool
 	meshAddrs   map[netip.Addr]struct{}  // every member address ever seen (bbolt "discovery/addrs")
+	revocations map[string][]byte        // verified revocations by key
 	dirtyAddrs  []netip.Addr             // not yet written to bbolt
 	certs       map[certID]*heldCert     // verified signing certificates of peers
 	pending     map[string]*pendingEntry // signed entries waiting for their certificate
@@ -251,12 +263,15 @@ func New(opts Options) (*Discovery, error) {
 		entries:     map[string]*peerEntry{},
 		members:     map[string]*member{},
 		pullAt:      map[string]pull{},
+		newerSince:  map[string]time.Time{},
 		storedPeers: map[string]storedPeer{},
 		dirtyPeers:  map[string]*storedPeer{},
 		signer:      opts.Signer,
 		verifier:    opts.Verifier,
 		certs:       map[certID]*heldCert{},
 		meshAddrs:   map[netip.Addr]struct{}{},
+		revocations: map[string][]byte{},
+		revVerifier: opts.Revocations,
 		pending:     map[string]*pendingEntry{},
 		certPullAt:  map[certID]time.Time{},
 		sends:       make(chan struct{}, maxSends),
@@ -274,6 +289,14 @@ func New(opts Options) (*Discovery, error) {
 	d.queue = &memberlist.TransmitLimitedQueue{
 		NumNodes:       func() int { return int(d.numAlive.Load()) },
 		RetransmitMult: memberlist.DefaultLANConfig().RetransmitMult,
+	}
+	// Entries passed on go out to fewer peers than the owner's own: every
+	// host that got one relays it, so the epidemic needs few sends each
+	// (with 2·log10(n) sends, about 0.3 % of hosts miss a change and pull
+	// it on the next anti-entropy tick); the owner's count is memberlist's.
+	d.relay = &memberlist.TransmitLimitedQueue{
+		NumNodes:       func() int { return int(d.numAlive.Load()) },
+		RetransmitMult: relayRetransmitMult,
 	}
 	d.numAlive.Store(1)
 	d.http = &http.Client{
@@ -531,7 +554,7 @@ func (d *Discovery) SetLocal(services []Service) error {
 	}
 	old := d.local
 	d.local = local
-	if size := len(encodeEntry(d.localEntryLocked())); size > maxEntryBytes {
+	if size := len(encodeEntry(d.compact(d.localEntryLocked()))); size > maxEntryBytes {
 		d.local = old
 		d.mu.Unlock()
 		return fmt.Errorf("setting local services: the catalog entry would be %d bytes, peers accept %d", size, maxEntryBytes)
@@ -580,7 +603,7 @@ func (d *Discovery) localEntryLocked() *NodeEntry {
 func (d *Discovery) publishLocked() {
 	d.version = max(d.version+1, uint64(time.Now().UnixNano()))
 	e := d.localEntryLocked()
-	raw := d.signLocked(encodeEntry(e))
+	raw := d.signLocked(encodeEntry(d.compact(e)))
 	d.self, d.selfRaw = e, raw
 	d.broadcast(e.Node, e.Version, raw)
 	meta := encodeMeta(nodeMeta{version: d.version, proxyPort: d.proxyPort, addrs: e.Addrs, roles: d.roles, agent: d.agent})
@@ -596,7 +619,11 @@ func (d *Discovery) broadcast(node string, version uint64, raw []byte) {
 	if len(raw) > maxBroadcastSize {
 		msg = encodeNotice(node, version)
 	}
-	d.queue.QueueBroadcast(&broadcast{node: node, msg: msg})
+	q := d.queue
+	if node != d.name {
+		q = d.relay
+	}
+	q.QueueBroadcast(&broadcast{node: node, msg: msg})
 }
 
 // broadcast is a queued catalog message; a newer one about the same host
@@ -643,6 +670,15 @@ func (d *Discovery) rebuildLoop(ctx context.Context) {
 			return
 		case <-d.dirty:
 			d.rebuild()
+			// A burst of changes (a join brings every host's entry)
+			// would otherwise rebuild the whole snapshot once per entry:
+			// O(hosts²) per host. Coalesce what comes in the next
+			// rebuildGap into one rebuild.
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(rebuildGap):
+			}
 		case <-t.C:
 			if d.resignDue() {
 				d.mu.Lock()
@@ -650,13 +686,36 @@ func (d *Discovery) rebuildLoop(ctx context.Context) {
 				d.mu.Unlock()
 				d.rebuild()
 			}
-			d.mu.Lock()
-			for name, m := range d.members {
-				if m.state == StateAlive {
-					d.wantLocked(name, m.meta.version)
-				}
-			}
-			d.mu.Unlock()
+			d.antiEntropy(time.Now())
+		}
+	}
+}
+
+// antiEntropy pulls the entries of hosts whose metadata has shown a newer
+// version than the entry held for longer than pullGrace: the broadcast
+// usually arrives first, and pulling at once made every host pull every
+// change (a storm of streams at a few hundred hosts). At most
+// maxPullsPerTick pulls start per tick.
+func (d *Discovery) antiEntropy(now time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	pulls := 0
+	for name, m := range d.members {
+		held := uint64(0)
+		if pe := d.entries[name]; pe != nil {
+			held = pe.entry.Version
+		}
+		if m.state != StateAlive || m.meta.version <= held {
+			delete(d.newerSince, name)
+			continue
+		}
+		since, ok := d.newerSince[name]
+		if !ok {
+			d.newerSince[name] = now
+			continue
+		}
+		if now.Sub(since) >= pullGrace && pulls < maxPullsPerTick && d.wantLocked(name, m.meta.version) {
+			pulls++
 		}
 	}
 }
@@ -984,4 +1043,34 @@ func (d *Discovery) probe(ctx context.Context, hc *HealthCheck, addr netip.AddrP
 		return err
 	}
 	return c.Close()
+}
+
+// compact returns e as it goes on the wire: identities that are the
+// default for their name (spiffe://TD/node/NAME, spiffe://TD/svc/NAME) are
+// left out, and expand puts them back. It saves about a third of a typical
+// entry.
+func (d *Discovery) compact(e *NodeEntry) *NodeEntry {
+	c := *e
+	if c.Identity == "spiffe://"+d.td+"/node/"+c.Node {
+		c.Identity = ""
+	}
+	c.Services = slices.Clone(e.Services)
+	for i := range c.Services {
+		if s := &c.Services[i]; s.Identity == "spiffe://"+d.td+"/svc/"+s.Name {
+			s.Identity = ""
+		}
+	}
+	return &c
+}
+
+// expand undoes compact on a decoded entry.
+func (d *Discovery) expand(e *NodeEntry) {
+	if e.Identity == "" {
+		e.Identity = "spiffe://" + d.td + "/node/" + e.Node
+	}
+	for i := range e.Services {
+		if s := &e.Services[i]; s.Identity == "" {
+			s.Identity = "spiffe://" + d.td + "/svc/" + s.Name
+		}
+	}
 }

@@ -33,6 +33,37 @@
 // newer version and pulls; push/pull exchanges every entry on join and every
 // PushPullInterval.
 //
+// # Signed entries
+//
+// With a Signer and a CertVerifier (node wires the CA client and
+// ca.NodeVerifier), each host signs its entry with its node SVID's key; the
+// message carries the signature and the SHA-256 of the signing leaf, not
+// the certificate. A receiver that does not know the certificate parks the
+// entry and asks the owner, which answers with its certificate chain and its
+// entry in one send; certificates also travel in join push/pulls. Receivers
+// keep only entries signed by spiffe://TD/node/<that host> (chain verified
+// to the mesh roots), and leave out services the node's certificate does not
+// grant. A gossip-key holder can therefore neither forge nor empty another
+// host's entry. An owner that sees a newer entry of its own than it
+// published (an earlier run's) publishes above it. A renewed node SVID makes
+// the host sign its entry again. Identities equal to the default for their
+// name are left off the wire.
+//
+// The owner's broadcast goes out with memberlist's retransmit count; hosts
+// that pass an entry on use fewer (relayRetransmitMult), and a host whose
+// metadata showed a newer version for pullGrace without the broadcast
+// arriving pulls the entry (at most maxPullsPerTick pulls per tick).
+// Snapshot rebuilds are coalesced (rebuildGap).
+//
+// # Revocations and mesh addresses
+//
+// PublishRevocation spreads a revocation signed by the CA (verified through
+// Options.Revocations) to every host: by gossip when it fits a packet, by a
+// reliable send to each live member otherwise, and in every push/pull; node
+// hands them to the CA and to the proxies' verifier. Every member address
+// ever seen is kept in bbolt (bucket discovery/addrs): MemberAddr says the
+// proxy must never send to it in clear, even after this host restarted.
+//
 // Peers keep the newest entry per host but show only those of hosts that
 // memberlist holds alive: a host declared dead, or that left, disappears from
 // Lookup, Endpoints and Catalog at once. A host that calls Leave first

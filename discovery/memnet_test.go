@@ -42,7 +42,7 @@ func (n *memNetwork) newTransport() *memTransport {
 	t := &memTransport{
 		net:     n,
 		addr:    &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: n.port},
-		packets: make(chan *memberlist.Packet, 4096),
+		packets: make(chan *memberlist.Packet, 256), // about a socket buffer: more is dropped
 		streams: make(chan net.Conn),
 		done:    make(chan struct{}),
 	}

@@ -122,6 +122,7 @@ func (d *Discovery) resignDue() bool {
 // signed ones once their signature checks out, or when their certificate
 // arrives.
 func (d *Discovery) acceptEntry(msg message, raw []byte, rebroadcast bool) {
+	d.expand(&msg.entry)
 	if msg.typ == msgEntry {
 		if d.verifier != nil {
 			d.refuse(rejectUnsigned, msg.entry.Node, "")

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -135,7 +136,9 @@ func TestForgedEntriesChangeNothing(t *testing.T) {
 		return encodeSigned(payload, sig, idOf(chain[0]))
 	}
 	unknown := ca.issue(victim.name, "web") // a certificate the cluster has never seen...
+	ca.mu.Lock()
 	delete(ca.issued, string(unknown.cert)) // ...and the CA never issued
+	ca.mu.Unlock()
 	forgeries := map[string][]byte{
 		"unsigned empty":              encodeEntry(&empty),
 		"empty, forger's signature":   sign(signers[0], &empty),
@@ -248,4 +251,72 @@ func TestMeshAddressesRemembered(t *testing.T) {
 	if a.d.MemberAddr(netip.MustParseAddr("127.0.77.250")) {
 		t.Error("an address never seen is a mesh address")
 	}
+}
+
+// testRevocations accepts blobs that start with "revoke:" (signed by the
+// CA, in this test's world) and keys them by what follows up to ";".
+type testRevocations struct{}
+
+func (testRevocations) VerifyRevocation(b []byte) (string, error) {
+	s := string(b)
+	if !strings.HasPrefix(s, "revoke:") {
+		return "", errors.New("not signed by the CA")
+	}
+	k, _, _ := strings.Cut(strings.TrimPrefix(s, "revoke:"), ";")
+	return k, nil
+}
+
+// Issue 16: a revocation published on one host (a CA host) reaches every
+// host within seconds, small or too large for a gossip packet, and reaches
+// a host that joins later; a forged one is refused everywhere.
+func TestRevocationsSpread(t *testing.T) {
+	agents := make([]*agent, 5)
+	for i := range agents {
+		agents[i] = newAgent(t, i)
+		agents[i].tweak = func(o *Options) { o.Revocations = testRevocations{} }
+	}
+	for i, a := range agents[:4] {
+		if i == 0 {
+			a.start()
+		} else {
+			a.start(agents[0].gossipAddr())
+		}
+	}
+	waitFor(t, 10*time.Second, "all agents alive everywhere", allAlive(agents[:4]))
+	has := func(a *agent, key string) bool {
+		for _, b := range a.d.Revocations() {
+			if k, _ := (testRevocations{}).VerifyRevocation(b); k == key {
+				return true
+			}
+		}
+		return false
+	}
+	small := []byte("revoke:node-a;small")
+	large := []byte("revoke:node-b;" + strings.Repeat("x", 3000))
+	for _, b := range [][]byte{small, large} {
+		if err := agents[0].d.PublishRevocation(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := agents[0].d.PublishRevocation([]byte("forged")); err == nil {
+		t.Error("a revocation that does not verify was published")
+	}
+	agents[1].d.relay.QueueBroadcast(&broadcast{node: "forged", msg: encodeRevocation([]byte("node-c"))})
+	took := waitFor(t, 5*time.Second, "both revocations on every host", func() bool {
+		for _, a := range agents[:4] {
+			if !has(a, "node-a") || !has(a, "node-b") {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("revocations reached every host in %v", took)
+	waitFor(t, 5*time.Second, "the forged revocation refused", func() bool { return rejected(agents[:4], rejectRevocation) > 0 })
+	for _, a := range agents[:4] {
+		if n := len(a.d.Revocations()); n != 2 {
+			t.Errorf("%s holds %d revocations, want 2", a.name, n)
+		}
+	}
+	agents[4].start(agents[2].gossipAddr())
+	waitFor(t, 10*time.Second, "a late joiner to hold both", func() bool { return has(agents[4], "node-a") && has(agents[4], "node-b") })
 }

@@ -2,8 +2,10 @@ package node
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/vmesh/vmesh/names"
 	"log/slog"
 	"net"
 	"net/http"
@@ -72,11 +74,13 @@ type Agent struct {
 	disc     *discovery.Discovery
 	prx      *proxy.Proxy
 	applier  *rules.Applier
+	verifier *ca.Verifier // the proxy's: revocations go to it
 	ruleset  *rules.Ruleset
 	advAddr  netip.Addr
 
 	ready     readiness
-	rulesView rulesView // /v1/status's cached view of the installed rules
+	rulesView rulesView      // /v1/status's cached view of the installed rules
+	cat       catalogAdapter // the proxy's view of the catalog (VIPs included)
 	adminLn   net.Listener
 	ctlLn     net.Listener
 	adminSrv  *http.Server
@@ -222,6 +226,7 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 		return fmt.Errorf("binding proxy listeners: %w", err)
 	}
 	g.Go(func() error { return a.prx.Serve(serveCtx) })
+	g.Go(func() error { a.applyRevocations(gctx, a.verifier, cfg.CA.TrustDomain); return nil })
 	a.phase.Store(phaseProxy)
 
 	// Wait for certificates before redirecting anything.
@@ -238,6 +243,9 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 	a.ready.set("installing iptables rules")
 	if err := a.applier.Apply(gctx, a.ruleset); err != nil {
 		return fmt.Errorf("installing iptables rules: %w", err)
+	}
+	if err := installVIPRoute(gctx, cfg.Proxy.VIPRange); err != nil {
+		return fmt.Errorf("routing the service VIP range: %w", err)
 	}
 	a.rulesView.invalidate()
 	a.rulesInstalled.Store(true)
@@ -296,6 +304,9 @@ func (a *Agent) shutdown() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if err := a.applier.Uninstall(ctx); err != nil {
 			a.log.Error("removing iptables rules", "err", err)
+		}
+		if err := removeVIPRoute(ctx, cfg.Proxy.VIPRange); err != nil {
+			a.log.Error("removing the service VIP route", "err", err)
 		}
 		cancel()
 	}
@@ -531,10 +542,11 @@ func (a *Agent) buildDiscovery(cfg Config) error {
 		Keys:        keys,
 		// Each host's entry is signed with its node SVID; peers keep only
 		// entries signed by that host for services the CA granted it.
-		Signer:     a.caClient,
-		Verifier:   nodeVerifier{ca.NewNodeVerifier(a.caClient.Roots, cfg.CA.TrustDomain)},
-		Logger:     a.sub("discovery"),
-		Registerer: a.reg,
+		Revocations: revocationVerifier{roots: a.caClient.Roots, td: cfg.CA.TrustDomain},
+		Signer:      a.caClient,
+		Verifier:    nodeVerifier{ca.NewNodeVerifier(a.caClient.Roots, cfg.CA.TrustDomain)},
+		Logger:      a.sub("discovery"),
+		Registerer:  a.reg,
 	})
 	if err != nil {
 		return fmt.Errorf("starting discovery: %w", err)
@@ -551,10 +563,11 @@ func (a *Agent) buildProxy(cfg Config) error {
 	// (none yet: refuse), one spiffe URI SAN of a node or service in our
 	// trust domain, the right key usages; verdicts are cached per leaf.
 	verifier := ca.NewVerifier(a.caClient.Roots, cfg.CA.TrustDomain)
+	a.verifier = verifier
 	p, err := proxy.New(cfg.Proxy, proxy.Options{
 		VerifyPeer: verifier.Verify,
 		Dialer:     proxy.MarkDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
-		Catalog:    catalogAdapter{d: a.disc, td: cfg.CA.TrustDomain, self: cfg.NodeName(), cache: new(sync.Map)},
+		Catalog:    a.catalog(cfg),
 		Identity:   a.caClient,
 		Services:   proxyServices(cfg),
 		Logger:     a.sub("proxy"),
@@ -579,6 +592,54 @@ func (a *Agent) buildRules(cfg Config) error {
 	return nil
 }
 
+// revocationVerifier gives discovery the CA's revocation check.
+type revocationVerifier struct {
+	roots func() *x509.CertPool
+	td    string
+}
+
+func (r revocationVerifier) VerifyRevocation(blob []byte) (string, error) {
+	rev, err := ca.VerifyRevocation(blob, r.roots(), r.td)
+	if err != nil {
+		return "", err
+	}
+	return rev.Node, nil
+}
+
+// applyRevocations hands every revocation discovery holds to the proxies'
+// verifier (peers' certificates of a revoked node are refused from then on)
+// and, on a CA host, to the CA (it refuses the node's renewals too), as
+// they arrive.
+func (a *Agent) applyRevocations(ctx context.Context, verifier *ca.Verifier, td string) {
+	changed, stop := a.disc.Subscribe()
+	defer stop()
+	applied := map[string]bool{}
+	for {
+		for _, blob := range a.disc.Revocations() {
+			if applied[string(blob)] {
+				continue
+			}
+			rev, err := ca.VerifyRevocation(blob, a.caClient.Roots(), td)
+			if err != nil {
+				continue // discovery verified it; the roots may have changed
+			}
+			applied[string(blob)] = true
+			verifier.Revoke(rev)
+			if a.caServer != nil {
+				if _, err := a.caServer.ApplyRevocation(blob); err != nil {
+					a.log.Error("applying a revocation from another CA host", "revoked_node", rev.Node, "err", err)
+				}
+			}
+			a.log.Warn("node revoked: its certificates are refused from now on", "revoked_node", rev.Node, "at", rev.At)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+	}
+}
+
 // nodeVerifier gives discovery the CA's node certificate checks.
 type nodeVerifier struct{ v *ca.NodeVerifier }
 
@@ -601,6 +662,35 @@ type catalogAdapter struct {
 	td    string
 	self  string    // this host's node name: its endpoints are Local
 	cache *sync.Map // service -> *adaptedEndpoints, converted once per generation
+	vips  *vipCache // the services' VIPs, rebuilt when the catalog changes
+}
+
+// vipCache holds the VIP table of one catalog generation.
+type vipCache struct {
+	prefix netip.Prefix
+	cur    atomic.Pointer[vipTable]
+}
+
+type vipTable struct {
+	gen uint64
+	t   *names.Table
+}
+
+// table returns the VIP table for the catalog's current generation.
+func (c catalogAdapter) vipTable() *names.Table {
+	_, gen := c.d.ServiceEndpoints("")
+	if v := c.vips.cur.Load(); v != nil && v.gen == gen {
+		return v.t
+	}
+	var svcs []string
+	for _, n := range c.d.Catalog() {
+		for _, s := range n.Services {
+			svcs = append(svcs, s.Name)
+		}
+	}
+	t := names.NewTable(c.vips.prefix, svcs)
+	c.vips.cur.Store(&vipTable{gen: gen, t: t})
+	return t
 }
 
 // adaptedEndpoints are a service's endpoints converted for the proxy, for
@@ -612,10 +702,21 @@ type adaptedEndpoints struct {
 
 var _ proxy.Catalog = catalogAdapter{}
 
+// catalog returns the proxy's view of the catalog (built once per agent).
+func (a *Agent) catalog(cfg Config) catalogAdapter {
+	if a.cat.d == nil {
+		a.cat = catalogAdapter{d: a.disc, td: cfg.CA.TrustDomain, self: cfg.NodeName(), cache: new(sync.Map), vips: &vipCache{prefix: cfg.Proxy.VIPRange.Masked()}}
+	}
+	return a.cat
+}
+
 // Resolve says what an outbound destination is: a declared service port of
 // a mesh host (DestEndpoint), another address of a mesh host (DestMeshHost:
 // never in clear), or an address the mesh does not know (DestUnknown).
 func (c catalogAdapter) Resolve(addr netip.AddrPort) proxy.Destination {
+	if c.vips != nil && c.vips.prefix.Contains(addr.Addr().Unmap()) {
+		return c.resolveVIP(addr)
+	}
 	if e, ok := c.d.Lookup(addr); ok {
 		ep := c.endpoint(e)
 		return proxy.Destination{Kind: proxy.DestEndpoint, Endpoint: ep, Service: ep.Service}
@@ -624,6 +725,39 @@ func (c catalogAdapter) Resolve(addr netip.AddrPort) proxy.Destination {
 		return proxy.Destination{Kind: proxy.DestMeshHost}
 	}
 	return proxy.Destination{Kind: proxy.DestUnknown}
+}
+
+// resolveVIP says what a connection to a VIP is: the service whose VIP it
+// is, with a representative endpoint (a healthy one serving that port if
+// any) whose protocol decides detection; a VIP of no service, or a port
+// the service does not serve, is a mesh address (refused, never in clear).
+func (c catalogAdapter) resolveVIP(addr netip.AddrPort) proxy.Destination {
+	svc, ok := c.vipTable().Service(addr.Addr().Unmap())
+	if !ok {
+		return proxy.Destination{Kind: proxy.DestMeshHost}
+	}
+	eps, _ := c.Endpoints(svc)
+	var rep proxy.Endpoint
+	for _, ep := range eps {
+		if ep.Addr.Port() != addr.Port() {
+			continue
+		}
+		if rep.Service == "" || (ep.Healthy && !rep.Healthy) {
+			rep = ep
+		}
+	}
+	if rep.Service == "" {
+		return proxy.Destination{Kind: proxy.DestMeshHost}
+	}
+	return proxy.Destination{Kind: proxy.DestService, Service: svc, Endpoint: rep}
+}
+
+// VIP returns a service's virtual IP (for `vmesh services` and DNS).
+func (c catalogAdapter) VIP(service string) (netip.Addr, bool) {
+	if c.vips == nil {
+		return netip.Addr{}, false
+	}
+	return c.vipTable().VIP(service)
 }
 
 // Endpoints returns the service's endpoints, healthy or not, and the

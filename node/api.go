@@ -367,10 +367,26 @@ func (a *Agent) revoke(_ context.Context, req NodeRequest) (any, error) {
 	if a.caServer == nil {
 		return nil, errNotCA
 	}
-	if err := a.caServer.Revoke(req.Node); err != nil {
+	known := false
+	if a.phase.Load() >= phaseDiscovery {
+		for _, m := range a.disc.Members() {
+			known = known || m.Name == req.Node
+		}
+	}
+	rev, err := a.caServer.Revoke(req.Node, known)
+	if err != nil {
+		if errors.Is(err, ca.ErrUnknownNode) {
+			return nil, statusError{http.StatusNotFound, err}
+		}
 		return nil, err
 	}
 	a.log.Warn("node revoked", "revoked_node", req.Node)
+	// Every CA host and every proxy learns of it by gossip.
+	if a.phase.Load() >= phaseDiscovery {
+		if err := a.disc.PublishRevocation(rev); err != nil {
+			a.log.Error("spreading the revocation", "revoked_node", req.Node, "err", err)
+		}
+	}
 	return struct{}{}, nil
 }
 

@@ -434,8 +434,20 @@ allow = ["spiffe://e2e.test/svc/redis"]
 	if out, err := cli.Try(vmeshBin, "token", "create", "--socket", cli.socket(), "--node", "x"); err == nil || !strings.Contains(err.Error(), "does not hold the CA") {
 		t.Errorf("token create on a host without the CA: %q, %v", out, err)
 	}
-	if out := caH.Run(t, vmeshBin, "node", "revoke", "client", "--socket", caH.socket()); !strings.Contains(out, "node client revoked") {
+	if out := caH.Run(t, vmeshBin, "node", "revoke", "web", "--socket", caH.socket()); !strings.Contains(out, "node web revoked") {
 		t.Errorf("node revoke: %q", out)
+	}
+	// Issue 16: the revocation reaches the other hosts' proxies by gossip
+	// within seconds; an unknown node is an error; node list shows it.
+	cli.waitFor(t, "the revocation to reach the client's proxy", 10*time.Second, func() bool {
+		return strings.Contains(cli.log.String(), "node revoked: its certificates are refused from now on") &&
+			strings.Contains(cli.log.String(), "revoked_node=web")
+	})
+	if out, err := caH.Try(vmeshBin, "node", "revoke", "nosuch", "--socket", caH.socket()); err == nil || !strings.Contains(err.Error(), "unknown node") {
+		t.Errorf("node revoke of an unknown node: %q, %v", out, err)
+	}
+	if out := caH.Run(t, vmeshBin, "node", "list", "--socket", caH.socket()); !regexp.MustCompile(`(?m)^web\s.*true$`).MatchString(out) {
+		t.Errorf("node list does not show web revoked:\n%s", out)
 	}
 
 	// Drain: a connection established before SIGTERM keeps working while

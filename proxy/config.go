@@ -83,6 +83,11 @@ type Config struct {
 	// peers can authorize this host by service. Default "": the node SVID
 	// (spiffe://td/node/<name>).
 	ClientIdentity string `toml:"client_identity"`
+	// VIPRange holds the services' virtual IPs (package names): a
+	// connection to VIP:port is a connection to the service, balanced over
+	// its endpoints. It must not overlap a real network. Default
+	// 240.0.0.0/4 (class E, as Consul and Kuma use).
+	VIPRange netip.Prefix `toml:"vip_range"`
 }
 
 // DefaultConfig returns a fresh proxy configuration with every default set.
@@ -96,6 +101,7 @@ func DefaultConfig() Config {
 		DefaultPolicy:   PolicyAllUnauthenticated,
 		OutboundUnknown: "passthrough",
 		MultiplexOpaque: true,
+		VIPRange:        netip.MustParsePrefix("240.0.0.0/4"),
 	}
 }
 
@@ -124,6 +130,14 @@ func (c *Config) Validate() error {
 	}
 	if c.RequestTimeout < 0 {
 		errs.Add("request_timeout", "must not be negative (0 means no timeout), got %s", c.RequestTimeout)
+	}
+	switch {
+	case !c.VIPRange.IsValid():
+		errs.Add("vip_range", "must be a CIDR prefix, e.g. \"240.0.0.0/4\"")
+	case c.VIPRange.Addr().BitLen()-c.VIPRange.Bits() < 8:
+		errs.Add("vip_range", "must hold at least 256 addresses, got %s", c.VIPRange)
+	case c.VIPRange.Addr().IsLoopback() || c.VIPRange.Contains(netip.MustParseAddr("127.0.0.1")):
+		errs.Add("vip_range", "must not be loopback, got %s", c.VIPRange)
 	}
 	for i, p := range c.OpaquePorts {
 		if p == 0 {

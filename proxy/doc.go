@@ -109,8 +109,10 @@
 // HTTP/1 requests ("vmesh.h1/1") or HTTP/2 requests ("h2"), each routed by
 // its Vmesh-Dst-Port and authorized (403 with l5d-proxy-error when denied
 // or the port is not a declared service, 502 when the service cannot be
-// reached), opaque streams (authorized as TCP; 403 when denied or the
-// port is not declared, 502 when the service is unreachable), or one
+// reached; a "vmesh.mux/1" stream whose transport header says http1
+// carries them the same way), opaque streams (authorized as TCP; 403 when
+// denied or the port is not declared, 502 when the service is
+// unreachable), or one
 // transport header whose port must be a declared LocalService, else the
 // connection is closed: the inbound proxy is never a relay to arbitrary
 // ports.

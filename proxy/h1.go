@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"github.com/vmesh/vmesh/balance"
 	"io"
 	"net"
 	"net/netip"
@@ -313,12 +314,13 @@ type h1Leg struct {
 	m       *h1Metrics
 	pool    *upPool
 	key     poolKey
-	ep      Endpoint       // to a peer proxy
-	peer    bool           // upstream is a peer proxy: mesh fields, HTTP/1.1
-	minor   int            // HTTP version to a local service
-	port    uint16         // to a peer: the target port
-	timeout time.Duration  // Config.RequestTimeout (outbound)
-	target  netip.AddrPort // to a local service
+	ep      Endpoint        // to a peer proxy
+	peer    bool            // upstream is a peer proxy: mesh fields, HTTP/1.1
+	minor   int             // HTTP version to a local service
+	port    uint16          // to a peer: the target port
+	timeout time.Duration   // Config.RequestTimeout (outbound)
+	target  netip.AddrPort  // to a local service
+	choice  *balance.Choice // to a service VIP: the balancer's pick, released after the response
 }
 
 // leg decides where the current request goes; ok=false means it was
@@ -327,17 +329,16 @@ func (h *h1Conn) leg() (l h1Leg, ok, keep bool) {
 	p, req := h.p, &h.req
 	switch h.r.kind {
 	case routeHTTP:
-		ep, ok := h.endpoint()
+		ep, choice, ok := h.endpoint(nil)
 		if !ok {
 			return l, false, h.answerEarly(nil, 503, "no endpoint")
 		}
 		if h.mc == nil {
 			h.mc = p.newH1Metrics(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
 		}
-		return h1Leg{
-			m: h.mc, pool: p.h1peers, key: poolKey{ep.ProxyAddr, ep.Service, ep.Identity},
-			ep: ep, peer: true, port: h.r.dst.Port(), timeout: p.cfg.RequestTimeout,
-		}, true, true
+		l = h1Leg{m: h.mc, pool: p.h1peers, peer: true, timeout: p.cfg.RequestTimeout}
+		l.to(ep, choice, h.r)
+		return l, true, true
 	case routePeerHTTP:
 		port, err := strconv.ParseUint(string(req.dstPort), 10, 16)
 		var svc *localService
@@ -362,10 +363,46 @@ func (h *h1Conn) leg() (l h1Leg, ok, keep bool) {
 }
 
 // endpoint picks the endpoint of the current outbound request: the
-// route's endpoint. (A service VIP route will pick one per request here,
-// from Catalog.Endpoints, with the balancer.)
-func (h *h1Conn) endpoint() (Endpoint, bool) {
-	return h.r.ep, h.r.ep.ProxyAddr.IsValid()
+// route's endpoint, or for a service VIP the balancer's pick among those
+// not tried yet (balance.go).
+func (h *h1Conn) endpoint(tried []string) (Endpoint, *balance.Choice, bool) {
+	if h.r.balanced {
+		return h.p.pickEndpoint(h.r.ep.Service, tried)
+	}
+	return h.r.ep, nil, h.r.ep.ProxyAddr.IsValid()
+}
+
+// to points the leg at ep (a balanced pick when choice is set).
+func (l *h1Leg) to(ep Endpoint, choice *balance.Choice, r route) {
+	l.ep, l.choice = ep, choice
+	l.key = poolKey{ep.ProxyAddr, ep.Service, ep.Identity}
+	l.port = r.dst.Port()
+	if r.balanced {
+		l.port = ep.Addr.Port()
+	}
+}
+
+// nextEndpoint moves a balanced leg whose attempt failed before the app saw
+// anything to another endpoint. It reports false when the leg is not
+// balanced or every attempt is spent.
+func (h *h1Conn) nextEndpoint(l *h1Leg, tried *[]string, err error) bool {
+	if l.choice == nil {
+		return false
+	}
+	l.choice.Observe(0, err)
+	l.choice.Release()
+	*tried = append(*tried, l.choice.Key)
+	l.choice = nil
+	if len(*tried) >= balancedAttempts {
+		return false
+	}
+	ep, choice, ok := h.endpoint(*tried)
+	if !ok {
+		return false
+	}
+	h.p.m.retries.WithLabelValues(dirOutbound, ep.Service, "http").Inc()
+	l.to(ep, choice, h.r)
+	return true
 }
 
 // authorized authorizes the current request for svc; a denial is answered
@@ -429,16 +466,28 @@ func (h *h1Conn) exchange() bool {
 	var uc *upConn
 	var bodyDone chan error // set when the body is copied by another goroutine
 	retried := false
+	var tried []string // balanced: endpoints that failed this request
+	var sent time.Time
+	defer func() {
+		if l.choice != nil {
+			l.choice.Release()
+		}
+	}()
 	var err error
 	for {
 		uc, err = h.upstream(&l)
 		if err != nil {
-			h.connectFailed(&l, err) // errlog.go
+			h.connectFailed(&l, err) // errlog.go: counted and logged
+			if h.nextEndpoint(&l, &tried, err) {
+				h.reported = false
+				continue // nothing was sent: any request may go elsewhere
+			}
 			return h.failEarly(l, bodyDone, 502, "connecting upstream failed")
 		}
 		if l.timeout > 0 {
 			uc.SetDeadline(start.Add(l.timeout))
 		}
+		sent = time.Now() // the balancer measures the exchange, not connecting
 		bodyDone, err = h.sendRequest(uc, &l)
 		if err == nil {
 			watching := bodyDone == nil && h.watchClient(uc, start)
@@ -449,10 +498,22 @@ func (h *h1Conn) exchange() bool {
 				return false
 			}
 		}
+		if err == nil && l.choice != nil && (resp.status == 502 || resp.status == 503) && bodyDone == nil && req.replayable() {
+			// The peer proxy could not reach its service: another
+			// endpoint may (the response is dropped with its connection).
+			l.pool.drop(uc)
+			if h.nextEndpoint(&l, &tried, errPeerUnavailable) {
+				continue
+			}
+			return h.failEarly(l, nil, 502, "every endpoint failed")
+		}
 		if err == nil {
 			break
 		}
 		l.pool.drop(uc)
+		if bodyDone == nil && req.replayable() && !isTimeout(err) && h.nextEndpoint(&l, &tried, err) {
+			continue
+		}
 		if uc.reused && !retried && req.replayable() && isStale(err) {
 			// The pooled connection was closed under us before it
 			// answered: try a fresh one (as net/http does, only for a
@@ -477,6 +538,9 @@ func (h *h1Conn) exchange() bool {
 		return h.failEarly(l, nil, 502, "proxying failed")
 	}
 	l.m.latency.Observe(float64(time.Since(start)) / float64(time.Millisecond))
+	if l.choice != nil {
+		l.choice.Observe(time.Since(sent), nil)
+	}
 
 	if resp.status == 101 {
 		h.status = 101
@@ -661,9 +725,12 @@ func (h *h1Conn) upstream(l *h1Leg) (*upConn, error) {
 	p := h.p
 	var c net.Conn
 	var err error
-	if l.peer {
+	switch {
+	case l.peer && p.h1Mux:
+		c, err = p.openH1Stream(l.ep, l.port)
+	case l.peer:
 		c, err = p.dialTransport(context.Background(), l.ep, alpnH1)
-	} else {
+	default:
 		c, err = p.dial(context.Background(), l.target)
 	}
 	if err != nil {
@@ -911,3 +978,42 @@ func (p *Proxy) closeIdleH1() {
 		return true
 	})
 }
+
+// openH1Stream opens a stream to ep's proxy that carries HTTP/1 requests
+// like an ALPN vmesh.h1/1 connection.
+func (p *Proxy) openH1Stream(ep Endpoint, port uint16) (net.Conn, error) {
+	var arr [256]byte
+	hdr, err := appendHeader(arr[:0], transportHeader{Port: port, Protocol: sessionHTTP1, Service: ep.Service})
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+	defer cancel()
+	st, _, err := p.muxes.open(ctx, ep, hdr)
+	if err != nil {
+		return nil, err
+	}
+	if err := st.Accepted(p.muxAcceptTimeout()); err != nil {
+		st.Close()
+		return nil, err
+	}
+	return st, nil
+}
+
+// muxH1Stream serves a peer's stream that carries HTTP/1 requests.
+func (p *Proxy) muxH1Stream(st net.Conn, clientID string) {
+	type accepter interface{ Accept() error }
+	if err := st.(accepter).Accept(); err != nil {
+		return
+	}
+	p.serveH1(st, nil, route{kind: routePeerHTTP, dir: dirInbound, proto: protoHTTP1}, clientID)
+	st.Close()
+}
+
+// errPeerUnavailable is a balanced attempt the peer proxy answered with 502
+// or 503.
+var errPeerUnavailable = errors.New("peer proxy answered 502/503")
+
+// isTimeout reports whether err is a deadline (the request timeout): such a
+// request is not tried again elsewhere.
+func isTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }

@@ -81,24 +81,27 @@ func processUsage() cpuUsage {
 // connections in parallel. cpu-us/op is the whole process's CPU per
 // request: both proxies, plus a raw client and app that cost little.
 func BenchmarkHTTP1Mesh(b *testing.B) {
-	for _, mode := range []string{"direct", "mesh"} {
+	for _, mode := range []string{"direct", "mesh", "mux"} {
 		for _, conns := range []int{1, 16, 64} {
-			b.Run(mode+"/conns="+strconv.Itoa(conns), func(b *testing.B) { benchHTTP1(b, mode == "mesh", conns, 0) })
+			b.Run(mode+"/conns="+strconv.Itoa(conns), func(b *testing.B) { benchHTTP1(b, mode, conns, 0) })
 		}
 		// A low rate (one request per millisecond per connection), where
 		// a request's cost is mostly waking parked threads.
-		b.Run(mode+"/paced", func(b *testing.B) { benchHTTP1(b, mode == "mesh", 4, time.Millisecond) })
+		b.Run(mode+"/paced", func(b *testing.B) { benchHTTP1(b, mode, 4, time.Millisecond) })
 	}
 }
 
 // benchHTTP1 runs keep-alive requests over conns connections, through the
-// mesh or (the baseline: the cost of the client and the app alone)
-// directly to the app.
-func benchHTTP1(b *testing.B, mesh bool, conns int, pace time.Duration) {
+// mesh ("mesh": pooled mTLS connections between the proxies; "mux": streams
+// of internal/mux sessions) or, the baseline (the cost of the client and
+// the app alone), directly to the app ("direct").
+func benchHTTP1(b *testing.B, mode string, conns int, pace time.Duration) {
 	backend := rawHTTPApp(b)
+	mesh := mode != "direct"
 	var a *testProxy
 	if mesh {
 		a, _, _ = meshPair(b, []LocalService{{Name: "web", Port: 80, Target: backend}}, proxyOpts{}, proxyOpts{})
+		a.p.h1Mux = mode == "mux"
 	}
 	req := []byte("GET /bench HTTP/1.1\r\nHost: web\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n")
 	type client struct {

@@ -609,3 +609,41 @@ func TestH1ClientGoneWhileWaiting(t *testing.T) {
 		t.Fatal("the service's request was not canceled after its client went away")
 	}
 }
+
+// TestH1OverMux: the lean path's connections to peers also work as mux
+// streams (the measured alternative, off by default): keep-alive,
+// pipelining, chunked bodies, an upgrade.
+func TestH1OverMux(t *testing.T) {
+	app := startH1App(t)
+	ws := upgradeServer(t)
+	a, _, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Target: app.addr}, {Name: "ws", Port: 8081, Target: ws}}, proxyOpts{}, proxyOpts{})
+	a.p.h1Mux = true
+	c := a.dialOut(t, appAddr(80))
+	io.WriteString(c, "POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\nb1"+
+		"POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nb2\r\n0\r\n\r\n")
+	br := bufio.NewReader(c)
+	for _, want := range []string{"b1", "b2"} {
+		if resp, body := readResp(t, br, "POST"); resp.StatusCode != 200 || body != want {
+			t.Fatalf("over mux: %d %q, want %q", resp.StatusCode, body, want)
+		}
+	}
+	u := a.dialOut(t, appAddr(8081))
+	io.WriteString(u, "GET /ws HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nhello")
+	ubr := bufio.NewReader(u)
+	if resp, err := http.ReadResponse(ubr, nil); err != nil || resp.StatusCode != 101 {
+		t.Fatalf("upgrade over mux: %v %v", resp, err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(ubr, buf); err != nil || string(buf) != "hello" {
+		t.Fatalf("echo after upgrade over mux: %q %v", buf, err)
+	}
+	a.p.muxes.mu.Lock()
+	sessions := 0
+	for _, list := range a.p.muxes.ss {
+		sessions += len(list)
+	}
+	a.p.muxes.mu.Unlock()
+	if sessions != 2 {
+		t.Errorf("%d mux sessions, want 2 (one per peer and service)", sessions)
+	}
+}

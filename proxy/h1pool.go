@@ -62,15 +62,37 @@ func newUpPool(idle time.Duration, maxIdle int) *upPool {
 	}
 }
 
-// get returns an idle connection for k that is still open, or nil.
+// get returns an idle connection for k that is still open, or nil. The
+// connection has its buffers again.
 func (pl *upPool) get(k poolKey) *upConn {
 	for {
 		uc, check := pl.pop(k)
-		if uc == nil || !check || !peerClosed(uc.Conn) {
+		if uc == nil {
+			return nil
+		}
+		if !check || !peerClosed(uc.Conn) {
+			uc.takeBuffers()
 			return uc
 		}
 		pl.drop(uc)
 	}
+}
+
+// takeBuffers gives a connection taken from the pool its buffers; idle
+// connections hold none.
+func (uc *upConn) takeBuffers() {
+	uc.br = h1Readers.Get().(*bufio.Reader)
+	uc.br.Reset(uc.Conn)
+	uc.bw = h1Writers.Get().(*bufio.Writer)
+	uc.bw.Reset(uc.Conn)
+}
+
+func (uc *upConn) releaseBuffers() {
+	uc.br.Reset(nil)
+	h1Readers.Put(uc.br)
+	uc.bw.Reset(nil)
+	h1Writers.Put(uc.bw)
+	uc.br, uc.bw = nil, nil
 }
 
 // pop takes the most recently used idle connection for k; check says it
@@ -87,8 +109,7 @@ func (pl *upPool) pop(k poolKey) (uc *upConn, check bool) {
 		uc := s[len(s)-1]
 		s[len(s)-1] = nil
 		s = s[:len(s)-1]
-		if now.Sub(uc.idleAt) >= pl.idle || uc.br.Buffered() > 0 {
-			// Expired, or the server sent something unasked.
+		if now.Sub(uc.idleAt) >= pl.idle {
 			delete(pl.all, uc)
 			uc.Close()
 			continue
@@ -104,11 +125,8 @@ func (pl *upPool) pop(k poolKey) (uc *upConn, check bool) {
 // add registers a new connection; false if the pool is closed (c is then
 // closed).
 func (pl *upPool) add(c net.Conn, k poolKey) (*upConn, bool) {
-	uc := &upConn{
-		Conn: c, key: k,
-		br: bufio.NewReaderSize(c, h1ReadBuf),
-		bw: bufio.NewWriterSize(c, h1WriteBuf),
-	}
+	uc := &upConn{Conn: c, key: k}
+	uc.takeBuffers()
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	if pl.closed {
@@ -119,8 +137,14 @@ func (pl *upPool) add(c net.Conn, k poolKey) (*upConn, bool) {
 	return uc, true
 }
 
-// put returns a connection whose exchange ended cleanly.
+// put returns a connection whose exchange ended cleanly, without its
+// buffers.
 func (pl *upPool) put(uc *upConn) {
+	if uc.br.Buffered() > 0 {
+		pl.drop(uc) // the server sent something unasked
+		return
+	}
+	uc.releaseBuffers()
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	s := pl.free[uc.key]

@@ -6,12 +6,15 @@ import (
 	"syscall"
 )
 
-// peerClosed reports whether the other end of c has closed it (or reset
-// it): a peek that does not wait finds EOF or an error rather than nothing
-// to read. Pending bytes (a TLS session ticket) do not count.
+// peerClosed reports whether the other end of an idle connection c has
+// closed it (or reset it): a peek that does not wait finds EOF or an error
+// rather than nothing to read. Bytes pending on a plain connection (a
+// server speaking unasked) count as closed; on a TLS connection they do
+// not (a session ticket).
 func peerClosed(c net.Conn) bool {
+	plain := true
 	if tc, ok := c.(*tls.Conn); ok {
-		c = tc.NetConn()
+		c, plain = tc.NetConn(), false
 	}
 	sc, ok := c.(syscall.Conn)
 	if !ok {
@@ -25,7 +28,7 @@ func peerClosed(c net.Conn) bool {
 	err = rc.Read(func(fd uintptr) bool {
 		var b [1]byte
 		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		closed = (n == 0 && err == nil) || (err != nil && err != syscall.EAGAIN && err != syscall.EINTR)
+		closed = (n == 0 && err == nil) || (n > 0 && plain) || (err != nil && err != syscall.EAGAIN && err != syscall.EINTR)
 		return true
 	})
 	return closed || err != nil

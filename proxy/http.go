@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"github.com/vmesh/vmesh/balance"
 	"io"
 	"log"
 	"log/slog"
@@ -84,13 +85,26 @@ func restoreForwarded(pr *httputil.ProxyRequest) {
 // the pooled, multiplexed HTTP/2 mTLS connections.
 func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connInfo) {
 	ep := info.route.ep
+	port := strconv.Itoa(int(info.route.dst.Port()))
+	if info.route.balanced {
+		// A service VIP: this request's endpoint (balance.go).
+		var choice *balance.Choice
+		var ok bool
+		if ep, choice, ok = p.pickEndpoint(ep.Service, nil); !ok {
+			labels := connLabels{direction: dirOutbound, service: info.route.ep.Service, serverID: info.route.ep.Identity, tls: tlsTrue}
+			p.denyHTTP(w, labels.values(), http.StatusServiceUnavailable, "no endpoint")
+			return
+		}
+		start := time.Now()
+		defer func() { choice.Observe(time.Since(start), nil); choice.Release() }()
+		port = strconv.Itoa(int(ep.Addr.Port()))
+	}
 	labels := connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue}
 	if d := p.cfg.RequestTimeout; d > 0 {
 		ctx, cancel := context.WithTimeout(r.Context(), d)
 		defer cancel()
 		r = r.WithContext(ctx)
 	}
-	port := strconv.Itoa(int(info.route.dst.Port()))
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "https"

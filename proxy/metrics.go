@@ -55,6 +55,7 @@ type metrics struct {
 	audit        *prometheus.CounterVec
 	refused      *prometheus.CounterVec
 	rejected     *prometheus.CounterVec
+	retries      *prometheus.CounterVec // balanced attempts moved to another endpoint
 	errors       *prometheus.CounterVec // errlog.go
 	tap          tapHub                 // tap.go
 }
@@ -109,6 +110,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "http_rejected_total", Help: "HTTP/1 requests refused as malformed or ambiguous (request smuggling shapes, oversized heads).",
 		}, []string{"direction", "reason"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "balancer_retries_total", Help: "Connections (tcp) and requests (http) to a service VIP moved to another endpoint after the first failed before the app saw anything.",
+		}, []string{"direction", "service", "protocol"}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "proxy_errors_total", Help: "Failures a user would notice (denials, refusals, detection timeouts, connect failures, 502s, refusals by the peer), by reason.",
 		}, []string{"direction", "reason"}),
@@ -118,7 +122,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	for _, c := range []prometheus.Collector{
 		m.requests, m.responses, m.latency, m.tcpOpen, m.tcpClose, m.tcpOpenConns,
-		m.tcpRead, m.tcpWrite, m.httpAllow, m.httpDeny, m.tcpAllow, m.tcpDeny, m.audit, m.refused, m.rejected, m.errors,
+		m.tcpRead, m.tcpWrite, m.httpAllow, m.httpDeny, m.tcpAllow, m.tcpDeny, m.audit, m.refused, m.rejected, m.retries, m.errors,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

@@ -49,23 +49,23 @@ func newMuxPool(p *Proxy) *muxPool {
 
 // open opens a stream to ep carrying header, on a pooled session with room
 // or a new one.
-func (mp *muxPool) open(ctx context.Context, ep Endpoint, header []byte) (*mux.Stream, error) {
+// dialed says whether a new session (a TLS handshake) was made for it.
+func (mp *muxPool) open(ctx context.Context, ep Endpoint, header []byte) (st *mux.Stream, dialed bool, err error) {
 	k := peerKey{ep.ProxyAddr, ep.Service, ep.Identity}
 	for attempt := 0; attempt < 2; attempt++ {
 		s := mp.session(k)
 		if s == nil {
-			var err error
 			if s, err = mp.dial(ctx, k, ep); err != nil {
-				return nil, err
+				return nil, true, err
 			}
+			dialed = true
 		}
-		st, err := s.Open(header)
-		if err == nil {
-			return st, nil
+		if st, err = s.Open(header); err == nil {
+			return st, dialed, nil
 		}
 		// Full or closed between the check and Open: try another.
 	}
-	return nil, errors.New("no mux session to the peer took the stream")
+	return nil, dialed, errors.New("no mux session to the peer took the stream")
 }
 
 // session returns a live session to k with room for a stream, dropping
@@ -150,30 +150,47 @@ func (mp *muxPool) close() {
 // it; only then does the relay start, so a refused stream leaves nothing
 // half-sent.
 func (p *Proxy) outboundMux(c net.Conn, ep Endpoint, dst netip.AddrPort, peeked []byte) {
+	st, _, err := p.openMuxStream(ep, dst)
+	if err != nil {
+		resetConn(c)
+		return
+	}
+	p.relayMux(c, st, ep, peeked)
+}
+
+// openMuxStream opens a stream to ep for dst's port and waits until the
+// peer has reached the service; dialed says a new session was made for it
+// (its time is not the service's). Failures are counted and logged here.
+func (p *Proxy) openMuxStream(ep Endpoint, dst netip.AddrPort) (st *mux.Stream, dialed bool, err error) {
 	var arr [256]byte
 	h, err := appendHeader(arr[:0], transportHeader{Port: dst.Port(), Protocol: sessionOpaque, Service: ep.Service})
 	if err != nil {
-		p.log.Debug("encoding transport header failed", "err", err)
-		return
+		return nil, false, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
-	st, err := p.muxes.open(ctx, ep, h)
+	st, dialed, err = p.muxes.open(ctx, ep, h)
 	cancel()
 	if err != nil {
 		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
 		p.reportError(slog.LevelWarn, dirOutbound, refuseDial, ep.ProxyAddr.String(), "connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
-		return
+		return nil, dialed, err
 	}
 	if err := st.Accepted(p.muxAcceptTimeout()); err != nil {
 		st.Reset(mux.CodeCancel)
 		p.m.refused.WithLabelValues(dirOutbound, refusePeer).Inc()
 		p.reportError(slog.LevelWarn, dirOutbound, refusePeer, ep.ProxyAddr.Addr().String(), "peer proxy refused the connection (denied by its policy, no such port, or the service is down: see the peer's log)", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
-		resetConn(c)
-		return
+		return nil, dialed, err
 	}
+	return st, dialed, nil
+}
+
+// relayMux relays the app connection c over an accepted stream, the
+// detection's peeked bytes first.
+func (p *Proxy) relayMux(c net.Conn, st *mux.Stream, ep Endpoint, peeked []byte) {
 	if len(peeked) > 0 {
 		if _, err := st.Write(peeked); err != nil {
 			st.Reset(mux.CodeCancel)
+			c.Close()
 			return
 		}
 	}
@@ -196,6 +213,10 @@ func (p *Proxy) muxStream(st *mux.Stream, clientID string) {
 		p.m.refused.WithLabelValues(dirInbound, refuseHeader).Inc()
 		p.log.Info("inbound stream header refused", "client_id", clientID, "err", err)
 		st.Reset(mux.CodeBadHeader)
+		return
+	}
+	if h.Protocol == sessionHTTP1 {
+		p.muxH1Stream(st, clientID)
 		return
 	}
 	svc, _ := p.localService(h.Port)

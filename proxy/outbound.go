@@ -87,6 +87,13 @@ func (p *Proxy) outboundDedicated(c net.Conn, ep Endpoint, dst netip.AddrPort, p
 		p.reportError(slog.LevelWarn, dirOutbound, refuseDial, ep.ProxyAddr.String(), "connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
 		return
 	}
+	p.relayDedicated(c, up, ep, dst, peeked)
+}
+
+// relayDedicated relays the app connection c over its own mTLS connection
+// up to the peer proxy: the transport header and the peeked bytes, then
+// both directions.
+func (p *Proxy) relayDedicated(c net.Conn, up net.Conn, ep Endpoint, dst netip.AddrPort, peeked []byte) {
 	if err := writeTransportHeader(up, transportHeader{Port: dst.Port(), Protocol: sessionOpaque, Service: ep.Service}, peeked); err != nil {
 		up.Close()
 		p.log.Debug("writing transport header failed", "peer", ep.ProxyAddr, "err", err)

@@ -58,9 +58,12 @@ type route struct {
 	reason string         // routeDeny: the tcp_refused_total reason
 	proto  appProtocol    // HTTP routes: the app's protocol
 	dst    netip.AddrPort // the original destination
-	ep     Endpoint       // outbound meshed routes: the endpoint
-	svc    *localService  // inbound routes: the service (authorization, labels)
-	target netip.AddrPort // inbound routes and passthrough: what the proxy dials
+	ep     Endpoint       // outbound meshed routes: the endpoint (balanced: a representative)
+	// balanced: the destination is a service VIP; each request (HTTP) or
+	// connection (TCP) picks its endpoint of service ep.Service.
+	balanced bool
+	svc      *localService  // inbound routes: the service (authorization, labels)
+	target   netip.AddrPort // inbound routes and passthrough: what the proxy dials
 }
 
 // routeTable holds the configuration routes depend on. It never changes
@@ -105,9 +108,10 @@ func opaqueRule(protocol string, declared, listed bool) bool {
 // Refusal reasons of routes (label "reason" of tcp_refused_total), besides
 // those in metrics.go.
 const (
-	refuseMeshHost  = "mesh_host"            // a mesh host's address with no meshed service there
-	refuseNoBalance = "service_unbalanced"   // a service VIP, not balanced yet
-	refuseLoopback  = "loopback_destination" // an inbound redirect to a loopback address
+	refuseMeshHost   = "mesh_host"            // a mesh host's address with no meshed service there
+	refuseNoBalance  = "service_unknown"      // a service VIP whose service has no endpoint
+	refuseNoEndpoint = "no_endpoint"          // a service VIP whose endpoints all failed
+	refuseLoopback   = "loopback_destination" // an inbound redirect to a loopback address
 )
 
 // outbound decides an outbound connection's route. detected says whether
@@ -125,15 +129,19 @@ func (t *routeTable) outbound(dst netip.AddrPort, d Destination, proto appProtoc
 	case DestMeshHost:
 		return deny(r, refuseMeshHost)
 	case DestService:
-		// VIPs are balanced over Catalog.Endpoints (package balance);
-		// until that lands, refused rather than passed in clear.
-		return deny(r, refuseNoBalance)
+		// A service VIP: balanced over Catalog.Endpoints (balance.go).
+		// d.Endpoint is a representative endpoint (its protocol); without
+		// one the service has no endpoint at all.
+		if d.Endpoint.Service == "" {
+			return deny(r, refuseNoBalance)
+		}
+		r.balanced = true
 	case DestEndpoint:
 	default:
 		return deny(r, refuseUnknownDst)
 	}
 	ep := d.Endpoint
-	if !ep.ProxyAddr.IsValid() {
+	if !ep.ProxyAddr.IsValid() && !r.balanced {
 		// A mesh host's endpoint that cannot be reached through the mesh:
 		// never in clear.
 		return deny(r, refuseMeshHost)
@@ -271,7 +279,11 @@ func (p *Proxy) serveRoute(c *net.TCPConn, r route, peeked []byte, bp *[]byte) {
 	case routePassthrough:
 		p.passthrough(c, r.target)
 	case routeOpaque:
-		p.outboundOpaque(c, r.ep, r.dst, peeked)
+		if r.balanced {
+			p.outboundBalancedOpaque(c, r, peeked)
+		} else {
+			p.outboundOpaque(c, r.ep, r.dst, peeked)
+		}
 	case routeInboundTCP:
 		p.inboundTCP(c, r, peeked)
 	default:

@@ -78,9 +78,17 @@ socket.`,
 	create.Flags().StringVar(&nodeName, "node", "", "the new host's node name (required)")
 	create.Flags().StringSliceVar(&services, "services", nil, "services the host may get certificates for (comma-separated)")
 	create.Flags().DurationVar(&ttl, "ttl", 15*time.Minute, "how long the token is valid")
-	list := &cobra.Command{
+	list := newNodeListCmd(cl, "List the hosts this CA minted join tokens for: services granted, token expiry, joined, revoked")
+	cmd.AddCommand(create, list)
+	return cmd
+}
+
+// newNodeListCmd lists the nodes a CA host knows (`vmesh token list`,
+// `vmesh node list`).
+func newNodeListCmd(cl *cli, short string) *cobra.Command {
+	return &cobra.Command{
 		Use:   "list",
-		Short: "List the hosts this CA minted join tokens for: services granted, token expiry, joined, revoked",
+		Short: short,
 		Args:  noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			var nodes []ca.NodeInfo
@@ -116,22 +124,20 @@ socket.`,
 			return tw.Flush()
 		},
 	}
-	cmd.AddCommand(create, list)
-	return cmd
 }
 
 func newNodeCmd(cl *cli) *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "Manage mesh hosts on a CA host", Args: noArgs}
 	revoke := &cobra.Command{
 		Use:   "revoke NAME",
-		Short: "Refuse NAME's renewals and certificate requests from now on",
+		Short: "Revoke NAME: every CA host refuses its renewals and every proxy its certificates, within seconds",
 		Args:  exactArgs(1),
 	}
 	revoke.RunE = func(c *cobra.Command, args []string) error {
 		if err := cl.control(c.Context()).Do(c.Context(), http.MethodPost, "/v1/revoke", node.NodeRequest{Node: args[0]}, nil); err != nil {
 			return err
 		}
-		fmt.Fprintf(c.OutOrStdout(), "node %s revoked: its certificates will not be renewed\n", args[0])
+		fmt.Fprintf(c.OutOrStdout(), "node %s revoked: its certificates are refused and will not be renewed\n", args[0])
 		return nil
 	}
 	var services []string
@@ -151,7 +157,8 @@ reload its agent; it asks for the new certificate by itself.`,
 		fmt.Fprintf(c.OutOrStdout(), "node %s may now get certificates for: %s\n", args[0], strings.Join(services, ","))
 		return nil
 	}
-	cmd.AddCommand(revoke, grant)
+	list := newNodeListCmd(cl, "List the hosts this CA knows: services granted, token, joined, revoked")
+	cmd.AddCommand(revoke, grant, list)
 	return cmd
 }
 
