@@ -260,6 +260,8 @@ func (a *Agent) controlMux() *http.ServeMux {
 	postJSON(mux, "/v1/revoke", a.revoke)
 	postJSON(mux, "/v1/grant", a.grant)
 	postJSON(mux, "/v1/keyring", a.keyring)
+	postJSON(mux, "/v1/ping", a.ping)         // tap.go
+	mux.HandleFunc("GET /v1/tap", a.serveTap) // tap.go
 	mux.HandleFunc("GET /v1/tokens", func(w http.ResponseWriter, _ *http.Request) {
 		if a.phase.Load() < phaseCA || a.caServer == nil {
 			writeError(w, errNotCA.code, errNotCA.err)

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
@@ -136,9 +137,7 @@ func (p *Proxy) outboundBalancedOpaque(c net.Conn, r route, peeked []byte) {
 		return
 	}
 	p.m.refused.WithLabelValues(dirOutbound, refuseNoEndpoint).Inc()
-	if p.warns.allow(refuseNoEndpoint, r.dst.Addr()) {
-		p.log.Warn("no endpoint of the service took the connection", "service", service, "tried", tried)
-	}
+	p.reportError(slog.LevelWarn, dirOutbound, refuseNoEndpoint, addrKey(r.dst.Addr()), "no endpoint of the service took the connection", "service", service, "tried", tried)
 	resetConn(c)
 }
 

@@ -139,6 +139,31 @@
 // declared services, issued identities and constants, never from
 // addresses.
 //
+// # Errors where the user looks
+//
+// Every failure a user notices is counted in proxy_errors_total{direction,
+// reason} and logged on the host that saw it, once per (reason, peer) per
+// minute (errlog.go; the same limiter as the refusals above): policy
+// denials (denied, info, naming service and client), route refusals (the
+// tcp_refused_total reasons), detection timeouts (detect_timeout: no byte
+// from the client within Config.DetectTimeout, the sign of a server-first
+// protocol on a port that is not opaque), connect failures (connect:
+// passthrough, peer proxy, local service), bad_gateway, unavailable and
+// request_timeout answers, and peer_refused on the CLIENT host when the
+// peer proxy resets a mux stream (denied by its policy, no such port, the
+// service down).
+//
+// # Tap and ping
+//
+// Proxy.Tap subscribes to a filtered live stream of TapEvents: each HTTP
+// request when it ends (method, authority, path, status, latency, bytes,
+// identities) and each TCP connection's open and close (bytes, duration).
+// When nobody taps the cost is one atomic load per request or connection;
+// each subscriber has a bounded queue that drops (and counts) when full.
+// Proxy.Ping makes one mTLS round trip (ALPN "vmesh.ping/1": 16 bytes
+// echoed) to a peer proxy that must present the expected identity; the
+// inbound side answers only clients that completed mTLS with a valid SVID.
+//
 // # Use from node
 //
 //	p, err := proxy.New(cfg.Proxy, proxy.Options{

@@ -63,7 +63,12 @@ type h1Conn struct {
 	arr      [64]byte
 	bc       bodyCopier // the body being relayed by this goroutine
 
-	mc    *h1Metrics // metrics of the last service served
+	mc *h1Metrics // metrics of the last service served
+	// The current request's outcome, for the tap (tap.go).
+	status    int
+	respBytes int64
+	reported  bool // the failure was reported already (errlog.go)
+
 	mcSvc *localService
 
 	// Watching the client while its response is slow (watchClient).
@@ -157,7 +162,17 @@ func (p *Proxy) serveH1(c net.Conn, peeked []byte, r route, clientID string) {
 			}
 			return
 		}
-		if !h.exchange() {
+		if !p.m.tap.active() {
+			if !h.exchange() {
+				return
+			}
+			continue
+		}
+		start := time.Now()
+		h.status, h.respBytes = 0, 0
+		ok := h.exchange()
+		h.tapH1(start) // tap.go
+		if !ok {
 			return
 		}
 	}
@@ -425,6 +440,7 @@ func (h *h1Conn) answerEarly(m *h1Metrics, code int, why string) bool {
 	if m != nil {
 		m.response(h.p, code, false)
 	}
+	h.answered(code, why)
 	if h.writeError(code, why, !keep) != nil || !keep {
 		return false
 	}
@@ -461,10 +477,11 @@ func (h *h1Conn) exchange() bool {
 	for {
 		uc, err = h.upstream(&l)
 		if err != nil {
+			h.connectFailed(&l, err) // errlog.go: counted and logged
 			if h.nextEndpoint(&l, &tried, err) {
+				h.reported = false
 				continue // nothing was sent: any request may go elsewhere
 			}
-			h.p.log.Debug("connecting upstream failed", "direction", h.r.dir, "err", err)
 			return h.failEarly(l, bodyDone, 502, "connecting upstream failed")
 		}
 		if l.timeout > 0 {
@@ -526,6 +543,7 @@ func (h *h1Conn) exchange() bool {
 	}
 
 	if resp.status == 101 {
+		h.status = 101
 		return h.upgrade(uc, l, bodyDone)
 	}
 
@@ -541,6 +559,7 @@ func (h *h1Conn) exchange() bool {
 		berr = h.bw.Flush()
 	}
 	l.m.response(h.p, resp.status, berr == nil && resp.status < 500)
+	h.status, h.respBytes = resp.status, bc.n
 
 	var reqErr error
 	if bodyDone != nil {
@@ -691,6 +710,7 @@ func (h *h1Conn) failEarly(l h1Leg, bodyDone chan error, code int, why string) b
 		h.c.SetReadDeadline(time.Now())
 		<-bodyDone
 		l.m.response(h.p, code, false)
+		h.answered(code, why)
 		h.writeError(code, why, true)
 		return false
 	}

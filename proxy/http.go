@@ -7,6 +7,7 @@ import (
 	"github.com/vmesh/vmesh/balance"
 	"io"
 	"log"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -215,7 +216,7 @@ func (p *Proxy) proxyErrorHandler(labels []string) func(http.ResponseWriter, *ht
 			p.denyHTTP(w, labels, http.StatusGatewayTimeout, "request timeout")
 			return
 		}
-		p.log.Debug("proxying request failed", "host", r.Host, "err", err)
+		p.reportError(slog.LevelWarn, labels[0], errBadGateway, labels[1]+" "+labels[3], "proxying request failed", "service", labels[1], "host", r.Host, "err", err)
 		p.denyHTTP(w, labels, http.StatusBadGateway, "proxying failed")
 	}
 }
@@ -242,7 +243,7 @@ func (t *meteredTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		t.p.m.responses.WithLabelValues(append(t.labels[:len(t.labels):len(t.labels)], statusLabel(resp.StatusCode), "success")...).Inc()
 		return resp, nil
 	}
-	resp.Body = &meteredBody{ReadCloser: resp.Body, p: t.p, labels: t.labels, resp: resp, grpc: isGRPC(r.Header)}
+	resp.Body = &meteredBody{ReadCloser: resp.Body, p: t.p, labels: t.labels, resp: resp, grpc: isGRPC(r.Header), start: start}
 	return resp, nil
 }
 
@@ -254,6 +255,8 @@ type meteredBody struct {
 	resp   *http.Response
 	grpc   bool // the request was gRPC
 	done   atomic.Bool
+	start  time.Time
+	n      int64 // body bytes read, for the tap
 }
 
 // isGRPC reports whether h (a request's headers) is a gRPC request's.
@@ -264,6 +267,7 @@ func isGRPC(h http.Header) bool {
 
 func (b *meteredBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
+	b.n += int64(n)
 	if err != nil {
 		b.record(err == io.EOF)
 	}
@@ -298,6 +302,9 @@ func (b *meteredBody) record(eof bool) {
 	}
 	lv := append(b.labels[:len(b.labels):len(b.labels)], statusLabel(b.resp.StatusCode), class)
 	b.p.m.responses.WithLabelValues(lv...).Inc()
+	if b.p.m.tap.active() {
+		b.tap() // tap.go
+	}
 }
 
 // localTransports reach local services: HTTP/1 with keep-alive, and h2c

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
@@ -171,17 +172,13 @@ func (p *Proxy) openMuxStream(ep Endpoint, dst netip.AddrPort) (st *mux.Stream, 
 	cancel()
 	if err != nil {
 		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
-		if p.warns.allow(refuseDial, ep.ProxyAddr.Addr()) {
-			p.log.Warn("connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
-		}
+		p.reportError(slog.LevelWarn, dirOutbound, refuseDial, ep.ProxyAddr.String(), "connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
 		return nil, dialed, err
 	}
 	if err := st.Accepted(p.muxAcceptTimeout()); err != nil {
 		st.Reset(mux.CodeCancel)
 		p.m.refused.WithLabelValues(dirOutbound, refusePeer).Inc()
-		if p.warns.allow(refusePeer, ep.ProxyAddr.Addr()) {
-			p.log.Warn("peer proxy refused the connection", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
-		}
+		p.reportError(slog.LevelWarn, dirOutbound, refusePeer, ep.ProxyAddr.Addr().String(), "peer proxy refused the connection (denied by its policy, no such port, or the service is down: see the peer's log)", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
 		return nil, dialed, err
 	}
 	return st, dialed, nil
@@ -237,7 +234,7 @@ func (p *Proxy) muxStream(st *mux.Stream, clientID string) {
 	up, err := p.dial(context.Background(), r.target)
 	if err != nil {
 		p.m.refused.WithLabelValues(dirInbound, refuseDial).Inc()
-		p.log.Debug("connecting to local service failed", "service", r.svc.Name, "addr", r.target, "err", err)
+		p.reportError(slog.LevelWarn, dirInbound, refuseDial, r.target.String(), "connecting to local service failed", "service", r.svc.Name, "addr", r.target, "err", err)
 		st.Reset(mux.CodeConnect)
 		return
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
@@ -36,6 +37,7 @@ func (p *Proxy) handleOutbound(c *net.TCPConn) {
 			p.log.Debug("outbound connection closed before its first byte", "dst", dst, "err", err)
 			return
 		}
+		p.detected(dirOutbound, dst, proto, peeked)
 		r = p.routes.outbound(dst, d, proto, true)
 	}
 	p.serveRoute(c, r, peeked, bp)
@@ -56,7 +58,7 @@ func (p *Proxy) passthrough(c net.Conn, dst netip.AddrPort) {
 	up, err := p.dial(context.Background(), dst)
 	if err != nil {
 		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
-		p.log.Debug("outbound passthrough connect failed", "dst", dst, "err", err)
+		p.reportError(slog.LevelWarn, dirOutbound, refuseDial, dst.String(), "outbound passthrough connect failed", "dst", dst, "err", err)
 		return
 	}
 	t := p.m.openTCP(connLabels{direction: dirOutbound, tls: tlsNoIdentity})
@@ -82,7 +84,7 @@ func (p *Proxy) outboundDedicated(c net.Conn, ep Endpoint, dst netip.AddrPort, p
 	up, err := p.dialTransport(context.Background(), ep, alpnTransport)
 	if err != nil {
 		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
-		p.log.Warn("connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
+		p.reportError(slog.LevelWarn, dirOutbound, refuseDial, ep.ProxyAddr.String(), "connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
 		return
 	}
 	p.relayDedicated(c, up, ep, dst, peeked)

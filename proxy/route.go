@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
@@ -229,7 +230,7 @@ type warnLimiter struct {
 
 type warnKey struct {
 	reason string
-	peer   netip.Addr
+	peer   string
 }
 
 func newWarnLimiter(interval time.Duration) *warnLimiter {
@@ -238,6 +239,12 @@ func newWarnLimiter(interval time.Duration) *warnLimiter {
 
 // allow reports whether a warning for (reason, peer) may be logged now.
 func (l *warnLimiter) allow(reason string, peer netip.Addr) bool {
+	return l.allowKey(reason, addrKey(peer))
+}
+
+// allowKey reports whether a warning for (reason, peer) may be logged now;
+// peer is an address or an identity.
+func (l *warnLimiter) allowKey(reason, peer string) bool {
 	k := warnKey{reason, peer}
 	now := l.now()
 	l.mu.Lock()
@@ -289,12 +296,9 @@ func (p *Proxy) serveRoute(c *net.TCPConn, r route, peeked []byte, bp *[]byte) {
 // missing; otherwise at debug.
 func (p *Proxy) refuse(r route) {
 	p.m.refused.WithLabelValues(r.dir, r.reason).Inc()
-	switch r.reason {
-	case refuseMeshHost, refuseLoopback, refuseNoBalance:
-		if p.warns.allow(r.reason, r.dst.Addr()) {
-			p.log.Warn(r.dir+" connection refused", "reason", r.reason, "dst", r.dst)
-		}
-	default:
-		p.log.Debug(r.dir+" connection refused", "reason", r.reason, "dst", r.dst)
+	level := slog.LevelWarn
+	if r.reason == refuseUnknownDst {
+		level = slog.LevelInfo // Config.OutboundUnknown = "deny" doing its job
 	}
+	p.reportError(level, r.dir, r.reason, addrKey(r.dst.Addr()), r.dir+" connection refused", "dst", r.dst)
 }
