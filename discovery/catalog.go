@@ -65,6 +65,9 @@ type ServiceEntry struct {
 	Weight   int               `json:"weight"`
 	Identity string            `json:"identity"`
 	Labels   map[string]string `json:"labels,omitempty"`
+	// VIP is the service's virtual IP, filled in by the agent's API for
+	// its callers; it is derived on every host, never gossiped.
+	VIP string `json:"vip,omitempty"`
 }
 
 // NodeEntry is one host's catalog entry. Only that host writes it; peers

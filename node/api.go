@@ -1,6 +1,7 @@
 package node
 
 import (
+	"slices"
 	"context"
 	"errors"
 	"fmt"
@@ -106,7 +107,7 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 				writeError(w, http.StatusServiceUnavailable, errors.New("discovery is not running yet"))
 				return
 			}
-			writeJSON(w, http.StatusOK, a.disc.Catalog())
+			writeJSON(w, http.StatusOK, a.catalogWithVIPs())
 		},
 		"/v1/status": func(w http.ResponseWriter, r *http.Request) {
 			// ?rules=false skips comparing the installed rules (it runs
@@ -465,4 +466,21 @@ func inboundConns(g prometheus.Gatherer) map[string][2]uint64 {
 func fromLoopback(r *http.Request) bool {
 	ap, err := netip.ParseAddrPort(r.RemoteAddr)
 	return err == nil && ap.Addr().Unmap().IsLoopback()
+}
+
+// catalogWithVIPs returns the catalog with each service's VIP filled in
+// (copies: the catalog's entries are shared).
+func (a *Agent) catalogWithVIPs() []discovery.NodeEntry {
+	entries := a.disc.Catalog()
+	out := make([]discovery.NodeEntry, len(entries))
+	for i, e := range entries {
+		e.Services = slices.Clone(e.Services)
+		for j := range e.Services {
+			if vip, ok := a.cat.VIP(e.Services[j].Name); ok {
+				e.Services[j].VIP = vip.String()
+			}
+		}
+		out[i] = e
+	}
+	return out
 }
