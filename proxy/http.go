@@ -37,7 +37,7 @@ func (p *Proxy) serveHTTPConn(c net.Conn, peeked []byte, bp *[]byte, info *connI
 		return
 	}
 	pc := &peekedConn{Conn: c, peeked: peeked, buf: bp, info: info, done: make(chan struct{})}
-	p.h2.ServeConn(pc, &http2.ServeConnOpts{
+	p.h2.ServeConn(newBatchConn(pc), &http2.ServeConnOpts{
 		Context:    context.WithValue(context.Background(), connInfoKey{}, info),
 		BaseConfig: p.h1,
 		Handler:    p.h1.Handler,
@@ -324,7 +324,11 @@ func newLocalTransports(p *Proxy) *localTransports {
 			AllowHTTP:          true,
 			DisableCompression: true,
 			DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
-				return dial(ctx, network, addr)
+				c, err := dial(ctx, network, addr)
+				if err != nil {
+					return nil, err
+				}
+				return newBatchConn(c), nil
 			},
 		},
 	}
