@@ -82,6 +82,13 @@
 // HTTP/2 (ALPN "h2") mTLS connections, one pool per (peer proxy, service
 // identity; unused for 5 minutes or beyond 4096 pools, least recently
 // used first, a pool is dropped with its idle connections).
+// Every HTTP/2 connection the proxy serves or dials (app h2c, peer "h2",
+// h2c to local services) writes through one batching writer goroutine
+// (h2conn.go): x/net/http2 flushes after every frame, the writer sends all
+// that was queued meanwhile in one write (one TLS record), at most 256 KiB
+// queued per connection before writers wait. The HTTP/2 server between
+// proxies allows 200 concurrent streams, 4 MiB stream and 16 MiB
+// connection windows.
 // Config.RequestTimeout (off by default) bounds each outbound request to
 // the end of its response: 504 with l5d-proxy-error, or a cut connection
 // once the response began; a peer that cannot be reached or fails gets

@@ -117,7 +117,7 @@ func (p *Proxy) inboundMesh(c *net.TCPConn) {
 	switch cs.NegotiatedProtocol {
 	case alpnH2:
 		info := &connInfo{route: route{kind: routePeerHTTP, dir: dirInbound, proto: protoHTTP2}, clientID: clientID}
-		p.h2.ServeConn(tc, &http2.ServeConnOpts{
+		p.h2.ServeConn(newBatchConn(tc), &http2.ServeConnOpts{
 			Context:    context.WithValue(context.Background(), connInfoKey{}, info),
 			BaseConfig: p.h1,
 			Handler:    p.h1.Handler,

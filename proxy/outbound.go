@@ -213,7 +213,11 @@ func (pp *peerPool) transport(ep Endpoint) *http2.Transport {
 	}
 	t := &http2.Transport{
 		DialTLSContext: func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
-			return pp.p.dialTransport(ctx, ep, alpnH2)
+			tc, err := pp.p.dialTransport(ctx, ep, alpnH2)
+			if err != nil {
+				return nil, err
+			}
+			return newBatchConn(tc), nil
 		},
 		DisableCompression: true,
 		ReadIdleTimeout:    30 * time.Second,
