@@ -46,15 +46,17 @@ fuzz:
 # test: what CI runs. The compose example needs root and a Docker engine.
 test: lint unit fuzz compose-test
 
-# bench: the benchmark harness (bench/, ~12 minutes on 2 cores, as root):
-# vmesh vs direct vs HAProxy on test-bed hosts; prints a table, writes
+# bench: the benchmark harness (bench/, ~16 minutes on 2 cores, as root):
+# vmesh vs direct vs HAProxy on test-bed hosts (issues 13 and 14's rows:
+# HTTP/1.1, h2c, gRPC, WebSocket, opaque bulk and new connections, memory,
+# VIP balancing; see BENCHMARKS.md); prints a table, writes
 # bench/results/<date>.json and rewrites the results section of
 # BENCHMARKS.md. Then the packages' go test -bench micro-benchmarks.
 # BENCHFLAGS passes harness flags, e.g. BENCHFLAGS="-bench.rounds 1".
 BENCHFLAGS ?=
 bench:
 	bash bench/deps.sh
-	cd bench && VMESH_BENCH=1 $(GO) test -tags $(TAGS) -run '^TestBench$$' -v -timeout 30m . \
+	cd bench && VMESH_BENCH=1 $(GO) test -tags $(TAGS) -run '^TestBench$$' -v -timeout 45m . \
 	  -args -bench.doc ../BENCHMARKS.md $(BENCHFLAGS)
 	$(GO) test -tags $(TAGS) -run '^$$' -bench . -benchtime 2x ./...
 

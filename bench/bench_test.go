@@ -6,13 +6,11 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -22,41 +20,49 @@ import (
 )
 
 var (
-	flagRounds  = flag.Int("bench.rounds", 3, "rounds of each measurement (interleaved across columns); the median is reported")
-	flagDur     = flag.Duration("bench.dur", 5*time.Second, "duration of each timed load run")
-	flagColumns = flag.String("bench.columns", "direct,haproxy,vmesh-proxy,vmesh", "columns to run")
-	flagOnly    = flag.String("bench.only", "", "scenarios to run (comma list of fixed,max,bulk,conns,redis,memory); empty: all")
-	flagHold    = flag.Int("bench.hold", 10000, "idle proxied connections to open for the memory scenario")
-	flagOut     = flag.String("bench.out", "results", "directory for the JSON results; empty: none")
-	flagDoc     = flag.String("bench.doc", "", "Markdown file whose results section to rewrite (make bench: ../BENCHMARKS.md); empty: none")
-	flagPprof   = flag.Bool("bench.pprof", true, "profile the vmesh proxies (control socket /debug/pprof): CPU under wrk, iperf3 and new connections, heap holding idle connections")
+	flagRounds   = flag.Int("bench.rounds", 3, "rounds of each measurement (interleaved across columns); the median is reported")
+	flagDur      = flag.Duration("bench.dur", 5*time.Second, "duration of each timed load run (the fixed-rate runs: -bench.fixeddur)")
+	flagFixedDur = flag.Duration("bench.fixeddur", 15*time.Second, "duration of each fixed-rate run (its CPU seconds are reported)")
+	flagRates    = flag.String("bench.rates", "1000", "fixed request rates (comma list of req/s)")
+	flagColumns  = flag.String("bench.columns", "direct,haproxy,vmesh,vmesh-dedicated,vmesh-vip", "columns to run (also: vmesh-proxy)")
+	flagOnly     = flag.String("bench.only", "", "scenarios to run (comma list of "+strings.Join(scenarios, ",")+"); empty: all")
+	flagHold     = flag.Int("bench.hold", 10000, "idle proxied connections to open for the memory scenario")
+	flagOut      = flag.String("bench.out", "results", "directory for the JSON results; empty: none")
+	flagDoc      = flag.String("bench.doc", "", "Markdown file whose results section to rewrite (make bench: ../BENCHMARKS.md); empty: none")
+	flagVIPs     = flag.String("bench.vips", "", "the vmesh-vip column's VIPs as http=ADDR,echo=ADDR (default: found through the agent)")
+	flagRender   = flag.String("bench.render", "", "TestRender: a results JSON file to render again into -bench.doc (no measuring)")
+	flagPprof    = flag.Bool("bench.pprof", true, "profile the vmesh proxies (control socket /debug/pprof): CPU under HTTP max rate, iperf3 and new connections, heap holding idle connections")
 )
+
+// scenarios are the harness's scenarios, in the order they run.
+var scenarios = []string{"fixed", "max", "h2", "grpc", "ws", "bulk", "conns", "redis", "memory", "balance"}
 
 // nobody runs every load client: vmesh's rules never redirect the agent's
 // own uid (root here), so clients must run as another user to be captured.
 const nobodyUID = "65534"
 
-// TestBench is the benchmark harness; `make bench` runs it. It builds a
-// six-host test bed: vmesh agents on h1 (client) and h2 (server, CA); h3
+// TestBench is the benchmark harness; `make bench` runs it. It builds an
+// eight-host test bed: vmesh agents on h1 (client) and h2 (server, CA); h3
 // (client) and h4 (server) for the direct and HAProxy columns; h5 and h6 for
-// vmesh's proxy alone (bench/meshproxy). Each pair has its own iptables
-// rules, which never touch another column's traffic.
+// vmesh's proxy alone (bench/meshproxy, when asked for); h7 and h8 for vmesh
+// with dedicated opaque connections. Each pair has its own iptables rules,
+// which never touch another column's traffic.
 func TestBench(t *testing.T) {
 	if os.Getenv("VMESH_BENCH") != "1" {
 		t.Skip("benchmark harness: run with VMESH_BENCH=1 (make bench)")
 	}
 	testbed.Require(t)
-	tl := prepareTools(t)
-	bed := testbed.New(t, 6)
+	want := strings.Split(*flagColumns, ",")
+	tl := prepareTools(t, slices.Contains(want, VMeshProxy))
+	bed := testbed.New(t, 8)
 	r := &run{t: t, tools: tl, bed: bed, report: &Report{
 		Date:    time.Now().UTC().Format(time.RFC3339),
 		Machine: machine(tl),
 		Rounds:  *flagRounds,
 		Method: fmt.Sprintf("%d rounds of every measurement, columns interleaved within each round (order rotated each round); "+
-			"each cell is the median of the rounds; timed runs last %s", *flagRounds, *flagDur),
+			"each cell is the median of the rounds; timed runs last %s, fixed-rate runs %s", *flagRounds, *flagDur, *flagFixedDur),
 		Unavailable: map[string]string{},
 	}}
-	want := strings.Split(*flagColumns, ",")
 	r.report.Notes = append(r.report.Notes, "load average before the run: "+loadavg())
 	for _, h := range bed.Hosts {
 		// Connection-rate runs leave tens of thousands of TIME_WAIT sockets
@@ -65,22 +71,23 @@ func TestBench(t *testing.T) {
 		h.Run(t, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1")
 	}
 
-	// Backends on both server hosts.
-	for _, h := range []*testbed.Host{bed.Hosts[1], bed.Hosts[3], bed.Hosts[5]} {
-		startBackends(t, tl, h)
+	// Backends on every server host.
+	for _, i := range []int{1, 3, 5, 7} {
+		startBackends(t, tl, bed.Hosts[i])
 	}
 	direct := &column{name: Direct, client: bed.Hosts[2], server: bed.Hosts[3], target: map[string]string{}}
 	for _, s := range Services {
 		direct.target[s.Name] = fmt.Sprintf("%s:%d", bed.Hosts[3].Addr, s.Port)
 	}
+	var cols []*column
 	if slices.Contains(want, Direct) {
-		r.columns = append(r.columns, direct)
+		cols = append(cols, direct)
 	}
 	if slices.Contains(want, HAProxy) {
 		if c, err := setupHAProxy(t, tl, bed.Hosts[2], bed.Hosts[3]); err != nil {
 			r.report.Unavailable[HAProxy] = err.Error()
 		} else {
-			r.columns = append(r.columns, c)
+			cols = append(cols, c)
 		}
 	}
 	if slices.Contains(want, VMeshProxy) {
@@ -88,19 +95,34 @@ func TestBench(t *testing.T) {
 			t.Logf("vmesh-proxy column unavailable: %v", err)
 			r.report.Unavailable[VMeshProxy] = err.Error()
 		} else {
-			r.columns = append(r.columns, c)
+			cols = append(cols, c)
 		}
 	}
-	if slices.Contains(want, VMesh) {
-		if c, err := setupVMesh(t, tl, bed.Hosts[0], bed.Hosts[1]); err != nil {
+	var vm *column
+	if slices.Contains(want, VMesh) || slices.Contains(want, VMeshVIP) {
+		c, err := setupVMesh(t, tl, bed.Hosts[0], bed.Hosts[1], VMesh, nil)
+		if err != nil {
 			t.Logf("vmesh column unavailable: %v", err)
 			r.report.Unavailable[VMesh] = err.Error()
 		} else {
-			r.columns = append(r.columns, c)
+			vm = c
+			if slices.Contains(want, VMesh) {
+				cols = append(cols, c)
+			}
+			r.report.Notes = append(r.report.Notes, "vmesh column: the agents as shipped; "+shippedDefault(tl, "multiplex_opaque"))
 		}
 	}
-	ok := r.columns[:0]
-	for _, c := range r.columns {
+	if slices.Contains(want, VMeshDedicated) {
+		off := false
+		if c, err := setupVMesh(t, tl, bed.Hosts[6], bed.Hosts[7], VMeshDedicated, &off); err != nil {
+			t.Logf("vmesh-dedicated column unavailable: %v", err)
+			r.report.Unavailable[VMeshDedicated] = err.Error()
+		} else {
+			c.only = []string{"bulk", "conns", "memory", "idle"}
+			cols = append(cols, c)
+		}
+	}
+	for _, c := range cols {
 		if err := r.checkPath(c); err != nil {
 			if c.name == Direct {
 				t.Fatalf("%s: path check: %v", c.name, err)
@@ -109,33 +131,51 @@ func TestBench(t *testing.T) {
 			r.report.Unavailable[c.name] = "path check: " + err.Error()
 			continue
 		}
-		ok = append(ok, c)
-		r.report.Columns = append(r.report.Columns, c.name)
+		r.columns = append(r.columns, c)
 	}
-	r.columns = ok
+	// The VIP column needs the vmesh agents up and the service known.
+	if slices.Contains(want, VMeshVIP) && vm != nil && r.report.Unavailable[VMesh] == "" {
+		if c, err := vipColumn(r, vm); err != nil {
+			t.Logf("vmesh-vip column unavailable: %v", err)
+			r.report.Unavailable[VMeshVIP] = err.Error()
+			r.report.NoteGroup(gBalance, "vmesh-vip: "+err.Error())
+		} else if err := r.checkPath(c); err != nil {
+			t.Logf("vmesh-vip column unavailable: path check: %v", err)
+			r.report.Unavailable[VMeshVIP] = "path check: " + err.Error()
+			r.report.NoteGroup(gBalance, "vmesh-vip: path check through the VIP failed: "+err.Error())
+		} else {
+			r.columns = append(r.columns, c)
+		}
+	}
+	for _, name := range []string{Direct, HAProxy, VMesh, VMeshDedicated, VMeshVIP, VMeshProxy} {
+		for _, c := range r.columns {
+			if c.name == name {
+				r.report.Columns = append(r.report.Columns, name)
+			}
+		}
+	}
 
 	start := time.Now()
 	idle := r.idleRSS()
 	only := func(name string) bool { return *flagOnly == "" || slices.Contains(strings.Split(*flagOnly, ","), name) }
-	if only("fixed") {
-		r.fixedRate()
-	}
-	if only("max") {
-		r.maxThroughput()
-	}
-	if only("bulk") {
-		r.bulk()
-	}
-	if only("conns") {
-		r.newConns()
-	}
-	if only("redis") {
-		r.redis()
+	for _, s := range []struct {
+		name string
+		fn   func()
+	}{
+		{"fixed", r.fixedRate}, {"max", r.maxThroughput}, {"h2", r.h2load}, {"grpc", r.grpc}, {"ws", r.websocket},
+		{"bulk", r.bulk}, {"conns", r.newConns}, {"redis", r.redis},
+	} {
+		if only(s.name) {
+			s.fn()
+		}
 	}
 	r.addIdle("idle at start", idle)
 	r.addIdle("idle after the loads", r.idleRSS())
 	if only("memory") {
 		r.memoryHold()
+	}
+	if only("balance") && slices.ContainsFunc(r.columns, func(c *column) bool { return c.name == VMeshVIP }) {
+		r.balance()
 	}
 	r.setTargets()
 	r.report.Finish()
@@ -146,6 +186,46 @@ func TestBench(t *testing.T) {
 	r.report.WriteText(&buf)
 	fmt.Print(buf.String())
 	r.save()
+}
+
+// TestRender rewrites -bench.doc's results section from a saved results
+// file (-bench.render), e.g. after the rendering changed; it measures
+// nothing.
+func TestRender(t *testing.T) {
+	if *flagRender == "" {
+		t.Skip("re-renders a results file: -bench.render FILE -bench.doc ../BENCHMARKS.md")
+	}
+	b, err := os.ReadFile(*flagRender)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rep Report
+	if err := json.Unmarshal(b, &rep); err != nil {
+		t.Fatalf("reading %s: %v", *flagRender, err)
+	}
+	var buf bytes.Buffer
+	rep.WriteText(&buf)
+	fmt.Print(buf.String())
+	if *flagDoc != "" {
+		if err := rewriteDoc(*flagDoc, &rep); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// shippedDefault says what `vmesh config default` sets key to in the tree
+// measured.
+func shippedDefault(tl *tools, key string) string {
+	out, err := exec.Command(tl.vmesh, "config", "default").Output()
+	if err != nil {
+		return fmt.Sprintf("default of %s unknown (%v)", key, err)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok && strings.TrimSpace(k) == key {
+			return fmt.Sprintf("proxy.%s defaults to %s in this tree", key, strings.TrimSpace(v))
+		}
+	}
+	return fmt.Sprintf("proxy.%s is not a key in this tree", key)
 }
 
 // run is one harness invocation.
@@ -167,8 +247,22 @@ type column struct {
 	target map[string]string
 	// procs are the proxy processes whose CPU and memory are counted.
 	procs []proc
-	// control is the vmesh client agent's control socket (for pprof).
+	// controls are the vmesh agents' control sockets by host (pprof).
 	controls map[string]string
+	// only lists the scenarios the column runs; none: all but balance.
+	only []string
+}
+
+// runs says whether the column takes part in a scenario. Balancing
+// compares vmesh through a host address with vmesh through a VIP only.
+func (c *column) runs(scenario string) bool {
+	if scenario == "balance" {
+		return c.name == VMesh || c.name == VMeshVIP
+	}
+	if c.only == nil {
+		return c.name != VMeshVIP
+	}
+	return slices.Contains(c.only, scenario)
 }
 
 // proc is a proxy process, by host.
@@ -299,14 +393,20 @@ func (r *run) checkPath(c *column) error {
 	return nil
 }
 
-// rounds runs fn for every round and column, rotating the column order each
-// round, and logs failures (a proxy's failure is a result; a direct one
-// means the harness is broken).
-func (r *run) rounds(what string, fn func(c *column, round int) error) {
+// rounds runs fn for every round and column taking part in scenario,
+// rotating the column order each round, and logs failures (a proxy's
+// failure is a result; a direct one means the harness is broken).
+func (r *run) rounds(what, scenario string, fn func(c *column, round int) error) {
+	var cols []*column
+	for _, c := range r.columns {
+		if c.runs(scenario) {
+			cols = append(cols, c)
+		}
+	}
 	for round := range *flagRounds {
-		n := len(r.columns)
+		n := len(cols)
 		for i := range n {
-			c := r.columns[(i+round)%n]
+			c := cols[(i+round)%n]
 			if err := fn(c, round); err != nil {
 				msg := fmt.Sprintf("%s, %s, round %d: %v", what, c.name, round+1, err)
 				if c.name == Direct {
@@ -349,351 +449,6 @@ func (r *run) flushPeaks(group string) {
 
 func mb(b int64) float64 { return float64(b) / (1 << 20) }
 
-func (r *run) warmup(c *column) {
-	// One short keep-alive run: opens pools and lets the proxies allocate.
-	r.client(c, 30*time.Second, r.tools.fortio, "load", "-qps", "500", "-uniform", "-c", "16", "-t", "1s", "-quiet", c.url("/"))
-}
-
-const (
-	gFixed = "HTTP/1.1 keep-alive at a fixed rate (fortio -uniform, 16 connections)"
-	gMax   = "HTTP max throughput (wrk, 2 threads)"
-	gBulk  = "Opaque TCP bulk throughput (iperf3)"
-	gConns = "New connections per second (16 concurrent clients)"
-	gRedis = "redis-benchmark through opaque port 6379 (50 connections)"
-	gMem   = "Memory"
-)
-
-func (r *run) fixedRate() {
-	for _, c := range r.columns {
-		r.warmup(c)
-	}
-	for _, rate := range []int{500, 1000, 4000} {
-		r.rounds(fmt.Sprintf("fixed %d rps", rate), func(c *column, round int) error {
-			var res FortioResult
-			u, err := c.during(func() error {
-				out, err := r.client(c, *flagDur+time.Minute, r.tools.fortio, "load",
-					"-qps", strconv.Itoa(rate), "-uniform", "-c", "16", "-t", flagDur.String(),
-					"-r", "0.00001", "-p", "50,90,99,99.9", "-json", "-", "-quiet", c.url("/"))
-				if err != nil {
-					return err
-				}
-				res, err = ParseFortio(strings.NewReader(out))
-				return err
-			})
-			if err != nil {
-				return err
-			}
-			if res.Errors > 0 {
-				return fmt.Errorf("%d of %d requests failed", res.Errors, res.Count)
-			}
-			for _, p := range []float64{50, 90, 99, 99.9} {
-				r.report.Add(gFixed, fmt.Sprintf("%d rps p%v", rate, p), "ms", "lower", c.name, res.Percentiles[p]*1000)
-			}
-			r.report.Add(gFixed, fmt.Sprintf("%d rps achieved", rate), "rps", "higher", c.name, res.ActualQPS)
-			if len(c.procs) > 0 {
-				r.report.Add(gFixed, fmt.Sprintf("%d rps proxy CPU per request", rate), "µs", "lower", c.name,
-					float64(u.cpu.Microseconds())/float64(res.Count))
-			}
-			r.peak(gFixed, c, round, u)
-			return nil
-		})
-	}
-	r.flushPeaks(gFixed)
-}
-
-func (r *run) maxThroughput() {
-	for _, conns := range []int{16, 64} {
-		r.rounds(fmt.Sprintf("wrk %d conns", conns), func(c *column, round int) error {
-			var res WrkResult
-			u, err := c.during(func() error {
-				out, err := r.client(c, *flagDur+time.Minute, "wrk", "-t", "2", "-c", strconv.Itoa(conns),
-					"-d", strconv.Itoa(int(flagDur.Seconds()))+"s", c.url("/"))
-				if err != nil {
-					return err
-				}
-				res, err = ParseWrk(out)
-				return err
-			})
-			if err != nil {
-				return err
-			}
-			if res.SocketErrs+res.Non2xx > 0 {
-				return fmt.Errorf("wrk: %d socket errors, %d bad responses in %d requests", res.SocketErrs, res.Non2xx, res.Requests)
-			}
-			r.report.Add(gMax, fmt.Sprintf("%d connections", conns), "req/s", "higher", c.name, res.RPS)
-			if len(c.procs) > 0 {
-				r.report.Add(gMax, fmt.Sprintf("%d connections proxy CPU per request", conns), "µs", "lower", c.name,
-					float64(u.cpu.Microseconds())/float64(res.Requests))
-			}
-			r.peak(gMax, c, round, u)
-			return nil
-		})
-	}
-	r.flushPeaks(gMax)
-	if *flagPprof {
-		r.profile("wrk16", func(c *column, secs int) {
-			r.client(c, time.Duration(secs+60)*time.Second, "wrk", "-t", "2", "-c", "16", "-d", strconv.Itoa(secs)+"s", c.url("/"))
-		})
-	}
-}
-
-func (r *run) bulk() {
-	for _, streams := range []int{1, 4} {
-		r.rounds(fmt.Sprintf("iperf3 %d streams", streams), func(c *column, round int) error {
-			host, port := splitHostPort(c.target["iperf"])
-			var res IperfResult
-			u, err := c.during(func() error {
-				out, err := r.client(c, *flagDur+time.Minute, "iperf3", "-c", host, "-p", port,
-					"-t", strconv.Itoa(int(flagDur.Seconds())), "-P", strconv.Itoa(streams), "-J")
-				if err != nil {
-					// iperf3 -J reports its errors in the JSON.
-					if _, perr := ParseIperf(strings.NewReader(out)); perr != nil {
-						return fmt.Errorf("%w (%v)", err, perr)
-					}
-					return err
-				}
-				res, err = ParseIperf(strings.NewReader(out))
-				return err
-			})
-			if err != nil {
-				return err
-			}
-			name := fmt.Sprintf("%d stream", streams)
-			if streams > 1 {
-				name += "s"
-			}
-			r.report.Add(gBulk, name, "Gbit/s", "higher", c.name, res.BitsPerSecond/1e9)
-			if len(c.procs) > 0 {
-				r.report.Add(gBulk, name+" proxy CPU per GB", "s", "lower", c.name,
-					u.cpu.Seconds()/(float64(res.Bytes)/1e9))
-			}
-			r.peak(gBulk, c, round, u)
-			return nil
-		})
-	}
-	r.flushPeaks(gBulk)
-	if *flagPprof {
-		r.profile("iperf1", func(c *column, secs int) {
-			host, port := splitHostPort(c.target["iperf"])
-			r.client(c, time.Duration(secs+60)*time.Second, "iperf3", "-c", host, "-p", port, "-t", strconv.Itoa(secs), "-J")
-		})
-	}
-}
-
-func splitHostPort(hp string) (string, string) {
-	i := strings.LastIndexByte(hp, ':')
-	return hp[:i], hp[i+1:]
-}
-
-func (r *run) newConns() {
-	dur := min(*flagDur, 4*time.Second)
-	r.rounds("new HTTP connections", func(c *column, round int) error {
-		var res FortioResult
-		u, err := c.during(func() error {
-			out, err := r.client(c, dur+time.Minute, r.tools.fortio, "load", "-qps", "0", "-c", "16",
-				"-keepalive=false", "-t", dur.String(), "-r", "0.00001", "-p", "50,99", "-json", "-", "-quiet", c.url("/"))
-			if err != nil {
-				return err
-			}
-			res, err = ParseFortio(strings.NewReader(out))
-			return err
-		})
-		if err != nil {
-			return err
-		}
-		if res.Errors > 0 {
-			return fmt.Errorf("%d of %d requests failed", res.Errors, res.Count)
-		}
-		r.report.Add(gConns, "HTTP, no keep-alive (fortio -keepalive=false)", "conn/s", "higher", c.name, res.ActualQPS)
-		r.report.Add(gConns, "HTTP, no keep-alive p50", "ms", "lower", c.name, res.Percentiles[50]*1000)
-		if len(c.procs) > 0 {
-			r.report.Add(gConns, "HTTP, no keep-alive proxy CPU per connection", "µs", "lower", c.name,
-				float64(u.cpu.Microseconds())/float64(res.Count))
-		}
-		r.peak(gConns, c, round, u)
-		return nil
-	})
-	r.rounds("new TCP connections", func(c *column, round int) error {
-		var res struct {
-			Conns      int64   `json:"conns"`
-			Errors     int64   `json:"errors"`
-			Rate       float64 `json:"rate"`
-			P50Ms      float64 `json:"p50_ms"`
-			FirstError string  `json:"first_error"`
-		}
-		u, err := c.during(func() error {
-			out, err := r.client(c, dur+time.Minute, r.tools.benchtool, "dial", "-addr", c.target["echo"],
-				"-c", "16", "-t", dur.String())
-			if err != nil {
-				return err
-			}
-			return json.Unmarshal([]byte(out), &res)
-		})
-		if err != nil {
-			return err
-		}
-		if res.Errors > 0 {
-			return fmt.Errorf("%d of %d connections failed, first: %s", res.Errors, res.Conns+res.Errors, res.FirstError)
-		}
-		r.report.Add(gConns, "opaque TCP connect+echo+close (benchtool dial)", "conn/s", "higher", c.name, res.Rate)
-		r.report.Add(gConns, "opaque TCP connect+echo+close p50", "ms", "lower", c.name, res.P50Ms)
-		if len(c.procs) > 0 && res.Conns > 0 {
-			r.report.Add(gConns, "opaque TCP proxy CPU per connection", "µs", "lower", c.name,
-				float64(u.cpu.Microseconds())/float64(res.Conns))
-		}
-		r.peak(gConns, c, round, u)
-		return nil
-	})
-	r.flushPeaks(gConns)
-	if *flagPprof {
-		r.profile("dial", func(c *column, secs int) {
-			r.client(c, time.Duration(secs+60)*time.Second, r.tools.benchtool, "dial", "-addr", c.target["echo"],
-				"-c", "16", "-t", fmt.Sprintf("%ds", secs))
-		})
-	}
-}
-
-func (r *run) redis() {
-	const n = 50000
-	r.rounds("redis-benchmark", func(c *column, round int) error {
-		host, port := splitHostPort(c.target["redis"])
-		var res map[string]RedisResult
-		u, err := c.during(func() error {
-			out, err := r.client(c, 2*time.Minute, "redis-benchmark", "-h", host, "-p", port,
-				"-t", "set,get", "-n", strconv.Itoa(n), "-c", "50", "--csv")
-			if err != nil {
-				return err
-			}
-			res, err = ParseRedisBenchmark(out)
-			return err
-		})
-		if err != nil {
-			return err
-		}
-		for _, op := range []string{"SET", "GET"} {
-			v, ok := res[op]
-			if !ok {
-				return fmt.Errorf("no %s result", op)
-			}
-			r.report.Add(gRedis, op, "req/s", "higher", c.name, v.RPS)
-			r.report.Add(gRedis, op+" p50", "ms", "lower", c.name, v.P50Ms)
-		}
-		if len(c.procs) > 0 {
-			r.report.Add(gRedis, "proxy CPU per request", "µs", "lower", c.name, float64(u.cpu.Microseconds())/(2*n))
-		}
-		r.peak(gRedis, c, round, u)
-		return nil
-	})
-	r.flushPeaks(gRedis)
-}
-
-// idleRSS reads the proxies' RSS after a quiet second: per column, the
-// largest process's and the sum.
-func (r *run) idleRSS() map[string][2]int64 {
-	time.Sleep(time.Second)
-	m := map[string][2]int64{}
-	for _, c := range r.columns {
-		if len(c.procs) == 0 {
-			continue
-		}
-		var biggest int64
-		for _, p := range c.procs {
-			biggest = max(biggest, procRSS(p.pid))
-		}
-		m[c.name] = [2]int64{biggest, c.rss()}
-	}
-	return m
-}
-
-func (r *run) addIdle(when string, m map[string][2]int64) {
-	for _, c := range r.columns {
-		if v, ok := m[c.name]; ok {
-			r.report.Add(gMem, "RSS "+when+", largest proxy process", "MB", "lower", c.name, mb(v[0]))
-			r.report.Add(gMem, "RSS "+when+", both hosts", "MB", "lower", c.name, mb(v[1]))
-		}
-	}
-}
-
-// memoryHold opens flagHold idle connections through each proxy column and
-// records the proxies' RSS growth per connection. It runs once per column.
-func (r *run) memoryHold() {
-	n := *flagHold
-	// Each proxy holds two descriptors per proxied connection (client
-	// side, upstream side): stay under the hard limit of open files.
-	if lim := int(nofileLimit()-300) / 2; n > lim {
-		r.report.Notes = append(r.report.Notes, fmt.Sprintf(
-			"memory: %d idle connections, not %d: the hard limit of open files here is %d and cannot be raised (no CAP_SYS_RESOURCE); a proxy needs two per connection",
-			lim, n, nofileLimit()))
-		n = lim
-	}
-	for _, c := range r.columns {
-		if len(c.procs) == 0 {
-			continue
-		}
-		before := c.rss()
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-		cmd := c.client.Command(ctx, "prlimit", nofileArg(), "--", "setpriv", "--reuid="+nobodyUID,
-			"--regid="+nobodyUID, "--clear-groups", "--", r.tools.benchtool, "hold", "-addr", c.target["hold"],
-			"-n", strconv.Itoa(n), "-c", "32", "-max", "2m")
-		stdin, _ := cmd.StdinPipe()
-		stdout, _ := cmd.StdoutPipe()
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		if err := cmd.Start(); err != nil {
-			cancel()
-			r.t.Errorf("%s: starting hold: %v", c.name, err)
-			continue
-		}
-		var res HoldResultJSON
-		err := json.NewDecoder(stdout).Decode(&res)
-		if err == nil && res.Open < n {
-			err = fmt.Errorf("opened %d of %d connections (%d errors, first: %s)", res.Open, n, res.Errors, res.FirstError)
-		}
-		if err != nil {
-			msg := fmt.Sprintf("memory, %s: %v %s", c.name, err, lastLines(stderr.String(), 3))
-			r.t.Log(msg)
-			r.report.Notes = append(r.report.Notes, msg)
-		}
-		if res.Open > 0 {
-			// Let the proxies settle (buffers released after the first
-			// byte each way), then read RSS.
-			time.Sleep(2 * time.Second)
-			after := c.rss()
-			r.report.Add(gMem, fmt.Sprintf("RSS with %d idle proxied connections, both hosts", res.Open), "MB", "lower", c.name, mb(after))
-			r.report.Add(gMem, "per idle proxied connection (both hosts)", "KB", "lower", c.name,
-				float64(after-before)/1024/float64(res.Open))
-			r.report.Add(gMem, fmt.Sprintf("time to open %d connections", res.Open), "s", "lower", c.name, res.Seconds)
-			if *flagPprof {
-				r.heapProfiles(c, res.Open)
-			}
-		}
-		stdin.Close()
-		io.Copy(io.Discard, stdout)
-		cmd.Wait()
-		cancel()
-	}
-}
-
-// HoldResultJSON mirrors benchtool's HoldResult.
-type HoldResultJSON struct {
-	Open       int     `json:"open"`
-	Errors     int     `json:"errors"`
-	Seconds    float64 `json:"seconds"`
-	FirstError string  `json:"first_error"`
-}
-
-// setTargets attaches issue 9's targets to their rows.
-func (r *run) setTargets() {
-	rep := r.report
-	rep.SetTarget(gFixed, "1000 rps p50", AddedAtMost, 0.100)
-	rep.SetTarget(gFixed, "1000 rps p99", AddedAtMost, 0.300)
-	rep.SetTarget(gBulk, "1 stream", RatioAtLeast, 0.5)
-	rep.SetTarget(gBulk, "4 streams", RatioAtLeast, 0.5)
-	rep.SetTarget(gConns, "opaque TCP connect+echo+close (benchtool dial)", AtLeast, 5000)
-	rep.SetTarget(gMem, "RSS idle at start, largest proxy process", AtMost, 30)
-	rep.SetTarget(gMem, "per idle proxied connection (both hosts)", AtMost, 20)
-}
-
 func (r *run) save() {
 	stamp := strings.NewReplacer(":", "", "-", "").Replace(r.report.Date)
 	if *flagOut != "" {
@@ -707,19 +462,25 @@ func (r *run) save() {
 		r.t.Logf("results written to %s", path)
 	}
 	if *flagDoc != "" {
-		doc, err := os.ReadFile(*flagDoc)
-		if err != nil {
-			r.t.Fatal(err)
-		}
-		upd, err := UpdateMarkdown(string(doc), r.report.Markdown())
-		if err != nil {
-			r.t.Fatal(err)
-		}
-		if err := os.WriteFile(*flagDoc, []byte(upd), 0o644); err != nil {
+		if err := rewriteDoc(*flagDoc, r.report); err != nil {
 			r.t.Fatal(err)
 		}
 		r.t.Logf("results section of %s rewritten", *flagDoc)
 	}
+}
+
+// rewriteDoc replaces the results section of the Markdown file path with
+// rep.
+func rewriteDoc(path string, rep *Report) error {
+	doc, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	upd, err := UpdateMarkdown(string(doc), rep.Markdown())
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, []byte(upd), 0o644)
 }
 
 // loadavg returns the machine's 1, 5 and 15-minute load averages: other
@@ -738,6 +499,12 @@ func loadavg() string {
 
 func machine(tl *tools) Machine {
 	m := Machine{Nproc: runtime.NumCPU(), GoVersion: runtime.Version(), Tools: tl.versions}
+	if out, err := exec.Command("git", "describe", "--always", "--dirty", "--abbrev=12").Output(); err == nil {
+		m.Revision = strings.TrimSpace(string(out))
+		if b, err := exec.Command("git", "rev-parse", "--abbrev-ref", "HEAD").Output(); err == nil {
+			m.Revision += " (" + strings.TrimSpace(string(b)) + ")"
+		}
+	}
 	if out, err := exec.Command("uname", "-r").Output(); err == nil {
 		m.Kernel = strings.TrimSpace(string(out))
 	}

@@ -16,7 +16,8 @@ type Service struct {
 
 // Services are the benchmark backends on the server host.
 var Services = []Service{
-	{Name: "http", Port: 8080},
+	{Name: "http", Port: 8080}, // HTTP/1.1, h2c and WebSocket (/ws)
+	{Name: "grpc", Port: 9003},
 	{Name: "iperf", Port: 5201, Opaque: true},
 	{Name: "redis", Port: 6379, Opaque: true},
 	{Name: "echo", Port: 9001, Opaque: true},

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/netip"
 	"regexp"
 	"strconv"
 	"strings"
@@ -230,4 +231,246 @@ func ParseVmRSS(status string) (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("no VmRSS in status")
+}
+
+// H2loadResult is what the harness keeps of one h2load run.
+type H2loadResult struct {
+	// Protocol is the application protocol h2load negotiated ("h2c").
+	Protocol string
+	RPS      float64
+	// Done counts finished requests, Succeeded those answered 2xx/3xx;
+	// Failed those that were not (errored and timed out included).
+	Done, Succeeded, Failed int64
+	Non2xx                  int64 // 3xx, 4xx and 5xx responses
+}
+
+var (
+	h2Proto    = regexp.MustCompile(`(?m)^Application protocol: (\S+)`)
+	h2Finished = regexp.MustCompile(`(?m)^finished in [\d.]+\w+, ([\d.]+) req/s`)
+	h2Requests = regexp.MustCompile(`(?m)^requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed`)
+	h2Status   = regexp.MustCompile(`(?m)^status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx`)
+)
+
+// ParseH2load reads h2load's text report (nghttp2 1.52). A run that
+// negotiated no protocol (nothing connected) or finished no request is an
+// error.
+func ParseH2load(out string) (H2loadResult, error) {
+	var res H2loadResult
+	m := h2Requests.FindStringSubmatch(out)
+	f := h2Finished.FindStringSubmatch(out)
+	if m == nil || f == nil {
+		return res, fmt.Errorf("h2load output has no result: %q", lastLine(out))
+	}
+	res.RPS, _ = strconv.ParseFloat(f[1], 64)
+	res.Done, _ = strconv.ParseInt(m[1], 10, 64)
+	res.Succeeded, _ = strconv.ParseInt(m[2], 10, 64)
+	res.Failed, _ = strconv.ParseInt(m[3], 10, 64)
+	if s := h2Status.FindStringSubmatch(out); s != nil {
+		for _, v := range s[1:] {
+			n, _ := strconv.ParseInt(v, 10, 64)
+			res.Non2xx += n
+		}
+	}
+	if p := h2Proto.FindStringSubmatch(out); p != nil {
+		res.Protocol = p[1]
+	}
+	if res.Protocol == "" {
+		return res, fmt.Errorf("h2load connected to nothing (%d requests failed)", res.Failed)
+	}
+	if res.Done == 0 {
+		return res, fmt.Errorf("h2load finished no request")
+	}
+	return res, nil
+}
+
+func lastLine(s string) string {
+	s = strings.TrimSpace(s)
+	return s[strings.LastIndexByte(s, '\n')+1:]
+}
+
+// LoopResult mirrors what benchtool's loop clients (dial, grpc, ws) print.
+type LoopResult struct {
+	Ops        int64   `json:"ops"`
+	Errors     int64   `json:"errors"`
+	Seconds    float64 `json:"seconds"`
+	Rate       float64 `json:"rate"`
+	P50Ms      float64 `json:"p50_ms"`
+	P99Ms      float64 `json:"p99_ms"`
+	FirstError string  `json:"first_error"`
+}
+
+// ParseLoop reads a benchtool loop client's JSON result; a run with errors
+// or with no operation is an error (every operation must succeed).
+func ParseLoop(out string) (LoopResult, error) {
+	var res LoopResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		return res, fmt.Errorf("decoding benchtool result: %w", err)
+	}
+	if res.Errors > 0 {
+		return res, fmt.Errorf("%d of %d operations failed, first: %s", res.Errors, res.Ops+res.Errors, res.FirstError)
+	}
+	if res.Ops == 0 {
+		return res, fmt.Errorf("no operation completed")
+	}
+	return res, nil
+}
+
+// PprofFunc is one function of a CPU profile: its own share of the samples
+// (flat) and its share including what it called (cum), in percent.
+type PprofFunc struct {
+	Name      string
+	Flat, Cum float64
+}
+
+// PprofTop is a parsed `go tool pprof -top` report.
+type PprofTop struct {
+	// Total is the profile's total sample value as pprof prints it
+	// ("1.30s").
+	Total string
+	Funcs []PprofFunc // in pprof's order (flat, descending)
+}
+
+var (
+	pprofTotal = regexp.MustCompile(`Showing nodes accounting for \S+, [\d.]+% of (\S+) total`)
+	pprofLine  = regexp.MustCompile(`^\s*[\d.]+\w*\s+([\d.]+)%\s+[\d.]+%\s+[\d.]+\w*\s+([\d.]+)%\s+(.+?)\s*$`)
+)
+
+// ParsePprofTop reads the text of `go tool pprof -top`.
+func ParsePprofTop(out string) (PprofTop, error) {
+	var top PprofTop
+	if m := pprofTotal.FindStringSubmatch(out); m != nil {
+		top.Total = m[1]
+	}
+	for _, line := range strings.Split(out, "\n") {
+		m := pprofLine.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		flat, _ := strconv.ParseFloat(m[1], 64)
+		cum, _ := strconv.ParseFloat(m[2], 64)
+		name := strings.TrimSuffix(m[3], " (inline)")
+		top.Funcs = append(top.Funcs, PprofFunc{Name: name, Flat: flat, Cum: cum})
+	}
+	if top.Total == "" || len(top.Funcs) == 0 {
+		return top, fmt.Errorf("pprof -top output has no functions: %q", lastLine(out))
+	}
+	return top, nil
+}
+
+// Share is one row of a profile summary: a kind of work and its share of
+// the CPU, in percent.
+type Share struct {
+	What    string  `json:"what"`
+	Percent float64 `json:"percent"`
+}
+
+// profileKinds are the kinds of work a proxy's CPU profile is summarised
+// by: each is the largest cumulative share among the functions named (the
+// outermost frame of that kind of work, so nothing is counted twice within
+// a kind), or the sum of the flat shares of the functions under a prefix.
+// Kinds may overlap: allocation runs inside request handling.
+var profileKinds = []struct {
+	what     string
+	funcs    []string
+	prefixes []string
+}{
+	{"system calls (read, write, …)", []string{"syscall.Syscall", "syscall.Syscall6", "syscall.RawSyscall6", "internal/runtime/syscall/linux.Syscall6", "internal/runtime/syscall.Syscall6"}, nil},
+	{"scheduler (runtime.schedule: finding work, parking, waking)", []string{"runtime.schedule"}, nil},
+	{"garbage collection (background mark workers)", []string{"runtime.gcBgMarkWorker"}, nil},
+	{"allocation (runtime.mallocgc)", []string{"runtime.mallocgc"}, nil},
+	{"cryptography (flat, crypto/...)", nil, []string{"crypto/", "vendor/golang.org/x/crypto/", "golang.org/x/crypto/"}},
+}
+
+// Summarise returns the profile's kinds of work (see profileKinds) and its
+// n functions with the most flat samples.
+func (p PprofTop) Summarise(n int) (kinds []Share, top []PprofFunc) {
+	cum := map[string]float64{}
+	for _, f := range p.Funcs {
+		cum[f.Name] = f.Cum
+	}
+	for _, k := range profileKinds {
+		var v float64
+		for _, name := range k.funcs {
+			v = max(v, cum[name])
+		}
+		for _, f := range p.Funcs {
+			for _, pre := range k.prefixes {
+				if strings.HasPrefix(f.Name, pre) {
+					v += f.Flat
+					break
+				}
+			}
+		}
+		kinds = append(kinds, Share{What: k.what, Percent: v})
+	}
+	top = p.Funcs[:min(n, len(p.Funcs))]
+	return kinds, top
+}
+
+// FindVIP looks for service's virtual IP in the JSON of `vmesh services -o
+// json`, whatever its exact shape: an object naming the service (key
+// "name" or "service", any case) with a key containing "vip" whose value is
+// an address (or address:port, or a list of them; IPv4 first). It reports
+// false when the tree's agent offers no VIPs.
+func FindVIP(servicesJSON []byte, service string) (netip.Addr, bool) {
+	var doc any
+	if err := json.Unmarshal(servicesJSON, &doc); err != nil {
+		return netip.Addr{}, false
+	}
+	var found []netip.Addr
+	var walk func(v any)
+	walk = func(v any) {
+		switch v := v.(type) {
+		case []any:
+			for _, e := range v {
+				walk(e)
+			}
+		case map[string]any:
+			named := false
+			for k, x := range v {
+				if s, ok := x.(string); ok && s == service && (strings.EqualFold(k, "name") || strings.EqualFold(k, "service")) {
+					named = true
+				}
+			}
+			if named {
+				for k, x := range v {
+					if strings.Contains(strings.ToLower(k), "vip") {
+						found = append(found, addrsIn(x)...)
+					}
+				}
+			}
+			for _, x := range v {
+				walk(x)
+			}
+		}
+	}
+	walk(doc)
+	for _, a := range found {
+		if a.Is4() {
+			return a, true
+		}
+	}
+	if len(found) > 0 {
+		return found[0], true
+	}
+	return netip.Addr{}, false
+}
+
+func addrsIn(v any) []netip.Addr {
+	switch v := v.(type) {
+	case string:
+		if a, err := netip.ParseAddr(v); err == nil {
+			return []netip.Addr{a}
+		}
+		if ap, err := netip.ParseAddrPort(v); err == nil {
+			return []netip.Addr{ap.Addr()}
+		}
+	case []any:
+		var out []netip.Addr
+		for _, e := range v {
+			out = append(out, addrsIn(e)...)
+		}
+		return out
+	}
+	return nil
 }

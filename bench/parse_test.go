@@ -96,6 +96,108 @@ func TestParseIperf(t *testing.T) {
 	}
 }
 
+func TestParseH2load(t *testing.T) {
+	out, err := os.ReadFile("testdata/h2load.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := ParseH2load(string(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := H2loadResult{Protocol: "h2c", RPS: 26847.00, Done: 53694, Succeeded: 53694}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+	// Nothing listening: no protocol negotiated, every request errored.
+	refused, err := os.ReadFile("testdata/h2load-refused.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ParseH2load(string(refused)); err == nil || got.Failed != 50 {
+		t.Errorf("refused run: got %+v, %v; want an error and 50 failed", got, err)
+	}
+	bad := strings.Replace(string(out), "0 4xx, 0 5xx", "0 4xx, 12 5xx", 1)
+	if got, err := ParseH2load(bad); err != nil || got.Non2xx != 12 {
+		t.Errorf("5xx responses: got %+v, %v; want 12 not 2xx", got, err)
+	}
+	if _, err := ParseH2load("h2load: command not found"); err == nil {
+		t.Error("garbage parsed without error")
+	}
+}
+
+func TestParseLoop(t *testing.T) {
+	got, err := ParseLoop(`{"ops":4602,"errors":0,"seconds":1.000093192,"rate":4601.57,"p50_ms":0.191,"p99_ms":0.701}`)
+	if err != nil || got.Ops != 4602 || got.Rate != 4601.57 || got.P50Ms != 0.191 {
+		t.Errorf("got %+v, %v", got, err)
+	}
+	if _, err := ParseLoop(`{"ops":10,"errors":2,"first_error":"connection reset by peer"}`); err == nil ||
+		!strings.Contains(err.Error(), "connection reset by peer") {
+		t.Errorf("errors: got %v, want the first error named", err)
+	}
+	if _, err := ParseLoop(`{"ops":0,"errors":0}`); err == nil {
+		t.Error("a run with no operation parsed without error")
+	}
+}
+
+func TestParsePprofTop(t *testing.T) {
+	out, err := os.ReadFile("testdata/pprof-top.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	top, err := ParsePprofTop(string(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if top.Total != "610ms" {
+		t.Errorf("total %q, want 610ms", top.Total)
+	}
+	first := PprofFunc{Name: "internal/runtime/syscall/linux.Syscall6", Flat: 70.49, Cum: 70.49}
+	if diff := cmp.Diff(first, top.Funcs[0]); diff != "" {
+		t.Errorf("first function (-want +got):\n%s", diff)
+	}
+	for _, f := range top.Funcs {
+		if strings.HasSuffix(f.Name, "(inline)") {
+			t.Errorf("%q keeps pprof's inline mark", f.Name)
+		}
+	}
+	kinds, fns := top.Summarise(3)
+	if len(fns) != 3 || fns[2].Name != "bufio.(*Writer).Flush" {
+		t.Errorf("top 3: %+v", fns)
+	}
+	want := map[string]float64{
+		"system calls (read, write, …)":                               70.49, // the innermost frame here has the largest cum
+		"scheduler (runtime.schedule: finding work, parking, waking)": 11.48,
+	}
+	for _, k := range kinds {
+		if w, ok := want[k.What]; ok && math.Abs(k.Percent-w) > 1e-9 {
+			t.Errorf("%s: %.2f%%, want %.2f%%", k.What, k.Percent, w)
+		}
+	}
+	if _, err := ParsePprofTop("failed to fetch profile"); err == nil {
+		t.Error("garbage parsed without error")
+	}
+}
+
+func TestFindVIP(t *testing.T) {
+	for _, c := range []struct {
+		doc, service string
+		want         string // "" for none
+	}{
+		{`[{"name":"http","vip":"240.0.0.7","endpoints":[{"node":"h2","addr":"198.18.0.2:8080"}]}]`, "http", "240.0.0.7"},
+		{`{"services":[{"Service":"echo","VIPs":["fd00::5","240.1.2.3"]},{"Service":"http","VIPs":["240.9.9.9"]}]}`, "echo", "240.1.2.3"},
+		{`[{"name":"http","vip_addr":"240.0.0.7:8080"}]`, "http", "240.0.0.7"},
+		{`[{"name":"http","port":8080,"endpoints":[{"node":"h2","addr":"198.18.0.2"}]}]`, "http", ""},
+		{`[{"name":"echo","vip":"240.0.0.8"}]`, "http", ""},
+		{`not json`, "http", ""},
+	} {
+		got, ok := FindVIP([]byte(c.doc), c.service)
+		if (c.want == "") == ok || (ok && got.String() != c.want) {
+			t.Errorf("FindVIP(%s, %s) = %v, %v; want %q", c.doc, c.service, got, ok, c.want)
+		}
+	}
+}
+
 func TestParseRedisBenchmark(t *testing.T) {
 	out := `"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
 "SET","69204.15","0.383","0.056","0.343","0.583","1.079","1.807"
@@ -153,9 +255,26 @@ func TestReportTargetsAndMedians(t *testing.T) {
 	rep.Add("g", "bulk", "Gbit/s", "higher", Direct, 10)
 	rep.Add("g", "bulk", "Gbit/s", "higher", VMesh, 4.9)
 	rep.Add("g", "rss", "MB", "lower", VMesh, 29)
-	rep.SetTarget("g", "p50", AddedAtMost, 0.100)
-	rep.SetTarget("g", "bulk", RatioAtLeast, 0.5)
-	rep.SetTarget("g", "rss", AtMost, 30)
+	rep.SetTarget("g", "p50", Target{Kind: AddedAtMost, Value: 0.100})
+	rep.SetTarget("g", "bulk", Target{Kind: RatioAtLeast, Value: 0.5})
+	rep.SetTarget("g", "rss", Target{Kind: AtMost, Value: 30})
+	// Against HAProxy: vmesh's p50 within +0.05 ms of HAProxy's, judged
+	// for vmesh only.
+	rep.Add("h", "p50", "ms", "lower", Direct, 0.3)
+	rep.Add("h", "p50", "ms", "lower", HAProxy, 1.0)
+	rep.Add("h", "p50", "ms", "lower", VMesh, 1.04)
+	rep.SetTarget("h", "p50", Target{Kind: AddedAtMost, Value: 0.05, Ref: HAProxy, Cols: []string{VMesh}})
+	rep.Add("h", "req/s", "req/s", "higher", HAProxy, 1000)
+	rep.Add("h", "req/s", "req/s", "higher", VMesh, 900)
+	rep.SetTarget("h", "req/s", Target{Kind: RatioAtLeast, Value: 1, Ref: HAProxy, Cols: []string{VMesh}})
+	rep.Add("h", "cpu", "µs", "lower", HAProxy, 50)
+	rep.Add("h", "cpu", "µs", "lower", VMesh, 50)
+	rep.SetTarget("h", "cpu", Target{Kind: RatioAtMost, Value: 1, Ref: HAProxy, Cols: []string{VMesh}})
+	rep.Add("h", "vip", "req/s", "higher", VMesh, 1000)
+	rep.Add("h", "vip", "req/s", "higher", VMeshVIP, 890)
+	rep.SetTarget("h", "vip", Target{Kind: RatioWithin, Value: 0.1, Ref: VMesh, Cols: []string{VMeshVIP}})
+	rep.Columns = append(rep.Columns, VMeshVIP)
+	rep.NoteGroup("n/a", "no such thing here")
 	rep.Finish()
 	p50 := rep.Row("g", "p50")
 	if p50.Values[Direct] != 0.32 || p50.Values[VMesh] != 0.41 || math.Abs(p50.Values[HAProxy]-1.15) > 1e-9 {
@@ -170,9 +289,38 @@ func TestReportTargetsAndMedians(t *testing.T) {
 	if !rep.Row("g", "rss").Target.Met[VMesh] {
 		t.Error("29 MB missed a ≤30 MB target")
 	}
+	for _, c := range []struct {
+		row      string
+		met      bool
+		judged   string
+		unjudged string
+	}{
+		{"p50", true, VMesh, HAProxy},   // +0.04 over HAProxy
+		{"req/s", false, VMesh, Direct}, // 0.9× HAProxy
+		{"cpu", true, VMesh, HAProxy},   // 1.0× HAProxy
+		{"vip", false, VMeshVIP, VMesh}, // 11 % off
+	} {
+		tg := rep.Row("h", c.row).Target
+		if met, ok := tg.Met[c.judged]; !ok || met != c.met {
+			t.Errorf("row %s: %s met = %v (judged %v), want %v", c.row, c.judged, met, ok, c.met)
+		}
+		if _, ok := tg.Met[c.unjudged]; ok {
+			t.Errorf("row %s: %s judged, want only %s", c.row, c.unjudged, c.judged)
+		}
+	}
 	md := rep.Markdown()
-	for _, want := range []string{"| p50 | ms | 0.320 | 1.150 | 0.410 | ×3.59 (+0.830) | ×1.28 (+0.090) | +≤0.100: haproxy MISSED, vmesh met |",
-		"| bulk | Gbit/s | 10.00 | – | 4.900 |  | ×0.49 | ≥50% of direct: vmesh MISSED |"} {
+	for _, want := range []string{
+		"| measure | unit | direct | haproxy | vmesh | haproxy ÷ direct | vmesh ÷ direct | vmesh ÷ haproxy | target |",
+		"| p50 | ms | 0.320 | 1.150 | 0.410 | ×3.59 (+0.830) | ×1.28 (+0.090) | ×0.36 (-0.740) | +≤0.100: haproxy +0.830 MISSED, vmesh +0.090 met |",
+		"| bulk | Gbit/s | 10.00 | – | 4.900 |  | ×0.49 |  | ≥0.50× direct: vmesh ×0.49 MISSED |",
+		"| p50 | ms | 0.300 | 1.000 | 1.040 | – | ×3.33 (+0.700) | ×3.47 (+0.740) | ×1.04 (+0.040) | ≤ haproxy +0.050: vmesh +0.040 met |",
+		"| vip | req/s | – | – | 1,000 | 890.0 |  |  |  | within 10% of vmesh: vmesh-vip ×0.89 MISSED |",
+		"**n/a**\n\n- no such thing here\n",
+		"| g: p50 | ms | 0.320 | 1.150 | vmesh | 0.410 | direct 0.320 | +0.090 | +≤0.100 | met |",
+		"| h: req/s | req/s | – | 1,000 | vmesh | 900.0 | haproxy 1,000 | ×0.90 | ≥1.00× haproxy | **MISSED** |",
+		"| h: vip | req/s | – | – | vmesh-vip | 890.0 | vmesh 1,000 | ×0.89 | within 10% of vmesh | **MISSED** |",
+		"| g: rss | MB | – | – | vmesh | 29.00 | – |  | ≤30.00 | met |",
+	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md)
 		}
@@ -235,7 +383,16 @@ func TestAgentConfigTOML(t *testing.T) {
 	if want := "[[service]]\nname = \"iperf\"\nport = 5201\nprotocol = \"opaque\""; !strings.Contains(server.TOML(), want) {
 		t.Errorf("server config lacks %q:\n%s", want, server.TOML())
 	}
-	for _, a := range []AgentConfig{client, server} {
+	if strings.Contains(server.TOML(), "multiplex_opaque") {
+		t.Errorf("server config sets multiplex_opaque without being asked:\n%s", server.TOML())
+	}
+	off := false
+	dedicated := server
+	dedicated.MultiplexOpaque = &off
+	if want := "[proxy]\nmultiplex_opaque = false\n"; !strings.Contains(dedicated.TOML(), want) {
+		t.Errorf("dedicated config lacks %q:\n%s", want, dedicated.TOML())
+	}
+	for _, a := range []AgentConfig{client, server, dedicated} {
 		if _, err := node.ParseConfig([]byte(a.TOML())); err != nil {
 			t.Errorf("the agent rejects %s's configuration: %v\n%s", a.Name, err, a.TOML())
 		}

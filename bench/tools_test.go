@@ -34,11 +34,13 @@ type tools struct {
 	versions  string
 }
 
-func prepareTools(t *testing.T) *tools {
+// prepareTools checks the load tools and builds the harness's own binaries
+// (meshproxy only when its column runs).
+func prepareTools(t *testing.T, meshproxy bool) *tools {
 	t.Helper()
-	for _, bin := range []string{"wrk", "iperf3", "redis-benchmark", "redis-server", "haproxy", "setpriv", "prlimit"} {
+	for _, bin := range []string{"h2load", "iperf3", "redis-benchmark", "redis-server", "haproxy", "setpriv", "prlimit"} {
 		if _, err := exec.LookPath(bin); err != nil {
-			t.Fatalf("bench needs %s: apt-get install wrk iperf3 redis-tools redis-server haproxy util-linux (or run make bench, which does)", bin)
+			t.Fatalf("bench needs %s: apt-get install nghttp2-client iperf3 redis-tools redis-server haproxy util-linux (or run make bench, which does)", bin)
 		}
 	}
 	dir, err := os.MkdirTemp("", "vmesh-bench-")
@@ -78,8 +80,10 @@ func prepareTools(t *testing.T) *tools {
 	gobuild(t, tl.benchtool, "./benchtool")
 	tl.vmesh = filepath.Join(bin, "vmesh")
 	gobuild(t, tl.vmesh, "../cmd/vmesh")
-	tl.meshproxy = filepath.Join(bin, "meshproxy")
-	gobuild(t, tl.meshproxy, "./meshproxy")
+	if meshproxy {
+		tl.meshproxy = filepath.Join(bin, "meshproxy")
+		gobuild(t, tl.meshproxy, "./meshproxy")
+	}
 
 	var vs []string
 	ver := func(name string, args ...string) {
@@ -88,7 +92,7 @@ func prepareTools(t *testing.T) *tools {
 		vs = append(vs, line)
 	}
 	ver(tl.fortio, "version")
-	ver("wrk", "-v")
+	ver("h2load", "--version")
 	ver("iperf3", "-v")
 	ver("redis-benchmark", "--version")
 	ver("haproxy", "-v")
@@ -146,6 +150,7 @@ func startBackends(t *testing.T, tl *tools, h *testbed.Host) {
 	t.Helper()
 	raise := []string{nofileArg(), "--"}
 	h.Start(t, "prlimit", append(raise, tl.benchtool, "http", "-addr", ":8080")...)
+	h.Start(t, "prlimit", append(raise, tl.benchtool, "grpc-server", "-addr", ":9003")...)
 	h.Start(t, "prlimit", append(raise, tl.benchtool, "echo", "-addr", ":9001")...)
 	h.Start(t, "prlimit", append(raise, tl.benchtool, "hold-server", "-addr", ":9002")...)
 	h.Start(t, "iperf3", "-s", "-p", "5201")
@@ -209,9 +214,10 @@ func setupHAProxy(t *testing.T, tl *tools, client, server *testbed.Host) (*colum
 }
 
 // profile takes CPU profiles of the vmesh proxies while load(c, seconds)
-// runs and logs their top functions; the profiles are saved next to the
-// JSON results as <date>-<column>-<host>-<label>.cpu.pprof.
-func (r *run) profile(label string, load func(c *column, secs int)) {
+// runs, summarises them in the report (where the time goes) and logs their
+// top functions; the profiles are saved next to the JSON results as
+// <date>-<column>-<host>-<label>.cpu.pprof.
+func (r *run) profile(load, label string, run func(c *column, secs int)) {
 	for _, c := range r.columns {
 		if len(c.controls) == 0 {
 			continue
@@ -230,7 +236,7 @@ func (r *run) profile(label string, load func(c *column, secs int)) {
 			}()
 		}
 		time.Sleep(200 * time.Millisecond)
-		load(c, secs)
+		run(c, secs)
 		for range c.controls {
 			g := <-ch
 			if g.err != nil {
@@ -250,14 +256,31 @@ func (r *run) profile(label string, load func(c *column, secs int)) {
 				r.t.Log(err)
 				continue
 			}
-			top, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=30", path).CombinedOutput()
+			out, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=0", path).CombinedOutput()
 			if err != nil {
-				r.t.Logf("pprof -top %s: %v: %s", path, err, top)
+				r.t.Logf("pprof -top %s: %v: %s", path, err, out)
 				continue
 			}
-			r.t.Logf("CPU profile of the %s proxy on %s under %s (%s):\n%s", c.name, g.host, label, path, top)
+			top, err := ParsePprofTop(string(out))
+			if err != nil {
+				r.t.Logf("%s: %v", path, err)
+				continue
+			}
+			kinds, funcs := top.Summarise(8)
+			side := "client"
+			if g.host == c.server.Name {
+				side = "server"
+			}
+			r.report.Profiles = append(r.report.Profiles, ProfileSummary{Column: c.name, Host: g.host, Side: side,
+				Load: load, Total: top.Total, Kinds: kinds, Top: funcs, File: filepath.Base(path)})
+			r.t.Logf("CPU profile of the %s proxy on %s under %s (%s):\n%s", c.name, g.host, load, path, firstLines(string(out), 40))
 		}
 	}
+}
+
+func firstLines(s string, n int) string {
+	lines := strings.SplitN(s, "\n", n+1)
+	return strings.Join(lines[:min(n, len(lines))], "\n")
 }
 
 // heapProfiles saves the heap profiles of a column's proxies while they

@@ -26,6 +26,9 @@ type AgentConfig struct {
 	Token    string
 	// Services are declared on this host.
 	Services []Service
+	// MultiplexOpaque, when set, sets proxy.multiplex_opaque; nil keeps
+	// the shipped default.
+	MultiplexOpaque *bool
 }
 
 // TOML renders the agent's configuration file. Only what differs from the
@@ -49,6 +52,9 @@ func (a AgentConfig) TOML() string {
 		b.WriteString("role = \"server\"\n")
 	} else {
 		fmt.Fprintf(&b, "role = \"client\"\ntoken = %s\n", q(a.Token))
+	}
+	if a.MultiplexOpaque != nil {
+		fmt.Fprintf(&b, "\n[proxy]\nmultiplex_opaque = %t\n", *a.MultiplexOpaque)
 	}
 	for _, s := range a.Services {
 		proto := "auto"

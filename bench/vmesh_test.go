@@ -13,10 +13,11 @@ import (
 )
 
 // setupVMesh starts vmesh agents on client and server (the CA host, which
-// offers the benchmark services) and waits until the client's agent routes
-// to the server's services. An error makes the column unavailable.
-func setupVMesh(t *testing.T, tl *tools, client, server *testbed.Host) (*column, error) {
-	dir := filepath.Join(tl.dir, "vmesh")
+// offers the benchmark services) as column name; multiplexOpaque, when
+// set, sets proxy.multiplex_opaque on both. An error makes the column
+// unavailable. Only the vmesh column is profiled.
+func setupVMesh(t *testing.T, tl *tools, client, server *testbed.Host, name string, multiplexOpaque *bool) (*column, error) {
+	dir := filepath.Join(tl.dir, name)
 	sdir, cdir := filepath.Join(dir, server.Name), filepath.Join(dir, client.Name)
 	for _, d := range []string{sdir, cdir} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -34,7 +35,7 @@ func setupVMesh(t *testing.T, tl *tools, client, server *testbed.Host) (*column,
 	scfg := AgentConfig{
 		Name: server.Name, Addr: server.Addr, DataDir: filepath.Join(sdir, "data"),
 		Socket: filepath.Join(sdir, "admin.sock"), KeyFile: keyFile, CAServer: true, CADir: filepath.Join(sdir, "ca"),
-		Services: Services,
+		Services: Services, MultiplexOpaque: multiplexOpaque,
 	}
 	if out, err := server.Try(tl.vmesh, "ca", "init", "--trust-domain", TrustDomain, "--dir", scfg.CADir); err != nil {
 		return nil, fmt.Errorf("vmesh ca init: %v %s", err, out)
@@ -58,7 +59,7 @@ func setupVMesh(t *testing.T, tl *tools, client, server *testbed.Host) (*column,
 	ccfg := AgentConfig{
 		Name: client.Name, Addr: client.Addr, DataDir: filepath.Join(cdir, "data"),
 		Socket: filepath.Join(cdir, "admin.sock"), KeyFile: keyFile, Join: []netip.Addr{server.Addr},
-		Token: strings.TrimSpace(token),
+		Token: strings.TrimSpace(token), MultiplexOpaque: multiplexOpaque,
 	}
 	cpath := filepath.Join(cdir, "vmesh.toml")
 	if err := os.WriteFile(cpath, []byte(ccfg.TOML()), 0o600); err != nil {
@@ -68,9 +69,11 @@ func setupVMesh(t *testing.T, tl *tools, client, server *testbed.Host) (*column,
 	if err := waitReady(client, tl, cp.Process.Pid, 30*time.Second); err != nil {
 		return nil, fmt.Errorf("client agent: %w", err)
 	}
-	c := &column{name: VMesh, client: client, server: server, target: map[string]string{},
-		procs:    []proc{{host: client.Name, pid: cp.Process.Pid}, {host: server.Name, pid: sp.Process.Pid}},
-		controls: map[string]string{client.Name: ccfg.Socket, server.Name: scfg.Socket}}
+	c := &column{name: name, client: client, server: server, target: map[string]string{},
+		procs: []proc{{host: client.Name, pid: cp.Process.Pid}, {host: server.Name, pid: sp.Process.Pid}}}
+	if name == VMesh {
+		c.controls = map[string]string{client.Name: ccfg.Socket, server.Name: scfg.Socket}
+	}
 	for _, s := range Services {
 		c.target[s.Name] = fmt.Sprintf("%s:%d", server.Addr, s.Port)
 	}
@@ -154,4 +157,37 @@ func setupMeshProxy(t *testing.T, tl *tools, client, server *testbed.Host) (*col
 		c.target[s.Name] = fmt.Sprintf("%s:%d", server.Addr, s.Port)
 	}
 	return c, nil
+}
+
+// TestColumnScenarios pins which columns take part in which scenario: the
+// dedicated-connection column in the opaque ones, the VIP column in
+// balancing only, and balancing between vmesh and its VIP only.
+func TestColumnScenarios(t *testing.T) {
+	cols := map[string]*column{
+		Direct:         {name: Direct},
+		HAProxy:        {name: HAProxy},
+		VMesh:          {name: VMesh},
+		VMeshDedicated: {name: VMeshDedicated, only: []string{"bulk", "conns", "memory", "idle"}},
+		VMeshVIP:       {name: VMeshVIP},
+	}
+	want := map[string][]string{
+		"fixed":      {Direct, HAProxy, VMesh},
+		"h2":         {Direct, HAProxy, VMesh},
+		"bulk":       {Direct, HAProxy, VMesh, VMeshDedicated},
+		"conns":      {Direct, HAProxy, VMesh, VMeshDedicated},
+		"conns-http": {Direct, HAProxy, VMesh},
+		"idle":       {Direct, HAProxy, VMesh, VMeshDedicated},
+		"balance":    {VMesh, VMeshVIP},
+	}
+	for scn, names := range want {
+		var got []string
+		for _, name := range []string{Direct, HAProxy, VMesh, VMeshDedicated, VMeshVIP} {
+			if cols[name].runs(scn) {
+				got = append(got, name)
+			}
+		}
+		if strings.Join(got, ",") != strings.Join(names, ",") {
+			t.Errorf("scenario %s runs %v, want %v", scn, got, names)
+		}
+	}
 }

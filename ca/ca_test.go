@@ -8,11 +8,13 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"errors"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -339,7 +341,10 @@ func TestJoinRefusals(t *testing.T) {
 }
 
 func TestRevoke(t *testing.T) {
-	ca := startCA(t, initDir(t), "")
+	var logBuf lockedBuffer
+	ca := startCA(t, initDir(t), "", func(o *ServerOptions) {
+		o.Logger = slog.New(slog.NewTextHandler(&logBuf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	})
 	ctx := context.Background()
 	tok, _ := ca.CreateToken("r1", []string{"web"}, 0)
 	c := startClient(t, ClientOptions{NodeName: "r1", Services: []string{"web"}, DB: openDB(t, ""), Token: tok})
@@ -354,6 +359,12 @@ func TestRevoke(t *testing.T) {
 	}
 	if err := c.obtainNode(ctx, c.node); apiStatus(err) != http.StatusUnauthorized {
 		t.Errorf("renewal after revoke: %v, want 401", err)
+	}
+	// Issue 15: the refusal is logged in one line, without the stack
+	// trace smallstep's errors carry.
+	logged := logBuf.String()
+	if !strings.Contains(logged, "refused") || strings.Contains(logged, ".go:") || strings.Contains(logged, "\n\t") {
+		t.Errorf("the CA's log of a refused renewal:\n%s", logged)
 	}
 	if err := c.obtainService(ctx, "web"); apiStatus(err) != http.StatusForbidden || !strings.Contains(err.Error(), "revoked") {
 		t.Errorf("service svid after revoke: %v, want 403 revoked", err)
@@ -770,4 +781,21 @@ func TestMalformedRequests(t *testing.T) {
 			t.Errorf("%s %v: %v, want %d", tc.path, tc.body, err, tc.want)
 		}
 	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

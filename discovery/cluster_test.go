@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -320,6 +322,11 @@ func TestFailureLeaveAndRestart(t *testing.T) {
 		return true
 	})
 
+	eps, gen := agents[0].d.ServiceEndpoints("svc")
+	if len(eps) != 5 {
+		t.Fatalf("ServiceEndpoints: %d endpoints, want 5", len(eps))
+	}
+
 	// Killed: detected by failure detection.
 	victim := agents[4]
 	victimEP := victim.d.Endpoints("svc")[4]
@@ -336,6 +343,19 @@ func TestFailureLeaveAndRestart(t *testing.T) {
 		return true
 	})
 	t.Logf("killed host: dead and its endpoints dropped on all 4 peers after %s", time.Since(start))
+	for _, a := range rest {
+		// Its address stays a mesh address: its traffic is never sent in
+		// clear while it is gone.
+		if !a.d.MemberAddr(victimEP.Addr.Addr()) {
+			t.Errorf("%s: the dead host's address is no longer a member's", a.name)
+		}
+	}
+	if eps, g := agents[0].d.ServiceEndpoints("svc"); len(eps) != 4 || g == gen {
+		t.Errorf("after the death: %d endpoints, generation %d (was %d); want 4 and a new generation", len(eps), g, gen)
+	}
+	if agents[0].d.MemberAddr(netip.MustParseAddr("192.0.2.1")) {
+		t.Error("an address never in the mesh is a member's")
+	}
 
 	// Restarted with its database and no join list: rejoins by itself.
 	start = time.Now()
@@ -420,8 +440,13 @@ func TestGossipKeys(t *testing.T) {
 				t.Errorf("%s's diagnostics after a wrong-key join: %+v", agents[0].name, dg)
 			}
 		}
-		if dg := out.d.Diagnostics(); dg.JoinError == "" {
-			t.Errorf("the outsider (keys %d) has no join error: %+v", len(keys), dg)
+		if dg := out.d.Diagnostics(); dg.JoinError == "" || strings.Contains(dg.JoinError, "error occurred") {
+			t.Errorf("the outsider (keys %d) has no (tidy) join error: %+v", len(keys), dg)
+		}
+		// The outsider with the wrong key sees the cause too: the reply it
+		// got could not be decrypted.
+		if dg := out.d.Diagnostics(); len(keys) == 1 && (dg.DecryptFailures == 0 || !strings.HasPrefix(dg.LastDecryptFrom, agents[0].addr.String())) {
+			t.Errorf("the outsider with the wrong key did not count a decrypt failure: %+v", dg)
 		}
 		out.kill()
 	}
@@ -624,4 +649,32 @@ func TestPartitionHeals(t *testing.T) {
 		return true
 	})
 	t.Logf("partition healed: all alive and catalogs converged after %s", time.Since(start))
+}
+
+// Issue 15 (vmesh check: clock skew against peers): each full state
+// exchange carries the sender's clock, and Members reports every peer's
+// offset from ours.
+func TestClockOffset(t *testing.T) {
+	agents := startCluster(t, 2)
+	a, b := agents[0], agents[1]
+	offset := func() *time.Duration {
+		for _, m := range a.d.Members() {
+			if m.Name == b.name {
+				return m.ClockOffset
+			}
+		}
+		return nil
+	}
+	waitFor(t, 10*time.Second, "a push/pull to measure b's clock", func() bool { return offset() != nil })
+	if off := *offset(); off.Abs() > time.Second {
+		t.Errorf("b's clock offset on one machine = %v, want about 0", off)
+	}
+	// b's clock two minutes ahead, as a push/pull from it would show.
+	b.d.mu.Lock()
+	raw := bytes.Clone(b.d.selfRaw)
+	b.d.mu.Unlock()
+	(&delegate{a.d}).MergeRemoteState(encodeState([][]byte{raw}, time.Now().Add(2*time.Minute)), false)
+	if off := *offset(); off < 119*time.Second || off > 121*time.Second {
+		t.Errorf("b's clock offset after a state sent 2 minutes ahead = %v", off)
+	}
 }

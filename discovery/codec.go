@@ -6,6 +6,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"time"
 	"unicode/utf8"
 )
 
@@ -64,6 +65,7 @@ type message struct {
 	addr    netip.AddrPort // msgRequest: its gossip address
 	version uint64         // msgNotice
 	entries [][]byte       // msgState: encoded payloads (sub-slices of the input)
+	sentAt  int64          // msgState: the sender's clock (Unix ms) when it encoded it; 0 if absent
 	payload []byte         // msgSigned: the signed msgEntry payload (sub-slice of the input)
 	sig     []byte         // msgSigned (sub-slice of the input)
 	cert    certID         // msgSigned: the signing certificate; msgCertReq: the one wanted
@@ -176,7 +178,10 @@ func encodeRequest(from string, addr netip.AddrPort) []byte {
 	return e.b
 }
 
-func encodeState(entries [][]byte) []byte {
+// encodeState encodes a push/pull state. sentAt (the sender's clock, to
+// measure clock skew between hosts) comes last, so that a state without it
+// still decodes; the zero time leaves it out.
+func encodeState(entries [][]byte, sentAt time.Time) []byte {
 	n := 0
 	for _, p := range entries {
 		n += len(p) + binary.MaxVarintLen32
@@ -187,6 +192,9 @@ func encodeState(entries [][]byte) []byte {
 	e.uint(uint64(len(entries)))
 	for _, p := range entries {
 		e.bytes(p)
+	}
+	if !sentAt.IsZero() {
+		e.uint(uint64(sentAt.UnixMilli()))
 	}
 	return e.b
 }
@@ -341,6 +349,9 @@ func decodeMessage(buf []byte) (message, error) {
 		m.entries = make([][]byte, 0, n)
 		for range n {
 			m.entries = append(m.entries, d.raw(maxEntryBytes))
+		}
+		if d.err == nil && len(d.b) != 0 {
+			m.sentAt = int64(d.uint(1<<63 - 1))
 		}
 	default:
 		return m, errMalformed

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -41,9 +42,13 @@ func TestCodecRoundTrip(t *testing.T) {
 	}
 	t.Logf("two-service entry: %d bytes", len(raw))
 
-	st, err := decodeMessage(encodeState([][]byte{raw, raw}))
-	if err != nil || st.typ != msgState || len(st.entries) != 2 || !bytes.Equal(st.entries[1], raw) {
-		t.Errorf("state round trip: %v, %d entries", err, len(st.entries))
+	st, err := decodeMessage(encodeState([][]byte{raw, raw}, time.UnixMilli(1700000000123)))
+	if err != nil || st.typ != msgState || len(st.entries) != 2 || !bytes.Equal(st.entries[1], raw) || st.sentAt != 1700000000123 {
+		t.Errorf("state round trip: %v, %d entries, sent at %d", err, len(st.entries), st.sentAt)
+	}
+	// A state without the sender's clock (older agents) still decodes.
+	if st, err := decodeMessage(encodeState([][]byte{raw}, time.Time{})); err != nil || st.sentAt != 0 || len(st.entries) != 1 {
+		t.Errorf("state without a clock: %+v, %v", st, err)
 	}
 	n, err := decodeMessage(encodeNotice("web-1", 42))
 	if err != nil || n.node != "web-1" || n.version != 42 {
@@ -126,7 +131,7 @@ func FuzzDecodeMessage(f *testing.F) {
 	f.Add(raw)
 	f.Add(encodeNotice("a", 1))
 	f.Add(encodeRequest("b", netip.MustParseAddrPort("[2001:db8::1]:7946")))
-	f.Add(encodeState([][]byte{raw}))
+	f.Add(encodeState([][]byte{raw}, time.Time{}))
 	f.Add(encodeMeta(nodeMeta{version: 1, proxyPort: 4143, addrs: e.Addrs, roles: []string{"ca"}}))
 	f.Fuzz(func(t *testing.T, buf []byte) {
 		_, _ = decodeMeta(buf)

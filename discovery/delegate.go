@@ -91,9 +91,9 @@ func (d *Discovery) selfState() []byte {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.selfCert == nil {
-		return encodeState([][]byte{d.selfRaw})
+		return encodeState([][]byte{d.selfRaw}, time.Time{})
 	}
-	return encodeState([][]byte{d.selfCert, d.selfRaw})
+	return encodeState([][]byte{d.selfCert, d.selfRaw}, time.Time{})
 }
 
 // GetBroadcasts hands queued catalog messages to memberlist's gossip.
@@ -131,7 +131,7 @@ func (g *delegate) LocalState(join bool) []byte {
 	}
 	list = append(list, d.revocationMsgsLocked()...)
 	d.mu.Unlock()
-	return encodeState(append(certs, list...))
+	return encodeState(append(certs, list...), time.Now())
 }
 
 // MergeRemoteState merges a peer's side of a push/pull, keeping the newest
@@ -148,6 +148,13 @@ func (g *delegate) MergeRemoteState(buf []byte, join bool) {
 	if err != nil {
 		d.reject(err)
 		return
+	}
+	if msg.sentAt != 0 {
+		// The sender's own entry comes first after the certificates
+		// (LocalState). The clock offset is a diagnostic only.
+		if node := firstEntryNode(msg.entries); node != "" {
+			d.noteClock(node, time.UnixMilli(msg.sentAt), time.Now())
+		}
 	}
 	g.mergeState(msg)
 }
@@ -458,4 +465,28 @@ func decodeMeta(buf []byte) (nodeMeta, error) {
 		return nodeMeta{}, d.err
 	}
 	return m, nil
+}
+
+// firstEntryNode returns the host of the first catalog entry among a push/
+// pull state's messages, signed or not, or "".
+func firstEntryNode(entries [][]byte) string {
+	for _, raw := range entries {
+		m, err := decodeMessage(raw)
+		if err != nil {
+			return ""
+		}
+		switch m.typ {
+		case msgCert:
+			continue
+		case msgSigned:
+			if m, err = decodeMessage(m.payload); err != nil || m.typ != msgEntry {
+				return ""
+			}
+			return m.entry.Node
+		case msgEntry:
+			return m.entry.Node
+		}
+		return ""
+	}
+	return ""
 }

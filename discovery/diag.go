@@ -38,13 +38,32 @@ func (g *diag) get() Diagnostics {
 	return g.d
 }
 
+// setJoinError records why a join failed ("" when it succeeded), without
+// the multierror wrapping ("1 error occurred: * ...").
 func (g *diag) setJoinError(s string) {
+	var parts []string
+	for _, l := range strings.Split(s, "\n") {
+		if l = strings.TrimSpace(l); strings.HasPrefix(l, "* ") {
+			parts = append(parts, strings.TrimPrefix(l, "* "))
+		}
+	}
+	if len(parts) > 0 {
+		s = strings.Join(parts, "; ")
+	}
 	g.mu.Lock()
 	g.d.JoinError = s
 	g.mu.Unlock()
 }
 
-var fromRE = regexp.MustCompile(`from=(\S+)`)
+// fromRE finds the peer in memberlist's log lines ("from=ADDR") and in
+// join errors ("failed to join ADDR: ...").
+var fromRE = regexp.MustCompile(`(?:from=|failed to join )([^\s:]+:\d+|\[[^\]]+\]:\d+|\S+)`)
+
+// isDecryptFailure reports whether s says that no installed key could
+// decrypt a peer's gossip.
+func isDecryptFailure(s string) bool {
+	return strings.Contains(strings.ToLower(s), "no installed keys could decrypt")
+}
 
 // noteDecryptFailure records one failure and says whether to warn now.
 func (g *diag) noteDecryptFailure(line string, now time.Time) (from string, warn bool) {
@@ -74,7 +93,7 @@ type memberlistLog struct{ d *Discovery }
 
 func (w memberlistLog) Write(p []byte) (int, error) {
 	line := strings.TrimSpace(string(p))
-	if strings.Contains(strings.ToLower(line), "no installed keys could decrypt") {
+	if isDecryptFailure(line) {
 		if from, warn := w.d.diag.noteDecryptFailure(line, time.Now()); warn {
 			w.d.log.Warn("gossip from another host could not be decrypted with any installed key: the hosts use different gossip keys; copy the same gossip.key_file to every host",
 				"from", from)
@@ -88,3 +107,16 @@ func (d *Discovery) memberlistLogger() *log.Logger { return log.New(memberlistLo
 
 // Diagnostics returns what explains gossip trouble (see Diagnostics).
 func (d *Discovery) Diagnostics() Diagnostics { return d.diag.get() }
+
+// noteClock records a member's clock as it stated it in a push/pull
+// (sentAt) received at now.
+func (d *Discovery) noteClock(name string, sentAt, now time.Time) {
+	if name == d.name {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if m := d.members[name]; m != nil {
+		m.clock, m.clockAt = sentAt.Sub(now), now
+	}
+}

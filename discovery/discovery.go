@@ -213,6 +213,10 @@ type member struct {
 	state string // StateAlive, StateDead or StateLeft (suspect is memberlist's)
 	meta  nodeMeta
 	since time.Time
+	// clock is the member's clock minus ours at its latest push/pull
+	// (clockAt); clockAt is zero before the first.
+	clock   time.Duration
+	clockAt time.Time
 }
 
 // New checks opts and prepares a Discovery; it starts nothing.
@@ -909,6 +913,11 @@ func (d *Discovery) joinOnce() {
 	case alone:
 		if err != nil {
 			d.diag.setJoinError(err.Error())
+			// The peer answered with gossip this host cannot decrypt: the
+			// keys differ. Count it where the operator looks (check).
+			if isDecryptFailure(err.Error()) {
+				d.diag.noteDecryptFailure(err.Error(), time.Now())
+			}
 		}
 		d.log.Warn("joining the cluster: no peer reached, retrying", "tried", cands, "err", err, "every", d.cfg.RetryInterval)
 	}
@@ -937,6 +946,10 @@ type Member struct {
 	Roles     []string       `json:"roles,omitempty"`
 	// Agent is the version of the host's agent ("" if it did not say).
 	Agent string `json:"agent,omitempty"`
+	// ClockOffset is the host's clock minus this one's, measured at the
+	// latest full state exchange with it (to within the network delay);
+	// nil before one happened.
+	ClockOffset *time.Duration `json:"clock_offset,omitempty"`
 }
 
 // Members returns the hosts of the cluster, this one included, sorted by
@@ -975,6 +988,10 @@ func (d *Discovery) memberLocked(name string, addr netip.AddrPort, state string)
 	}
 	if mm := d.members[name]; mm != nil {
 		m.Version, m.ProxyPort, m.Roles, m.Agent = mm.meta.version, mm.meta.proxyPort, mm.meta.roles, mm.meta.agent
+		if !mm.clockAt.IsZero() {
+			off := mm.clock
+			m.ClockOffset = &off
+		}
 	}
 	if pe := d.entries[name]; pe != nil {
 		m.Services, m.Version = len(pe.entry.Services), max(m.Version, pe.entry.Version)

@@ -55,7 +55,7 @@ func TestRejectedPayloadsAndGauges(t *testing.T) {
 	g.NotifyMsg([]byte{wireFormat, msgEntry, 0xff})                                            // truncated
 	g.NotifyMsg(append([]byte{wireFormat, msgNotice, 1, 0xff, 0x7f}, make([]byte, 0x3fff)...)) // long string
 	g.MergeRemoteState([]byte("not a state"), false)
-	g.MergeRemoteState(encodeState([][]byte{{wireFormat, msgEntry}}), false)
+	g.MergeRemoteState(encodeState([][]byte{{wireFormat, msgEntry}}, time.Time{}), false)
 
 	if got := gatherValue(t, reg, "gossip_rejected_total", "reason", rejectMalformed); got != 3 {
 		t.Errorf("gossip_rejected_total{reason=malformed} = %v, want 3", got)

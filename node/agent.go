@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/vmesh/vmesh/names"
 	"log/slog"
 	"net"
 	"net/http"
@@ -78,7 +79,8 @@ type Agent struct {
 	advAddr  netip.Addr
 
 	ready     readiness
-	rulesView rulesView // /v1/status's cached view of the installed rules
+	rulesView rulesView      // /v1/status's cached view of the installed rules
+	cat       catalogAdapter // the proxy's view of the catalog (VIPs included)
 	adminLn   net.Listener
 	ctlLn     net.Listener
 	adminSrv  *http.Server
@@ -181,9 +183,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.everReady.Store(true)
 	// Start-up (CA, certificates, first rules) leaves garbage behind: give
-	// its pages back now rather than at the runtime's leisure, so an idle
+	// its pages back now rather than at the runtime's leisure, and let the
+	// kernel reclaim the executable's pages start-up touched, so an idle
 	// agent's RSS is its working set.
 	debug.FreeOSMemory()
+	if _, err := pageOutExecutable(); err != nil {
+		a.log.Debug("trimming resident memory", "err", err)
+	}
 	a.ready.set("")
 	a.opts.Notify(daemon.SdNotifyReady)
 	a.log.Info("vmesh is ready", "node", cfg.NodeName(), "identity", a.caClient.NodeID(),
@@ -237,6 +243,9 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 	a.ready.set("installing iptables rules")
 	if err := a.applier.Apply(gctx, a.ruleset); err != nil {
 		return fmt.Errorf("installing iptables rules: %w", err)
+	}
+	if err := installVIPRoute(gctx, cfg.Proxy.VIPRange); err != nil {
+		return fmt.Errorf("routing the service VIP range: %w", err)
 	}
 	a.rulesView.invalidate()
 	a.rulesInstalled.Store(true)
@@ -295,6 +304,9 @@ func (a *Agent) shutdown() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if err := a.applier.Uninstall(ctx); err != nil {
 			a.log.Error("removing iptables rules", "err", err)
+		}
+		if err := removeVIPRoute(ctx, cfg.Proxy.VIPRange); err != nil {
+			a.log.Error("removing the service VIP route", "err", err)
 		}
 		cancel()
 	}
@@ -555,7 +567,7 @@ func (a *Agent) buildProxy(cfg Config) error {
 	p, err := proxy.New(cfg.Proxy, proxy.Options{
 		VerifyPeer: verifier.Verify,
 		Dialer:     proxy.MarkDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
-		Catalog:    catalogAdapter{d: a.disc, td: cfg.CA.TrustDomain, self: cfg.NodeName(), cache: new(sync.Map)},
+		Catalog:    a.catalog(cfg),
 		Identity:   a.caClient,
 		Services:   proxyServices(cfg),
 		Logger:     a.sub("proxy"),
@@ -650,6 +662,35 @@ type catalogAdapter struct {
 	td    string
 	self  string    // this host's node name: its endpoints are Local
 	cache *sync.Map // service -> *adaptedEndpoints, converted once per generation
+	vips  *vipCache // the services' VIPs, rebuilt when the catalog changes
+}
+
+// vipCache holds the VIP table of one catalog generation.
+type vipCache struct {
+	prefix netip.Prefix
+	cur    atomic.Pointer[vipTable]
+}
+
+type vipTable struct {
+	gen uint64
+	t   *names.Table
+}
+
+// table returns the VIP table for the catalog's current generation.
+func (c catalogAdapter) vipTable() *names.Table {
+	_, gen := c.d.ServiceEndpoints("")
+	if v := c.vips.cur.Load(); v != nil && v.gen == gen {
+		return v.t
+	}
+	var svcs []string
+	for _, n := range c.d.Catalog() {
+		for _, s := range n.Services {
+			svcs = append(svcs, s.Name)
+		}
+	}
+	t := names.NewTable(c.vips.prefix, svcs)
+	c.vips.cur.Store(&vipTable{gen: gen, t: t})
+	return t
 }
 
 // adaptedEndpoints are a service's endpoints converted for the proxy, for
@@ -661,10 +702,21 @@ type adaptedEndpoints struct {
 
 var _ proxy.Catalog = catalogAdapter{}
 
+// catalog returns the proxy's view of the catalog (built once per agent).
+func (a *Agent) catalog(cfg Config) catalogAdapter {
+	if a.cat.d == nil {
+		a.cat = catalogAdapter{d: a.disc, td: cfg.CA.TrustDomain, self: cfg.NodeName(), cache: new(sync.Map), vips: &vipCache{prefix: cfg.Proxy.VIPRange.Masked()}}
+	}
+	return a.cat
+}
+
 // Resolve says what an outbound destination is: a declared service port of
 // a mesh host (DestEndpoint), another address of a mesh host (DestMeshHost:
 // never in clear), or an address the mesh does not know (DestUnknown).
 func (c catalogAdapter) Resolve(addr netip.AddrPort) proxy.Destination {
+	if c.vips != nil && c.vips.prefix.Contains(addr.Addr().Unmap()) {
+		return c.resolveVIP(addr)
+	}
 	if e, ok := c.d.Lookup(addr); ok {
 		ep := c.endpoint(e)
 		return proxy.Destination{Kind: proxy.DestEndpoint, Endpoint: ep, Service: ep.Service}
@@ -673,6 +725,39 @@ func (c catalogAdapter) Resolve(addr netip.AddrPort) proxy.Destination {
 		return proxy.Destination{Kind: proxy.DestMeshHost}
 	}
 	return proxy.Destination{Kind: proxy.DestUnknown}
+}
+
+// resolveVIP says what a connection to a VIP is: the service whose VIP it
+// is, with a representative endpoint (a healthy one serving that port if
+// any) whose protocol decides detection; a VIP of no service, or a port
+// the service does not serve, is a mesh address (refused, never in clear).
+func (c catalogAdapter) resolveVIP(addr netip.AddrPort) proxy.Destination {
+	svc, ok := c.vipTable().Service(addr.Addr().Unmap())
+	if !ok {
+		return proxy.Destination{Kind: proxy.DestMeshHost}
+	}
+	eps, _ := c.Endpoints(svc)
+	var rep proxy.Endpoint
+	for _, ep := range eps {
+		if ep.Addr.Port() != addr.Port() {
+			continue
+		}
+		if rep.Service == "" || (ep.Healthy && !rep.Healthy) {
+			rep = ep
+		}
+	}
+	if rep.Service == "" {
+		return proxy.Destination{Kind: proxy.DestMeshHost}
+	}
+	return proxy.Destination{Kind: proxy.DestService, Service: svc, Endpoint: rep}
+}
+
+// VIP returns a service's virtual IP (for `vmesh services` and DNS).
+func (c catalogAdapter) VIP(service string) (netip.Addr, bool) {
+	if c.vips == nil {
+		return netip.Addr{}, false
+	}
+	return c.vipTable().VIP(service)
 }
 
 // Endpoints returns the service's endpoints, healthy or not, and the

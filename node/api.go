@@ -109,13 +109,15 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 			writeJSON(w, http.StatusOK, a.disc.Catalog())
 		},
 		"/v1/status": func(w http.ResponseWriter, r *http.Request) {
-			// The iptables view is cached for callers from the network
-			// (the admin port may face it); `vmesh check` on the host
-			// itself sees the rules as they are now (one at a time).
-			if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil && ap.Addr().Unmap().IsLoopback() {
+			// ?rules=false skips comparing the installed rules (it runs
+			// iptables): the web page polls without it. The comparison is
+			// cached (the admin port may face the network); ?rules=fresh,
+			// honoured for loopback clients only (vmesh check), looks again.
+			q := r.URL.Query().Get("rules")
+			if q == "fresh" && fromLoopback(r) {
 				a.rulesView.invalidate()
 			}
-			writeJSON(w, http.StatusOK, a.status(r.Context()))
+			writeJSON(w, http.StatusOK, a.status(r.Context(), q != "false"))
 		},
 		// The running configuration (what the agent applies, which may
 		// differ from the file until a reload), join token left out.
@@ -133,7 +135,7 @@ func (a *Agent) views() map[string]http.HandlerFunc {
 	return views
 }
 
-func (a *Agent) status(ctx context.Context) Status {
+func (a *Agent) status(ctx context.Context, withRules bool) Status {
 	cfg := a.config()
 	why := a.ready.why()
 	st := Status{
@@ -205,6 +207,9 @@ func (a *Agent) status(ctx context.Context) Status {
 	}
 	if a.rulesInstalled.Load() && cfg.Rules.Enabled {
 		st.Rules.Installed = true
+		st.Rules.Backend = a.applier.Backend()
+	}
+	if withRules && a.rulesInstalled.Load() && cfg.Rules.Enabled {
 		drift, backend, err := a.rulesView.get(ctx)
 		st.Rules.Drift = drift
 		st.Rules.Backend = backend
@@ -255,6 +260,8 @@ func (a *Agent) controlMux() *http.ServeMux {
 	postJSON(mux, "/v1/revoke", a.revoke)
 	postJSON(mux, "/v1/grant", a.grant)
 	postJSON(mux, "/v1/keyring", a.keyring)
+	postJSON(mux, "/v1/ping", a.ping)         // tap.go
+	mux.HandleFunc("GET /v1/tap", a.serveTap) // tap.go
 	mux.HandleFunc("GET /v1/tokens", func(w http.ResponseWriter, _ *http.Request) {
 		if a.phase.Load() < phaseCA || a.caServer == nil {
 			writeError(w, errNotCA.code, errNotCA.err)
@@ -452,4 +459,10 @@ func inboundConns(g prometheus.Gatherer) map[string][2]uint64 {
 		}
 	}
 	return out
+}
+
+// fromLoopback reports whether r came from this host's loopback.
+func fromLoopback(r *http.Request) bool {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	return err == nil && ap.Addr().Unmap().IsLoopback()
 }

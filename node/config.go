@@ -291,5 +291,6 @@ func (c *Config) RulesState(uid uint32) rules.State {
 		OutboundPort: c.Proxy.OutboundAddr.Port(),
 		OwnPorts:     own,
 		ServicePorts: svc,
+		VIPRanges:    []netip.Prefix{c.Proxy.VIPRange},
 	}, uid)
 }

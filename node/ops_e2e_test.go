@@ -273,3 +273,37 @@ func TestReloadAndGrant(t *testing.T) {
 		t.Errorf("check after the grant:\n%s", out)
 	}
 }
+
+// Issue 15: a wrong gossip key shows in `vmesh check` as what it is, on
+// both hosts, not as "alone".
+func TestCheckWrongGossipKey(t *testing.T) {
+	bed := testbed.New(t, 2)
+	caH := newMeshHost(t, bed.Hosts[0], "ca1")
+	web := newMeshHost(t, bed.Hosts[1], "web")
+	keyA, keyB := filepath.Join(caH.dir, "a.key"), filepath.Join(web.dir, "b.key")
+	os.WriteFile(keyA, []byte(strings.TrimSpace(caH.Run(t, vmeshBin, "keygen"))+"\n"), 0o600)
+	os.WriteFile(keyB, []byte(strings.TrimSpace(web.Run(t, vmeshBin, "keygen"))+"\n"), 0o600)
+	caH.Run(t, vmeshBin, "ca", "init", "--trust-domain", td, "--dir", filepath.Join(caH.dir, "ca"))
+	caH.writeConfig(t, keyA, fmt.Sprintf("role = \"server\"\ndir = %q\n", filepath.Join(caH.dir, "ca")))
+	caH.start(t)
+	tok := strings.TrimSpace(caH.Run(t, vmeshBin, "token", "create", "--node", "web"))
+	web.writeConfig(t, keyB, fmt.Sprintf("token = %q\n", tok))
+	addJoin(t, web.cfg, caH.Addr.String())
+	web.start(t) // the join through the CA works: the token carries its address
+
+	var out string
+	web.waitFor(t, "check on web to name the key mismatch", 20*time.Second, func() bool {
+		out, _ = web.Try(vmeshBin, "check")
+		return strings.Contains(out, "no installed keys could decrypt")
+	})
+	if !strings.Contains(out, "× gossip: gossip from "+caH.Addr.String()) || !strings.Contains(out, "the hosts use different gossip keys") {
+		t.Errorf("check on the host with the odd key:\n%s", out)
+	}
+	if _, err := web.Try(vmeshBin, "check"); err == nil {
+		t.Error("check exits 0 with a gossip key mismatch")
+	}
+	caH.waitFor(t, "check on ca1 to name the key mismatch", 20*time.Second, func() bool {
+		out, _ = caH.Try(vmeshBin, "check")
+		return strings.Contains(out, "× gossip: gossip from "+web.Addr.String())
+	})
+}

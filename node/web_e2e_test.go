@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -64,8 +65,10 @@ func TestWebPage(t *testing.T) {
 	os.WriteFile(keyFile, []byte(key+"\n"), 0o600)
 	caH.Run(t, vmeshBin, "ca", "init", "--trust-domain", td, "--dir", filepath.Join(caH.dir, "ca"))
 	serveHTTP(t, web.Host, 8080, "hello from web\n")
+	// echo listens on web's address only, not on loopback: its
+	// [[service]] says so with `address`, and the proxy dials it there.
 	var echoLn net.Listener
-	if err := web.Do(func() (err error) { echoLn, err = net.Listen("tcp", ":9000"); return err }); err != nil {
+	if err := web.Do(func() (err error) { echoLn, err = net.Listen("tcp", web.Addr.String()+":9000"); return err }); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { echoLn.Close() })
@@ -83,7 +86,7 @@ func TestWebPage(t *testing.T) {
 	caH.start(t)
 	tok := strings.TrimSpace(caH.Run(t, vmeshBin, "token", "create", "--socket", caH.socket(), "--node", "web", "--services", "web,echo"))
 	web.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n[[service]]\nname = \"web\"\nport = 8080\nprotocol = \"http1\"\n"+
-		"[[service]]\nname = \"echo\"\nport = 9000\nprotocol = \"opaque\"\n", tok))
+		"[[service]]\nname = \"echo\"\nport = 9000\nprotocol = \"opaque\"\naddress = %q\n", tok, web.Addr))
 	addJoin(t, web.cfg, caH.Addr.String())
 	web.start(t)
 	caH.waitFor(t, "web and echo in ca1's catalog", 30*time.Second, func() bool {
@@ -105,7 +108,7 @@ func TestWebPage(t *testing.T) {
 	}}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	var served, failed int
+	var served, failed, echoed atomic.Int64
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -117,14 +120,13 @@ func TestWebPage(t *testing.T) {
 			}
 			resp, err := client.Get("http://" + web.Addr.String() + ":8080/")
 			if err != nil {
-				failed++
+				failed.Add(1)
 				continue
 			}
 			io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
-			served++
 			// And an opaque TCP round trip, now and then.
-			if served%10 == 1 {
+			if served.Add(1)%10 == 1 {
 				var c net.Conn
 				if err := caH.Do(func() (err error) {
 					c, err = net.DialTimeout("tcp", web.Addr.String()+":9000", 5*time.Second)
@@ -132,7 +134,10 @@ func TestWebPage(t *testing.T) {
 				}); err == nil {
 					c.SetDeadline(time.Now().Add(5 * time.Second))
 					io.WriteString(c, "ping\n")
-					io.ReadFull(c, make([]byte, 5))
+					buf := make([]byte, 5)
+					if _, err := io.ReadFull(c, buf); err == nil && string(buf) == "ping\n" {
+						echoed.Add(1)
+					}
 					c.Close()
 				}
 			}
@@ -174,7 +179,7 @@ func TestWebPage(t *testing.T) {
 		if time.Now().After(deadline) {
 			body, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`document.body.innerText`))
 			t.Logf("page text:\n%s", body)
-			t.Fatalf("no non-zero req/s for web on the page after 30s (%d requests served, %d failed); golden table: %q", served, failed, golden)
+			t.Fatalf("no non-zero req/s for web on the page after 30s (%d requests served, %d failed); golden table: %q", served.Load(), failed.Load(), golden)
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
@@ -196,6 +201,9 @@ func TestWebPage(t *testing.T) {
 	}
 	if !rowWith(table("certs"), "spiffe://"+td+"/svc/web") {
 		t.Errorf("certificates table has no web certificate: %q", table("certs"))
+	}
+	if echoed.Load() == 0 {
+		t.Errorf("no echo round trip through the mesh to a service bound to %s (address set)", web.Addr)
 	}
 	// Every metric the example Grafana dashboard queries is exported by
 	// the agents of a mesh carrying traffic.

@@ -68,12 +68,12 @@ type Config struct {
 	// so leave it 0 for long-lived gRPC streams.
 	RequestTimeout time.Duration `toml:"request_timeout"`
 	// MultiplexOpaque carries opaque (non-HTTP) connections to a peer as
-	// streams on the pooled HTTP/2 mTLS connections, like HTTP, instead of
-	// one mTLS connection each. About 3x the new-connection rate and ~40 %
-	// less memory per idle connection; but parallel bulk streams to one peer
-	// share one TLS connection (~20 % less throughput with 4 streams), and a
-	// service that half-closes first loses what the client sends afterwards.
-	// Both hosts must run a vmesh that accepts such streams. Default false.
+	// streams (internal/mux) on pooled mTLS connections, up to 100 streams a
+	// connection, instead of one mTLS connection each: no handshake per
+	// connection and less memory per idle connection. Each direction ends
+	// on its own (a FIN is a FIN, a reset a reset) and each stream has its
+	// own 1 MiB window. Default true; false gives every opaque connection
+	// its own mTLS connection.
 	MultiplexOpaque bool `toml:"multiplex_opaque"`
 	// OutboundUnknown says what to do with outbound connections to addresses
 	// the mesh does not know: "passthrough" (default) or "deny".
@@ -83,6 +83,11 @@ type Config struct {
 	// peers can authorize this host by service. Default "": the node SVID
 	// (spiffe://td/node/<name>).
 	ClientIdentity string `toml:"client_identity"`
+	// VIPRange holds the services' virtual IPs (package names): a
+	// connection to VIP:port is a connection to the service, balanced over
+	// its endpoints. It must not overlap a real network. Default
+	// 240.0.0.0/4 (class E, as Consul and Kuma use).
+	VIPRange netip.Prefix `toml:"vip_range"`
 }
 
 // DefaultConfig returns a fresh proxy configuration with every default set.
@@ -95,6 +100,8 @@ func DefaultConfig() Config {
 		OpaquePorts:     DefaultOpaquePorts(),
 		DefaultPolicy:   PolicyAllUnauthenticated,
 		OutboundUnknown: "passthrough",
+		MultiplexOpaque: true,
+		VIPRange:        netip.MustParsePrefix("240.0.0.0/4"),
 	}
 }
 
@@ -123,6 +130,14 @@ func (c *Config) Validate() error {
 	}
 	if c.RequestTimeout < 0 {
 		errs.Add("request_timeout", "must not be negative (0 means no timeout), got %s", c.RequestTimeout)
+	}
+	switch {
+	case !c.VIPRange.IsValid():
+		errs.Add("vip_range", "must be a CIDR prefix, e.g. \"240.0.0.0/4\"")
+	case c.VIPRange.Addr().BitLen()-c.VIPRange.Bits() < 8:
+		errs.Add("vip_range", "must hold at least 256 addresses, got %s", c.VIPRange)
+	case c.VIPRange.Addr().IsLoopback() || c.VIPRange.Contains(netip.MustParseAddr("127.0.0.1")):
+		errs.Add("vip_range", "must not be loopback, got %s", c.VIPRange)
 	}
 	for i, p := range c.OpaquePorts {
 		if p == 0 {

@@ -8,39 +8,84 @@
 //
 // # Connections
 //
+// Every connection's route is decided once, as a value, by a pure function
+// (route.go: routeTable.outbound, inboundRedirected, peer) of the original
+// destination, what the catalog says it is or the local service at its
+// port, the configuration and the detected protocol; one handler per route
+// kind carries it out (serveRoute). Whether a port is opaque is decided
+// there only (Config.IsOpaque: protocol "opaque", a port its host declared
+// opaque, or Config.OpaquePorts).
+//
 // Outbound (127.0.0.1:4140): SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST for IPv6)
 // gives the destination; a connection whose original destination is its own
-// local address was not redirected and is closed. Catalog.Lookup decides:
-//   - unknown address (or an Endpoint without ProxyAddr): plain TCP
-//     passthrough, spliced by the kernel, counted with tls="no_identity"; or
-//     closed when Config.OutboundUnknown is "deny".
-//   - meshed endpoint on an opaque port (Endpoint.Opaque, Protocol "opaque"
-//     or Config.OpaquePorts): by default mTLS to Endpoint.ProxyAddr with
-//     ALPN "vmesh.transport/v1", a transport header (header.go: preface, u32
-//     length, tag-length-value fields, at most 1 KiB), then the bytes. With
-//     Config.MultiplexOpaque: one HTTP/2 stream on the same pooled mTLS
-//     connections as HTTP (below), no handshake per connection: a POST with
-//     vmesh-opaque: 1 and vmesh-dst-port whose body is what the app sends
-//     and whose response body (after a 200 sent at once, every write
-//     flushed) is what the service sends (stream.go). The app's half-close
-//     ends the request body; the service's EOF ends the response and the
-//     stream (a service that half-closes and keeps reading loses later
-//     bytes). Any other answer closes the app connection. These streams
-//     are TCP connections in the metrics, never requests.
-//   - otherwise one detection read (up to 1 KiB, Config.DetectTimeout):
-//     HTTP/1 or HTTP/2 requests are proxied one by one over pooled,
-//     multiplexed HTTP/2 (ALPN "h2") mTLS connections, one pool per (peer
-//     proxy, service identity; unused for 5 minutes or beyond 4096 pools,
-//     least recently used first, a pool is dropped with its idle
-//     connections), with the original protocol in
-//     l5d-orig-proto and the target port in vmesh-dst-port; anything else,
-//     or silence until the timeout (a server that speaks first), goes opaque.
-//     HTTP/1 Upgrade requests (WebSocket) take the transport connection:
-//     mTLS with ALPN "vmesh.transport/v1", a transport header (header.go:
-//     preface, u32 length, tag-length-value fields, at most 1 KiB) with
-//     protocol http1, then raw bytes. Config.RequestTimeout (off
-//     by default) bounds each request to the end of its response: 504 with
-//     l5d-proxy-error, or a cut stream.
+// local address was not redirected and is closed. Catalog.Resolve decides:
+//   - DestUnknown (never part of the mesh): plain TCP passthrough, spliced
+//     by the kernel, counted with tls="no_identity"; or closed when
+//     Config.OutboundUnknown is "deny".
+//   - DestMeshHost (a mesh host's address with no meshed service at that
+//     port, or whose entry is gone), or an endpoint without a proxy
+//     address: refused, never passed through in clear; counted in
+//     tcp_refused_total{reason="mesh_host"} and logged at warn once per
+//     (reason, address) per minute.
+//   - DestService (a service VIP): refused (reason "service_unbalanced")
+//     until the balancer is wired in.
+//   - DestEndpoint on an opaque port: by default mTLS to Endpoint.ProxyAddr
+//     with ALPN "vmesh.transport/v1", a transport header (header.go:
+//     preface, u32 length, tag-length-value fields, at most 1 KiB), then
+//     the bytes. With Config.MultiplexOpaque: one HTTP/2 stream on the
+//     pooled HTTP/2 mTLS connections (below), no handshake per connection:
+//     a POST with vmesh-opaque: 1 and vmesh-dst-port whose body is what the
+//     app sends and whose response body (after a 200 sent at once, every
+//     write flushed) is what the service sends (stream.go). The app's
+//     half-close ends the request body; the service's EOF ends the response
+//     and the stream (a service that half-closes and keeps reading loses
+//     later bytes). Any other answer closes the app connection. These
+//     streams are TCP connections in the metrics, never requests.
+//   - DestEndpoint otherwise: one detection read (up to 1 KiB,
+//     Config.DetectTimeout); anything but HTTP, or silence until the
+//     timeout (a server that speaks first), goes opaque as above.
+//
+// HTTP/1 takes the lean path (h1.go): one goroutine per app connection
+// reads a request (heads parsed in place, h1parse.go), takes a pooled
+// HTTP/1.1 keep-alive mTLS connection to the peer proxy (ALPN
+// "vmesh.h1/1"; one pool per (peer proxy, service, identity), idle ones
+// closed after 90 s, at most 256 idle per key), writes the request with
+// Vmesh-Dst-Port (and L5d-Orig-Proto for HTTP/1.0 clients), reads the
+// response and writes it back; no other goroutine is involved unless a
+// request body has not arrived whole (it is then copied alongside, so
+// 100-continue and early responses work). Head and body go out in one
+// write when both are ready; writes are flushed when the source has
+// nothing more buffered. Pipelining, keep-alive (HTTP/1.0 keep-alive too),
+// chunked bodies with trailers, 1xx, HEAD, bodies of any size with
+// back-pressure are relayed as they are; hop-by-hop fields (and those
+// Connection names) are dropped; bodies of unknown length are chunked on
+// the hop between proxies and decoded for HTTP/1.0 clients. A request a
+// second parser could read differently is refused before it is forwarded,
+// counted in http_rejected_total{direction, reason} and answered with
+// l5d-proxy-error and Connection: close: 400 for Content-Length with
+// Transfer-Encoding, differing or malformed Content-Lengths, obs-fold,
+// whitespace before a colon, a bare CR, a Transfer-Encoding not ending in
+// (exactly one) chunked, chunked in HTTP/1.0, malformed chunks, a missing
+// or repeated Host; 501 for other transfer codings; 431 for heads beyond
+// 32 KiB or 256 fields; 405 for CONNECT. An Upgrade request (WebSocket)
+// rides the same pooled connection; after a 101 the bytes flow as they are
+// both ways (the connection leaves the pool), counted as a TCP connection.
+// A pooled connection idle for a second is checked (a non-blocking peek)
+// before use; one found closed under a request is replaced and the request
+// sent again only if it is replayable (no body; GET, HEAD, OPTIONS, TRACE
+// or an idempotency key). A client that goes away while its response takes
+// more than a second is noticed (a read-ahead started by a sweeper) and
+// its upstream connection closed, so the service sees the request
+// canceled. Local services are reached over their own keep-alive pool
+// (idle ones closed after 30 s).
+// HTTP/2 (prior knowledge) is proxied per request over pooled, multiplexed
+// HTTP/2 (ALPN "h2") mTLS connections, one pool per (peer proxy, service
+// identity; unused for 5 minutes or beyond 4096 pools, least recently
+// used first, a pool is dropped with its idle connections).
+// Config.RequestTimeout (off by default) bounds each outbound request to
+// the end of its response: 504 with l5d-proxy-error, or a cut connection
+// once the response began; a peer that cannot be reached or fails gets
+// 502 with l5d-proxy-error.
 //
 // Every mTLS client handshake sends SNI = Endpoint.Service and fails unless
 // the server's SPIFFE ID is exactly Endpoint.Identity. TLS 1.3 only, session
@@ -49,20 +94,28 @@
 //
 // Inbound (0.0.0.0:4143): a connection redirected from a service port is an
 // unmeshed client, authorized with no identity (all-authenticated and allow
-// lists refuse it) and sent to its original destination. On a declared
-// service port that is not opaque (LocalService.Protocol "opaque" or
-// Config.OpaquePorts) the protocol is detected as outbound ("http1" and
-// "http2" skip detection and assume it): HTTP is then served per request
-// like meshed HTTP (tls="no_identity" request metrics, 403 with
-// l5d-proxy-error when denied, the connection stays open); anything else,
-// and any undeclared port, is authorized once and relayed as TCP, closed
-// when denied. A direct connection must complete mTLS with a valid SVID
-// (VerifyPeer); by ALPN it then carries HTTP/2 requests (each authorized,
-// 403 with l5d-proxy-error when denied) and opaque streams (authorized as
-// TCP; 403 when denied or the port is not declared, 502 when the service
-// is unreachable), or one transport header whose port must be a declared
-// LocalService, else the connection is closed: the inbound proxy is never a
-// relay to arbitrary ports.
+// lists refuse it). A declared service is always reached at its own
+// LocalService.Target (default 127.0.0.1:port), never at an address taken
+// from the packet; an undeclared port (capture_all_inbound) is reached at
+// the address it was sent to, unless that is a loopback address (refused:
+// reason "loopback_destination"). On a declared service port that is not
+// opaque the protocol is detected as outbound ("http1" and "http2" skip
+// detection and assume it): HTTP is then served per request like meshed
+// HTTP (tls="no_identity" request metrics, 403 with l5d-proxy-error when
+// denied, the connection stays open; HTTP/1 on the lean path with pooled
+// keep-alive connections to the service); anything else is authorized
+// once and relayed as TCP, closed when denied. A direct connection must
+// complete mTLS with a valid SVID (VerifyPeer); by ALPN it then carries
+// HTTP/1 requests ("vmesh.h1/1") or HTTP/2 requests ("h2"), each routed by
+// its Vmesh-Dst-Port and authorized (403 with l5d-proxy-error when denied
+// or the port is not a declared service, 502 when the service cannot be
+// reached; a "vmesh.mux/1" stream whose transport header says http1
+// carries them the same way), opaque streams (authorized as TCP; 403 when
+// denied or the port is not declared, 502 when the service is
+// unreachable), or one
+// transport header whose port must be a declared LocalService, else the
+// connection is closed: the inbound proxy is never a relay to arbitrary
+// ports.
 //
 // Authorization is an in-memory lookup per LocalService: Policy (or
 // Config.DefaultPolicy) plus Allow patterns ("*" one segment, trailing "**"
@@ -79,14 +132,42 @@
 // (inbound), server_id (outbound), tls; inbound_{http,tcp}_authz_allow_total
 // and _deny_total (+reason); inbound_authz_audit_total{protocol="http"|"tcp",
 // service, client_id, tls, reason} for what the audit policy let in but
-// would otherwise deny (also counted in _allow_total); tcp_refused_total{direction,reason} for
-// connections refused before authorization. Label values come from declared
-// services, issued identities and constants, never from addresses.
+// would otherwise deny (also counted in _allow_total);
+// tcp_refused_total{direction, reason} for connections refused before
+// authorization; http_rejected_total{direction, reason} for HTTP/1
+// requests refused as malformed or ambiguous. Label values come from
+// declared services, issued identities and constants, never from
+// addresses.
+//
+// # Errors where the user looks
+//
+// Every failure a user notices is counted in proxy_errors_total{direction,
+// reason} and logged on the host that saw it, once per (reason, peer) per
+// minute (errlog.go; the same limiter as the refusals above): policy
+// denials (denied, info, naming service and client), route refusals (the
+// tcp_refused_total reasons), detection timeouts (detect_timeout: no byte
+// from the client within Config.DetectTimeout, the sign of a server-first
+// protocol on a port that is not opaque), connect failures (connect:
+// passthrough, peer proxy, local service), bad_gateway, unavailable and
+// request_timeout answers, and peer_refused on the CLIENT host when the
+// peer proxy resets a mux stream (denied by its policy, no such port, the
+// service down).
+//
+// # Tap and ping
+//
+// Proxy.Tap subscribes to a filtered live stream of TapEvents: each HTTP
+// request when it ends (method, authority, path, status, latency, bytes,
+// identities) and each TCP connection's open and close (bytes, duration).
+// When nobody taps the cost is one atomic load per request or connection;
+// each subscriber has a bounded queue that drops (and counts) when full.
+// Proxy.Ping makes one mTLS round trip (ALPN "vmesh.ping/1": 16 bytes
+// echoed) to a peer proxy that must present the expected identity; the
+// inbound side answers only clients that completed mTLS with a valid SVID.
 //
 // # Use from node
 //
 //	p, err := proxy.New(cfg.Proxy, proxy.Options{
-//		Catalog:    catalogAdapter,   // required: Lookup(netip.AddrPort) (Endpoint, bool)
+//		Catalog:    catalogAdapter,   // required: Resolve(netip.AddrPort) Destination, Endpoints(service)
 //		Identity:   caClientAdapter,  // required: GetCertificate, GetClientCertificate, Roots, TrustDomain
 //		VerifyPeer: ca.VerifyPeer,    // optional: default checks Roots() and the trust domain
 //		Services:   localServices,    // optional: the declared services at start

@@ -5,11 +5,13 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"github.com/vmesh/vmesh/balance"
 	"io"
 	"net"
 	"net/netip"
 	"os"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -55,15 +57,39 @@ type h1Conn struct {
 	req      h1Head
 	resp     h1Head
 	idle     atomic.Bool // waiting for a request: Shutdown may close it
+	pr       prefixReader
+	small    [1024]byte // an idle connection's next bytes land here, not in br
+	sent100  bool       // a 100 Continue was relayed for the current request
 	arr      [64]byte
+	bc       bodyCopier // the body being relayed by this goroutine
 
-	mc    *h1Metrics // metrics of the last service served
+	mc *h1Metrics // metrics of the last service served
+	// The current request's outcome, for the tap (tap.go).
+	status    int
+	respBytes int64
+	reported  bool // the failure was reported already (errlog.go)
+
 	mcSvc *localService
+
+	// Watching the client while its response is slow (watchClient).
+	watchState atomic.Int32 // watchIdle, watchWaiting or watchRunning
+	waitSince  atomic.Int64 // watchWaiting since (Unix ns)
+	watchUC    *upConn
+	watchDone  chan struct{}
+	watchGone  bool
 }
+
+// Watch states.
+const (
+	watchIdle    = iota // no response awaited, or the client may not be watched
+	watchWaiting        // a response is awaited; the sweeper may start a watch
+	watchRunning        // watchOnce reads ahead on the client connection
+)
 
 // h1Metrics are one label set's request metrics, looked up once.
 type h1Metrics struct {
 	labels   []string
+	allowed  prometheus.Counter // inbound: inbound_http_authz_allow_total
 	requests prometheus.Counter
 	latency  prometheus.Observer
 	resp     map[int]prometheus.Counter // status*2 + failure
@@ -112,15 +138,10 @@ func (pr *prefixReader) Read(b []byte) (int, error) {
 // serveH1 serves the HTTP/1 requests of an accepted connection on route r
 // (peeked: bytes detection already read).
 func (p *Proxy) serveH1(c net.Conn, peeked []byte, r route, clientID string) {
-	var src io.Reader = c
-	if len(peeked) > 0 {
-		src = &prefixReader{b: peeked, r: c}
-	}
-	h := &h1Conn{
-		p: p, c: c, r: r, clientID: clientID,
-		br: bufio.NewReaderSize(src, h1ReadBuf),
-		bw: bufio.NewWriterSize(c, h1WriteBuf),
-	}
+	h := &h1Conn{p: p, c: c, r: r, clientID: clientID, watchDone: make(chan struct{}, 1)}
+	h.pr = prefixReader{b: peeked, r: c}
+	h.takeBuffers()
+	defer h.releaseBuffers()
 	h.tlsLabel = tlsTrue
 	if r.kind == routeInboundHTTP {
 		h.tlsLabel = tlsNoIdentity
@@ -129,7 +150,10 @@ func (p *Proxy) serveH1(c net.Conn, peeked []byte, r route, clientID string) {
 	defer p.h1conns.Delete(h)
 	for !p.drain.Load() {
 		h.idle.Store(true)
-		err := h.readRequest()
+		err := h.awaitRequest()
+		if err == nil {
+			err = h.readRequest()
+		}
 		h.idle.Store(false)
 		if err != nil {
 			var he *httpError
@@ -138,10 +162,66 @@ func (p *Proxy) serveH1(c net.Conn, peeked []byte, r route, clientID string) {
 			}
 			return
 		}
-		if !h.exchange() {
+		if !p.m.tap.active() {
+			if !h.exchange() {
+				return
+			}
+			continue
+		}
+		start := time.Now()
+		h.status, h.respBytes = 0, 0
+		ok := h.exchange()
+		h.tapH1(start) // tap.go
+		if !ok {
 			return
 		}
 	}
+}
+
+// Buffers of the lean path's connections, shared: a connection holds them
+// only while it has a request in hand.
+var (
+	h1Readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, h1ReadBuf) }}
+	h1Writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, h1WriteBuf) }}
+)
+
+func (h *h1Conn) takeBuffers() {
+	h.br = h1Readers.Get().(*bufio.Reader)
+	h.br.Reset(&h.pr)
+	h.bw = h1Writers.Get().(*bufio.Writer)
+	h.bw.Reset(h.c)
+}
+
+func (h *h1Conn) releaseBuffers() {
+	if h.br == nil {
+		return
+	}
+	h.br.Reset(nil)
+	h1Readers.Put(h.br)
+	h.bw.Reset(nil)
+	h1Writers.Put(h.bw)
+	h.br, h.bw = nil, nil
+}
+
+// awaitRequest waits for the next request's first bytes. With nothing
+// buffered, an idle keep-alive connection gives its buffers back and waits
+// with a read into h.small (the same single read that would have filled
+// br), so it costs little memory for as long as it stays idle.
+func (h *h1Conn) awaitRequest() error {
+	if h.br.Buffered() > 0 || len(h.pr.b) > 0 {
+		return nil
+	}
+	h.releaseBuffers()
+	n, err := h.c.Read(h.small[:])
+	if n == 0 {
+		if err == nil {
+			err = io.ErrNoProgress
+		}
+		return err
+	}
+	h.pr.b = h.small[:n]
+	h.takeBuffers()
+	return nil
 }
 
 // readRequest reads and parses the next request head. The head must arrive
@@ -151,7 +231,7 @@ func (h *h1Conn) readRequest() error {
 	if _, err := h.br.Peek(1); err != nil {
 		return err
 	}
-	if buf, _ := h.br.Peek(h.br.Buffered()); bytes.Index(buf, []byte("\n\r\n")) < 0 && bytes.Index(buf, []byte("\n\n")) < 0 {
+	if buf, _ := h.br.Peek(h.br.Buffered()); !bytes.Contains(buf, []byte("\n\r\n")) && !bytes.Contains(buf, []byte("\n\n")) {
 		// The head is not all here: bound the wait for the rest.
 		h.c.SetReadDeadline(time.Now().Add(h.p.cfg.DetectTimeout))
 		defer h.c.SetReadDeadline(time.Time{})
@@ -164,6 +244,12 @@ func (h *h1Conn) readRequest() error {
 	}
 	if asciiEqualFold(h.req.method, "connect") {
 		return errConnect
+	}
+	// HTTP/1.1 requires one Host; HTTP/1.0 may have none (a peer proxy
+	// says a request is HTTP/1.0 in L5d-Orig-Proto).
+	if h.req.hosts > 1 || (h.req.hosts == 0 && h.req.minor == 1 &&
+		(h.r.kind != routePeerHTTP || !bytes.Equal(h.req.origProto, []byte("HTTP/1.0")))) {
+		return errBadHost
 	}
 	return nil
 }
@@ -213,6 +299,8 @@ func statusText(code int) string {
 		return "Not Implemented"
 	case 502:
 		return "Bad Gateway"
+	case 503:
+		return "Service Unavailable"
 	case 504:
 		return "Gateway Timeout"
 	case 505:
@@ -226,12 +314,13 @@ type h1Leg struct {
 	m       *h1Metrics
 	pool    *upPool
 	key     poolKey
-	ep      Endpoint       // to a peer proxy
-	peer    bool           // upstream is a peer proxy: mesh fields, HTTP/1.1
-	minor   int            // HTTP version to a local service
-	port    uint16         // to a peer: the target port
-	timeout time.Duration  // Config.RequestTimeout (outbound)
-	target  netip.AddrPort // to a local service
+	ep      Endpoint        // to a peer proxy
+	peer    bool            // upstream is a peer proxy: mesh fields, HTTP/1.1
+	minor   int             // HTTP version to a local service
+	port    uint16          // to a peer: the target port
+	timeout time.Duration   // Config.RequestTimeout (outbound)
+	target  netip.AddrPort  // to a local service
+	choice  *balance.Choice // to a service VIP: the balancer's pick, released after the response
 }
 
 // leg decides where the current request goes; ok=false means it was
@@ -240,14 +329,16 @@ func (h *h1Conn) leg() (l h1Leg, ok, keep bool) {
 	p, req := h.p, &h.req
 	switch h.r.kind {
 	case routeHTTP:
-		ep := h.r.ep
+		ep, choice, ok := h.endpoint(nil)
+		if !ok {
+			return l, false, h.answerEarly(nil, 503, "no endpoint")
+		}
 		if h.mc == nil {
 			h.mc = p.newH1Metrics(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
 		}
-		return h1Leg{
-			m: h.mc, pool: p.h1peers, key: poolKey{ep.ProxyAddr, ep.Service, ep.Identity},
-			ep: ep, peer: true, port: h.r.dst.Port(), timeout: p.cfg.RequestTimeout,
-		}, true, true
+		l = h1Leg{m: h.mc, pool: p.h1peers, peer: true, timeout: p.cfg.RequestTimeout}
+		l.to(ep, choice, h.r)
+		return l, true, true
 	case routePeerHTTP:
 		port, err := strconv.ParseUint(string(req.dstPort), 10, 16)
 		var svc *localService
@@ -271,14 +362,62 @@ func (h *h1Conn) leg() (l h1Leg, ok, keep bool) {
 	return l, false, h.answerEarly(nil, 500, "no HTTP route")
 }
 
+// endpoint picks the endpoint of the current outbound request: the
+// route's endpoint, or for a service VIP the balancer's pick among those
+// not tried yet (balance.go).
+func (h *h1Conn) endpoint(tried []string) (Endpoint, *balance.Choice, bool) {
+	if h.r.balanced {
+		return h.p.pickEndpoint(h.r.ep.Service, tried)
+	}
+	return h.r.ep, nil, h.r.ep.ProxyAddr.IsValid()
+}
+
+// to points the leg at ep (a balanced pick when choice is set).
+func (l *h1Leg) to(ep Endpoint, choice *balance.Choice, r route) {
+	l.ep, l.choice = ep, choice
+	l.key = poolKey{ep.ProxyAddr, ep.Service, ep.Identity}
+	l.port = r.dst.Port()
+	if r.balanced {
+		l.port = ep.Addr.Port()
+	}
+}
+
+// nextEndpoint moves a balanced leg whose attempt failed before the app saw
+// anything to another endpoint. It reports false when the leg is not
+// balanced or every attempt is spent.
+func (h *h1Conn) nextEndpoint(l *h1Leg, tried *[]string, err error) bool {
+	if l.choice == nil {
+		return false
+	}
+	l.choice.Observe(0, err)
+	l.choice.Release()
+	*tried = append(*tried, l.choice.Key)
+	l.choice = nil
+	if len(*tried) >= balancedAttempts {
+		return false
+	}
+	ep, choice, ok := h.endpoint(*tried)
+	if !ok {
+		return false
+	}
+	h.p.m.retries.WithLabelValues(dirOutbound, ep.Service, "http").Inc()
+	l.to(ep, choice, h.r)
+	return true
+}
+
 // authorized authorizes the current request for svc; a denial is answered
 // with 403.
 func (h *h1Conn) authorized(l h1Leg, svc *localService) (h1Leg, bool, bool) {
 	if h.mcSvc != svc || h.mc == nil {
 		h.mc = h.p.newH1Metrics(connLabels{direction: dirInbound, service: svc.Name, clientID: h.clientID, tls: h.tlsLabel})
+		h.mc.allowed = h.p.m.httpAllow.WithLabelValues(svc.Name, h.clientID, h.tlsLabel)
 		h.mcSvc = svc
 	}
 	l.m = h.mc
+	if d := svc.authorize(h.clientID); d.allow && d.reason == "" {
+		l.m.allowed.Inc() // the common case, without the label lookups
+		return l, true, true
+	}
 	if d := h.p.authorize("http", svc, h.clientID, h.tlsLabel); !d.allow {
 		l.m.requests.Inc()
 		return l, false, h.answerEarly(l.m, 403, "unauthorized: "+d.reason)
@@ -301,6 +440,7 @@ func (h *h1Conn) answerEarly(m *h1Metrics, code int, why string) bool {
 	if m != nil {
 		m.response(h.p, code, false)
 	}
+	h.answered(code, why)
 	if h.writeError(code, why, !keep) != nil || !keep {
 		return false
 	}
@@ -326,27 +466,58 @@ func (h *h1Conn) exchange() bool {
 	var uc *upConn
 	var bodyDone chan error // set when the body is copied by another goroutine
 	retried := false
+	var tried []string // balanced: endpoints that failed this request
+	var sent time.Time
+	defer func() {
+		if l.choice != nil {
+			l.choice.Release()
+		}
+	}()
 	var err error
 	for {
 		uc, err = h.upstream(&l)
 		if err != nil {
-			h.p.log.Debug("connecting upstream failed", "direction", h.r.dir, "err", err)
+			h.connectFailed(&l, err) // errlog.go: counted and logged
+			if h.nextEndpoint(&l, &tried, err) {
+				h.reported = false
+				continue // nothing was sent: any request may go elsewhere
+			}
 			return h.failEarly(l, bodyDone, 502, "connecting upstream failed")
 		}
 		if l.timeout > 0 {
 			uc.SetDeadline(start.Add(l.timeout))
 		}
+		sent = time.Now() // the balancer measures the exchange, not connecting
 		bodyDone, err = h.sendRequest(uc, &l)
 		if err == nil {
+			watching := bodyDone == nil && h.watchClient(uc, start)
 			err = h.readResponseHead(uc, bodyDone)
+			if watching && h.endWatch() {
+				// The client went away while the response was slow.
+				l.pool.drop(uc)
+				return false
+			}
+		}
+		if err == nil && l.choice != nil && (resp.status == 502 || resp.status == 503) && bodyDone == nil && req.replayable() {
+			// The peer proxy could not reach its service: another
+			// endpoint may (the response is dropped with its connection).
+			l.pool.drop(uc)
+			if h.nextEndpoint(&l, &tried, errPeerUnavailable) {
+				continue
+			}
+			return h.failEarly(l, nil, 502, "every endpoint failed")
 		}
 		if err == nil {
 			break
 		}
 		l.pool.drop(uc)
-		if uc.reused && !retried && req.body == bodyNone && isStale(err) {
+		if bodyDone == nil && req.replayable() && !isTimeout(err) && h.nextEndpoint(&l, &tried, err) {
+			continue
+		}
+		if uc.reused && !retried && req.replayable() && isStale(err) {
 			// The pooled connection was closed under us before it
-			// answered: the request went nowhere, try a fresh one.
+			// answered: try a fresh one (as net/http does, only for a
+			// request without a body that is safe to send twice).
 			retried = true
 			continue
 		}
@@ -367,8 +538,12 @@ func (h *h1Conn) exchange() bool {
 		return h.failEarly(l, nil, 502, "proxying failed")
 	}
 	l.m.latency.Observe(float64(time.Since(start)) / float64(time.Millisecond))
+	if l.choice != nil {
+		l.choice.Observe(time.Since(sent), nil)
+	}
 
 	if resp.status == 101 {
+		h.status = 101
 		return h.upgrade(uc, l, bodyDone)
 	}
 
@@ -377,24 +552,18 @@ func (h *h1Conn) exchange() bool {
 	keep = !req.connClose && !h.p.drain.Load() &&
 		(resp.body == bodyNone || resp.body == bodyLength || chunked)
 	h.writeResponseHead(keep, chunked)
-	bc := bodyCopier{dst: h.bw, src: uc.br}
+	bc := &h.bc
+	*bc = bodyCopier{dst: h.bw, src: uc.br}
 	berr := bc.copy(resp.body, resp.length, chunked)
 	if berr == nil {
 		berr = h.bw.Flush()
 	}
 	l.m.response(h.p, resp.status, berr == nil && resp.status < 500)
+	h.status, h.respBytes = resp.status, bc.n
 
 	var reqErr error
 	if bodyDone != nil {
-		select {
-		case reqErr = <-bodyDone:
-		default:
-			// The response ended before the request: stop reading it;
-			// neither connection's state is known any more.
-			h.c.SetReadDeadline(time.Now())
-			<-bodyDone
-			reqErr = errIncomplete
-		}
+		reqErr = h.awaitBody(bodyDone)
 	}
 	if l.timeout > 0 {
 		uc.SetDeadline(time.Time{})
@@ -408,6 +577,120 @@ func (h *h1Conn) exchange() bool {
 		h.p.log.Debug("relaying response body failed", "direction", h.r.dir, "err", berr)
 	}
 	return keep && berr == nil && reqErr == nil
+}
+
+// watchAfter is how long a response may take before the proxy checks
+// whether its client is still there.
+const watchAfter = time.Second
+
+// watchClient arranges that a client that goes away while its response is
+// slow does not hold the upstream connection (a long poll, a request the
+// client gave up on): once the response has taken watchAfter, the proxy's
+// sweeper (sweepSlowH1) starts watchOnce, which reads ahead on the client
+// connection and closes uc if the client closed it, as net/http cancels a
+// request whose client went away. endWatch ends the watch; h.br is the
+// caller's again after it. Per request this costs two atomic stores, no
+// timer. A client that already sent more bytes (pipelining) is there: no
+// watch.
+func (h *h1Conn) watchClient(uc *upConn, since time.Time) bool {
+	if h.br.Buffered() > 0 {
+		return false
+	}
+	h.watchUC, h.watchGone = uc, false
+	h.waitSince.Store(since.UnixNano())
+	h.watchState.Store(watchWaiting)
+	return true
+}
+
+// watchOnce waits for the client to send something or go away.
+func (h *h1Conn) watchOnce() {
+	if _, err := h.br.Peek(1); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		h.watchGone = true
+		h.watchUC.Close()
+	}
+	h.watchDone <- struct{}{}
+}
+
+// endWatch ends a watch and reports whether the client went away.
+func (h *h1Conn) endWatch() bool {
+	if h.watchState.CompareAndSwap(watchWaiting, watchIdle) {
+		return false
+	}
+	h.c.SetReadDeadline(time.Now())
+	<-h.watchDone
+	h.c.SetReadDeadline(time.Time{})
+	h.watchState.Store(watchIdle)
+	return h.watchGone
+}
+
+// sweepSlowH1 starts a watch on every lean-path connection whose response
+// has taken watchAfter, until stop is closed.
+func (p *Proxy) sweepSlowH1(stop <-chan struct{}) {
+	t := time.NewTicker(watchAfter / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case now := <-t.C:
+			p.h1conns.Range(func(k, _ any) bool {
+				h := k.(*h1Conn)
+				if h.watchState.Load() == watchWaiting && now.UnixNano()-h.waitSince.Load() >= int64(watchAfter) &&
+					h.watchState.CompareAndSwap(watchWaiting, watchRunning) {
+					go h.watchOnce()
+				}
+				return true
+			})
+		}
+	}
+}
+
+// bodyGrace bounds the wait for the rest of a request body after its
+// response ended.
+const bodyGrace = 5 * time.Second
+
+// awaitBody waits for the request body copier after the response ended:
+// the client may still be sending what the upstream has all read. A client
+// told nothing (100-continue without a 100) sends nothing: that body, or
+// one still coming after bodyGrace, is cut, leaving neither connection
+// reusable.
+func (h *h1Conn) awaitBody(bodyDone chan error) error {
+	select {
+	case err := <-bodyDone:
+		return err
+	default:
+	}
+	if !h.req.expect100 || h.sent100 {
+		t := time.NewTimer(bodyGrace)
+		defer t.Stop()
+		select {
+		case err := <-bodyDone:
+			return err
+		case <-t.C:
+		}
+	}
+	h.c.SetReadDeadline(time.Now())
+	<-bodyDone
+	return errIncomplete
+}
+
+// replayable reports whether the request may be sent again after a
+// connection failed under it: no body, and an idempotent method or an
+// idempotency key (net/http's rule).
+func (h *h1Head) replayable() bool {
+	if h.body != bodyNone {
+		return false
+	}
+	switch string(h.method) {
+	case "GET", "HEAD", "OPTIONS", "TRACE":
+		return true
+	}
+	for _, f := range h.fields {
+		if asciiEqualFold(f.name, "idempotency-key") || asciiEqualFold(f.name, "x-idempotency-key") {
+			return true
+		}
+	}
+	return false
 }
 
 // isStale reports whether err says a pooled connection was closed before
@@ -427,6 +710,7 @@ func (h *h1Conn) failEarly(l h1Leg, bodyDone chan error, code int, why string) b
 		h.c.SetReadDeadline(time.Now())
 		<-bodyDone
 		l.m.response(h.p, code, false)
+		h.answered(code, why)
 		h.writeError(code, why, true)
 		return false
 	}
@@ -441,9 +725,12 @@ func (h *h1Conn) upstream(l *h1Leg) (*upConn, error) {
 	p := h.p
 	var c net.Conn
 	var err error
-	if l.peer {
+	switch {
+	case l.peer && p.h1Mux:
+		c, err = p.openH1Stream(l.ep, l.port)
+	case l.peer:
 		c, err = p.dialTransport(context.Background(), l.ep, alpnH1)
-	} else {
+	default:
 		c, err = p.dial(context.Background(), l.target)
 	}
 	if err != nil {
@@ -484,13 +771,13 @@ func (h *h1Conn) sendRequest(uc *upConn, l *h1Leg) (chan error, error) {
 			bw.WriteString("L5d-Orig-Proto: HTTP/1.0\r\n")
 		}
 	}
-	switch req.body {
-	case bodyLength:
+	switch {
+	case req.body == bodyChunked:
+		bw.WriteString("Transfer-Encoding: chunked\r\n")
+	case req.hasLength: // also Content-Length: 0, which some servers want on a POST
 		bw.WriteString("Content-Length: ")
 		bw.Write(strconv.AppendInt(h.arr[:0], req.length, 10))
 		bw.WriteString("\r\n")
-	case bodyChunked:
-		bw.WriteString("Transfer-Encoding: chunked\r\n")
 	}
 	if req.upgrade {
 		bw.WriteString("Connection: Upgrade\r\nUpgrade: ")
@@ -505,7 +792,8 @@ func (h *h1Conn) sendRequest(uc *upConn, l *h1Leg) (chan error, error) {
 	case req.body == bodyNone:
 		return nil, bw.Flush()
 	case req.body == bodyLength && !req.expect100 && int64(h.br.Buffered()) >= req.length:
-		bc := bodyCopier{dst: bw, src: h.br}
+		bc := &h.bc
+		*bc = bodyCopier{dst: bw, src: h.br}
 		if err := bc.copy(req.body, req.length, false); err != nil {
 			return nil, err
 		}
@@ -530,6 +818,11 @@ func copyRequestBody(done chan<- error, uc *upConn, src *bufio.Reader, kind body
 		err = uc.bw.Flush()
 	}
 	done <- err
+	if err != nil {
+		// The upstream waits for the rest of a body that will not come:
+		// stop waiting for its response (after done holds the cause).
+		uc.SetReadDeadline(time.Now())
+	}
 }
 
 func writeField(bw *bufio.Writer, name, value []byte) {
@@ -544,6 +837,7 @@ func writeField(bw *bufio.Writer, name, value []byte) {
 func (h *h1Conn) readResponseHead(uc *upConn, bodyDone chan error) error {
 	resp := &h.resp
 	head := asciiEqualFold(h.req.method, "head")
+	h.sent100 = false
 	for {
 		if err := readHead(uc.br, resp); err != nil {
 			if err == io.EOF {
@@ -573,6 +867,7 @@ func (h *h1Conn) readResponseHead(uc *upConn, bodyDone chan error) error {
 			return nil
 		}
 		if h.req.minor == 1 {
+			h.sent100 = true
 			h.bw.Write(resp.buf)
 			if err := h.bw.Flush(); err != nil {
 				return err
@@ -683,3 +978,42 @@ func (p *Proxy) closeIdleH1() {
 		return true
 	})
 }
+
+// openH1Stream opens a stream to ep's proxy that carries HTTP/1 requests
+// like an ALPN vmesh.h1/1 connection.
+func (p *Proxy) openH1Stream(ep Endpoint, port uint16) (net.Conn, error) {
+	var arr [256]byte
+	hdr, err := appendHeader(arr[:0], transportHeader{Port: port, Protocol: sessionHTTP1, Service: ep.Service})
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+	defer cancel()
+	st, _, err := p.muxes.open(ctx, ep, hdr)
+	if err != nil {
+		return nil, err
+	}
+	if err := st.Accepted(p.muxAcceptTimeout()); err != nil {
+		st.Close()
+		return nil, err
+	}
+	return st, nil
+}
+
+// muxH1Stream serves a peer's stream that carries HTTP/1 requests.
+func (p *Proxy) muxH1Stream(st net.Conn, clientID string) {
+	type accepter interface{ Accept() error }
+	if err := st.(accepter).Accept(); err != nil {
+		return
+	}
+	p.serveH1(st, nil, route{kind: routePeerHTTP, dir: dirInbound, proto: protoHTTP1}, clientID)
+	st.Close()
+}
+
+// errPeerUnavailable is a balanced attempt the peer proxy answered with 502
+// or 503.
+var errPeerUnavailable = errors.New("peer proxy answered 502/503")
+
+// isTimeout reports whether err is a deadline (the request timeout): such a
+// request is not tried again elsewhere.
+func isTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }

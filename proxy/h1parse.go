@@ -51,6 +51,7 @@ type h1Head struct {
 	reason []byte
 
 	minor int // HTTP/1.minor
+	hosts int // Host fields
 
 	body   bodyKind
 	length int64 // bodyLength: the Content-Length
@@ -71,7 +72,7 @@ func (h *h1Head) reset() {
 	h.fields = h.fields[:0]
 	h.connTokens = h.connTokens[:0]
 	h.method, h.target, h.reason, h.dstPort, h.origProto = nil, nil, nil, nil, nil
-	h.status, h.minor, h.length = 0, 0, 0
+	h.status, h.minor, h.length, h.hosts = 0, 0, 0, 0
 	h.body = bodyNone
 	h.hasLength, h.connClose, h.keepAlive, h.upgrade, h.expect100, h.teTrailers = false, false, false, false, false, false
 }
@@ -99,38 +100,44 @@ var (
 	errUnsupportedTE   = &httpError{501, "unsupported_transfer_encoding"}
 	errBadHost         = &httpError{400, "bad_host"}
 	errBadChunk        = &httpError{400, "bad_chunk"}
-	errBodyTooShort    = &httpError{400, "incomplete_body"}
 	errUnsupportedVers = &httpError{505, "unsupported_version"}
 )
 
 // readHead reads one head (up to and including the empty line) from br into
-// h.buf. Empty lines before a request line are skipped (RFC 9112 §2.2). It
-// returns io.EOF if br ends before any byte of a head.
+// h.buf. Empty lines before a request line are skipped (RFC 9112 §2.2). A
+// line may be longer than br's buffer; the head may not be longer than
+// maxHeadSize. It returns io.EOF if br ends before any byte of a head.
 func readHead(br *bufio.Reader, h *h1Head) error {
 	h.reset()
+	lineStart := 0
 	for {
-		line, err := br.ReadSlice('\n')
-		if err != nil {
-			if err == bufio.ErrBufferFull {
-				return errHeadTooLarge
-			}
-			if len(h.buf) == 0 && len(line) == 0 && err == io.EOF {
-				return io.EOF
-			}
-			if err == io.EOF {
-				return io.ErrUnexpectedEOF
-			}
-			return err
-		}
-		if len(h.buf) == 0 && (len(line) == 1 || (len(line) == 2 && line[0] == '\r')) {
-			continue // an empty line before the start line
-		}
-		if len(h.buf)+len(line) > maxHeadSize {
+		frag, err := br.ReadSlice('\n')
+		if len(h.buf)+len(frag) > maxHeadSize {
 			return errHeadTooLarge
 		}
-		h.buf = append(h.buf, line...)
-		if len(line) == 1 || (len(line) == 2 && line[0] == '\r') {
+		switch err {
+		case nil:
+		case bufio.ErrBufferFull:
+			h.buf = append(h.buf, frag...)
+			continue
+		case io.EOF:
+			if len(h.buf) == 0 && len(frag) == 0 {
+				return io.EOF
+			}
+			return io.ErrUnexpectedEOF
+		default:
+			return err
+		}
+		h.buf = append(h.buf, frag...)
+		line := h.buf[lineStart:]
+		empty := len(line) == 1 || (len(line) == 2 && line[0] == '\r')
+		switch {
+		case empty && lineStart == 0:
+			h.buf = h.buf[:0] // an empty line before the start line
+		case empty:
 			return nil
+		default:
+			lineStart = len(h.buf)
 		}
 	}
 }
@@ -240,7 +247,6 @@ func (h *h1Head) parseResponse(head bool) error {
 // parseFields parses the field lines of a head and derives framing and
 // connection management.
 func (h *h1Head) parseFields(b []byte, request bool) error {
-	hosts := 0
 	for {
 		line, rest, ok := nextLine(b)
 		if !ok {
@@ -327,7 +333,7 @@ func (h *h1Head) parseFields(b []byte, request bool) error {
 				}
 			}
 		case fHost:
-			hosts++
+			h.hosts++
 		case fExpect:
 			h.expect100 = asciiEqualFold(value, "100-continue")
 		case fTE:
@@ -356,9 +362,6 @@ func (h *h1Head) parseFields(b []byte, request bool) error {
 	}
 	if h.minor == 0 && !h.keepAlive {
 		h.connClose = true
-	}
-	if request && (hosts > 1 || (hosts == 0 && h.minor == 1)) {
-		return errBadHost
 	}
 	return nil
 }

@@ -44,6 +44,9 @@ type upPool struct {
 	idle    time.Duration
 	maxIdle int
 	now     func() time.Time
+	// checkAfter: a connection idle this long is checked before use (a
+	// server closes idle connections on its own schedule).
+	checkAfter time.Duration
 
 	mu        sync.Mutex
 	free      map[poolKey][]*upConn
@@ -54,13 +57,47 @@ type upPool struct {
 
 func newUpPool(idle time.Duration, maxIdle int) *upPool {
 	return &upPool{
-		idle: idle, maxIdle: maxIdle, now: time.Now,
+		idle: idle, maxIdle: maxIdle, now: time.Now, checkAfter: time.Second,
 		free: make(map[poolKey][]*upConn), all: make(map[*upConn]struct{}),
 	}
 }
 
-// get returns an idle connection for k, or nil.
+// get returns an idle connection for k that is still open, or nil. The
+// connection has its buffers again.
 func (pl *upPool) get(k poolKey) *upConn {
+	for {
+		uc, check := pl.pop(k)
+		if uc == nil {
+			return nil
+		}
+		if !check || !peerClosed(uc.Conn) {
+			uc.takeBuffers()
+			return uc
+		}
+		pl.drop(uc)
+	}
+}
+
+// takeBuffers gives a connection taken from the pool its buffers; idle
+// connections hold none.
+func (uc *upConn) takeBuffers() {
+	uc.br = h1Readers.Get().(*bufio.Reader)
+	uc.br.Reset(uc.Conn)
+	uc.bw = h1Writers.Get().(*bufio.Writer)
+	uc.bw.Reset(uc.Conn)
+}
+
+func (uc *upConn) releaseBuffers() {
+	uc.br.Reset(nil)
+	h1Readers.Put(uc.br)
+	uc.bw.Reset(nil)
+	h1Writers.Put(uc.bw)
+	uc.br, uc.bw = nil, nil
+}
+
+// pop takes the most recently used idle connection for k; check says it
+// has been idle long enough to be checked.
+func (pl *upPool) pop(k poolKey) (uc *upConn, check bool) {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	now := pl.now()
@@ -72,28 +109,24 @@ func (pl *upPool) get(k poolKey) *upConn {
 		uc := s[len(s)-1]
 		s[len(s)-1] = nil
 		s = s[:len(s)-1]
-		if now.Sub(uc.idleAt) >= pl.idle || uc.br.Buffered() > 0 {
-			// Expired, or the server sent something unasked.
+		if now.Sub(uc.idleAt) >= pl.idle {
 			delete(pl.all, uc)
 			uc.Close()
 			continue
 		}
 		pl.free[k] = s
 		uc.reused = true
-		return uc
+		return uc, now.Sub(uc.idleAt) >= pl.checkAfter
 	}
 	delete(pl.free, k)
-	return nil
+	return nil, false
 }
 
 // add registers a new connection; false if the pool is closed (c is then
 // closed).
 func (pl *upPool) add(c net.Conn, k poolKey) (*upConn, bool) {
-	uc := &upConn{
-		Conn: c, key: k,
-		br: bufio.NewReaderSize(c, h1ReadBuf),
-		bw: bufio.NewWriterSize(c, h1WriteBuf),
-	}
+	uc := &upConn{Conn: c, key: k}
+	uc.takeBuffers()
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	if pl.closed {
@@ -104,8 +137,14 @@ func (pl *upPool) add(c net.Conn, k poolKey) (*upConn, bool) {
 	return uc, true
 }
 
-// put returns a connection whose exchange ended cleanly.
+// put returns a connection whose exchange ended cleanly, without its
+// buffers.
 func (pl *upPool) put(uc *upConn) {
+	if uc.br.Buffered() > 0 {
+		pl.drop(uc) // the server sent something unasked
+		return
+	}
+	uc.releaseBuffers()
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	s := pl.free[uc.key]

@@ -127,6 +127,7 @@ type proxyOpts struct {
 	certs    []string // service SVIDs to hold
 	verify   VerifyPeerFunc
 	dialer   Dialer
+	logger   *slog.Logger // nil: testLogger
 }
 
 func testLogger(t testing.TB) *slog.Logger {
@@ -150,9 +151,13 @@ func startProxy(t testing.TB, name string, ca *testCA, o proxyOpts) *testProxy {
 		name: name, reg: prometheus.NewRegistry(), id: newTestIdentity(t, ca, name, o.certs...),
 		cat: newTestCatalog(), orig: &origRegistry{m: map[netip.Addr]netip.AddrPort{}}, ip: ip,
 	}
+	logger := o.logger
+	if logger == nil {
+		logger = testLogger(t)
+	}
 	p, err := New(cfg, Options{
 		Catalog: tp.cat, Identity: tp.id, VerifyPeer: o.verify, Services: o.services, Dialer: o.dialer,
-		Registerer: tp.reg, Logger: testLogger(t),
+		Registerer: tp.reg, Logger: logger,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -4,8 +4,10 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"github.com/vmesh/vmesh/balance"
 	"io"
 	"log"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -55,10 +57,6 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 	case routeHTTP:
 		p.outboundHTTP(w, r, info)
 	case routePeerHTTP:
-		if r.ProtoMajor == 2 && r.Header.Get(hdrOpaque) != "" {
-			p.inboundStream(w, r, info)
-			return
-		}
 		p.inboundHTTP(w, r, info)
 	case routeInboundHTTP:
 		p.inboundHTTP(w, r, info)
@@ -71,7 +69,6 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 func stripMeshHeaders(h http.Header) {
 	h.Del(hdrOrigProto)
 	h.Del(hdrDstPort)
-	h.Del(hdrOpaque)
 }
 
 // restoreForwarded puts back the X-Forwarded-*/Forwarded headers that
@@ -88,13 +85,26 @@ func restoreForwarded(pr *httputil.ProxyRequest) {
 // the pooled, multiplexed HTTP/2 mTLS connections.
 func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connInfo) {
 	ep := info.route.ep
+	port := strconv.Itoa(int(info.route.dst.Port()))
+	if info.route.balanced {
+		// A service VIP: this request's endpoint (balance.go).
+		var choice *balance.Choice
+		var ok bool
+		if ep, choice, ok = p.pickEndpoint(ep.Service, nil); !ok {
+			labels := connLabels{direction: dirOutbound, service: info.route.ep.Service, serverID: info.route.ep.Identity, tls: tlsTrue}
+			p.denyHTTP(w, labels.values(), http.StatusServiceUnavailable, "no endpoint")
+			return
+		}
+		start := time.Now()
+		defer func() { choice.Observe(time.Since(start), nil); choice.Release() }()
+		port = strconv.Itoa(int(ep.Addr.Port()))
+	}
 	labels := connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue}
 	if d := p.cfg.RequestTimeout; d > 0 {
 		ctx, cancel := context.WithTimeout(r.Context(), d)
 		defer cancel()
 		r = r.WithContext(ctx)
 	}
-	port := strconv.Itoa(int(info.route.dst.Port()))
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "https"
@@ -206,7 +216,7 @@ func (p *Proxy) proxyErrorHandler(labels []string) func(http.ResponseWriter, *ht
 			p.denyHTTP(w, labels, http.StatusGatewayTimeout, "request timeout")
 			return
 		}
-		p.log.Debug("proxying request failed", "host", r.Host, "err", err)
+		p.reportError(slog.LevelWarn, labels[0], errBadGateway, labels[1]+" "+labels[3], "proxying request failed", "service", labels[1], "host", r.Host, "err", err)
 		p.denyHTTP(w, labels, http.StatusBadGateway, "proxying failed")
 	}
 }
@@ -233,7 +243,7 @@ func (t *meteredTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 		t.p.m.responses.WithLabelValues(append(t.labels[:len(t.labels):len(t.labels)], statusLabel(resp.StatusCode), "success")...).Inc()
 		return resp, nil
 	}
-	resp.Body = &meteredBody{ReadCloser: resp.Body, p: t.p, labels: t.labels, resp: resp, grpc: isGRPC(r.Header)}
+	resp.Body = &meteredBody{ReadCloser: resp.Body, p: t.p, labels: t.labels, resp: resp, grpc: isGRPC(r.Header), start: start}
 	return resp, nil
 }
 
@@ -245,6 +255,8 @@ type meteredBody struct {
 	resp   *http.Response
 	grpc   bool // the request was gRPC
 	done   atomic.Bool
+	start  time.Time
+	n      int64 // body bytes read, for the tap
 }
 
 // isGRPC reports whether h (a request's headers) is a gRPC request's.
@@ -255,6 +267,7 @@ func isGRPC(h http.Header) bool {
 
 func (b *meteredBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
+	b.n += int64(n)
 	if err != nil {
 		b.record(err == io.EOF)
 	}
@@ -289,6 +302,9 @@ func (b *meteredBody) record(eof bool) {
 	}
 	lv := append(b.labels[:len(b.labels):len(b.labels)], statusLabel(b.resp.StatusCode), class)
 	b.p.m.responses.WithLabelValues(lv...).Inc()
+	if b.p.m.tap.active() {
+		b.tap() // tap.go
+	}
 }
 
 // localTransports reach local services: HTTP/1 with keep-alive, and h2c

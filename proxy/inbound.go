@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
+	"log/slog"
 	"net"
 	"net/netip"
 	"time"
@@ -39,6 +40,7 @@ func (p *Proxy) inboundRedirected(c *net.TCPConn, dst netip.AddrPort) {
 			p.log.Debug("inbound connection closed before its first byte", "dst", dst, "err", err)
 			return
 		}
+		p.detected(dirInbound, dst, proto, peeked)
 		r = p.routes.inboundRedirected(dst, svc, proto, true)
 	}
 	p.serveRoute(c, r, peeked, bp)
@@ -55,7 +57,7 @@ func (p *Proxy) inboundTCP(c net.Conn, r route, peeked []byte) {
 	up, err := p.dial(context.Background(), r.target)
 	if err != nil {
 		p.m.refused.WithLabelValues(dirInbound, refuseDial).Inc()
-		p.log.Debug("connecting to local service failed", "service", svc.Name, "addr", r.target, "err", err)
+		p.reportError(slog.LevelWarn, dirInbound, refuseDial, r.target.String(), "connecting to local service failed", "service", svc.Name, "addr", r.target, "err", err)
 		return
 	}
 	if len(peeked) > 0 {
@@ -87,7 +89,7 @@ func (p *Proxy) authorize(proto string, svc *localService, clientID, tlsLabel st
 	d := svc.authorize(clientID)
 	if !d.allow {
 		deny.WithLabelValues(svc.Name, clientID, tlsLabel, d.reason).Inc()
-		p.log.Info("inbound "+proto+" denied", "service", svc.Name, "client_id", clientID, "reason", d.reason)
+		p.reportError(slog.LevelInfo, dirInbound, errDenied, svc.Name+" "+clientID, "inbound "+proto+" denied", "service", svc.Name, "client_id", clientID, "why", d.reason)
 		return d
 	}
 	if d.reason != "" {
@@ -122,8 +124,12 @@ func (p *Proxy) inboundMesh(c *net.TCPConn) {
 		})
 	case alpnTransport:
 		p.inboundTransport(tc, clientID)
+	case alpnMux:
+		p.serveMux(tc, clientID)
 	case alpnH1:
 		p.serveH1(tc, nil, route{kind: routePeerHTTP, dir: dirInbound, proto: protoHTTP1}, clientID)
+	case alpnPing:
+		p.servePing(tc, clientID) // ping.go
 	default:
 		p.m.refused.WithLabelValues(dirInbound, refuseALPN).Inc()
 	}
@@ -145,7 +151,7 @@ func (p *Proxy) inboundTransport(tc *tls.Conn, clientID string) {
 	r := p.routes.peer(h.Port, svc, protoOpaque)
 	if r.kind == routeDeny {
 		p.m.refused.WithLabelValues(dirInbound, r.reason).Inc()
-		p.log.Info("inbound transport header names no local service", "client_id", clientID, "port", h.Port)
+		p.reportError(slog.LevelWarn, dirInbound, r.reason, clientID, "inbound transport header names no local service", "client_id", clientID, "port", h.Port)
 		return
 	}
 	p.peerTCP(tc, r, clientID)
@@ -161,7 +167,7 @@ func (p *Proxy) peerTCP(tc net.Conn, r route, clientID string) {
 	up, err := p.dial(context.Background(), r.target)
 	if err != nil {
 		p.m.refused.WithLabelValues(dirInbound, refuseDial).Inc()
-		p.log.Debug("connecting to local service failed", "service", svc.Name, "addr", r.target, "err", err)
+		p.reportError(slog.LevelWarn, dirInbound, refuseDial, r.target.String(), "connecting to local service failed", "service", svc.Name, "addr", r.target, "err", err)
 		return
 	}
 	t := p.m.openTCP(connLabels{direction: dirInbound, service: svc.Name, clientID: clientID, tls: tlsTrue})

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"strconv"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -54,6 +55,9 @@ type metrics struct {
 	audit        *prometheus.CounterVec
 	refused      *prometheus.CounterVec
 	rejected     *prometheus.CounterVec
+	retries      *prometheus.CounterVec // balanced attempts moved to another endpoint
+	errors       *prometheus.CounterVec // errlog.go
+	tap          tapHub                 // tap.go
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -106,13 +110,19 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "http_rejected_total", Help: "HTTP/1 requests refused as malformed or ambiguous (request smuggling shapes, oversized heads).",
 		}, []string{"direction", "reason"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "balancer_retries_total", Help: "Connections (tcp) and requests (http) to a service VIP moved to another endpoint after the first failed before the app saw anything.",
+		}, []string{"direction", "service", "protocol"}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "proxy_errors_total", Help: "Failures a user would notice (denials, refusals, detection timeouts, connect failures, 502s, refusals by the peer), by reason.",
+		}, []string{"direction", "reason"}),
 	}
 	if reg == nil {
 		return m, nil
 	}
 	for _, c := range []prometheus.Collector{
 		m.requests, m.responses, m.latency, m.tcpOpen, m.tcpClose, m.tcpOpenConns,
-		m.tcpRead, m.tcpWrite, m.httpAllow, m.httpDeny, m.tcpAllow, m.tcpDeny, m.audit, m.refused, m.rejected,
+		m.tcpRead, m.tcpWrite, m.httpAllow, m.httpDeny, m.tcpAllow, m.tcpDeny, m.audit, m.refused, m.rejected, m.retries, m.errors,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
@@ -130,22 +140,32 @@ const (
 	refuseUnknownPort   = "unknown_port"
 	refuseUnknownDst    = "unknown_destination"
 	refuseDial          = "connect"
+	refusePeer          = "peer_refused" // the peer proxy reset the stream (denied, no such port, service down)
 )
 
 // tcpConnMetrics tracks one proxied TCP connection.
 type tcpConnMetrics struct {
-	m *metrics
-	l []string
+	m     *metrics
+	l     []string
+	start time.Time // set while tapped (tap.go)
 }
 
 func (m *metrics) openTCP(l connLabels) tcpConnMetrics {
 	v := l.values()
 	m.tcpOpen.WithLabelValues(v...).Inc()
 	m.tcpOpenConns.WithLabelValues(v...).Inc()
-	return tcpConnMetrics{m, v}
+	t := tcpConnMetrics{m: m, l: v}
+	if m.tap.active() {
+		t.start = time.Now()
+		t.tapTCP(TapTCPOpen, 0, 0)
+	}
+	return t
 }
 
 func (t tcpConnMetrics) close(read, written int64) {
+	if t.m.tap.active() {
+		t.tapTCP(TapTCPClose, read, written)
+	}
 	t.m.tcpRead.WithLabelValues(t.l...).Add(float64(read))
 	t.m.tcpWrite.WithLabelValues(t.l...).Add(float64(written))
 	t.m.tcpClose.WithLabelValues(t.l...).Inc()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
@@ -36,6 +37,7 @@ func (p *Proxy) handleOutbound(c *net.TCPConn) {
 			p.log.Debug("outbound connection closed before its first byte", "dst", dst, "err", err)
 			return
 		}
+		p.detected(dirOutbound, dst, proto, peeked)
 		r = p.routes.outbound(dst, d, proto, true)
 	}
 	p.serveRoute(c, r, peeked, bp)
@@ -56,7 +58,7 @@ func (p *Proxy) passthrough(c net.Conn, dst netip.AddrPort) {
 	up, err := p.dial(context.Background(), dst)
 	if err != nil {
 		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
-		p.log.Debug("outbound passthrough connect failed", "dst", dst, "err", err)
+		p.reportError(slog.LevelWarn, dirOutbound, refuseDial, dst.String(), "outbound passthrough connect failed", "dst", dst, "err", err)
 		return
 	}
 	t := p.m.openTCP(connLabels{direction: dirOutbound, tls: tlsNoIdentity})
@@ -70,7 +72,7 @@ func (p *Proxy) passthrough(c net.Conn, dst netip.AddrPort) {
 // mTLS connections to the peer (stream.go).
 func (p *Proxy) outboundOpaque(c net.Conn, ep Endpoint, dst netip.AddrPort, peeked []byte) {
 	if p.cfg.MultiplexOpaque {
-		p.outboundStream(c, ep, dst, peeked)
+		p.outboundMux(c, ep, dst, peeked)
 		return
 	}
 	p.outboundDedicated(c, ep, dst, peeked)
@@ -82,9 +84,16 @@ func (p *Proxy) outboundDedicated(c net.Conn, ep Endpoint, dst netip.AddrPort, p
 	up, err := p.dialTransport(context.Background(), ep, alpnTransport)
 	if err != nil {
 		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
-		p.log.Warn("connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
+		p.reportError(slog.LevelWarn, dirOutbound, refuseDial, ep.ProxyAddr.String(), "connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
 		return
 	}
+	p.relayDedicated(c, up, ep, dst, peeked)
+}
+
+// relayDedicated relays the app connection c over its own mTLS connection
+// up to the peer proxy: the transport header and the peeked bytes, then
+// both directions.
+func (p *Proxy) relayDedicated(c net.Conn, up net.Conn, ep Endpoint, dst netip.AddrPort, peeked []byte) {
 	if err := writeTransportHeader(up, transportHeader{Port: dst.Port(), Protocol: sessionOpaque, Service: ep.Service}, peeked); err != nil {
 		up.Close()
 		p.log.Debug("writing transport header failed", "peer", ep.ProxyAddr, "err", err)

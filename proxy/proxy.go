@@ -66,14 +66,23 @@ type Proxy struct {
 	h1        *http.Server  // the base configuration of h2
 	h2        *http2.Server // serves h2 (from apps and from peer proxies)
 	pool      *peerPool     // HTTP/2 transports to peer proxies
+	muxes     *muxPool      // mux sessions to peer proxies (opaque streams)
+	balancers sync.Map      // service name -> *svcBalancer (balance.go)
 	local     *localTransports
 
 	// The lean HTTP/1 path (h1.go): keep-alive connections to peer proxies
 	// and to local services, and the connections it serves.
 	h1peers *upPool
 	h1local *upPool
-	h1conns sync.Map    // *h1Conn -> struct{}
-	drain   atomic.Bool // Shutdown began: HTTP/1 connections close after their response
+	h1conns sync.Map      // *h1Conn -> struct{}
+	drain   atomic.Bool   // Shutdown began: HTTP/1 connections close after their response
+	h1stop  chan struct{} // closed by Close: ends sweepSlowH1
+	// h1Mux carries the lean path's keep-alive connections to peers as
+	// streams of internal/mux sessions instead of one mTLS connection
+	// each. Off: measured no better at 16-64 connections and ~35 % more
+	// CPU per request at 1 (a hand-off per response); see
+	// BenchmarkHTTP1Mesh/mux. Peers always accept such streams.
+	h1Mux bool
 
 	// origDst returns a connection's original destination; a test seam.
 	origDst func(*net.TCPConn) (netip.AddrPort, error)
@@ -89,6 +98,13 @@ type Proxy struct {
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 }
+
+// Bounds of the HTTP/2 server (see New).
+const (
+	h2MaxStreams   = 200
+	h2StreamWindow = 4 << 20
+	h2ConnWindow   = 4 * h2StreamWindow
+)
 
 // New checks cfg and opts and builds a proxy. It starts nothing.
 func New(cfg Config, opts Options) (*Proxy, error) {
@@ -137,19 +153,21 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		ReadHeaderTimeout: cfg.DetectTimeout,
 		ErrorLog:          p.errLog,
 	}
-	// Receive windows: opaque streams (stream.go) share the connection
-	// window, which a peer gets back only as handlers read. With 1 MiB per
-	// stream and 1 GiB per connection, even MaxConcurrentStreams streams
-	// whose services stop reading cannot stall the other streams; memory
-	// is taken only by bytes actually in flight.
-	p.h2 = &http2.Server{MaxConcurrentStreams: 1000, MaxUploadBufferPerStream: 1 << 20, MaxUploadBufferPerConnection: 1 << 30}
+	// HTTP/2 between proxies (and from apps) is bounded like ztunnel's
+	// server: h2MaxStreams concurrent streams a connection, h2StreamWindow
+	// per stream and a connection window of 4x that (equal windows can
+	// deadlock when one stream fills the shared window). A peer cannot make
+	// the proxy buffer more than h2ConnWindow per connection.
+	p.h2 = &http2.Server{MaxConcurrentStreams: h2MaxStreams, MaxUploadBufferPerStream: h2StreamWindow, MaxUploadBufferPerConnection: h2ConnWindow}
 	if err := http2.ConfigureServer(p.h1, p.h2); err != nil {
 		return nil, fmt.Errorf("creating proxy: %w", err)
 	}
 	p.pool = newPeerPool(p)
+	p.muxes = newMuxPool(p)
 	p.local = newLocalTransports(p)
 	p.h1peers = newUpPool(h1PeerIdle, 256)
 	p.h1local = newUpPool(h1LocalIdle, 256)
+	p.h1stop = make(chan struct{})
 	return p, nil
 }
 
@@ -241,6 +259,11 @@ func (p *Proxy) Serve(ctx context.Context) error {
 	defer stop()
 	errc := make(chan error, 3)
 	loops := 2
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		p.sweepSlowH1(p.h1stop)
+	}()
 	go func() { errc <- p.acceptLoop(out, p.handleOutbound) }()
 	go func() { errc <- p.acceptLoop(in, p.handleInbound) }()
 	if out6 != nil {
@@ -328,6 +351,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	// http.Server.Shutdown only tracks the HTTP/1 conns it accepted itself.
 	go p.h1.Shutdown(ctx)
 	p.pool.closeIdle()
+	p.muxes.closeIdle()
 	p.drain.Store(true)
 	p.closeIdleH1()
 	p.h1peers.closeIdle()
@@ -371,9 +395,11 @@ func (p *Proxy) Close() error {
 			c.Close()
 		}
 		p.pool.close()
+		p.muxes.close()
 		p.local.close()
 		p.h1peers.close()
 		p.h1local.close()
+		close(p.h1stop)
 	})
 	p.wg.Wait()
 	return nil

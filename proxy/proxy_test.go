@@ -552,6 +552,29 @@ func TestInboundRefusals(t *testing.T) {
 		})
 	}
 
+	t.Run("HTTP/1 from a peer to an undeclared port", func(t *testing.T) {
+		before := metric(t, b.reg, "tcp_refused_total", map[string]string{"reason": refuseUnknownPort})
+		c, err := rawMeshDial(t, b, good, "db", alpnH1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		br := bufio.NewReader(c)
+		for _, port := range []string{"Vmesh-Dst-Port: 22\r\n", "Vmesh-Dst-Port: x\r\n", ""} {
+			io.WriteString(c, "GET / HTTP/1.1\r\nHost: db\r\n"+port+"\r\n")
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			if resp.StatusCode != 403 || resp.Header.Get("L5d-Proxy-Error") != "unknown target port" {
+				t.Fatalf("%q: %d %q, want 403", port, resp.StatusCode, resp.Header.Get("L5d-Proxy-Error"))
+			}
+		}
+		if got := metric(t, b.reg, "tcp_refused_total", map[string]string{"reason": refuseUnknownPort}); got != before+3 {
+			t.Errorf("tcp_refused_total{unknown_port} = %v, want %v", got, before+3)
+		}
+	})
+
 	t.Run("no client certificate", func(t *testing.T) {
 		c, err := rawMeshDial(t, b, nil, "db", alpnTransport)
 		if err == nil {

@@ -205,6 +205,25 @@ func TestRedirectedHTTP(t *testing.T) {
 		}
 	})
 
+	t.Run("ambiguous framing refused before the service sees it", func(t *testing.T) {
+		c, err := b.orig.dialFrom(context.Background(), b.p.InboundAddr(), netip.AddrPortFrom(b.ip, 7101))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "POST /smuggle HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil || resp.StatusCode != 400 {
+			t.Fatalf("response %v %v, want 400", resp, err)
+		}
+		if !refused(c) {
+			t.Error("connection kept after a refused request")
+		}
+		if got := metric(t, b.reg, "http_rejected_total", map[string]string{"direction": "inbound", "reason": "length_and_chunked"}); got != 1 {
+			t.Errorf("http_rejected_total{inbound,length_and_chunked} = %v, want 1", got)
+		}
+	})
+
 	t.Run("upgrade", func(t *testing.T) {
 		c, err := b.orig.dialFrom(context.Background(), b.p.InboundAddr(), netip.AddrPortFrom(b.ip, 7101))
 		if err != nil {

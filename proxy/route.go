@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
@@ -57,9 +58,12 @@ type route struct {
 	reason string         // routeDeny: the tcp_refused_total reason
 	proto  appProtocol    // HTTP routes: the app's protocol
 	dst    netip.AddrPort // the original destination
-	ep     Endpoint       // outbound meshed routes: the endpoint
-	svc    *localService  // inbound routes: the service (authorization, labels)
-	target netip.AddrPort // inbound routes and passthrough: what the proxy dials
+	ep     Endpoint       // outbound meshed routes: the endpoint (balanced: a representative)
+	// balanced: the destination is a service VIP; each request (HTTP) or
+	// connection (TCP) picks its endpoint of service ep.Service.
+	balanced bool
+	svc      *localService  // inbound routes: the service (authorization, labels)
+	target   netip.AddrPort // inbound routes and passthrough: what the proxy dials
 }
 
 // routeTable holds the configuration routes depend on. It never changes
@@ -88,19 +92,26 @@ func newRouteTable(cfg Config) routeTable {
 // opaque flag it gossips for its own services; the proxy uses it for every
 // route.
 func (c *Config) IsOpaque(protocol string, declared bool, port uint16) bool {
-	return protocol == "opaque" || declared || slices.Contains(c.OpaquePorts, port)
+	return opaqueRule(protocol, declared, slices.Contains(c.OpaquePorts, port))
 }
 
 func (t *routeTable) isOpaque(protocol string, declared bool, port uint16) bool {
-	return protocol == "opaque" || declared || t.opaque[port]
+	return opaqueRule(protocol, declared, t.opaque[port])
+}
+
+// opaqueRule is the one rule: opaque by protocol, by the endpoint host's
+// declaration, or by this host's opaque_ports.
+func opaqueRule(protocol string, declared, listed bool) bool {
+	return protocol == "opaque" || declared || listed
 }
 
 // Refusal reasons of routes (label "reason" of tcp_refused_total), besides
 // those in metrics.go.
 const (
-	refuseMeshHost  = "mesh_host"            // a mesh host's address with no meshed service there
-	refuseNoBalance = "service_unbalanced"   // a service VIP, not balanced yet
-	refuseLoopback  = "loopback_destination" // an inbound redirect to a loopback address
+	refuseMeshHost   = "mesh_host"            // a mesh host's address with no meshed service there
+	refuseNoBalance  = "service_unknown"      // a service VIP whose service has no endpoint
+	refuseNoEndpoint = "no_endpoint"          // a service VIP whose endpoints all failed
+	refuseLoopback   = "loopback_destination" // an inbound redirect to a loopback address
 )
 
 // outbound decides an outbound connection's route. detected says whether
@@ -118,15 +129,19 @@ func (t *routeTable) outbound(dst netip.AddrPort, d Destination, proto appProtoc
 	case DestMeshHost:
 		return deny(r, refuseMeshHost)
 	case DestService:
-		// VIPs are balanced over Catalog.Endpoints (package balance);
-		// until that lands, refused rather than passed in clear.
-		return deny(r, refuseNoBalance)
+		// A service VIP: balanced over Catalog.Endpoints (balance.go).
+		// d.Endpoint is a representative endpoint (its protocol); without
+		// one the service has no endpoint at all.
+		if d.Endpoint.Service == "" {
+			return deny(r, refuseNoBalance)
+		}
+		r.balanced = true
 	case DestEndpoint:
 	default:
 		return deny(r, refuseUnknownDst)
 	}
 	ep := d.Endpoint
-	if !ep.ProxyAddr.IsValid() {
+	if !ep.ProxyAddr.IsValid() && !r.balanced {
 		// A mesh host's endpoint that cannot be reached through the mesh:
 		// never in clear.
 		return deny(r, refuseMeshHost)
@@ -215,7 +230,7 @@ type warnLimiter struct {
 
 type warnKey struct {
 	reason string
-	peer   netip.Addr
+	peer   string
 }
 
 func newWarnLimiter(interval time.Duration) *warnLimiter {
@@ -224,6 +239,12 @@ func newWarnLimiter(interval time.Duration) *warnLimiter {
 
 // allow reports whether a warning for (reason, peer) may be logged now.
 func (l *warnLimiter) allow(reason string, peer netip.Addr) bool {
+	return l.allowKey(reason, addrKey(peer))
+}
+
+// allowKey reports whether a warning for (reason, peer) may be logged now;
+// peer is an address or an identity.
+func (l *warnLimiter) allowKey(reason, peer string) bool {
 	k := warnKey{reason, peer}
 	now := l.now()
 	l.mu.Lock()
@@ -258,7 +279,11 @@ func (p *Proxy) serveRoute(c *net.TCPConn, r route, peeked []byte, bp *[]byte) {
 	case routePassthrough:
 		p.passthrough(c, r.target)
 	case routeOpaque:
-		p.outboundOpaque(c, r.ep, r.dst, peeked)
+		if r.balanced {
+			p.outboundBalancedOpaque(c, r, peeked)
+		} else {
+			p.outboundOpaque(c, r.ep, r.dst, peeked)
+		}
 	case routeInboundTCP:
 		p.inboundTCP(c, r, peeked)
 	default:
@@ -271,12 +296,9 @@ func (p *Proxy) serveRoute(c *net.TCPConn, r route, peeked []byte, bp *[]byte) {
 // missing; otherwise at debug.
 func (p *Proxy) refuse(r route) {
 	p.m.refused.WithLabelValues(r.dir, r.reason).Inc()
-	switch r.reason {
-	case refuseMeshHost, refuseLoopback, refuseNoBalance:
-		if p.warns.allow(r.reason, r.dst.Addr()) {
-			p.log.Warn(r.dir+" connection refused", "reason", r.reason, "dst", r.dst)
-		}
-	default:
-		p.log.Debug(r.dir+" connection refused", "reason", r.reason, "dst", r.dst)
+	level := slog.LevelWarn
+	if r.reason == refuseUnknownDst {
+		level = slog.LevelInfo // Config.OutboundUnknown = "deny" doing its job
 	}
+	p.reportError(level, r.dir, r.reason, addrKey(r.dst.Addr()), r.dir+" connection refused", "dst", r.dst)
 }

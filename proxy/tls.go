@@ -122,7 +122,7 @@ func (p *Proxy) serverTLSConfig() *tls.Config {
 		MinVersion:       tls.VersionTLS13,
 		GetCertificate:   p.opts.Identity.GetCertificate,
 		ClientAuth:       tls.RequireAnyClientCert,
-		NextProtos:       []string{alpnH2, alpnTransport, alpnH1},
+		NextProtos:       []string{alpnH2, alpnTransport, alpnH1, alpnMux, alpnPing},
 		CurvePreferences: curvePreferences,
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			if len(cs.PeerCertificates) == 0 {

@@ -53,6 +53,10 @@ type State struct {
 	// ExcludeOutboundCIDRs are destinations never redirected outbound. Each
 	// goes to the rules of its family.
 	ExcludeOutboundCIDRs []netip.Prefix
+	// VIPRanges hold the services' virtual IPs: always redirected outbound
+	// (the agent routes them via loopback, which is otherwise exempt). Each
+	// goes to the rules of its family.
+	VIPRanges []netip.Prefix
 	// ProxyUID is the uid vmesh runs as: its traffic is never redirected.
 	ProxyUID uint32
 	// ProxyGID, when >= 0, also exempts traffic of that gid. Negative: none.
@@ -162,6 +166,9 @@ func build(s State, v6 bool) Rules {
 	}
 	if s.ProxyGID >= 0 {
 		add(OutboundChain, "out-gid", "-m", "owner", "--gid-owner", strconv.Itoa(s.ProxyGID), "-j", "RETURN")
+	}
+	for i, p := range prefixes(s.VIPRanges, v6) {
+		add(OutboundChain, numbered("out-vip", i), "-d", p.String(), "-p", "tcp", "-j", "REDIRECT", "--to-ports", itoa(out))
 	}
 	add(OutboundChain, "out-lo", "-o", "lo", "-j", "RETURN")
 	add(OutboundChain, "out-local", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "RETURN")

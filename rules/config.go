@@ -18,7 +18,10 @@ type Config struct {
 	// SkipInboundPorts are never redirected inbound. Default [22] so that
 	// SSH can never be locked out; an empty list removes even 22.
 	SkipInboundPorts []uint16 `toml:"skip_inbound_ports"`
-	// SkipOutboundPorts are never redirected outbound.
+	// SkipOutboundPorts are never redirected outbound. Default [22]: SSH
+	// to another mesh host goes direct (the mesh never carries it in
+	// clear, so without this it would be refused as a mesh host's port
+	// with no service).
 	SkipOutboundPorts []uint16 `toml:"skip_outbound_ports"`
 	// ExcludeOutboundCIDRs are destinations never redirected outbound.
 	ExcludeOutboundCIDRs []netip.Prefix `toml:"exclude_outbound_cidrs"`
@@ -50,14 +53,15 @@ type Config struct {
 // DefaultConfig returns a fresh rules configuration with every default set.
 func DefaultConfig() Config {
 	return Config{
-		Enabled:          true,
-		SkipInboundPorts: []uint16{22},
-		ProxyUID:         -1,
-		ProxyGID:         -1,
-		ProxyMark:        0x4143,
-		OnStop:           "remove",
-		IPv6:             "auto",
-		Backend:          "auto",
+		Enabled:           true,
+		SkipInboundPorts:  []uint16{22},
+		SkipOutboundPorts: []uint16{22},
+		ProxyUID:          -1,
+		ProxyGID:          -1,
+		ProxyMark:         0x4143,
+		OnStop:            "remove",
+		IPv6:              "auto",
+		Backend:           "auto",
 	}
 }
 

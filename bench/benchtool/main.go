@@ -1,18 +1,24 @@
 // Command benchtool is the bench harness's helper, started inside test-bed
-// hosts: the backends of the benchmarks (an HTTP server with a small body, a
-// TCP echo server, a server that holds connections open) and two clients that
-// no packaged load tool covers (a new-connection rate loop and an opener of
-// many idle connections).
+// hosts: the backends of the benchmarks (an HTTP server with a small body
+// that also speaks h2c with prior knowledge and echoes WebSocket messages on
+// /ws, a gRPC server with one unary echo method, a TCP echo server, a server
+// that holds connections open) and the clients that no packaged load tool
+// covers (a new-connection rate loop, gRPC unary and WebSocket echo loops,
+// an opener of many idle connections).
 //
 //	benchtool http -addr :8080
+//	benchtool grpc-server -addr :9003
 //	benchtool echo -addr :9001
 //	benchtool hold-server -addr :9002
 //	benchtool dial -addr 198.18.0.2:9001 -c 16 -t 4s
+//	benchtool grpc -addr 198.18.0.2:9003 -c 1 -t 4s
+//	benchtool ws -url ws://198.18.0.2:8080/ws -c 16 -t 4s
 //	benchtool hold -addr 198.18.0.2:9002 -n 10000 -max 60s
 //	benchtool get -url http://198.18.0.2:8080/whoami
 //
-// Clients print one JSON object on standard output. Every loop is bounded in
-// time (and hold in count too).
+// The loop clients (dial, grpc, ws) print one LoopResult as JSON on standard
+// output, hold a HoldResult. Every loop is bounded in time (and hold in
+// count too).
 package main
 
 import (
@@ -30,6 +36,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/net/websocket"
 )
 
 func main() {
@@ -51,11 +59,29 @@ func main() {
 	case "hold-server":
 		fs.Parse(args)
 		err = serveTCP(*addr, holdConn)
+	case "grpc-server":
+		fs.Parse(args)
+		err = serveGRPC(*addr)
 	case "dial":
 		c := fs.Int("c", 16, "concurrent dialers")
 		d := fs.Duration("t", 4*time.Second, "duration")
 		fs.Parse(args)
-		err = dialLoop(*addr, *c, *d)
+		err = printLoop(loop(*c, *d, func() (func() error, func(), error) {
+			return func() error { return roundTrip(*addr) }, func() {}, nil
+		}))
+	case "grpc":
+		c := fs.Int("c", 1, "concurrent callers, sharing one client connection as grpc-go apps do")
+		d := fs.Duration("t", 4*time.Second, "duration")
+		size := fs.Int("size", 64, "payload bytes")
+		fs.Parse(args)
+		err = printLoop(grpcLoop(*addr, *c, *d, *size))
+	case "ws":
+		url := fs.String("url", "", "WebSocket URL of the echo server")
+		c := fs.Int("c", 16, "connections, each sending one message and awaiting its echo in turn")
+		d := fs.Duration("t", 4*time.Second, "duration")
+		size := fs.Int("size", 64, "message bytes")
+		fs.Parse(args)
+		err = printLoop(wsLoop(*url, *c, *d, *size))
 	case "get":
 		url := fs.String("url", "", "URL to GET")
 		fs.Parse(args)
@@ -79,6 +105,15 @@ func main() {
 var body = []byte(`{"ok":true,"service":"bench-backend","pad":"0123456789abcdef"}` + "\n")
 
 func serveHTTP(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listening: %w", err)
+	}
+	return httpServer().Serve(ln)
+}
+
+// httpServer is the HTTP backend.
+func httpServer() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
@@ -89,8 +124,14 @@ func serveHTTP(addr string) error {
 	mux.HandleFunc("/whoami", func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, r.RemoteAddr+" "+r.Proto+"\n")
 	})
-	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	return srv.ListenAndServe()
+	// /ws echoes every WebSocket message back as it came (text or binary).
+	mux.Handle("/ws", websocket.Handler(wsEcho))
+	// HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on the same port, as
+	// h2load and the mesh's HTTP/2 detection expect.
+	var protos http.Protocols
+	protos.SetHTTP1(true)
+	protos.SetUnencryptedHTTP2(true)
+	return &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, Protocols: &protos}
 }
 
 // get prints the body of a GET; a status other than 200 is an error.
@@ -169,19 +210,33 @@ func roundTrip(addr string) error {
 	return err
 }
 
-// DialResult is what `benchtool dial` prints.
-type DialResult struct {
-	Conns   int64   `json:"conns"`
+// LoopResult is what the loop clients (dial, grpc, ws) print.
+type LoopResult struct {
+	// Ops counts the operations that succeeded: connections (dial), calls
+	// (grpc), echoed messages (ws).
+	Ops     int64   `json:"ops"`
 	Errors  int64   `json:"errors"`
 	Seconds float64 `json:"seconds"`
-	Rate    float64 `json:"rate"`
+	Rate    float64 `json:"rate"` // Ops per second
 	P50Ms   float64 `json:"p50_ms"`
 	P99Ms   float64 `json:"p99_ms"`
 	// FirstError is the first error seen, if any.
 	FirstError string `json:"first_error,omitempty"`
 }
 
-func dialLoop(addr string, workers int, d time.Duration) error {
+// printLoop prints a loop client's result as JSON.
+func printLoop(res LoopResult, err error) error {
+	if err != nil {
+		return err
+	}
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// loop runs workers until d has passed, each with the operation setup
+// returns (and its cleanup), and returns what they did. A worker whose
+// setup fails counts one error and stops; after 1,000 errors every worker
+// stops.
+func loop(workers int, d time.Duration, setup func() (op func() error, done func(), err error)) (LoopResult, error) {
 	var (
 		ok, bad  atomic.Int64
 		mu       sync.Mutex
@@ -189,23 +244,41 @@ func dialLoop(addr string, workers int, d time.Duration) error {
 		firstErr string
 		wg       sync.WaitGroup
 	)
-	start := time.Now()
-	deadline := start.Add(d)
+	fail := func(err error) {
+		if bad.Add(1) == 1 {
+			mu.Lock()
+			firstErr = err.Error()
+			mu.Unlock()
+		}
+	}
+	// Every worker sets up first (connections opened), then the clock
+	// starts for all at once.
+	var (
+		ready    sync.WaitGroup
+		start    time.Time
+		deadline time.Time
+	)
+	begin := make(chan struct{})
 	for range workers {
 		wg.Add(1)
+		ready.Add(1)
 		go func() {
 			defer wg.Done()
-			var mine []time.Duration
+			op, done, err := setup()
+			ready.Done()
+			<-begin
+			if err != nil {
+				fail(err)
+				return
+			}
+			defer done()
+			mine := make([]time.Duration, 0, 4096)
 			for time.Now().Before(deadline) {
 				t0 := time.Now()
-				if err := roundTrip(addr); err != nil {
-					if bad.Add(1) == 1 {
-						mu.Lock()
-						firstErr = err.Error()
-						mu.Unlock()
-					}
+				if err := op(); err != nil {
+					fail(err)
 					if bad.Load() > 1000 {
-						return
+						break
 					}
 					continue
 				}
@@ -217,6 +290,10 @@ func dialLoop(addr string, workers int, d time.Duration) error {
 			mu.Unlock()
 		}()
 	}
+	ready.Wait()
+	start = time.Now()
+	deadline = start.Add(d)
+	close(begin)
 	wg.Wait()
 	el := time.Since(start).Seconds()
 	slices.Sort(lat)
@@ -226,10 +303,10 @@ func dialLoop(addr string, workers int, d time.Duration) error {
 		}
 		return float64(lat[int(p*float64(len(lat)-1))].Microseconds()) / 1000
 	}
-	return json.NewEncoder(os.Stdout).Encode(DialResult{
-		Conns: ok.Load(), Errors: bad.Load(), Seconds: el, Rate: float64(ok.Load()) / el,
+	return LoopResult{
+		Ops: ok.Load(), Errors: bad.Load(), Seconds: el, Rate: float64(ok.Load()) / el,
 		P50Ms: pct(0.50), P99Ms: pct(0.99), FirstError: firstErr,
-	})
+	}, nil
 }
 
 // HoldResult is what `benchtool hold` prints once its connections are open.

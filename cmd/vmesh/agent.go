@@ -111,7 +111,10 @@ func runCleanup(ctx context.Context, path string, explicit, force bool) error {
 	if err != nil {
 		return err
 	}
-	return a.Cleanup(ctx)
+	if err := a.Cleanup(ctx); err != nil {
+		return err
+	}
+	return node.CleanupVIPRoute(ctx, cfg)
 }
 
 // devConfig is a single-host configuration with a throw-away data dir and

@@ -123,7 +123,7 @@ func runChecks(ctx context.Context, env checkEnv) []checkResult {
 	var stErr error
 	{
 		var s node.Status
-		if stErr = adminGet(ctx, env.Admin, "/v1/status", &s); stErr == nil {
+		if stErr = adminGet(ctx, env.Admin, "/v1/status?rules=fresh", &s); stErr == nil {
 			st = &s
 		}
 	}
@@ -374,6 +374,7 @@ func serviceList(cfg node.Config) []string {
 
 // checkMesh checks the CA, the clock and gossip.
 func checkMesh(ctx context.Context, env checkEnv, cfg node.Config, st *node.Status, add addFunc) {
+	var clocks []peerClock
 	caURL := ""
 	switch {
 	case cfg.CA.Role == ca.RoleServer:
@@ -394,19 +395,35 @@ func checkMesh(ctx context.Context, env checkEnv, cfg node.Config, st *node.Stat
 			add("ca", "ok", "CA reachable at "+caAddr, "")
 			if cfg.CA.Role != ca.RoleServer {
 				skew, err := env.Skew(ctx, caURL)
-				switch {
-				case err != nil:
+				if err != nil {
 					add("clock", "warn", "cannot compare the clock with the CA host's: "+err.Error(), "")
-				case skew.Abs() >= time.Minute:
-					add("clock", "fail", fmt.Sprintf("this host's clock is %s off the CA host's: certificates look not yet valid or expired to peers", skew.Round(time.Second)),
-						"synchronise the clocks (timedatectl set-ntp true) on both hosts")
-				case skew.Abs() >= 10*time.Second:
-					add("clock", "warn", fmt.Sprintf("this host's clock is %s off the CA host's", skew.Round(time.Second)),
-						"synchronise the clocks (timedatectl set-ntp true)")
-				default:
-					add("clock", "ok", fmt.Sprintf("in step with the CA host (%s)", skew.Round(time.Second)), "")
+				} else {
+					clocks = append(clocks, peerClock{"the CA host", skew})
 				}
 			}
+		}
+	}
+	for _, m := range st.Members {
+		if m.State == "alive" && m.ClockOffset != nil && m.Name != st.Node {
+			clocks = append(clocks, peerClock{m.Name, *m.ClockOffset})
+		}
+	}
+	if len(clocks) > 0 {
+		worst := clocks[0]
+		for _, c := range clocks[1:] {
+			if c.offset.Abs() > worst.offset.Abs() {
+				worst = c
+			}
+		}
+		off := fmt.Sprintf("%s's clock is %s off this host's", worst.name, worst.offset.Round(time.Second))
+		switch {
+		case worst.offset.Abs() >= time.Minute:
+			add("clock", "fail", off+": certificates look not yet valid or expired to peers",
+				"synchronise the clocks (timedatectl set-ntp true) on both hosts")
+		case worst.offset.Abs() >= 10*time.Second:
+			add("clock", "warn", off, "synchronise the clocks (timedatectl set-ntp true)")
+		default:
+			add("clock", "ok", fmt.Sprintf("in step with %d peer(s) (at most %s off, %s)", len(clocks), worst.offset.Round(time.Second), worst.name), "")
 		}
 	}
 
@@ -428,7 +445,14 @@ func checkMesh(ctx context.Context, env checkEnv, cfg node.Config, st *node.Stat
 		if g.JoinError != "" {
 			detail += "; the last join failed: " + g.JoinError
 		}
-		add("gossip", "fail", detail, "open TCP and UDP 7946 between the hosts and use the same gossip key on all of them")
+		fix := "open TCP and UDP 7946 between the hosts and use the same gossip key on all of them"
+		switch je := strings.ToLower(g.JoinError); {
+		case strings.Contains(je, "encryption is not configured"):
+			fix = "the cluster's gossip is encrypted and this host has no key: copy the cluster's key file and set gossip.key_file"
+		case strings.Contains(je, "remote state is not encrypted"):
+			fix = "the peer's gossip is not encrypted but this host's is: use the same gossip.key_file on every host"
+		}
+		add("gossip", "fail", detail, fix)
 	default:
 		add("gossip", "ok", fmt.Sprintf("%d member(s) alive", alive), "")
 	}
@@ -437,6 +461,12 @@ func checkMesh(ctx context.Context, env checkEnv, cfg node.Config, st *node.Stat
 	} else {
 		add("gossip encryption", "warn", "gossip is not encrypted", "vmesh keygen /etc/vmesh/gossip.key on one host, copy it to all, set gossip.key_file")
 	}
+}
+
+// peerClock is another host's clock offset from ours.
+type peerClock struct {
+	name   string
+	offset time.Duration
 }
 
 func probeTCP(ctx context.Context, addr string) error {

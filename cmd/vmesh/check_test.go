@@ -268,3 +268,36 @@ func TestCheckWarnsOnUnauthenticatedMeshedService(t *testing.T) {
 		t.Errorf("a plaintext client is still there, yet check says: %+v", r)
 	}
 }
+
+// Issue 15: clock skew against peers (measured by gossip) and the CA.
+func TestCheckClockSkew(t *testing.T) {
+	now := time.Now()
+	path := writeTestConfig(t, testConfig)
+	cfg, _ := node.LoadConfig(path)
+	st := healthyStatus(now, path)
+	small, large := 2*time.Second, -3*time.Minute
+	st.Members = []discovery.Member{{Name: "web", State: "alive"}, {Name: "ca", State: "alive", ClockOffset: &small}, {Name: "db", State: "alive", ClockOffset: &large}}
+	results := runChecks(t.Context(), testEnv("", fakeAgent(t, st, cfg), now))
+	if r := find(results, "clock"); r == nil || r.Status != "fail" || !strings.Contains(r.Detail, "db's clock is -3m0s off") || !strings.Contains(r.Fix, "timedatectl") {
+		t.Errorf("a peer 3 minutes behind: %+v", r)
+	}
+	st.Members[2].ClockOffset = &small
+	results = runChecks(t.Context(), testEnv("", fakeAgent(t, st, cfg), now))
+	if r := find(results, "clock"); r == nil || r.Status != "ok" || !strings.Contains(r.Detail, "2 peer(s)") {
+		t.Errorf("peers in step: %+v", r)
+	}
+}
+
+// A host without the cluster's key learns it from its join error.
+func TestCheckGossipKeyMissing(t *testing.T) {
+	now := time.Now()
+	path := writeTestConfig(t, testConfig)
+	cfg, _ := node.LoadConfig(path)
+	st := healthyStatus(now, path)
+	st.Members = []discovery.Member{{Name: "web", State: "alive"}}
+	st.Gossip.JoinError = "failed to join 198.18.0.1:7946: remote state is encrypted and encryption is not configured"
+	results := runChecks(t.Context(), testEnv("", fakeAgent(t, st, cfg), now))
+	if r := find(results, "gossip"); r == nil || r.Status != "fail" || !strings.Contains(r.Detail, "encryption is not configured") || !strings.Contains(r.Fix, "gossip.key_file") {
+		t.Errorf("joining an encrypted cluster without a key: %+v", r)
+	}
+}

@@ -78,3 +78,20 @@ func TestCLIFindsTheAgent(t *testing.T) {
 		t.Errorf("socket = %q, want VMESH_SOCKET's", s)
 	}
 }
+
+func TestRulesShowJSON(t *testing.T) {
+	t.Setenv(envAdmin, "127.0.0.1:1") // no agent: the file's rules
+	path := writeTestConfig(t, "[[service]]\nname = \"web\"\nport = 8080\n")
+	out, err := runCLI(t, "rules", "show", "-c", path, "-o", "json")
+	var fams map[string][]string
+	if err != nil || json.Unmarshal([]byte(out), &fams) != nil {
+		t.Fatalf("rules show -o json: %v\n%s", err, out)
+	}
+	found := false
+	for _, l := range fams["iptables"] {
+		found = found || strings.Contains(l, "--dports 8080") && strings.Contains(l, "REDIRECT --to-ports 4143")
+	}
+	if !found {
+		t.Errorf("no inbound redirect for 8080 in %v", fams)
+	}
+}

@@ -60,7 +60,8 @@ func run(args []string) int {
 // `-config FILE`) by rewriting them to the double-dash form cobra parses.
 func goStyleFlags(args []string) []string {
 	long := map[string]bool{"dev": true, "cleanup": true, "config": true, "socket": true, "admin": true, "output": true,
-		"version": true, "window": true, "force": true}
+		"version": true, "window": true, "force": true,
+		"direction": true, "identity": true, "path": true, "method": true, "count": true, "interval": true}
 	out := make([]string, len(args))
 	for i, a := range args {
 		name := strings.SplitN(strings.TrimPrefix(a, "-"), "=", 2)[0]
@@ -108,6 +109,9 @@ with mTLS, protocol detection, authorization and golden metrics.`,
 		newMembersCmd(c),
 		newServicesCmd(c),
 		newCheckCmd(c),
+		newTapCmd(c),
+		newTopCmd(c),
+		newPingCmd(c),
 	)
 	return root
 }

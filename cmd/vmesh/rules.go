@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -46,6 +47,21 @@ running agent's (its file, or the in-memory one of 'vmesh agent -dev'), else
 			_, rs, err := load(c.Context())
 			if err != nil {
 				return err
+			}
+			if cl.json() {
+				// The same lines, by family: {"iptables": [...], "ip6tables": [...]}.
+				out := map[string][]string{}
+				fam := ""
+				for _, l := range strings.Split(rs.String(), "\n") {
+					switch {
+					case strings.HasPrefix(l, "# "):
+						fam = strings.TrimPrefix(l, "# ")
+						out[fam] = []string{}
+					case l != "" && fam != "":
+						out[fam] = append(out[fam], l)
+					}
+				}
+				return printJSON(c.OutOrStdout(), out)
 			}
 			_, err = fmt.Fprint(c.OutOrStdout(), rs.String())
 			return err

@@ -100,7 +100,13 @@ function renderStatus(st) {
   document.getElementById("summary").textContent =
     (st.ready ? "ready" : "not ready: " + st.not_ready) + " · " + (st.identity || "no identity yet") +
     " · " + (st.members || []).filter(m => m.state === "alive").length + " member(s) alive";
-  fill("members", (st.members || []).map(m => [m.name, m.addr, el("td", m.state, m.state === "alive" ? "ok" : "bad"), m.services, m.agent || "-", (m.roles || []).join(",") || "-"]), 6, "no members");
+  const clock = m => {
+    if (m.clock_offset === undefined || m.clock_offset === null) return el("td", m.name === st.node ? "-" : "not measured yet");
+    let s = m.clock_offset / 1e9;
+    if (Math.abs(s) < 0.05) s = 0;
+    return el("td", (s >= 0 ? "+" : "") + s.toFixed(1) + " s", Math.abs(s) >= 60 ? "bad" : Math.abs(s) >= 10 ? "warn" : "ok");
+  };
+  fill("members", (st.members || []).map(m => [m.name, m.addr, el("td", m.state, m.state === "alive" ? "ok" : "bad"), m.services, m.agent || "-", (m.roles || []).join(",") || "-", clock(m)]), 7, "no members");
   const now = new Date(st.now);
   fill("certs", (st.identities || []).map(c => {
     const left = (new Date(c.not_after) - now) / 3600000;
@@ -123,7 +129,7 @@ function renderServices(entries) {
 
 async function tick() {
   try {
-    const [st, services, gold] = await Promise.all([getJSON("/v1/status"), getJSON("/v1/services").catch(() => []), getJSON("/v1/golden")]);
+    const [st, services, gold] = await Promise.all([getJSON("/v1/status?rules=false"), getJSON("/v1/services").catch(() => []), getJSON("/v1/golden")]);
     renderStatus(st);
     renderServices(services);
     renderGolden(gold);

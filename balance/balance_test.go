@@ -1,0 +1,226 @@
+package balance
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+)
+
+// fakeClock advances only when told.
+type fakeClock struct{ t time.Time }
+
+func (c *fakeClock) now() time.Time      { return c.t }
+func (c *fakeClock) add(d time.Duration) { c.t = c.t.Add(d) }
+func newClock() *fakeClock               { return &fakeClock{t: time.Unix(1e9, 0)} }
+func two(w1, w2 int) []Endpoint {
+	return []Endpoint{{Key: "a", Weight: w1, Healthy: true}, {Key: "b", Weight: w2, Healthy: true}}
+}
+
+// run makes n sequential requests; latency gives each endpoint's latency.
+func run(b *Balancer, clk *fakeClock, n int, latency map[string]time.Duration) map[string]int {
+	got := map[string]int{}
+	for range n {
+		c, ok := b.Pick(nil)
+		if !ok {
+			panic("no endpoint")
+		}
+		got[c.Key]++
+		l := latency[c.Key]
+		clk.add(l)
+		c.Observe(l, nil)
+		c.Release()
+	}
+	return got
+}
+
+func TestEqualEndpointsShareTheLoad(t *testing.T) {
+	clk := newClock()
+	b := New(Options{Now: clk.now})
+	b.Update(two(100, 100))
+	got := run(b, clk, 1000, map[string]time.Duration{"a": time.Millisecond, "b": time.Millisecond})
+	if got["a"] < 400 || got["a"] > 600 {
+		t.Errorf("equal endpoints: %v, want each 40-60 %%", got)
+	}
+}
+
+func TestSlowEndpointGetsLess(t *testing.T) {
+	clk := newClock()
+	b := New(Options{Now: clk.now})
+	b.Update(two(100, 100))
+	got := run(b, clk, 1000, map[string]time.Duration{"a": time.Millisecond, "b": 21 * time.Millisecond})
+	if got["b"] >= 250 {
+		t.Errorf("a backend 20 ms slower took %d of 1000 requests, want < 250", got["b"])
+	}
+}
+
+func TestWeightsAreHonoured(t *testing.T) {
+	clk := newClock()
+	b := New(Options{Now: clk.now})
+	b.Update(two(900, 100))
+	// Requests in flight (no observation yet) spread by weight and load.
+	got := map[string]int{}
+	var open []*Choice
+	for range 1000 {
+		c, _ := b.Pick(nil)
+		got[c.Key]++
+		open = append(open, c)
+		if len(open) > 20 {
+			open[0].Observe(time.Millisecond, nil)
+			open[0].Release()
+			open = open[1:]
+		}
+		clk.add(100 * time.Microsecond)
+	}
+	if got["a"] < 750 {
+		t.Errorf("weights 900/100: %v, want most on a", got)
+	}
+}
+
+func TestUnhealthyAndExcludedAreSkipped(t *testing.T) {
+	b := New(Options{})
+	b.Update([]Endpoint{{Key: "a", Healthy: false}, {Key: "b", Healthy: true}, {Key: "c", Healthy: true}})
+	for range 100 {
+		c, ok := b.Pick(func(k string) bool { return k == "c" })
+		if !ok || c.Key != "b" {
+			t.Fatalf("picked %v, %v; want b (a unhealthy, c excluded)", c, ok)
+		}
+		c.Release()
+	}
+	if _, ok := b.Pick(func(k string) bool { return k != "a" }); ok {
+		t.Error("picked an endpoint with every healthy one excluded")
+	}
+	b.Update(nil)
+	if _, ok := b.Pick(nil); ok {
+		t.Error("picked from an empty balancer")
+	}
+}
+
+func TestFailuresMoveTrafficAway(t *testing.T) {
+	clk := newClock()
+	b := New(Options{Now: clk.now})
+	b.Update(two(100, 100))
+	got := map[string]int{}
+	for range 200 {
+		c, _ := b.Pick(nil)
+		got[c.Key]++
+		var err error
+		if c.Key == "b" {
+			err = errors.New("reset")
+		}
+		c.Observe(time.Millisecond, err)
+		c.Release()
+		clk.add(time.Millisecond)
+	}
+	if got["b"] > 20 { // exploration (5 %) still tries it now and then
+		t.Errorf("a failing endpoint took %d of 200 requests", got["b"])
+	}
+}
+
+func TestLeastLoadedForConnections(t *testing.T) {
+	b := New(Options{})
+	b.Update(two(100, 100))
+	// Long-lived connections on a: new ones go to b.
+	var held []*Choice
+	for range 10 {
+		c, _ := b.Pick(func(k string) bool { return k == "b" })
+		c.Observe(time.Millisecond, nil)
+		held = append(held, c)
+	}
+	onB := 0
+	for range 100 {
+		c, _ := b.Pick(nil)
+		if c.Key == "b" {
+			onB++
+		}
+		c.Release()
+	}
+	if onB < 85 { // exploration (5 %) may pick a now and then
+		t.Errorf("%d of 100 new connections went to b with 10 open on a and none on b", onB)
+	}
+	for _, c := range held {
+		c.Release()
+		c.Release() // harmless
+	}
+	if p := b.all["a"].pending.Load(); p != 0 {
+		t.Errorf("pending on a = %d after every release", p)
+	}
+}
+
+func TestPreferLocal(t *testing.T) {
+	b := New(Options{PreferLocal: true})
+	b.Update([]Endpoint{{Key: "remote", Healthy: true}, {Key: "local", Healthy: true, Local: true}})
+	for range 50 {
+		c, _ := b.Pick(nil)
+		if c.Key != "local" {
+			t.Fatalf("picked %s with PreferLocal", c.Key)
+		}
+		c.Release()
+	}
+}
+
+func BenchmarkPick(b *testing.B) {
+	for _, n := range []int{2, 10, 100} {
+		b.Run(fmt.Sprintf("endpoints=%d", n), func(b *testing.B) {
+			bl := New(Options{})
+			var eps []Endpoint
+			for i := range n {
+				eps = append(eps, Endpoint{Key: fmt.Sprint(i), Healthy: true})
+			}
+			bl.Update(eps)
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					c, _ := bl.Pick(nil)
+					c.Observe(time.Millisecond, nil)
+					c.Release()
+				}
+			})
+		})
+	}
+}
+
+// Equal endpoints with jittery latencies still share the load.
+func TestJitteryEqualEndpointsShareTheLoad(t *testing.T) {
+	clk := newClock()
+	b := New(Options{Now: clk.now})
+	b.Update(two(100, 100))
+	got := map[string]int{}
+	for i := range 1000 {
+		c, _ := b.Pick(nil)
+		got[c.Key]++
+		l := time.Duration(300+(i*7919)%400) * time.Microsecond // 0.3-0.7 ms
+		clk.add(l)
+		c.Observe(l, nil)
+		c.Release()
+	}
+	if got["a"] < 400 || got["a"] > 600 {
+		t.Errorf("equal endpoints, jittery latency: %v, want each 40-60 %%", got)
+	}
+}
+
+// Equal endpoints whose latency has rare (1 %) outliers (GC pauses, a busy
+// machine) still share the load: one slow response is not remembered for
+// long.
+func TestOutliersDoNotSkewEqualEndpoints(t *testing.T) {
+	for seed := range 20 {
+		clk := newClock()
+		b := New(Options{Now: clk.now})
+		b.Update(two(100, 100))
+		got := map[string]int{}
+		for i := range 1000 {
+			c, _ := b.Pick(nil)
+			got[c.Key]++
+			l := time.Duration(300+((i+seed*131)*7919)%400) * time.Microsecond
+			if (i+seed*17)%100 == 0 {
+				l = 8 * time.Millisecond
+			}
+			clk.add(l)
+			c.Observe(l, nil)
+			c.Release()
+		}
+		if got["a"] < 350 || got["a"] > 650 {
+			t.Errorf("seed %d: equal endpoints with 1 %% outliers: %v, want each 35-65 %%", seed, got)
+		}
+	}
+}

@@ -1,0 +1,481 @@
+// Package mux carries many byte streams over one connection between two
+// vmesh proxies, each stream exactly like a TCP connection: either
+// direction ends on its own (END_STREAM is a FIN), a reset is a reset, and
+// a stream whose reader stops stalls only itself.
+//
+// The wire format is HTTP/2's framing (golang.org/x/net/http2's Framer),
+// without HTTP: the client opens a stream with a HEADERS frame whose block
+// is opaque to this package (the proxy's transport header, not HPACK); the
+// server answers with an empty HEADERS frame once it has reached the
+// stream's destination (Stream.Accept), or resets the stream with a code.
+// DATA carries the bytes, END_STREAM on DATA is the half-close, RST_STREAM
+// the reset, WINDOW_UPDATE the per-stream flow control credit, PING the
+// keep-alive, GOAWAY the end of a session. There is no connection-level
+// window: each stream has its own (Config.StreamWindow), so one stalled
+// stream can never hold back another's credit (the equal-window deadlock
+// ztunnel hit cannot happen), and a session buffers at most MaxStreams ×
+// StreamWindow.
+//
+// Writes from all streams share one buffered writer: a writer flushes only
+// when no other writer is waiting, so frames ready at the same time leave
+// in one TLS record and one system call, with no writer goroutine to hand
+// off to. One goroutine per session reads frames and hands DATA to its
+// stream's buffer; buffers grow with the traffic and are released when
+// drained, so an idle stream holds a few hundred bytes.
+package mux
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// Config tunes a session. Zero fields mean their defaults.
+type Config struct {
+	// StreamWindow is how many bytes a stream's sender may have in flight
+	// unread by the receiver. Default 1 MiB.
+	StreamWindow uint32
+	// MaxStreams bounds the streams open at once on a session; a client
+	// opens another session when one is full. Default 100.
+	MaxStreams int
+	// KeepAlive is how often an otherwise silent session sends a PING;
+	// a session that has received nothing for 3 × KeepAlive is closed.
+	// Default 15s; negative disables.
+	KeepAlive time.Duration
+	// MaxHeader bounds a stream's HEADERS block. Default 1 KiB.
+	MaxHeader int
+}
+
+func (c Config) streamWindow() uint32 {
+	if c.StreamWindow == 0 {
+		return 1 << 20
+	}
+	return c.StreamWindow
+}
+
+func (c Config) maxStreams() int {
+	if c.MaxStreams <= 0 {
+		return 100
+	}
+	return c.MaxStreams
+}
+
+func (c Config) keepAlive() time.Duration {
+	if c.KeepAlive == 0 {
+		return 15 * time.Second
+	}
+	return c.KeepAlive
+}
+
+func (c Config) maxHeader() int {
+	if c.MaxHeader <= 0 {
+		return 1 << 10
+	}
+	return c.MaxHeader
+}
+
+// maxFrame is the largest DATA payload written (HTTP/2's default
+// SETTINGS_MAX_FRAME_SIZE, which the reader enforces).
+const maxFrame = 16 << 10
+
+// Reset codes (HTTP/2's, plus vmesh's own above 0xff).
+const (
+	CodeNoError      = uint32(http2.ErrCodeNo)
+	CodeProtocol     = uint32(http2.ErrCodeProtocol)
+	CodeFlowControl  = uint32(http2.ErrCodeFlowControl)
+	CodeRefused      = uint32(http2.ErrCodeRefusedStream) // not opened: safe to retry elsewhere
+	CodeCancel       = uint32(http2.ErrCodeCancel)        // the sender's side went away or reset
+	CodeConnect      = uint32(http2.ErrCodeConnect)       // the destination could not be reached
+	CodeDenied       = uint32(0x100)                      // authorization refused the stream
+	CodeUnknownPort  = uint32(0x101)                      // no such destination
+	CodeBadHeader    = uint32(0x102)                      // the HEADERS block did not parse
+	CodeSessionEnded = uint32(0x1ff)                      // (local) the session closed under the stream
+)
+
+// ResetError is what Read, Write and Accepted return on a stream that was
+// reset, by the peer (Remote) or here.
+type ResetError struct {
+	Code   uint32
+	Remote bool
+}
+
+func (e *ResetError) Error() string {
+	who := "locally"
+	if e.Remote {
+		who = "by peer"
+	}
+	return fmt.Sprintf("stream reset %s: %s", who, CodeString(e.Code))
+}
+
+// CodeString names a reset code.
+func CodeString(code uint32) string {
+	switch code {
+	case CodeDenied:
+		return "denied"
+	case CodeUnknownPort:
+		return "unknown port"
+	case CodeBadHeader:
+		return "bad header"
+	case CodeSessionEnded:
+		return "session ended"
+	}
+	return http2.ErrCode(code).String()
+}
+
+// ErrSessionClosed is returned by Open on a closed (or closing) session.
+var ErrSessionClosed = errors.New("mux session closed")
+
+// Session is one connection carrying streams.
+type Session struct {
+	conn   net.Conn
+	client bool
+	cfg    Config
+	accept func(*Stream) // server: called in its own goroutine per stream
+
+	wmu     sync.Mutex // serializes frame writes
+	bw      *bufio.Writer
+	fr      *http2.Framer
+	waiting atomic.Int32 // writers queued on wmu: the last one flushes
+	werr    error        // guarded by wmu: the first write error
+
+	lastRead atomic.Int64 // unix nanos of the last frame read
+
+	mu       sync.Mutex
+	streams  map[uint32]*Stream
+	nextID   uint32 // client: next stream ID to open
+	lastPeer uint32 // server: highest stream ID the peer opened
+	closed   bool
+	goaway   bool // the peer sent GOAWAY: open no more streams
+	err      error
+	idleAt   time.Time // when the last stream ended (zero while streams are open)
+	done     chan struct{}
+}
+
+// Client starts a session on conn, a connection this side dialed. It starts
+// the session's read loop; Close ends it.
+func Client(conn net.Conn, cfg Config) *Session {
+	s := newSession(conn, true, cfg, nil)
+	s.nextID = 1
+	s.start()
+	return s
+}
+
+// Server starts a session on conn, a connection this side accepted. accept
+// is called, in a new goroutine, for each stream the peer opens; it must
+// end with Stream.Accept and a relay, or Stream.Reset. Serve blocks until
+// the session ends and returns why.
+func Server(conn net.Conn, cfg Config, accept func(*Stream)) *Session {
+	s := newSession(conn, false, cfg, accept)
+	return s
+}
+
+func newSession(conn net.Conn, client bool, cfg Config, accept func(*Stream)) *Session {
+	s := &Session{
+		conn:    conn,
+		client:  client,
+		cfg:     cfg,
+		accept:  accept,
+		streams: make(map[uint32]*Stream),
+		done:    make(chan struct{}),
+		idleAt:  time.Now(),
+	}
+	s.bw = bufio.NewWriterSize(conn, 32<<10)
+	s.fr = http2.NewFramer(s.bw, bufio.NewReaderSize(conn, 4<<10))
+	s.fr.SetMaxReadFrameSize(maxFrame)
+	s.lastRead.Store(time.Now().UnixNano())
+	return s
+}
+
+func (s *Session) start() {
+	go s.readLoop()
+	if s.cfg.keepAlive() > 0 {
+		go s.keepAliveLoop()
+	}
+}
+
+// Serve runs a server session until it ends and returns why.
+func (s *Session) Serve() error {
+	if s.cfg.keepAlive() > 0 {
+		go s.keepAliveLoop()
+	}
+	s.readLoop()
+	<-s.done
+	return s.err
+}
+
+// Done is closed when the session has ended.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Err returns why the session ended, or nil while it runs.
+func (s *Session) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+// NumStreams returns the streams open now.
+func (s *Session) NumStreams() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.streams)
+}
+
+// Available reports whether Open can take another stream now.
+func (s *Session) Available() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !s.closed && !s.goaway && len(s.streams) < s.cfg.maxStreams() && s.nextID < 1<<31-1
+}
+
+// IdleSince returns when the session's last stream ended, or the zero time
+// while streams are open.
+func (s *Session) IdleSince() time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.idleAt
+}
+
+// Open opens a stream whose HEADERS block is header. The peer answers with
+// Accept or a reset; Stream.Accepted waits for that. Writes may start at
+// once (they wait for window credit like any write).
+func (s *Session) Open(header []byte) (*Stream, error) {
+	if !s.client {
+		return nil, errors.New("mux: only a client session opens streams")
+	}
+	if len(header) > s.cfg.maxHeader() {
+		return nil, fmt.Errorf("mux: header of %d bytes, limit %d", len(header), s.cfg.maxHeader())
+	}
+	s.mu.Lock()
+	if s.closed || s.goaway || s.nextID >= 1<<31-1 {
+		s.mu.Unlock()
+		return nil, ErrSessionClosed
+	}
+	if len(s.streams) >= s.cfg.maxStreams() {
+		s.mu.Unlock()
+		return nil, errors.New("mux: session full")
+	}
+	id := s.nextID
+	s.nextID += 2
+	st := newStream(s, id, nil)
+	s.streams[id] = st
+	s.idleAt = time.Time{}
+	s.mu.Unlock()
+	err := s.write(func(fr *http2.Framer) error {
+		return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: header, EndHeaders: true})
+	})
+	if err != nil {
+		st.finish(&ResetError{Code: CodeSessionEnded})
+		return nil, err
+	}
+	return st, nil
+}
+
+// Close ends the session: every stream is reset (locally) and the
+// connection closed. It can be called more than once.
+func (s *Session) Close() error {
+	s.closeWith(ErrSessionClosed)
+	return nil
+}
+
+// GoAway tells the peer to open no more streams; open ones go on.
+func (s *Session) GoAway() {
+	s.write(func(fr *http2.Framer) error {
+		s.mu.Lock()
+		last := s.lastPeer
+		s.mu.Unlock()
+		return fr.WriteGoAway(last, http2.ErrCodeNo, nil)
+	})
+}
+
+func (s *Session) closeWith(err error) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.closed = true
+	s.err = err
+	streams := s.streams
+	s.streams = map[uint32]*Stream{}
+	s.mu.Unlock()
+	s.conn.Close()
+	for _, st := range streams {
+		st.finish(&ResetError{Code: CodeSessionEnded})
+	}
+	close(s.done)
+}
+
+// write runs one frame write under the write lock and flushes when no other
+// writer is waiting, so frames queued together go out together.
+func (s *Session) write(f func(*http2.Framer) error) error {
+	s.waiting.Add(1)
+	s.wmu.Lock()
+	last := s.waiting.Add(-1) == 0
+	err := s.werr
+	if err == nil {
+		err = f(s.fr)
+		if err == nil && last {
+			err = s.bw.Flush()
+		}
+		if err != nil {
+			s.werr = err
+		}
+	}
+	s.wmu.Unlock()
+	if err != nil {
+		s.closeWith(fmt.Errorf("mux: writing: %w", err))
+	}
+	return err
+}
+
+// writeAsync writes a control frame without blocking the caller (the read
+// loop must never wait on the connection's write side).
+func (s *Session) writeAsync(f func(*http2.Framer) error) {
+	go s.write(f)
+}
+
+func (s *Session) readLoop() {
+	for {
+		f, err := s.fr.ReadFrame()
+		if err != nil {
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				s.resetStream(se.StreamID, uint32(se.Code))
+				continue
+			}
+			if errors.Is(err, io.EOF) {
+				err = io.EOF
+			}
+			s.closeWith(fmt.Errorf("mux: reading: %w", err))
+			return
+		}
+		s.lastRead.Store(time.Now().UnixNano())
+		if err := s.handle(f); err != nil {
+			s.write(func(fr *http2.Framer) error { return fr.WriteGoAway(0, http2.ErrCodeProtocol, nil) })
+			s.closeWith(err)
+			return
+		}
+	}
+}
+
+// handle processes one frame; an error ends the session (a protocol error).
+func (s *Session) handle(f http2.Frame) error {
+	id := f.Header().StreamID
+	switch f := f.(type) {
+	case *http2.DataFrame:
+		st := s.stream(id)
+		if st == nil {
+			// A stream that ended here (reset, or both sides done): the
+			// peer had not seen that yet. Nothing to credit: windows are
+			// per stream.
+			return nil
+		}
+		st.receive(f.Data(), f.StreamEnded())
+	case *http2.HeadersFrame:
+		if s.client {
+			if st := s.stream(id); st != nil {
+				st.accepted(nil)
+				if f.StreamEnded() {
+					st.receive(nil, true)
+				}
+			}
+			return nil
+		}
+		return s.incoming(id, f)
+	case *http2.RSTStreamFrame:
+		if st := s.stream(id); st != nil {
+			st.finish(&ResetError{Code: uint32(f.ErrCode), Remote: true})
+		}
+	case *http2.WindowUpdateFrame:
+		if id == 0 {
+			return nil // no connection window
+		}
+		if st := s.stream(id); st != nil {
+			st.credit(f.Increment)
+		}
+	case *http2.PingFrame:
+		if !f.IsAck() {
+			data := f.Data
+			s.writeAsync(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+		}
+	case *http2.GoAwayFrame:
+		s.mu.Lock()
+		s.goaway = true
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+func (s *Session) incoming(id uint32, f *http2.HeadersFrame) error {
+	s.mu.Lock()
+	if id%2 != 1 || id <= s.lastPeer {
+		s.mu.Unlock()
+		return fmt.Errorf("mux: peer opened stream %d after %d", id, s.lastPeer)
+	}
+	s.lastPeer = id
+	if s.closed || len(s.streams) >= s.cfg.maxStreams() || len(f.HeaderBlockFragment()) > s.cfg.maxHeader() {
+		s.mu.Unlock()
+		s.writeAsync(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
+		return nil
+	}
+	st := newStream(s, id, append([]byte(nil), f.HeaderBlockFragment()...))
+	s.streams[id] = st
+	s.idleAt = time.Time{}
+	s.mu.Unlock()
+	if f.StreamEnded() {
+		st.receive(nil, true)
+	}
+	go s.accept(st)
+	return nil
+}
+
+func (s *Session) stream(id uint32) *Stream {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.streams[id]
+}
+
+func (s *Session) remove(id uint32) {
+	s.mu.Lock()
+	delete(s.streams, id)
+	if len(s.streams) == 0 && s.idleAt.IsZero() {
+		s.idleAt = time.Now()
+	}
+	s.mu.Unlock()
+}
+
+// resetStream resets a stream from the read loop (never waiting on writes).
+func (s *Session) resetStream(id uint32, code uint32) {
+	if st := s.stream(id); st != nil && !st.finish(&ResetError{Code: code}) {
+		return
+	}
+	s.writeAsync(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCode(code)) })
+}
+
+func (s *Session) keepAliveLoop() {
+	every := s.cfg.keepAlive()
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+		}
+		silent := time.Since(time.Unix(0, s.lastRead.Load()))
+		if silent > 3*every {
+			s.closeWith(fmt.Errorf("mux: peer silent for %v", silent.Round(time.Second)))
+			return
+		}
+		if silent >= every {
+			s.writeAsync(func(fr *http2.Framer) error { return fr.WritePing(false, [8]byte{'v', 'm', 'e', 's', 'h'}) })
+		}
+	}
+}

@@ -1,0 +1,344 @@
+package mux
+
+import (
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// Stream is one stream of a session, used like a TCP connection: Read,
+// Write, CloseWrite (a FIN: the peer reads EOF, this side still reads),
+// Reset, Close. It implements net.Conn; deadlines apply to Read and Write.
+type Stream struct {
+	s      *Session
+	id     uint32
+	header []byte // server: the HEADERS block the client opened it with
+
+	mu       sync.Mutex
+	readable sync.Cond // data, EOF or reset arrived
+	writable sync.Cond // credit or reset arrived
+
+	buf      []byte // received, unread: buf[off:]
+	off      int
+	eof      bool   // the peer half-closed
+	recvLeft uint32 // bytes the peer may still send before more credit
+	unacked  uint32 // bytes read and not yet credited back
+
+	sendWin int64 // bytes this side may still send
+	wclosed bool  // this side half-closed (or reset)
+
+	reset  *ResetError // set once: the stream is over
+	ack    bool        // client: the server accepted the stream
+	ackCh  chan struct{}
+	closed bool // removed from the session
+
+	rdl, wdl time.Time // deadlines
+	timer    *time.Timer
+}
+
+var _ net.Conn = (*Stream)(nil)
+
+func newStream(s *Session, id uint32, header []byte) *Stream {
+	w := s.cfg.streamWindow()
+	st := &Stream{s: s, id: id, header: header, recvLeft: w, sendWin: int64(w), ackCh: make(chan struct{})}
+	st.readable.L = &st.mu
+	st.writable.L = &st.mu
+	return st
+}
+
+// ID returns the stream's ID.
+func (st *Stream) ID() uint32 { return st.id }
+
+// Header returns the HEADERS block the client opened the stream with
+// (server side; shared, do not modify).
+func (st *Stream) Header() []byte { return st.header }
+
+// Accept tells the client that the stream reached its destination (server
+// side). The relay starts after it.
+func (st *Stream) Accept() error {
+	return st.s.write(func(fr *http2.Framer) error {
+		return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: st.id, EndHeaders: true})
+	})
+}
+
+// Accepted waits until the server accepted the stream (nil) or reset it
+// (*ResetError), or until timeout.
+func (st *Stream) Accepted(timeout time.Duration) error {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-st.ackCh:
+	case <-t.C:
+		return os.ErrDeadlineExceeded
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.ack {
+		return nil
+	}
+	return st.reset
+}
+
+// accepted records the server's answer (nil: accepted).
+func (st *Stream) accepted(err *ResetError) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	select {
+	case <-st.ackCh:
+		return
+	default:
+	}
+	st.ack = err == nil
+	close(st.ackCh)
+}
+
+// receive appends data from a DATA frame (in the read loop: data is only
+// valid until it returns) and records END_STREAM.
+func (st *Stream) receive(data []byte, end bool) {
+	st.mu.Lock()
+	if st.reset != nil {
+		st.mu.Unlock()
+		return
+	}
+	if uint32(len(data)) > st.recvLeft {
+		st.mu.Unlock()
+		if st.finish(&ResetError{Code: CodeFlowControl}) {
+			st.s.writeAsync(func(fr *http2.Framer) error { return fr.WriteRSTStream(st.id, http2.ErrCodeFlowControl) })
+		}
+		return
+	}
+	st.recvLeft -= uint32(len(data))
+	if len(data) > 0 {
+		if st.off == len(st.buf) {
+			st.buf, st.off = st.buf[:0], 0
+		}
+		st.buf = append(st.buf, data...)
+	}
+	if end {
+		st.eof = true
+	}
+	st.readable.Broadcast()
+	st.mu.Unlock()
+}
+
+// Read reads what the peer sent; io.EOF after its half-close.
+func (st *Stream) Read(b []byte) (int, error) {
+	st.mu.Lock()
+	for st.off == len(st.buf) && !st.eof && st.reset == nil {
+		if st.expired(st.rdl) {
+			st.mu.Unlock()
+			return 0, os.ErrDeadlineExceeded
+		}
+		st.readable.Wait()
+	}
+	if st.off < len(st.buf) {
+		n := copy(b, st.buf[st.off:])
+		st.off += n
+		if st.off == len(st.buf) {
+			// Drained: give a large buffer back, keep a small one.
+			if cap(st.buf) > 64<<10 {
+				st.buf = nil
+			} else {
+				st.buf = st.buf[:0]
+			}
+			st.off = 0
+		}
+		st.unacked += uint32(n)
+		var credit uint32
+		if st.unacked >= st.s.cfg.streamWindow()/4 && !st.eof && st.reset == nil {
+			credit, st.unacked = st.unacked, 0
+			st.recvLeft += credit
+		}
+		st.mu.Unlock()
+		if credit > 0 {
+			st.s.write(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(st.id, credit) })
+		}
+		return n, nil
+	}
+	if st.reset != nil {
+		err := st.reset
+		st.mu.Unlock()
+		return 0, err
+	}
+	st.mu.Unlock()
+	st.maybeDone()
+	return 0, io.EOF
+}
+
+// Write sends b, waiting for window credit as needed.
+func (st *Stream) Write(b []byte) (int, error) {
+	written := 0
+	for len(b) > 0 {
+		st.mu.Lock()
+		for st.sendWin <= 0 && st.reset == nil && !st.wclosed {
+			if st.expired(st.wdl) {
+				st.mu.Unlock()
+				return written, os.ErrDeadlineExceeded
+			}
+			st.writable.Wait()
+		}
+		if st.reset != nil {
+			err := st.reset
+			st.mu.Unlock()
+			return written, err
+		}
+		if st.wclosed {
+			st.mu.Unlock()
+			return written, io.ErrClosedPipe
+		}
+		n := min(int64(len(b)), st.sendWin, maxFrame)
+		st.sendWin -= n
+		st.mu.Unlock()
+		chunk := b[:n]
+		if err := st.s.write(func(fr *http2.Framer) error { return fr.WriteData(st.id, false, chunk) }); err != nil {
+			return written, err
+		}
+		written += int(n)
+		b = b[n:]
+	}
+	return written, nil
+}
+
+// credit adds window the peer granted.
+func (st *Stream) credit(n uint32) {
+	st.mu.Lock()
+	st.sendWin += int64(n)
+	st.writable.Broadcast()
+	st.mu.Unlock()
+}
+
+// CloseWrite half-closes: the peer reads EOF once it has read everything
+// sent before; this side still reads.
+func (st *Stream) CloseWrite() error {
+	st.mu.Lock()
+	if st.wclosed || st.reset != nil {
+		st.mu.Unlock()
+		return nil
+	}
+	st.wclosed = true
+	st.writable.Broadcast()
+	st.mu.Unlock()
+	err := st.s.write(func(fr *http2.Framer) error { return fr.WriteData(st.id, true, nil) })
+	st.maybeDone()
+	return err
+}
+
+// CloseRead tells the stream this side will read no more. The peer is not
+// told (a TCP shutdown(SHUT_RD) tells it nothing either); what it sends is
+// dropped as credit allows.
+func (st *Stream) CloseRead() error { return nil }
+
+// Reset ends the stream in both directions with code and tells the peer.
+func (st *Stream) Reset(code uint32) error {
+	if !st.finish(&ResetError{Code: code}) {
+		return nil
+	}
+	return st.s.write(func(fr *http2.Framer) error { return fr.WriteRSTStream(st.id, http2.ErrCode(code)) })
+}
+
+// Close ends the stream: after both directions ended it only forgets the
+// stream; before, it resets it (CANCEL), as closing a socket with unread
+// data does.
+func (st *Stream) Close() error {
+	st.mu.Lock()
+	clean := st.wclosed && st.eof && st.off == len(st.buf) && st.reset == nil
+	st.mu.Unlock()
+	if clean {
+		st.finish(nil)
+		return nil
+	}
+	return st.Reset(CodeCancel)
+}
+
+// maybeDone forgets the stream once both directions ended cleanly.
+func (st *Stream) maybeDone() {
+	st.mu.Lock()
+	done := st.wclosed && st.eof && st.off == len(st.buf) && st.reset == nil && !st.closed
+	st.mu.Unlock()
+	if done {
+		st.finish(nil)
+	}
+}
+
+// finish ends the stream with err (nil: cleanly) and removes it from the
+// session. It reports whether this call ended it.
+func (st *Stream) finish(err *ResetError) bool {
+	st.mu.Lock()
+	if st.closed {
+		st.mu.Unlock()
+		return false
+	}
+	st.closed = true
+	if err != nil {
+		st.reset = err
+		st.buf, st.off = nil, 0
+	}
+	st.wclosed = true
+	st.readable.Broadcast()
+	st.writable.Broadcast()
+	if st.timer != nil {
+		st.timer.Stop()
+	}
+	st.mu.Unlock()
+	if err != nil {
+		st.accepted(err)
+	}
+	st.s.remove(st.id)
+	return true
+}
+
+// expired reports whether deadline d has passed; otherwise it arms a timer
+// that wakes the waiters at d. Called with st.mu held.
+func (st *Stream) expired(d time.Time) bool {
+	if d.IsZero() {
+		return false
+	}
+	left := time.Until(d)
+	if left <= 0 {
+		return true
+	}
+	if st.timer != nil {
+		st.timer.Stop()
+	}
+	st.timer = time.AfterFunc(left, func() {
+		st.mu.Lock()
+		st.readable.Broadcast()
+		st.writable.Broadcast()
+		st.mu.Unlock()
+	})
+	return false
+}
+
+// LocalAddr returns the session connection's local address.
+func (st *Stream) LocalAddr() net.Addr { return st.s.conn.LocalAddr() }
+
+// RemoteAddr returns the session connection's remote address.
+func (st *Stream) RemoteAddr() net.Addr { return st.s.conn.RemoteAddr() }
+
+// SetDeadline sets both deadlines.
+func (st *Stream) SetDeadline(t time.Time) error {
+	st.SetReadDeadline(t)
+	return st.SetWriteDeadline(t)
+}
+
+// SetReadDeadline bounds Read.
+func (st *Stream) SetReadDeadline(t time.Time) error {
+	st.mu.Lock()
+	st.rdl = t
+	st.readable.Broadcast()
+	st.mu.Unlock()
+	return nil
+}
+
+// SetWriteDeadline bounds Write's wait for credit.
+func (st *Stream) SetWriteDeadline(t time.Time) error {
+	st.mu.Lock()
+	st.wdl = t
+	st.writable.Broadcast()
+	st.mu.Unlock()
+	return nil
+}

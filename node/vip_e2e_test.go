@@ -1,0 +1,148 @@
+package node_test
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vmesh/vmesh/internal/testbed"
+	"github.com/vmesh/vmesh/names"
+)
+
+// serveName starts a TCP server on the host that writes its name and
+// closes: a server-speaks-first (opaque) service.
+func serveName(t *testing.T, h *testbed.Host, port int, name string) {
+	t.Helper()
+	var ln net.Listener
+	if err := h.Do(func() (err error) { ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port)); return err }); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte(name + "\n"))
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() { ln.Close() })
+}
+
+// TestServiceVIP: two hosts serve web (HTTP) and kv (opaque); a client
+// calls them at their VIPs, with no address of either host. Requests and
+// connections spread over both, and when one backend host dies the
+// client's requests move to the other.
+func TestServiceVIP(t *testing.T) {
+	bed := testbed.New(t, 4)
+	caH := newMeshHost(t, bed.Hosts[0], "ca1")
+	w1 := newMeshHost(t, bed.Hosts[1], "web1")
+	w2 := newMeshHost(t, bed.Hosts[2], "web2")
+	cli := newMeshHost(t, bed.Hosts[3], "client")
+
+	keyFile := filepath.Join(caH.dir, "gossip.key")
+	key := strings.TrimSpace(caH.Run(t, vmeshBin, "keygen"))
+	os.WriteFile(keyFile, []byte(key+"\n"), 0o600)
+	caH.Run(t, vmeshBin, "ca", "init", "--trust-domain", td, "--dir", filepath.Join(caH.dir, "ca"))
+	caH.writeConfig(t, keyFile, fmt.Sprintf("role = \"server\"\ndir = %q\n", filepath.Join(caH.dir, "ca")))
+	caH.start(t)
+	token := func(node, services string) string {
+		return strings.TrimSpace(caH.Run(t, vmeshBin, "token", "create", "--socket", caH.socket(), "--node", node, "--services", services))
+	}
+	for _, w := range []*meshHost{w1, w2} {
+		serveHTTP(t, w.Host, 8080, w.name+"\n")
+		serveName(t, w.Host, 9000, w.name)
+		w.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n", token(w.name, "web,kv"))+`
+[[service]]
+name = "web"
+port = 8080
+[service.health]
+type = "tcp"
+interval = "500ms"
+timeout = "400ms"
+[[service]]
+name = "kv"
+port = 9000
+protocol = "opaque"
+`)
+		addJoin(t, w.cfg, caH.Addr.String())
+		w.start(t)
+	}
+	cli.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n", token("client", "")))
+	addJoin(t, cli.cfg, caH.Addr.String())
+	cli.start(t)
+
+	tab := names.NewTable(names.DefaultRange, []string{"web", "kv"})
+	webVIP, _ := tab.VIP("web")
+	kvVIP, _ := tab.VIP("kv")
+	cli.waitFor(t, "both web endpoints healthy", 30*time.Second, func() bool {
+		out, err := cli.Try(vmeshBin, "services")
+		return err == nil && strings.Count(out, "passing") >= 4
+	})
+
+	// HTTP: 400 requests on one keep-alive connection, balanced per request.
+	url := fmt.Sprintf("http://%s:8080/", webVIP)
+	args := []string{"-sS", "--max-time", "30"}
+	for range 400 {
+		args = append(args, url)
+	}
+	out, err := cli.asApp("curl", args...)
+	if err != nil {
+		t.Fatalf("curl through the VIP: %v\n%s", err, out)
+	}
+	n1, n2 := strings.Count(out, "web1\n"), strings.Count(out, "web2\n")
+	t.Logf("HTTP over the VIP: web1 %d, web2 %d", n1, n2)
+	if n1+n2 != 400 || n1 < 120 || n2 < 120 {
+		t.Errorf("400 requests to the web VIP: web1 %d, web2 %d; want all answered, spread over both", n1, n2)
+	}
+
+	// Opaque: each connection to the kv VIP goes to one endpoint.
+	kv := func() string {
+		out, _ := cli.asApp("bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/%s/9000 && head -n1 <&3", kvVIP))
+		return strings.TrimSpace(out)
+	}
+	seen := map[string]int{}
+	for range 40 {
+		seen[kv()]++
+	}
+	t.Logf("opaque connections over the VIP: %v", seen)
+	if seen["web1"] == 0 || seen["web2"] == 0 || seen["web1"]+seen["web2"] != 40 {
+		t.Errorf("40 connections to the kv VIP: %v; want all answered by both hosts", seen)
+	}
+
+	// Failover: web2's host dies (agent and apps). Within 5 s every
+	// request and connection is answered by web1.
+	w2.stop(t, syscall.SIGKILL)
+	bed.Hosts[2].Run(t, "ip", "link", "set", "eth0", "down")
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		out, err := cli.asApp("curl", "-sS", "--max-time", "2", url, url, url, url, url)
+		ok := err == nil && strings.Count(out, "web1\n") == 5 && kv() == "web1"
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("5 s after web2 died, requests still fail or reach it: %v %q", err, out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// From then on, nothing fails.
+	args = []string{"-sS", "--max-time", "30"}
+	for range 100 {
+		args = append(args, url)
+	}
+	if out, err := cli.asApp("curl", args...); err != nil || strings.Count(out, "web1\n") != 100 {
+		t.Errorf("after failover: %v, %d of 100 from web1", err, strings.Count(out, "web1\n"))
+	}
+	for i := range 10 {
+		if got := kv(); got != "web1" {
+			t.Errorf("opaque connection %d after failover: %q", i, got)
+		}
+	}
+}

@@ -1,0 +1,317 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"crypto/tls"
+
+	"github.com/vmesh/vmesh/internal/mux"
+)
+
+// alpnMux carries opaque TCP connections as streams of internal/mux on
+// pooled mTLS connections between proxies (Config.MultiplexOpaque).
+const alpnMux = "vmesh.mux/1"
+
+// Mux tuning between proxies: 1 MiB per stream (no connection window: a
+// stalled stream cannot hold back another's credit), at most 100 streams a
+// connection (more streams to one peer open another connection), sessions
+// with no stream for muxIdle are closed.
+var muxConfig = mux.Config{StreamWindow: 1 << 20, MaxStreams: 100}
+
+const muxIdle = 90 * time.Second
+
+// muxAcceptTimeout bounds the wait for the peer to reach the service (it
+// dials with ConnectTimeout).
+func (p *Proxy) muxAcceptTimeout() time.Duration { return p.cfg.ConnectTimeout + 2*time.Second }
+
+// muxPool holds the client sessions to peer proxies, per (peer proxy,
+// service, identity): the TLS handshake names the service and checks the
+// identity, so a session carries one service's streams.
+type muxPool struct {
+	p  *Proxy
+	mu sync.Mutex
+	ss map[peerKey][]*mux.Session
+	// closed: Close ran; no new sessions.
+	closed    bool
+	lastSweep time.Time
+}
+
+func newMuxPool(p *Proxy) *muxPool {
+	return &muxPool{p: p, ss: make(map[peerKey][]*mux.Session)}
+}
+
+// open opens a stream to ep carrying header, on a pooled session with room
+// or a new one.
+// dialed says whether a new session (a TLS handshake) was made for it.
+func (mp *muxPool) open(ctx context.Context, ep Endpoint, header []byte) (st *mux.Stream, dialed bool, err error) {
+	k := peerKey{ep.ProxyAddr, ep.Service, ep.Identity}
+	for attempt := 0; attempt < 2; attempt++ {
+		s := mp.session(k)
+		if s == nil {
+			if s, err = mp.dial(ctx, k, ep); err != nil {
+				return nil, true, err
+			}
+			dialed = true
+		}
+		if st, err = s.Open(header); err == nil {
+			return st, dialed, nil
+		}
+		// Full or closed between the check and Open: try another.
+	}
+	return nil, dialed, errors.New("no mux session to the peer took the stream")
+}
+
+// session returns a live session to k with room for a stream, dropping
+// dead ones and closing sessions idle for longer than muxIdle.
+func (mp *muxPool) session(k peerKey) *mux.Session {
+	now := time.Now()
+	mp.mu.Lock()
+	defer mp.mu.Unlock()
+	if now.Sub(mp.lastSweep) > muxIdle/4 {
+		mp.sweepLocked(now)
+	}
+	for _, s := range mp.ss[k] {
+		if s.Available() {
+			return s
+		}
+	}
+	return nil
+}
+
+func (mp *muxPool) sweepLocked(now time.Time) {
+	mp.lastSweep = now
+	for k, list := range mp.ss {
+		kept := list[:0]
+		for _, s := range list {
+			idle := s.IdleSince()
+			switch {
+			case s.Err() != nil:
+			case !idle.IsZero() && now.Sub(idle) > muxIdle:
+				s.Close()
+			default:
+				kept = append(kept, s)
+				continue
+			}
+		}
+		if len(kept) == 0 {
+			delete(mp.ss, k)
+		} else {
+			mp.ss[k] = kept
+		}
+	}
+}
+
+func (mp *muxPool) dial(ctx context.Context, k peerKey, ep Endpoint) (*mux.Session, error) {
+	tc, err := mp.p.dialTransport(ctx, ep, alpnMux)
+	if err != nil {
+		return nil, err
+	}
+	s := mux.Client(tc, muxConfig)
+	mp.mu.Lock()
+	if mp.closed {
+		mp.mu.Unlock()
+		s.Close()
+		return nil, errors.New("proxy closed")
+	}
+	mp.ss[k] = append(mp.ss[k], s)
+	mp.mu.Unlock()
+	return s, nil
+}
+
+// closeIdle closes the sessions that carry no stream.
+func (mp *muxPool) closeIdle() {
+	mp.mu.Lock()
+	defer mp.mu.Unlock()
+	mp.sweepLocked(time.Now().Add(2 * muxIdle))
+}
+
+func (mp *muxPool) close() {
+	mp.mu.Lock()
+	mp.closed = true
+	all := mp.ss
+	mp.ss = map[peerKey][]*mux.Session{}
+	mp.mu.Unlock()
+	for _, list := range all {
+		for _, s := range list {
+			s.Close()
+		}
+	}
+}
+
+// outboundMux carries an opaque connection as one stream to the peer proxy.
+// The peer accepts the stream once it has reached the service, or resets
+// it; only then does the relay start, so a refused stream leaves nothing
+// half-sent.
+func (p *Proxy) outboundMux(c net.Conn, ep Endpoint, dst netip.AddrPort, peeked []byte) {
+	st, _, err := p.openMuxStream(ep, dst)
+	if err != nil {
+		resetConn(c)
+		return
+	}
+	p.relayMux(c, st, ep, peeked)
+}
+
+// openMuxStream opens a stream to ep for dst's port and waits until the
+// peer has reached the service; dialed says a new session was made for it
+// (its time is not the service's). Failures are counted and logged here.
+func (p *Proxy) openMuxStream(ep Endpoint, dst netip.AddrPort) (st *mux.Stream, dialed bool, err error) {
+	var arr [256]byte
+	h, err := appendHeader(arr[:0], transportHeader{Port: dst.Port(), Protocol: sessionOpaque, Service: ep.Service})
+	if err != nil {
+		return nil, false, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+	st, dialed, err = p.muxes.open(ctx, ep, h)
+	cancel()
+	if err != nil {
+		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
+		p.reportError(slog.LevelWarn, dirOutbound, refuseDial, ep.ProxyAddr.String(), "connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
+		return nil, dialed, err
+	}
+	if err := st.Accepted(p.muxAcceptTimeout()); err != nil {
+		st.Reset(mux.CodeCancel)
+		p.m.refused.WithLabelValues(dirOutbound, refusePeer).Inc()
+		p.reportError(slog.LevelWarn, dirOutbound, refusePeer, ep.ProxyAddr.Addr().String(), "peer proxy refused the connection (denied by its policy, no such port, or the service is down: see the peer's log)", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
+		return nil, dialed, err
+	}
+	return st, dialed, nil
+}
+
+// relayMux relays the app connection c over an accepted stream, the
+// detection's peeked bytes first.
+func (p *Proxy) relayMux(c net.Conn, st *mux.Stream, ep Endpoint, peeked []byte) {
+	if len(peeked) > 0 {
+		if _, err := st.Write(peeked); err != nil {
+			st.Reset(mux.CodeCancel)
+			c.Close()
+			return
+		}
+	}
+	t := p.m.openTCP(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
+	in, out := relayStream(c, st)
+	t.close(in+int64(len(peeked)), out)
+}
+
+// serveMux serves a peer proxy's mux session: each stream names a local
+// port in its header; the route table decides, the client is authorized,
+// the service dialed, and only then is the stream accepted.
+func (p *Proxy) serveMux(tc *tls.Conn, clientID string) {
+	s := mux.Server(tc, muxConfig, func(st *mux.Stream) { p.muxStream(st, clientID) })
+	s.Serve()
+}
+
+func (p *Proxy) muxStream(st *mux.Stream, clientID string) {
+	h, err := readHeader(bytes.NewReader(st.Header()))
+	if err != nil {
+		p.m.refused.WithLabelValues(dirInbound, refuseHeader).Inc()
+		p.log.Info("inbound stream header refused", "client_id", clientID, "err", err)
+		st.Reset(mux.CodeBadHeader)
+		return
+	}
+	if h.Protocol == sessionHTTP1 {
+		p.muxH1Stream(st, clientID)
+		return
+	}
+	svc, _ := p.localService(h.Port)
+	r := p.routes.peer(h.Port, svc, protoOpaque)
+	if r.kind == routeDeny {
+		p.m.refused.WithLabelValues(dirInbound, r.reason).Inc()
+		p.log.Info("inbound stream names no local service", "client_id", clientID, "port", h.Port)
+		st.Reset(mux.CodeUnknownPort)
+		return
+	}
+	if !p.authorizeTCP(r.svc, clientID, tlsTrue) {
+		st.Reset(mux.CodeDenied)
+		return
+	}
+	up, err := p.dial(context.Background(), r.target)
+	if err != nil {
+		p.m.refused.WithLabelValues(dirInbound, refuseDial).Inc()
+		p.reportError(slog.LevelWarn, dirInbound, refuseDial, r.target.String(), "connecting to local service failed", "service", r.svc.Name, "addr", r.target, "err", err)
+		st.Reset(mux.CodeConnect)
+		return
+	}
+	if !p.track(up) {
+		st.Reset(mux.CodeRefused)
+		return
+	}
+	defer p.untrack(up)
+	if err := st.Accept(); err != nil {
+		return
+	}
+	t := p.m.openTCP(connLabels{direction: dirInbound, service: r.svc.Name, clientID: clientID, tls: tlsTrue})
+	fromSvc, fromStream := relayStream(up, st)
+	t.close(fromStream, fromSvc)
+}
+
+// relayStream copies between a TCP connection c and a mux stream in both
+// directions, each ending on its own: c's EOF half-closes the stream (the
+// peer's service reads EOF, and may go on writing), the stream's END_STREAM
+// half-closes c. A reset on either side resets the other. It returns the
+// bytes read from c and from the stream.
+func relayStream(c net.Conn, st *mux.Stream) (fromConn, fromStream int64) {
+	ch := make(chan int64, 1)
+	go func() { ch <- copyConnToStream(st, c) }()
+	fromStream = copyStreamToConn(c, st)
+	fromConn = <-ch
+	st.Close()
+	c.Close()
+	return fromConn, fromStream
+}
+
+// copyConnToStream copies the connection's bytes into the stream, then
+// half-closes the stream; a read error (a reset) resets the stream.
+func copyConnToStream(st *mux.Stream, c net.Conn) int64 {
+	n, err := copyGrowing(st, c)
+	if err != nil {
+		st.Reset(mux.CodeCancel)
+		var re *mux.ResetError
+		if !errors.As(err, &re) {
+			resetConn(c)
+		}
+		return n
+	}
+	st.CloseWrite()
+	return n
+}
+
+// copyStreamToConn copies the stream's bytes to the connection, then
+// half-closes it; a reset stream resets the connection.
+func copyStreamToConn(c net.Conn, st *mux.Stream) int64 {
+	n, err := copyGrowing(c, st)
+	if err != nil {
+		var re *mux.ResetError
+		if errors.As(err, &re) {
+			resetConn(c)
+		} else {
+			st.Reset(mux.CodeCancel)
+			c.Close()
+		}
+		return n
+	}
+	if cw, ok := c.(closeWriter); ok {
+		cw.CloseWrite()
+	}
+	return n
+}
+
+// resetConn closes c with a TCP RST (linger 0), so the app sees a reset as
+// it would from the service itself.
+func resetConn(c net.Conn) {
+	type lingerer interface{ SetLinger(int) error }
+	if l, ok := c.(lingerer); ok {
+		l.SetLinger(0)
+	} else if u, ok := c.(interface{ NetConn() net.Conn }); ok {
+		if l, ok := u.NetConn().(lingerer); ok {
+			l.SetLinger(0)
+		}
+	}
+	c.Close()
+}
