@@ -34,7 +34,7 @@ unit:
 # transport header, protocol detection, CA requests and tokens, the grant
 # extension, SPIFFE IDs, allow patterns, iptables -S output, the config.
 FUZZTIME ?= 5s
-FUZZ_TARGETS := ./discovery:FuzzDecodeMessage ./proxy:FuzzReadHeader ./proxy:FuzzDetectProtocol \
+FUZZ_TARGETS := ./discovery:FuzzDecodeMessage ./proxy:FuzzReadHeader ./proxy:FuzzDetectProtocol ./proxy:FuzzH1Request \
 	./proxy:FuzzAllowPattern ./ca:FuzzParseID ./ca:FuzzCertGrant ./ca:FuzzReadJoinInfo \
 	./ca:FuzzSVIDRequest ./rules:FuzzParseRules ./node:FuzzParseConfig
 fuzz:

@@ -1,13 +1,13 @@
 package node
 
 import (
-	"slices"
 	"context"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"

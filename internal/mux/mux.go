@@ -186,8 +186,8 @@ func newSession(conn net.Conn, client bool, cfg Config, accept func(*Stream)) *S
 		done:    make(chan struct{}),
 		idleAt:  time.Now(),
 	}
-	s.bw = bufio.NewWriterSize(conn, 32<<10)
-	s.fr = http2.NewFramer(s.bw, bufio.NewReaderSize(conn, 4<<10))
+	s.bw = bufio.NewWriterSize(conn, 64<<10)
+	s.fr = http2.NewFramer(s.bw, bufio.NewReaderSize(conn, 32<<10))
 	s.fr.SetMaxReadFrameSize(maxFrame)
 	s.lastRead.Store(time.Now().UnixNano())
 	return s
@@ -252,26 +252,38 @@ func (s *Session) Open(header []byte) (*Stream, error) {
 	if len(header) > s.cfg.maxHeader() {
 		return nil, fmt.Errorf("mux: header of %d bytes, limit %d", len(header), s.cfg.maxHeader())
 	}
-	s.mu.Lock()
-	if s.closed || s.goaway || s.nextID >= 1<<31-1 {
-		s.mu.Unlock()
-		return nil, ErrSessionClosed
-	}
-	if len(s.streams) >= s.cfg.maxStreams() {
-		s.mu.Unlock()
-		return nil, errors.New("mux: session full")
-	}
-	id := s.nextID
-	s.nextID += 2
-	st := newStream(s, id, nil)
-	s.streams[id] = st
-	s.idleAt = time.Time{}
-	s.mu.Unlock()
+	// The ID is taken under the write lock: streams must appear on the
+	// wire in the order of their IDs (a peer refuses a lower ID after a
+	// higher one), and two streams opened at once would otherwise race.
+	var st *Stream
+	var openErr error
 	err := s.write(func(fr *http2.Framer) error {
+		s.mu.Lock()
+		switch {
+		case s.closed || s.goaway || s.nextID >= 1<<31-1:
+			openErr = ErrSessionClosed
+		case len(s.streams) >= s.cfg.maxStreams():
+			openErr = errors.New("mux: session full")
+		}
+		if openErr != nil {
+			s.mu.Unlock()
+			return nil
+		}
+		id := s.nextID
+		s.nextID += 2
+		st = newStream(s, id, nil)
+		s.streams[id] = st
+		s.idleAt = time.Time{}
+		s.mu.Unlock()
 		return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: header, EndHeaders: true})
 	})
+	if openErr != nil {
+		return nil, openErr
+	}
 	if err != nil {
-		st.finish(&ResetError{Code: CodeSessionEnded})
+		if st != nil {
+			st.finish(&ResetError{Code: CodeSessionEnded})
+		}
 		return nil, err
 	}
 	return st, nil

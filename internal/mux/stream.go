@@ -190,11 +190,23 @@ func (st *Stream) Write(b []byte) (int, error) {
 			st.mu.Unlock()
 			return written, io.ErrClosedPipe
 		}
-		n := min(int64(len(b)), st.sendWin, maxFrame)
+		// Take all the credit this write can use and send it as one
+		// batch of frames with one flush (one system call for a 64 KiB
+		// copy buffer instead of four).
+		n := min(int64(len(b)), st.sendWin)
 		st.sendWin -= n
 		st.mu.Unlock()
 		chunk := b[:n]
-		if err := st.s.write(func(fr *http2.Framer) error { return fr.WriteData(st.id, false, chunk) }); err != nil {
+		if err := st.s.write(func(fr *http2.Framer) error {
+			for c := chunk; len(c) > 0; {
+				m := min(len(c), maxFrame)
+				if err := fr.WriteData(st.id, false, c[:m]); err != nil {
+					return err
+				}
+				c = c[m:]
+			}
+			return nil
+		}); err != nil {
 			return written, err
 		}
 		written += int(n)
