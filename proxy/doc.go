@@ -157,8 +157,9 @@
 // protocol on a port that is not opaque), connect failures (connect:
 // passthrough, peer proxy, local service), bad_gateway, unavailable and
 // request_timeout answers, and peer_refused on the CLIENT host when the
-// peer proxy resets a mux stream (denied by its policy, no such port, the
-// service down).
+// peer proxy resets a mux stream or answers an HTTP/1 request with
+// l5d-proxy-error (denied by its policy, no such port, the service down;
+// logged once per peer and service a minute).
 //
 // # Tap and ping
 //

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"log/slog"
 	"net/netip"
@@ -97,4 +98,18 @@ func (h *h1Conn) connectFailed(l *h1Leg, err error) {
 		return
 	}
 	h.p.reportError(slog.LevelWarn, h.r.dir, refuseDial, l.target.String(), "connecting to local service failed", "addr", l.target, "err", err)
+}
+
+// peerAnswered reports, on the client host, an error answer the peer proxy
+// made itself (it carries l5d-proxy-error): a request denied by the peer's
+// policy, or a service it could not reach.
+func (h *h1Conn) peerAnswered(l *h1Leg) {
+	for _, f := range h.resp.fields {
+		if len(f.name) == len("l5d-proxy-error") && bytes.EqualFold(f.name, []byte("l5d-proxy-error")) {
+			h.p.reportError(slog.LevelWarn, dirOutbound, refusePeer, addrKey(l.ep.ProxyAddr.Addr())+" "+l.ep.Service,
+				"peer proxy refused the request (see the peer's log)", "service", l.ep.Service, "peer", l.ep.ProxyAddr,
+				"status", h.resp.status, "why", string(f.value))
+			return
+		}
+	}
 }

@@ -60,6 +60,7 @@ func TestErrorsWhereTheUserLooks(t *testing.T) {
 		{Name: "smtp", Port: 2525, Target: first},
 		{Name: "only-c", Port: 7003, Target: echo, Allow: []string{"spiffe://vmesh.test/node/c"}},
 		{Name: "down", Port: 8080, Target: closedAddr},
+		{Name: "web-only-c", Port: 7004, Target: echo, Protocol: "http1", Allow: []string{"spiffe://vmesh.test/node/c"}},
 	}, proxyOpts{logger: alog.logger(), cfg: func(c *Config) {
 		c.DetectTimeout = 200 * time.Millisecond
 		c.OpaquePorts = []uint16{7003}
@@ -100,6 +101,24 @@ func TestErrorsWhereTheUserLooks(t *testing.T) {
 	}
 	if got := blog.lines("level=INFO", "inbound tcp denied", "service=only-c", "client_id=spiffe://vmesh.test/node/a"); len(got) != 1 {
 		t.Errorf("server host: denial logged %d times, want once: %q", len(got), got)
+	}
+
+	// An HTTP request denied by the peer's policy: 403 for the app, and
+	// the client host says the peer refused.
+	resp, err := (&http.Client{Transport: &http.Transport{DialContext: a.dialContext}}).Get("http://198.18.99.2:7004/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 403 {
+		t.Fatalf("denied HTTP request: status %d", resp.StatusCode)
+	}
+	// (counted once the response was relayed: the app may see it first)
+	eventually(t, "the refused request counted on the client host", func() bool {
+		return metric(t, a.reg, "proxy_errors_total", map[string]string{"direction": "outbound", "reason": refusePeer}) == 2
+	})
+	if got := alog.lines("level=WARN", "peer proxy refused the request", "status=403", "service=web-only-c"); len(got) != 1 {
+		t.Errorf("client host: refused request logged %d times, want once: %q", len(got), got)
 	}
 
 	// An HTTP service whose app is down: 502, and the server host says so.

@@ -559,6 +559,9 @@ func (h *h1Conn) exchange() bool {
 		berr = h.bw.Flush()
 	}
 	l.m.response(h.p, resp.status, berr == nil && resp.status < 500)
+	if l.peer && resp.status >= 400 {
+		h.peerAnswered(&l) // errlog.go
+	}
 	h.status, h.respBytes = resp.status, bc.n
 
 	var reqErr error

@@ -178,7 +178,7 @@ func (p *Proxy) openMuxStream(ep Endpoint, dst netip.AddrPort) (st *mux.Stream, 
 	if err := st.Accepted(p.muxAcceptTimeout()); err != nil {
 		st.Reset(mux.CodeCancel)
 		p.m.refused.WithLabelValues(dirOutbound, refusePeer).Inc()
-		p.reportError(slog.LevelWarn, dirOutbound, refusePeer, ep.ProxyAddr.Addr().String(), "peer proxy refused the connection (denied by its policy, no such port, or the service is down: see the peer's log)", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
+		p.reportError(slog.LevelWarn, dirOutbound, refusePeer, ep.ProxyAddr.Addr().String()+" "+ep.Service, "peer proxy refused the connection (denied by its policy, no such port, or the service is down: see the peer's log)", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
 		return nil, dialed, err
 	}
 	return st, dialed, nil

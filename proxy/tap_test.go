@@ -2,11 +2,16 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/h2c"
 )
 
 // nextEvent waits for the next event of s.
@@ -169,4 +174,71 @@ func TestPing(t *testing.T) {
 			t.Error("a client without a certificate got a ping answer")
 		}
 	}
+}
+
+// TestTapHTTP2: requests on the HTTP/2 path are tapped too, when their
+// response ends.
+func TestTapHTTP2(t *testing.T) {
+	web := listenLocal(t)
+	srv := &http.Server{Handler: h2c.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(202)
+		io.WriteString(w, "h2 "+r.URL.Path)
+	}), &http2.Server{})}
+	go srv.Serve(web)
+	t.Cleanup(func() { srv.Close() })
+	a, b, _ := meshPair(t, []LocalService{{Name: "api", Port: 9090, Target: addrPort(web.Addr())}}, proxyOpts{}, proxyOpts{})
+	out := a.p.Tap(TapFilter{Method: "POST"}, 0)
+	defer out.Close()
+	in := b.p.Tap(TapFilter{Identity: "node/a"}, 0)
+	defer in.Close()
+	tr := &http2.Transport{AllowHTTP: true, DialTLSContext: func(ctx context.Context, n, addr string, _ *tls.Config) (net.Conn, error) {
+		return a.dialContext(ctx, n, addr)
+	}}
+	defer tr.CloseIdleConnections()
+	req, _ := http.NewRequest("POST", "http://198.18.99.2:9090/v1/x", strings.NewReader("body"))
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	want := TapEvent{Kind: TapHTTP, Direction: "outbound", Service: "api", ServerID: "spiffe://vmesh.test/svc/api", TLS: true,
+		Method: "POST", Authority: "198.18.99.2:9090", Path: "/v1/x", Status: 202, BytesIn: 4, BytesOut: int64(len("h2 /v1/x"))}
+	if got := stripTimes(nextEvent(t, out)); got != want {
+		t.Errorf("outbound h2 event\n got %+v\nwant %+v", got, want)
+	}
+	want.Direction, want.ServerID, want.ClientID = "inbound", "", "spiffe://vmesh.test/node/a"
+	if got := stripTimes(nextEvent(t, in)); got != want {
+		t.Errorf("inbound h2 event\n got %+v\nwant %+v", got, want)
+	}
+}
+
+// BenchmarkTapTCP is the tap's cost per TCP connection (open and close
+// events) when nobody taps, and with one subscriber reading everything.
+func BenchmarkTapTCP(b *testing.B) {
+	m, err := newMetrics(nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	p := &Proxy{m: m}
+	l := connLabels{direction: dirOutbound, service: "web", serverID: "spiffe://d/svc/web", tls: tlsTrue}
+	b.Run("idle", func(b *testing.B) {
+		for b.Loop() {
+			m.openTCP(l).close(10, 20)
+		}
+	})
+	b.Run("tapped", func(b *testing.B) {
+		s := p.Tap(TapFilter{}, 0)
+		done := make(chan struct{})
+		go func() {
+			for range s.Events() {
+			}
+			close(done)
+		}()
+		for b.Loop() {
+			m.openTCP(l).close(10, 20)
+		}
+		s.Close()
+		<-done
+	})
 }
