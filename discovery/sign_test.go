@@ -239,9 +239,8 @@ func TestPullRequestNeverDialsNamedAddress(t *testing.T) {
 func TestMeshAddressesRemembered(t *testing.T) {
 	agents := startCluster(t, 2)
 	a, b := agents[0], agents[1]
-	if !a.d.MemberAddr(b.addr) {
-		t.Fatal("a live member's address is not a mesh address")
-	}
+	// Snapshots are rebuilt at most every 50 ms: await the join's.
+	waitFor(t, 5*time.Second, "a live member's address to be a mesh address", func() bool { return a.d.MemberAddr(b.addr) })
 	b.kill()
 	a.kill()
 	a.start() // alone, from its database
