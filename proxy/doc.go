@@ -27,20 +27,21 @@
 //     address: refused, never passed through in clear; counted in
 //     tcp_refused_total{reason="mesh_host"} and logged at warn once per
 //     (reason, address) per minute.
-//   - DestService (a service VIP): refused (reason "service_unbalanced")
-//     until the balancer is wired in.
-//   - DestEndpoint on an opaque port: by default mTLS to Endpoint.ProxyAddr
-//     with ALPN "vmesh.transport/v1", a transport header (header.go:
-//     preface, u32 length, tag-length-value fields, at most 1 KiB), then
-//     the bytes. With Config.MultiplexOpaque: one HTTP/2 stream on the
-//     pooled HTTP/2 mTLS connections (below), no handshake per connection:
-//     a POST with vmesh-opaque: 1 and vmesh-dst-port whose body is what the
-//     app sends and whose response body (after a 200 sent at once, every
-//     write flushed) is what the service sends (stream.go). The app's
-//     half-close ends the request body; the service's EOF ends the response
-//     and the stream (a service that half-closes and keeps reading loses
-//     later bytes). Any other answer closes the app connection. These
-//     streams are TCP connections in the metrics, never requests.
+//   - DestService (a service VIP): balanced (balance.go): HTTP picks an
+//     endpoint per request, TCP per connection, with package balance; a
+//     failed connect, a refused stream or a 502/503 from the peer for a
+//     replayable request moves to another endpoint (balancer_retries_total).
+//     A VIP of no service, or a port it does not serve, is refused.
+//   - DestEndpoint on an opaque port: by default (Config.MultiplexOpaque)
+//     one stream of internal/mux on a pooled mTLS connection to
+//     Endpoint.ProxyAddr (ALPN "vmesh.mux/1", mux.go): HEADERS carries the
+//     transport header (header.go: preface, u32 length, tag-length-value
+//     fields, at most 1 KiB), the peer accepts the stream once it reached
+//     the service or resets it (the app connection is then reset), END_STREAM
+//     is a FIN in each direction on its own, a reset is a reset both ways.
+//     Without multiplexing: a dedicated mTLS connection (ALPN
+//     "vmesh.transport/v1"), the transport header, then the bytes. Both are
+//     TCP connections in the metrics, never requests.
 //   - DestEndpoint otherwise: one detection read (up to 1 KiB,
 //     Config.DetectTimeout); anything but HTTP, or silence until the
 //     timeout (a server that speaks first), goes opaque as above.

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -146,6 +147,14 @@ func (p *Proxy) clientConfig(ep Endpoint, alpn string) *tls.Config {
 	if c, ok := p.pool.configs.Load(k); ok {
 		return c.(*tls.Config)
 	}
+	// Bounded: one entry per (service, identity, ALPN) ever dialed would
+	// grow without end in a mesh whose services come and go. Dropping
+	// them all now and then costs a rebuild each (no handshake: the
+	// session cache is separate).
+	if p.pool.nconfigs.Add(1) > maxClientConfigs {
+		p.pool.configs.Clear()
+		p.pool.nconfigs.Store(1)
+	}
 	c, _ := p.pool.configs.LoadOrStore(k, p.clientTLSConfig(ep, alpn))
 	return c.(*tls.Config)
 }
@@ -158,6 +167,9 @@ const (
 	peerMaxTransports = 4096
 )
 
+// maxClientConfigs bounds the cached client TLS configurations.
+const maxClientConfigs = 1024
+
 // peerPool holds one HTTP/2 transport per (peer proxy, service identity):
 // requests to one service on one host share multiplexed mTLS connections.
 // Transports unused for idle are evicted, at most max are kept: eviction
@@ -166,11 +178,12 @@ const (
 // requests are done; after that its connections' own idle timeout closes
 // them.
 type peerPool struct {
-	p       *Proxy
-	configs sync.Map // clientConfigKey -> *tls.Config
-	idle    time.Duration
-	max     int
-	now     func() time.Time // a test seam
+	p        *Proxy
+	configs  sync.Map     // clientConfigKey -> *tls.Config, at most maxClientConfigs
+	nconfigs atomic.Int64 // entries added to configs since it was last cleared
+	idle     time.Duration
+	max      int
+	now      func() time.Time // a test seam
 
 	mu        sync.Mutex
 	ts        map[peerKey]*peerTransport
