@@ -13,6 +13,9 @@ const (
 	ChainPrefix   = "VMESH_"
 	InboundChain  = "VMESH_INBOUND"
 	OutboundChain = "VMESH_OUTPUT"
+	// DNSChain redirects the host's DNS queries (udp and tcp port 53) to
+	// the agent's DNS server, when capture is on.
+	DNSChain = "VMESH_DNS"
 	// CommentPrefix starts the comment of every rule vmesh writes.
 	CommentPrefix = "vmesh/"
 	// Table is the only table vmesh writes.
@@ -67,6 +70,12 @@ type State struct {
 	// ProxyMark, when non-zero, exempts packets with this firewall mark: the
 	// proxy sets it (SO_MARK) on the connections it opens.
 	ProxyMark uint32
+	// DNSPort, when non-zero, captures the host's DNS: queries to any
+	// address's port 53 (udp and tcp) go to this port on loopback, where
+	// the agent answers (its own queries, marked or of its uid, are
+	// exempt). DNSv6 captures IPv6 queries too (the agent serves on ::1).
+	DNSPort uint16
+	DNSv6   bool
 }
 
 // Rule is one nat-table rule: the chain it is appended to and its arguments
@@ -180,11 +189,42 @@ func build(s State, v6 bool) Rules {
 	}
 	add(OutboundChain, "out-redirect", "-p", "tcp", "-j", "REDIRECT", "--to-ports", itoa(out))
 
+	// DNS capture: its own chain, with the same exemptions, jumped to
+	// from the top of OUTPUT (see JumpFirst: Docker's embedded DNS DNATs
+	// 127.0.0.11:53 in OUTPUT, and a NAT target ends the chain).
+	dns := s.DNSPort != 0 && (!v6 || s.DNSv6)
+	if dns {
+		rs.Chains = append(rs.Chains, DNSChain)
+		if s.ProxyMark != 0 {
+			add(DNSChain, "dns-mark", "-m", "mark", "--mark", "0x"+strconv.FormatUint(uint64(s.ProxyMark), 16), "-j", "RETURN")
+		}
+		if !s.NoUIDExemption {
+			add(DNSChain, "dns-uid", "-m", "owner", "--uid-owner", strconv.FormatUint(uint64(s.ProxyUID), 10), "-j", "RETURN")
+		}
+		if s.ProxyGID >= 0 {
+			add(DNSChain, "dns-gid", "-m", "owner", "--gid-owner", strconv.Itoa(s.ProxyGID), "-j", "RETURN")
+		}
+		add(DNSChain, "dns-udp", "-p", "udp", "-j", "REDIRECT", "--to-ports", itoa(s.DNSPort))
+		add(DNSChain, "dns-tcp", "-p", "tcp", "-j", "REDIRECT", "--to-ports", itoa(s.DNSPort))
+	}
+
 	// Jumps from the built-in chains come last: Apply fills the chains
 	// before it points traffic at them.
 	add("PREROUTING", "prerouting", "-p", "tcp", "-j", InboundChain)
 	add("OUTPUT", "output", "-p", "tcp", "-j", OutboundChain)
+	if dns {
+		add("OUTPUT", "output-dns-udp", "-p", "udp", "-m", "udp", "--dport", "53", "-j", DNSChain)
+		add("OUTPUT", "output-dns-tcp", "-p", "tcp", "-m", "tcp", "--dport", "53", "-j", DNSChain)
+	}
 	return rs
+}
+
+// JumpFirst reports whether a rule of a built-in chain must come before
+// every other rule there (the plan inserts it at the top, not appends it):
+// the DNS capture jumps, which must see queries before Docker's DNAT of
+// its embedded resolver does.
+func JumpFirst(r Rule) bool {
+	return strings.HasPrefix(r.Comment(), CommentPrefix+"output-dns-")
 }
 
 // tagged inserts the rule's comment before its target, where iptables -S

@@ -34,6 +34,8 @@ func kernelState() State {
 		SkipOutboundPorts: []uint16{5432},
 		ProxyUID:          nobody,
 		ProxyGID:          -1,
+		DNSPort:           15053,
+		DNSv6:             true,
 	}
 }
 
@@ -152,6 +154,12 @@ func TestKernelIdempotentAndUninstall(t *testing.T) {
 					t.Errorf("iptables-save lacks the built rule %q", l)
 				}
 			}
+			// The DNS capture jumps come before Docker's DNAT of its
+			// embedded resolver, which would otherwise end the chain.
+			jump, docker := strings.Index(once, "-A OUTPUT -p udp -m udp --dport 53"), strings.Index(once, "-A OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT")
+			if jump < 0 || docker < 0 || jump > docker {
+				t.Errorf("the DNS capture jump is not above Docker's (at %d vs %d):\n%s", jump, docker, once)
+			}
 			first := changes
 			start := time.Now()
 			in(t, h, func() error {
@@ -237,7 +245,9 @@ func TestKernelRedirect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	in(t, h1, func() error { return a.Apply(ctx, Build(kernelState())) })
+	state := kernelState()
+	state.DNSPort = 0 // TestKernelDNSCapture's
+	in(t, h1, func() error { return a.Apply(ctx, Build(state)) })
 	t.Cleanup(func() { h1.Do(func() error { return a.Uninstall(ctx) }) })
 
 	out := listen(t, h1, "127.0.0.1:4140")
@@ -331,7 +341,7 @@ func TestKernelRedirect(t *testing.T) {
 		dial(t, h1, netip.MustParseAddrPort("127.0.0.11:53"), "dns-1")
 		expect(t, dns, "dns-1", netip.MustParseAddrPort("127.0.0.11:53"))
 		in(t, h1, func() error {
-			diff, err := a.Installed(ctx, Build(kernelState()))
+			diff, err := a.Installed(ctx, Build(state))
 			if err == nil && diff != "" {
 				err = fmt.Errorf("Docker's rules made vmesh's look stale:\n%s", diff)
 			}
@@ -353,6 +363,45 @@ type arrival struct {
 	origDst netip.AddrPort
 	odErr   error // SO_ORIGINAL_DST failed (ENOENT where nat never saw the flow)
 	err     error
+}
+
+// TestKernelDNSCapture: in a host whose nat table already holds Docker's
+// embedded-DNS DNAT (as in a container), vmesh's DNS capture sends a
+// program's query to 127.0.0.11:53 to the agent's DNS port, with its
+// original destination; the agent's own query (uid nobody here) still
+// reaches Docker's resolver; uninstalling gives the query back to Docker.
+func TestKernelDNSCapture(t *testing.T) {
+	ctx := context.Background()
+	h := testbed.New(t, 1).Hosts[0]
+	docker := listen(t, h, "127.0.0.11:40000")
+	for _, args := range [][]string{
+		{"-t", "nat", "-N", "DOCKER_OUTPUT"},
+		{"-t", "nat", "-A", "OUTPUT", "-d", "127.0.0.11/32", "-j", "DOCKER_OUTPUT"},
+		{"-t", "nat", "-A", "DOCKER_OUTPUT", "-d", "127.0.0.11/32", "-p", "tcp", "--dport", "53", "-j", "DNAT", "--to-destination", "127.0.0.11:40000"},
+	} {
+		h.Run(t, "iptables", args...)
+	}
+	a, err := NewApplier(ApplierOptions{IPv6: "off"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	in(t, h, func() error { return a.Apply(ctx, Build(kernelState())) })
+	t.Cleanup(func() { h.Do(func() error { return a.Uninstall(ctx) }) })
+	agent := listen(t, h, "127.0.0.1:15053")
+	dockerDNS := netip.MustParseAddrPort("127.0.0.11:53")
+
+	dial(t, h, dockerDNS, "app-query")
+	expect(t, agent, "app-query", dockerDNS)
+	cmd := h.Command(ctx, "setpriv", "--reuid", fmt.Sprint(nobody), "--regid", fmt.Sprint(nobody), "--clear-groups",
+		"bash", "-c", "exec 3<>/dev/tcp/127.0.0.11/53 && echo agent-query >&3")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("the agent's own query: %v: %s", err, b)
+	}
+	expect(t, docker, "agent-query", dockerDNS) // DNATed by Docker only
+
+	in(t, h, func() error { return a.Uninstall(ctx) })
+	dial(t, h, dockerDNS, "after")
+	expect(t, docker, "after", dockerDNS)
 }
 
 type listener struct {

@@ -108,6 +108,10 @@ func plan(cur natState, want *Rules) []op {
 			dels = append(dels, op{kind: opDelete, chain: c, args: args})
 		}
 		for _, args := range have {
+			if JumpFirst(Rule{Chain: c, Args: args}) {
+				ops = append(ops, op{kind: opInsert, chain: c, pos: 1, args: args})
+				continue
+			}
 			ops = append(ops, op{kind: opAppend, chain: c, args: args})
 		}
 	}
