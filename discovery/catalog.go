@@ -68,6 +68,9 @@ type ServiceEntry struct {
 	// VIP is the service's virtual IP, filled in by the agent's API for
 	// its callers; it is derived on every host, never gossiped.
 	VIP string `json:"vip,omitempty"`
+	// DNSName is the service's name in the mesh's DNS ("web.vmesh"),
+	// filled in like VIP when the agent serves DNS; never gossiped.
+	DNSName string `json:"dns_name,omitempty"`
 }
 
 // NodeEntry is one host's catalog entry. Only that host writes it; peers

@@ -94,6 +94,7 @@ type DNSServer struct {
 	stamp     string    // its identity (mtime and size) when last read
 
 	servers []*dns.Server
+	closed  atomic.Bool
 }
 
 // NewDNSServer returns a server; Serve starts it.
@@ -155,26 +156,51 @@ func (s *DNSServer) Listen(addr netip.AddrPort) (netip.AddrPort, error) {
 	return addr, nil
 }
 
-// Serve serves until ctx ends.
+// SetSelf sets the server's own addresses (DNSOptions.Self), before Serve.
+func (s *DNSServer) SetSelf(self []netip.AddrPort) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.opts.Self = self
+	s.stamp = "" // re-read the upstreams
+}
+
+// Serve serves until ctx ends or Close.
 func (s *DNSServer) Serve(ctx context.Context) error {
 	errc := make(chan error, len(s.servers))
 	for _, srv := range s.servers {
 		go func() { errc <- srv.ActivateAndServe() }()
 	}
+	var err error
+	pending := len(s.servers)
 	select {
 	case <-ctx.Done():
-	case err := <-errc:
-		s.Close()
+	case err = <-errc:
+		pending--
+	}
+	closing := s.closed.Load()
+	s.Close()
+	for range pending {
+		<-errc
+	}
+	if err != nil && !closing {
 		return fmt.Errorf("dns: %w", err)
 	}
-	s.Close()
 	return nil
 }
 
-// Close stops the listeners.
+// Close stops the server: it closes the sockets themselves, which ends
+// Serve whether or not it started.
 func (s *DNSServer) Close() {
+	if s.closed.Swap(true) {
+		return
+	}
 	for _, srv := range s.servers {
-		srv.Shutdown()
+		if srv.PacketConn != nil {
+			srv.PacketConn.Close()
+		}
+		if srv.Listener != nil {
+			srv.Listener.Close()
+		}
 	}
 }
 

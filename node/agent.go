@@ -73,6 +73,7 @@ type Agent struct {
 	caClient *ca.Client
 	disc     *discovery.Discovery
 	prx      *proxy.Proxy
+	dns      *names.DNSServer
 	applier  *rules.Applier
 	verifier *ca.Verifier // the proxy's: revocations go to it
 	ruleset  *rules.Ruleset
@@ -228,6 +229,14 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 	g.Go(func() error { return a.prx.Serve(serveCtx) })
 	g.Go(func() error { a.applyRevocations(gctx, a.verifier, cfg.CA.TrustDomain); return nil })
 	a.phase.Store(phaseProxy)
+	if err := a.buildDNS(cfg); err != nil {
+		return err
+	}
+	if a.dns != nil {
+		// Like the proxy, it answers until Close: queries keep being
+		// captured while established connections drain.
+		g.Go(func() error { return a.dns.Serve(serveCtx) })
+	}
 
 	// Wait for certificates before redirecting anything.
 	a.ready.set("waiting for certificates from the CA")
@@ -322,6 +331,9 @@ func (a *Agent) Close() error {
 		}
 		if a.prx != nil {
 			a.prx.Close()
+		}
+		if a.dns != nil {
+			a.dns.Close()
 		}
 		if a.disc != nil {
 			a.disc.Close()

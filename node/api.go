@@ -472,12 +472,16 @@ func fromLoopback(r *http.Request) bool {
 // (copies: the catalog's entries are shared).
 func (a *Agent) catalogWithVIPs() []discovery.NodeEntry {
 	entries := a.disc.Catalog()
+	cfg := a.config()
 	out := make([]discovery.NodeEntry, len(entries))
 	for i, e := range entries {
 		e.Services = slices.Clone(e.Services)
 		for j := range e.Services {
 			if vip, ok := a.cat.VIP(e.Services[j].Name); ok {
 				e.Services[j].VIP = vip.String()
+				if cfg.DNS.Enabled {
+					e.Services[j].DNSName = e.Services[j].Name + "." + cfg.DNS.Domain
+				}
 			}
 		}
 		out[i] = e

@@ -28,7 +28,33 @@ type Config struct {
 	Gossip   discovery.Config `toml:"gossip"`
 	CA       ca.Config        `toml:"ca"`
 	Rules    rules.Config     `toml:"rules"`
+	DNS      DNSConfig        `toml:"dns"`
 	Services []ServiceConfig  `toml:"service"`
+}
+
+// DNSConfig is the [dns] section: names for services.
+type DNSConfig struct {
+	// Enabled runs the DNS server: <service>.<domain> answers the
+	// service's VIP, every other name is forwarded. Default true.
+	Enabled bool `toml:"enabled"`
+	// Capture redirects the host's DNS queries (udp and tcp port 53, to
+	// any server) to the agent, so apps resolve service names with no
+	// resolver change; removed with the other rules. Default true. Off:
+	// point systemd-resolved or resolv.conf at Listen (`vmesh check`
+	// prints the line).
+	Capture bool `toml:"capture"`
+	// Domain of service names, default "vmesh": web.vmesh.
+	Domain string `toml:"domain"`
+	// Listen is where the server answers (udp and tcp). Default
+	// 127.0.0.1:15053; with capture it must be on 127.0.0.1 (where the
+	// kernel redirects), and [::1] on the same port takes IPv6 queries.
+	Listen netip.AddrPort `toml:"listen"`
+	// Upstreams answer every name outside Domain. Default: the host's
+	// resolvers from /etc/resolv.conf (systemd-resolved's upstreams when
+	// it names only resolved's stub), re-read when it changes.
+	Upstreams []netip.AddrPort `toml:"upstreams"`
+	// TTL of answers, and of negative answers. Default 5s.
+	TTL time.Duration `toml:"ttl"`
 }
 
 // Section is the [node] section: the host itself.
@@ -130,6 +156,13 @@ func DefaultConfig() Config {
 		Gossip: discovery.DefaultConfig(),
 		CA:     ca.DefaultConfig(),
 		Rules:  rules.DefaultConfig(),
+		DNS: DNSConfig{
+			Enabled: true,
+			Capture: true,
+			Domain:  "vmesh",
+			Listen:  netip.MustParseAddrPort("127.0.0.1:15053"),
+			TTL:     5 * time.Second,
+		},
 	}
 }
 
@@ -187,6 +220,7 @@ func (c *Config) Validate() error {
 	errs.Merge("gossip", c.Gossip.Validate())
 	errs.Merge("ca", c.CA.Validate())
 	errs.Merge("rules", c.Rules.Validate())
+	c.DNS.validate(&errs)
 
 	names := map[string]int{}
 	for i := range c.Services {
@@ -234,6 +268,38 @@ func (c *Config) Validate() error {
 	return errs.Err()
 }
 
+var domainRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?)*$`)
+
+func (d *DNSConfig) validate(errs *field.List) {
+	if !domainRE.MatchString(d.Domain) {
+		errs.Add("dns.domain", "%q is not a DNS domain (lower-case labels, no leading or trailing dot), e.g. \"vmesh\"", d.Domain)
+	}
+	if !d.Listen.IsValid() || d.Listen.Port() == 0 {
+		errs.Add("dns.listen", "must be an address with a non-zero port, e.g. 127.0.0.1:15053")
+	} else if d.Enabled && d.Capture && d.Listen.Addr() != netip.AddrFrom4([4]byte{127, 0, 0, 1}) && !d.Listen.Addr().IsUnspecified() {
+		errs.Add("dns.listen", "with dns.capture the server must listen on 127.0.0.1 (where the kernel redirects queries), got %s", d.Listen)
+	}
+	for i, u := range d.Upstreams {
+		if !u.IsValid() || u.Port() == 0 {
+			errs.Add("dns.upstreams", "entry %d: must be an address with a port, e.g. \"198.18.0.53:53\"", i+1)
+		} else if u == d.Listen {
+			errs.Add("dns.upstreams", "entry %d: %s is vmesh's own DNS address", i+1, u)
+		}
+	}
+	if d.TTL < time.Second || d.TTL > time.Hour {
+		errs.Add("dns.ttl", "must be between 1s and 1h, got %s", d.TTL)
+	}
+}
+
+// DNSCapturePort is the port the rules redirect the host's DNS queries
+// to, or 0 when DNS is not captured.
+func (c *Config) DNSCapturePort() uint16 {
+	if !c.DNS.Enabled || !c.DNS.Capture || !c.Rules.Enabled {
+		return 0
+	}
+	return c.DNS.Listen.Port()
+}
+
 // validatePorts refuses two things on one port, and service ports that are
 // also skip ports (their traffic would silently bypass the mesh).
 func (c *Config) validatePorts(errs *field.List) {
@@ -253,6 +319,9 @@ func (c *Config) validatePorts(errs *field.List) {
 	claim("proxy.inbound_addr", c.Proxy.InboundAddr.Port())
 	claim("admin.addr", c.Admin.Addr.Port())
 	claim("gossip.bind_addr", c.Gossip.BindAddr.Port())
+	if c.DNS.Enabled {
+		claim("dns.listen", c.DNS.Listen.Port())
+	}
 	if c.CA.Role == ca.RoleServer {
 		claim("ca.listen_addr", c.CA.ListenAddr.Port())
 	}
@@ -282,6 +351,9 @@ func (c *Config) RulesState(uid uint32) rules.State {
 	// The CA port is vmesh's own on every host: a client's renewals must
 	// reach the CA host unproxied whatever uid the agent runs as.
 	own := []uint16{c.Admin.Addr.Port(), c.Gossip.BindAddr.Port(), c.CA.ListenAddr.Port()}
+	if c.DNS.Enabled {
+		own = append(own, c.DNS.Listen.Port())
+	}
 	var svc []uint16
 	for _, s := range c.Services {
 		svc = append(svc, s.Port)
@@ -292,5 +364,7 @@ func (c *Config) RulesState(uid uint32) rules.State {
 		OwnPorts:     own,
 		ServicePorts: svc,
 		VIPRanges:    []netip.Prefix{c.Proxy.VIPRange},
+		DNSPort:      c.DNSCapturePort(),
+		DNSv6:        true, // the agent serves on [::1] too
 	}, uid)
 }

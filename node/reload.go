@@ -72,6 +72,8 @@ func parts(cfg Config, levelVar bool) []part {
 		// The proxy's dialer marks its connections with rules.proxy_mark.
 		{"proxy", pick("proxy", "rules.proxy_mark", "ca.trust_domain")},
 		{"rules applier", pick("rules.enabled", "rules.ipv6", "rules.backend")},
+		// The DNS server's listeners, dialer (marked) and the capture rule.
+		{"DNS server", pick("dns", "rules.proxy_mark")},
 	}
 }
 

@@ -333,7 +333,7 @@ func newServicesCmd(cl *cli) *cobra.Command {
 		if cl.json() {
 			return printJSON(c.OutOrStdout(), entries)
 		}
-		type row struct{ svc, vip, node, addr, proto, health string }
+		type row struct{ svc, name, vip, node, addr, proto, health string }
 		var rows []row
 		for _, e := range entries {
 			for _, s := range e.Services {
@@ -349,7 +349,11 @@ func newServicesCmd(cl *cli) *cobra.Command {
 				if vip == "" {
 					vip = "-"
 				}
-				rows = append(rows, row{s.Name, vip, e.Node, addr, proto, string(s.Health)})
+				name := s.DNSName
+				if name == "" {
+					name = "-"
+				}
+				rows = append(rows, row{s.Name, name, vip, e.Node, addr, proto, string(s.Health)})
 			}
 		}
 		sort.Slice(rows, func(i, j int) bool {
@@ -359,9 +363,9 @@ func newServicesCmd(cl *cli) *cobra.Command {
 			return rows[i].node < rows[j].node
 		})
 		tw := tabwriter.NewWriter(c.OutOrStdout(), 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "SERVICE\tVIP\tNODE\tADDRESS\tPROTOCOL\tHEALTH")
+		fmt.Fprintln(tw, "SERVICE\tDNS NAME\tVIP\tNODE\tADDRESS\tPROTOCOL\tHEALTH")
 		for _, r := range rows {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.svc, r.vip, r.node, r.addr, r.proto, r.health)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.svc, r.name, r.vip, r.node, r.addr, r.proto, r.health)
 		}
 		return tw.Flush()
 	}
