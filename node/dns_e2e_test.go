@@ -48,20 +48,6 @@ func serveUpstreamDNS(t *testing.T, h *testbed.Host) {
 	t.Cleanup(func() { pc.Close(); ln.Close() })
 }
 
-// useResolver gives h's commands (run through `ip netns exec`, which
-// bind-mounts /etc/netns/<ns>/resolv.conf) the nameserver ns.
-func useResolver(t *testing.T, h *testbed.Host, ns string) {
-	t.Helper()
-	dir := filepath.Join("/etc/netns", h.NS)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.WriteFile(filepath.Join(dir, "resolv.conf"), []byte("nameserver "+ns+"\noptions timeout:2 attempts:1\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // TestServiceDNS: a client host resolves web.vmesh with no resolver change
 // (its resolv.conf names only the network's resolver): getent, dig over
 // udp and tcp, SRV, NXDOMAIN, and curl by name. Other names get the same
@@ -74,7 +60,9 @@ func TestServiceDNS(t *testing.T) {
 	cli := newMeshHost(t, bed.Hosts[2], "client")
 	serveUpstreamDNS(t, bed.Hosts[0])
 	for _, h := range bed.Hosts {
-		useResolver(t, h, bed.Hosts[0].Addr.String())
+		if err := h.SetResolver(bed.Hosts[0].Addr); err != nil {
+			t.Fatal(err)
+		}
 	}
 
 	keyFile := filepath.Join(caH.dir, "gossip.key")
@@ -147,6 +135,10 @@ port = 8080
 		if got := answers(strings.Fields(q)...); got != want {
 			t.Errorf("dig %s through the capture: %q, without it %q", q, got, want)
 		}
+	}
+	out, err := cli.Try(vmeshBin, "check", "-c", cli.cfg)
+	if err != nil || !strings.Contains(out, "√ dns capture:") || !strings.Contains(out, "√ dns names: web.vmesh is "+vip.String()) {
+		t.Errorf("vmesh check does not see DNS working: %v\n%s", err, out)
 	}
 	if n := cli.metric(t, "dns_queries_total", map[string]string{"result": "forwarded"}); n < 2 {
 		t.Errorf("the agent forwarded %v queries: the capture did not see them", n)

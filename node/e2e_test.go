@@ -283,7 +283,7 @@ allow = ["spiffe://e2e.test/svc/redis"]
 		out, err := cli.Try(vmeshBin, "services")
 		m, _ := cli.Try(vmeshBin, "members")
 		return err == nil && strings.Count(m, "alive") == 3 && strings.Contains(out, "web") &&
-			regexp.MustCompile(`redis\s+\S+\s+ca1\s+\S+\s+\S+( \(opaque\))?\s+passing`).MatchString(out)
+			regexp.MustCompile(`redis\s+redis\.vmesh\s+\S+\s+ca1\s+\S+\s+\S+( \(opaque\))?\s+passing`).MatchString(out)
 	})
 
 	t.Logf("step: %s", "HTTP through both proxies")

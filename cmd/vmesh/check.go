@@ -19,6 +19,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/miekg/dns"
 	"github.com/spf13/cobra"
 
 	"github.com/vmesh/vmesh/ca"
@@ -58,12 +59,17 @@ type checkEnv struct {
 	Listeners func(port uint16) []netip.AddrPort
 	// Skew measures the offset of the CA host's clock from ours.
 	Skew func(ctx context.Context, caURL string) (time.Duration, error)
+	// Resolver is where the host's apps send DNS queries.
+	Resolver func() netip.AddrPort
+	// Query asks a DNS server.
+	Query func(ctx context.Context, server netip.AddrPort, name string, qtype uint16) (*dns.Msg, error)
 }
 
 func hostCheckEnv(configPath, admin string) checkEnv {
 	return checkEnv{
 		ConfigPath: configPath, Admin: admin, Now: time.Now(),
 		Leftovers: leftoverRules, Dial: dialService, Listeners: tcpListeners, Skew: caClockSkew,
+		Resolver: hostResolver, Query: dnsQuery,
 	}
 }
 
@@ -75,7 +81,8 @@ func newCheckCmd(cl *cli) *cobra.Command {
 --admin, VMESH_ADMIN, the config's admin.addr), leftover iptables rules, each
 declared service (reachable where the proxy dials it, healthy, certificate
 granted), certificates and their expiry, the CA and the clock, gossip
-membership and keys, and listeners. Every check runs, whatever failed before;
+membership and keys, listeners, and DNS (a live query through the capture,
+or the resolver lines to add when capture is off). Every check runs, whatever failed before;
 each problem comes with a one-line fix.
 Exit code 0: the host works (warnings allowed); 1: something fails.`,
 		Args: noArgs,
@@ -185,6 +192,7 @@ func runChecks(ctx context.Context, env checkEnv) []checkResult {
 	checkServices(ctx, env, cfg, st, add)
 	if st != nil {
 		checkMesh(ctx, env, cfg, st, add)
+		checkDNS(ctx, env, cfg, st, add)
 	}
 	return out
 }

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/miekg/dns"
+
 	"github.com/vmesh/vmesh/ca"
 	"github.com/vmesh/vmesh/discovery"
 	"github.com/vmesh/vmesh/node"
@@ -61,7 +63,17 @@ func testEnv(path, admin string, now time.Time) checkEnv {
 		Dial:      func(context.Context, node.Config, netip.AddrPort) error { return nil },
 		Listeners: func(uint16) []netip.AddrPort { return nil },
 		Skew:      func(context.Context, string) (time.Duration, error) { return 0, nil },
+		Resolver:  func() netip.AddrPort { return netip.MustParseAddrPort("198.18.0.53:53") },
+		Query:     vmeshAnswers,
 	}
+}
+
+// vmeshAnswers answers as vmesh's DNS server does for the apex of "vmesh".
+func vmeshAnswers(_ context.Context, _ netip.AddrPort, name string, qtype uint16) (*dns.Msg, error) {
+	m := new(dns.Msg).SetQuestion(dns.Fqdn(name), qtype)
+	r := new(dns.Msg).SetReply(m)
+	r.Ns = append(r.Ns, &dns.SOA{Hdr: dns.RR_Header{Name: "vmesh.", Rrtype: dns.TypeSOA, Class: dns.ClassINET}, Ns: "ns.vmesh.", Mbox: "hostmaster.vmesh."})
+	return r, nil
 }
 
 const testConfig = `[gossip]
@@ -299,5 +311,45 @@ func TestCheckGossipKeyMissing(t *testing.T) {
 	results := runChecks(t.Context(), testEnv("", fakeAgent(t, st, cfg), now))
 	if r := find(results, "gossip"); r == nil || r.Status != "fail" || !strings.Contains(r.Detail, "encryption is not configured") || !strings.Contains(r.Fix, "gossip.key_file") {
 		t.Errorf("joining an encrypted cluster without a key: %+v", r)
+	}
+}
+
+// The DNS check asks the host's resolver as an app would: vmesh's answer
+// means the capture works; the upstream's own answer means it does not;
+// with capture off, the missing resolver line is named.
+func TestCheckDNS(t *testing.T) {
+	now := time.Now()
+	path := writeTestConfig(t, testConfig)
+	cfg, err := node.LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := healthyStatus(now, path)
+	st.Rules.Installed = true
+	upstream := func(_ context.Context, _ netip.AddrPort, name string, qtype uint16) (*dns.Msg, error) {
+		m := new(dns.Msg).SetQuestion(dns.Fqdn(name), qtype)
+		return new(dns.Msg).SetRcode(m, dns.RcodeNameError), nil
+	}
+
+	env := testEnv(path, fakeAgent(t, st, cfg), now)
+	if r := find(runChecks(context.Background(), env), "dns capture"); r == nil || r.Status != "ok" {
+		t.Errorf("capture answered by vmesh: %+v", r)
+	}
+	env.Query = upstream
+	if r := find(runChecks(context.Background(), env), "dns capture"); r == nil || r.Status != "fail" || !strings.Contains(r.Detail, "not captured") {
+		t.Errorf("capture bypassed: %+v", r)
+	}
+
+	cfg.DNS.Capture = false
+	env = testEnv(path, fakeAgent(t, st, cfg), now)
+	env.Query = func(ctx context.Context, server netip.AddrPort, name string, qtype uint16) (*dns.Msg, error) {
+		if server == cfg.DNS.Listen {
+			return vmeshAnswers(ctx, server, name, qtype)
+		}
+		return upstream(ctx, server, name, qtype)
+	}
+	r := find(runChecks(context.Background(), env), "dns")
+	if r == nil || r.Status != "warn" || !strings.Contains(r.Fix, "resolvectl domain lo ~vmesh") {
+		t.Errorf("capture off, resolver not pointed at vmesh: %+v", r)
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -125,8 +126,28 @@ func New(t testing.TB, n int) *Bed {
 		must("-n", h.NS, "addr", "add", netip.PrefixFrom(h.Addr, Subnet.Bits()).String(), "dev", "eth0")
 		must("-n", h.NS, "link", "set", "eth0", "up")
 		must("-n", h.NS, "link", "set", "lo", "up")
+		// The host's resolver, as a VM's would be, on its own network
+		// (nothing answers there unless a test serves it): commands run
+		// through `ip netns exec` see this resolv.conf, not the machine's.
+		if err := h.SetResolver(Resolver); err != nil {
+			t.Fatalf("testbed: %v", err)
+		}
 	}
 	return b
+}
+
+// Resolver is the address every host's resolv.conf names by default: the
+// last address of the bed's subnet, which no host has.
+var Resolver = netip.MustParseAddr("198.18.0.254")
+
+// SetResolver writes the host's resolv.conf (/etc/netns/<ns>/resolv.conf,
+// which `ip netns exec` bind-mounts over /etc/resolv.conf): nameserver ns.
+func (h *Host) SetResolver(ns netip.Addr) error {
+	dir := filepath.Join("/etc/netns", h.NS)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "resolv.conf"), []byte("nameserver "+ns.String()+"\noptions timeout:2 attempts:1\n"), 0o644)
 }
 
 // destroy removes the bed's processes, namespaces and links.
@@ -134,6 +155,7 @@ func (b *Bed) destroy() {
 	for _, h := range b.Hosts {
 		killNamespace(h.NS)
 		exec.Command("ip", "netns", "del", h.NS).Run()
+		os.RemoveAll(filepath.Join("/etc/netns", h.NS))
 	}
 	killNamespace(b.Switch)
 	exec.Command("ip", "netns", "del", b.Switch).Run()
@@ -162,6 +184,12 @@ func Sweep() {
 		if pid, ok := ownerPid(name); ok && !alive(pid) {
 			killNamespace(name)
 			exec.Command("ip", "netns", "del", name).Run()
+		}
+	}
+	dirs, _ := filepath.Glob(filepath.Join("/etc/netns", Prefix+"*"))
+	for _, d := range dirs {
+		if pid, ok := ownerPid(filepath.Base(d)); ok && !alive(pid) {
+			os.RemoveAll(d)
 		}
 	}
 }
