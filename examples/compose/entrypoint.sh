@@ -6,6 +6,8 @@
 #                      redis and the agent, then mints one-time join tokens for
 #                      the other hosts into /shared (VMESH_TOKENS).
 #   VMESH_ROLE=web     waits for its token and the key, starts nginx and the agent.
+#   VMESH_NODE=name    the host's node name, whose token it waits for (default:
+#                      the role; web2 is a second "web" host).
 #   VMESH_ROLE=client  waits for its token and the key, starts the agent.
 #   VMESH_MESH=off     starts only the apps (to compare with and without vmesh).
 #
@@ -20,6 +22,7 @@
 set -euo pipefail
 
 role=${VMESH_ROLE:-}
+node=${VMESH_NODE:-$role}
 mesh=${VMESH_MESH:-on}
 conf=/etc/vmesh/vmesh.toml
 shared=/shared
@@ -27,7 +30,7 @@ ready_file=/run/vmesh-example.ready
 wait_secs=${VMESH_WAIT_SECS:-120}
 admin=http://127.0.0.1:4191
 
-log() { echo "entrypoint[$role]: $*" >&2; }
+log() { echo "entrypoint[$node]: $*" >&2; }
 
 if [ "${1:-}" = health ]; then
   [ -e "$ready_file" ] || exit 1
@@ -166,11 +169,11 @@ if [ "$mesh" = on ]; then
       fi
       ;;
     *)
-      log "waiting for $shared/$role.token and the gossip key"
+      log "waiting for $shared/$node.token and the gossip key"
       wait_for "$shared/gossip.key"
-      wait_for "$shared/$role.token"
+      wait_for "$shared/$node.token"
       install_secret "$shared/gossip.key" /etc/vmesh/gossip.key
-      install_secret "$shared/$role.token" /etc/vmesh/token
+      install_secret "$shared/$node.token" /etc/vmesh/token
       ;;
   esac
   # A leftover from a crashed run would redirect into a dead proxy.

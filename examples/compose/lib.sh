@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export COMPOSE_PROJECT_NAME=vmesh-example
-services=(ca web client)
+services=(ca web web2 client)
 
 dc() { docker-compose --project-directory "$here" -f "$here/docker-compose.yml" "$@"; }
 

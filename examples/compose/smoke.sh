@@ -10,7 +10,13 @@
 #      capture on the network's bridge holds no plaintext marker of either
 #      (while an unmeshed request's marker is visible, proving the capture);
 #   5. authorization: web-admin (only spiffe://compose.example/node/ca) denies
-#      client and admits ca; web refuses a plaintext (unmeshed) client.
+#      client and admits ca; web refuses a plaintext (unmeshed) client;
+#   6. services by name: on client, web.vmesh resolves (getent: libc through
+#      Docker's resolver, captured by vmesh) to web's VIP, other names resolve
+#      as before, and curl http://web.vmesh/ works;
+#   7. balancing: 200 requests to web.vmesh spread over web and web2;
+#   8. failover: web2's container is killed (agent and nginx); within 5 s every
+#      request to web.vmesh succeeds again, answered by web.
 #
 # Every check runs (a failure does not stop the rest); exit 1 if any failed.
 # Needs tcpdump on this machine (it listens on the example's bridge vmesh-ex0).
@@ -61,7 +67,7 @@ members_alive() {
   local out n
   out=$(x "$1" vmesh members 2>&1) || { echo "$out"; return 1; }
   n=$(grep -cw alive <<<"$out")
-  [ "$n" -eq 3 ] || { echo "$out"; echo "($n alive, want 3)"; return 1; }
+  [ "$n" -eq ${#services[@]} ] || { echo "$out"; echo "($n alive, want ${#services[@]})"; return 1; }
 }
 for s in "${services[@]}"; do
   eventually "vmesh members on $s shows 3 alive" members_alive "$s"
@@ -73,6 +79,7 @@ services_passing() {
   for s in redis web web-admin; do
     grep -Eq "^$s +.* passing *$" <<<"$out" || { echo "$out"; echo "($s is not listed as passing)"; return 1; }
   done
+  [ "$(grep -Ec '^web +.* passing *$' <<<"$out")" -eq 2 ] || { echo "$out"; echo "(web is not passing on both web and web2)"; return 1; }
 }
 eventually "vmesh services on client lists redis, web, web-admin passing" services_passing
 
@@ -173,6 +180,54 @@ if [ -n "$tcpdump_pid" ]; then
   else
     fail "client talks to web's inbound proxy (4143)" "no packet $client_ip -> $web_ip:4143 in the capture"
   fi
+fi
+
+# 6. Services by name, with no resolver change in the container.
+web_vip=$(x client vmesh services -o json | jq -r '[.[].services[]? | select(.name == "web") | .vip][0] // empty')
+dns_ok() {
+  local out
+  out=$(x client getent hosts web.vmesh) || { echo "getent hosts web.vmesh failed"; return 1; }
+  [ "${out%% *}" = "$web_vip" ] || { echo "getent: $out (VIP $web_vip)"; return 1; }
+  out=$(x client getent hosts ca) || { echo "getent hosts ca (Docker's DNS) failed"; return 1; }
+  [ "${out%% *}" = "$ca_ip" ] || { echo "getent hosts ca: $out, want $ca_ip"; return 1; }
+}
+eventually "client resolves web.vmesh to its VIP ($web_vip) and other names as before" dns_ok
+by_name_ok() {
+  local body
+  body=$(x client curl -sS --max-time 5 http://web.vmesh/) && [ "$body" = "hello from web via nginx" ] || { echo "body: $body"; return 1; }
+}
+eventually "curl http://web.vmesh/ on client returns nginx's page" by_name_ok
+
+# 7. Balancing: one keep-alive connection, balanced per request.
+urls=(); for _ in $(seq 200); do urls+=(http://web.vmesh/whoami); done
+out=$(x client curl -sS --max-time 60 "${urls[@]}")
+n_web=$(grep -cx web <<<"$out") n_web2=$(grep -cx web2 <<<"$out")
+if [ $((n_web + n_web2)) -eq 200 ] && [ "$n_web" -ge 50 ] && [ "$n_web2" -ge 50 ]; then
+  ok "200 requests to web.vmesh spread: web $n_web, web2 $n_web2"
+else
+  fail "200 requests to web.vmesh spread over web and web2" "web $n_web, web2 $n_web2 (want both >= 50, all answered)"
+fi
+
+# 8. Failover: web2's host dies.
+dc kill -s KILL web2 >/dev/null 2>&1
+killed=$SECONDS
+all_web() {
+  local out
+  out=$(x client curl -sS --max-time 3 http://web.vmesh/whoami http://web.vmesh/whoami http://web.vmesh/whoami) || return 1
+  [ "$(grep -cx web <<<"$out")" -eq 3 ]
+}
+until all_web; do
+  [ $((SECONDS - killed)) -gt 10 ] && break
+  sleep 0.2
+done
+took=$((SECONDS - killed))
+urls=(); for _ in $(seq 50); do urls+=(http://web.vmesh/whoami); done
+out=$(x client curl -sS --max-time 30 "${urls[@]}" 2>&1)
+n=$(grep -cx web <<<"$out")
+if [ "$took" -le 5 ] && [ "$n" -eq 50 ]; then
+  ok "web2 killed: web.vmesh answered by web within ${took}s, then 50 of 50"
+else
+  fail "web2 killed: web.vmesh answered by web within 5 s" "after ${took}s; then $n of 50 from web: $out"
 fi
 
 echo "smoke: $passed passed, $failed failed"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# up.sh: build what is missing and start the three example hosts; returns once
-# all three are healthy (agents ready, tokens used), or fails with their logs.
+# up.sh: build what is missing and start the example hosts; returns once
+# all are healthy (agents ready, tokens used), or fails with their logs.
 #
 #   VMESH_BIN=path    use this vmesh binary instead of building bin/vmesh
 #   VMESH_MESH=off    start the apps without the agents (a baseline)
@@ -28,7 +28,7 @@ dc build -q 2>&1 | grep -v -e 'legacy builder is deprecated' -e 'BuildKit is cur
   -e 'Install the buildx component' -e 'docs.docker.com/go/buildx' -e '^ *$' -e 'DEPRECATED' >&2 || true
 docker image inspect vmesh-example:latest >/dev/null
 
-say "starting ca, web, client"
+say "starting ${services[*]}"
 dc up -d --no-build 2>&1 | sed "s/^/  /" >&2 || true
 
 deadline=$((SECONDS + ${VMESH_UP_WAIT:-120}))
