@@ -206,7 +206,7 @@ func (m *meshHost) natRules(t *testing.T) string {
 }
 
 // serveHTTP starts a Go HTTP server on the host, answering with its name.
-func serveHTTP(t *testing.T, h *testbed.Host, port int, body string) {
+func serveHTTP(t *testing.T, h *testbed.Host, port int, body string) *http.Server {
 	t.Helper()
 	var ln net.Listener
 	if err := h.Do(func() (err error) { ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port)); return err }); err != nil {
@@ -217,6 +217,7 @@ func serveHTTP(t *testing.T, h *testbed.Host, port int, body string) {
 	})}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
+	return srv
 }
 
 // TestAgentsEndToEnd is the three-host acceptance test: a CA host with

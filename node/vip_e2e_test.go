@@ -3,6 +3,8 @@ package node_test
 import (
 	"fmt"
 	"net"
+	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,7 +18,7 @@ import (
 
 // serveName starts a TCP server on the host that writes its name and
 // closes: a server-speaks-first (opaque) service.
-func serveName(t *testing.T, h *testbed.Host, port int, name string) {
+func serveName(t *testing.T, h *testbed.Host, port int, name string) net.Listener {
 	t.Helper()
 	var ln net.Listener
 	if err := h.Do(func() (err error) { ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port)); return err }); err != nil {
@@ -33,18 +35,31 @@ func serveName(t *testing.T, h *testbed.Host, port int, name string) {
 		}
 	}()
 	t.Cleanup(func() { ln.Close() })
+	return ln
 }
 
 // TestServiceVIP: two hosts serve web (HTTP) and kv (opaque); a client
 // calls them at their VIPs, with no address of either host. Requests and
 // connections spread over both, and when one backend host dies the
 // client's requests move to the other.
-func TestServiceVIP(t *testing.T) {
+// vipBed is a CA host, two hosts serving web (HTTP, :8080, answering
+// their name) and kv (opaque, :9000, writing their name), and a client
+// host, all with agents; web's endpoints are healthy on the client.
+type vipBed struct {
+	bed           *testbed.Bed
+	caH, w1, w2   *meshHost
+	cli           *meshHost
+	webApps       map[string]*http.Server
+	kvApps        map[string]net.Listener
+	webVIP, kvVIP netip.Addr
+}
+
+func newVIPBed(t *testing.T) *vipBed {
+	t.Helper()
 	bed := testbed.New(t, 4)
+	vb := &vipBed{bed: bed, webApps: map[string]*http.Server{}, kvApps: map[string]net.Listener{}}
 	caH := newMeshHost(t, bed.Hosts[0], "ca1")
-	w1 := newMeshHost(t, bed.Hosts[1], "web1")
-	w2 := newMeshHost(t, bed.Hosts[2], "web2")
-	cli := newMeshHost(t, bed.Hosts[3], "client")
+	vb.caH, vb.w1, vb.w2, vb.cli = caH, newMeshHost(t, bed.Hosts[1], "web1"), newMeshHost(t, bed.Hosts[2], "web2"), newMeshHost(t, bed.Hosts[3], "client")
 
 	keyFile := filepath.Join(caH.dir, "gossip.key")
 	key := strings.TrimSpace(caH.Run(t, vmeshBin, "keygen"))
@@ -55,9 +70,9 @@ func TestServiceVIP(t *testing.T) {
 	token := func(node, services string) string {
 		return strings.TrimSpace(caH.Run(t, vmeshBin, "token", "create", "--socket", caH.socket(), "--node", node, "--services", services))
 	}
-	for _, w := range []*meshHost{w1, w2} {
-		serveHTTP(t, w.Host, 8080, w.name+"\n")
-		serveName(t, w.Host, 9000, w.name)
+	for _, w := range []*meshHost{vb.w1, vb.w2} {
+		vb.webApps[w.name] = serveHTTP(t, w.Host, 8080, w.name+"\n")
+		vb.kvApps[w.name] = serveName(t, w.Host, 9000, w.name)
 		w.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n", token(w.name, "web,kv"))+`
 [[service]]
 name = "web"
@@ -74,17 +89,24 @@ protocol = "opaque"
 		addJoin(t, w.cfg, caH.Addr.String())
 		w.start(t)
 	}
+	cli := vb.cli
 	cli.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n", token("client", "")))
 	addJoin(t, cli.cfg, caH.Addr.String())
 	cli.start(t)
 
 	tab := names.NewTable(names.DefaultRange, []string{"web", "kv"})
-	webVIP, _ := tab.VIP("web")
-	kvVIP, _ := tab.VIP("kv")
+	vb.webVIP, _ = tab.VIP("web")
+	vb.kvVIP, _ = tab.VIP("kv")
 	cli.waitFor(t, "both web endpoints healthy", 30*time.Second, func() bool {
 		out, err := cli.Try(vmeshBin, "services")
 		return err == nil && strings.Count(out, "passing") >= 4
 	})
+	return vb
+}
+
+func TestServiceVIP(t *testing.T) {
+	vb := newVIPBed(t)
+	bed, w2, cli, webVIP, kvVIP := vb.bed, vb.w2, vb.cli, vb.webVIP, vb.kvVIP
 
 	// HTTP: 400 requests on one keep-alive connection, balanced per request.
 	url := fmt.Sprintf("http://%s:8080/", webVIP)

@@ -15,6 +15,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -341,4 +342,18 @@ func (b *Bed) Heal(t testing.TB, x, y *Host) {
 	t.Helper()
 	x.Run(t, "iptables", "-D", "INPUT", "-s", y.Addr.String(), "-j", "DROP", "-m", "comment", "--comment", "testbed-cut")
 	y.Run(t, "iptables", "-D", "INPUT", "-s", x.Addr.String(), "-j", "DROP", "-m", "comment", "--comment", "testbed-cut")
+}
+
+// DialContext dials from inside the host's namespace (the socket is made
+// there and stays there), for Go clients in the test process, e.g. as an
+// http.Transport's DialContext. Addresses must be IPs: names would be
+// resolved outside the namespace.
+func (h *Host) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := h.Do(func() (err error) {
+		var d net.Dialer
+		c, err = d.DialContext(ctx, network, addr)
+		return err
+	})
+	return c, err
 }

@@ -1,0 +1,154 @@
+package node_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// outcome is one request or connection of a load loop.
+type outcome struct {
+	at      time.Duration // since the loop started
+	backend string        // who answered; "" on failure
+	err     string
+}
+
+// loadLoop runs one call every interval until stop closes, each in its own
+// goroutine (an open-loop load: a slow answer does not slow the rate), and
+// returns every outcome once all calls returned.
+func loadLoop(interval time.Duration, stop <-chan struct{}, call func() (string, error)) []outcome {
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	var out []outcome
+	start := time.Now()
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-stop:
+			wg.Wait()
+			return out
+		case <-tick.C:
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			at := time.Since(start)
+			b, err := call()
+			o := outcome{at: at, backend: b}
+			if err != nil {
+				o.err = err.Error()
+			}
+			mu.Lock()
+			out = append(out, o)
+			mu.Unlock()
+		}()
+	}
+}
+
+// TestFailoverUnderLoad: a client app sends a steady 200 GET/s to web's VIP
+// and opens 20 connections/s to kv's VIP. The two backends share the
+// requests; then web2's host loses its agent and its apps (SIGKILL, the
+// apps' sockets closed: the host still answers with resets). Not one GET
+// fails (a request whose endpoint died is retried on the other before the
+// app sees anything), web1 answers everything within 5 s, and every kv
+// connection opened 5 s after the kill succeeds.
+func TestFailoverUnderLoad(t *testing.T) {
+	vb := newVIPBed(t)
+	cli := vb.cli
+	tr := &http.Transport{DialContext: cli.DialContext, MaxIdleConnsPerHost: 256, IdleConnTimeout: time.Minute}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 15 * time.Second}
+	url := fmt.Sprintf("http://%s:8080/", vb.webVIP)
+	get := func() (string, error) {
+		resp, err := client.Get(url)
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err == nil && resp.StatusCode != 200 {
+			err = fmt.Errorf("HTTP %d: %s", resp.StatusCode, strings.TrimSpace(string(b)))
+		}
+		return strings.TrimSpace(string(b)), err
+	}
+	kv := func() (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c, err := cli.DialContext(ctx, "tcp", fmt.Sprintf("%s:9000", vb.kvVIP))
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return "", fmt.Errorf("reading the backend's name: %w", err)
+		}
+		return strings.TrimSpace(line), nil
+	}
+
+	stop := make(chan struct{})
+	var gets, conns []outcome
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); gets = loadLoop(5*time.Millisecond, stop, get) }()
+	go func() { defer wg.Done(); conns = loadLoop(50*time.Millisecond, stop, kv) }()
+	time.Sleep(6 * time.Second) // the load's duration before the kill, not a wait for an event
+	killedAt := time.Now()
+	vb.w2.stop(t, syscall.SIGKILL)
+	vb.webApps["web2"].Close()
+	vb.kvApps["web2"].Close()
+	time.Sleep(9 * time.Second) // the load's duration after the kill
+	close(stop)
+	wg.Wait()
+	loadStart := killedAt.Add(-6 * time.Second)
+	kill := killedAt.Sub(loadStart)
+
+	count := func(os []outcome, from, to time.Duration) (n int, by map[string]int, fails []string) {
+		by = map[string]int{}
+		for _, o := range os {
+			if o.at < from || o.at >= to {
+				continue
+			}
+			n++
+			if o.err != "" {
+				fails = append(fails, fmt.Sprintf("%.2fs: %s", (o.at-kill).Seconds(), o.err))
+				continue
+			}
+			by[o.backend]++
+		}
+		return n, by, fails
+	}
+	n, by, fails := count(gets, time.Second, kill) // after the first second: pools warm
+	t.Logf("before the kill: %d GETs, %v, %d failed", n, by, len(fails))
+	if len(fails) > 0 || n < 800 {
+		t.Errorf("before the kill: %d GETs, %d failed: %v", n, len(fails), fails)
+	}
+	if share := float64(by["web1"]) / float64(n); share < 0.4 || share > 0.6 {
+		t.Errorf("before the kill web1 took %.0f%% of the GETs (%v); want 40-60%% at equal weights", 100*share, by)
+	}
+	n, by, fails = count(gets, kill, 1<<62)
+	t.Logf("after the kill: %d GETs, %v, %d failed", n, by, len(fails))
+	if len(fails) > 0 {
+		t.Errorf("%d of %d GETs failed after web2 died (retries should hide it): %v", len(fails), n, fails)
+	}
+	if _, by, _ := count(gets, kill+5*time.Second, 1<<62); by["web2"] > 0 {
+		t.Errorf("web2 answered %d GETs more than 5 s after it died", by["web2"])
+	}
+	n, by, fails = count(conns, kill+5*time.Second, 1<<62)
+	t.Logf("kv connections from 5 s after the kill: %d, %v, %d failed", n, by, len(fails))
+	if len(fails) > 0 || by["web1"] != n || n < 50 {
+		t.Errorf("kv connections opened 5 s after web2 died: %d, %v; failed: %v", n, by, fails)
+	}
+	_, _, early := count(conns, kill, kill+5*time.Second)
+	t.Logf("kv connections that failed in the first 5 s: %d", len(early))
+}
+
