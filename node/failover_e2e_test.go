@@ -151,4 +151,3 @@ func TestFailoverUnderLoad(t *testing.T) {
 	_, _, early := count(conns, kill, kill+5*time.Second)
 	t.Logf("kv connections that failed in the first 5 s: %d", len(early))
 }
-
