@@ -100,6 +100,18 @@ func (h *h1Conn) connectFailed(l *h1Leg, err error) {
 	h.p.reportError(slog.LevelWarn, h.r.dir, refuseDial, l.target.String(), "connecting to local service failed", "addr", l.target, "err", err)
 }
 
+// peerUnreached reports whether the current response is the peer proxy's
+// own error saying it could not reach its service (l5d-proxy-error
+// "connecting upstream failed", or 503: it had no way there): the app
+// never saw the request.
+func (h *h1Conn) peerUnreached() bool {
+	if h.resp.status == 503 {
+		return h.resp.fieldFold("l5d-proxy-error") != nil
+	}
+	v := h.resp.fieldFold("l5d-proxy-error")
+	return v != nil && bytes.HasPrefix(v, []byte("connecting"))
+}
+
 // peerAnswered reports, on the client host, an error answer the peer proxy
 // made itself (it carries l5d-proxy-error): a request denied by the peer's
 // policy, or a service it could not reach.

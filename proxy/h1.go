@@ -5,17 +5,19 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"github.com/vmesh/vmesh/balance"
 	"io"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vmesh/vmesh/balance"
 )
 
 // The lean HTTP/1 path. One goroutine per accepted connection reads a
@@ -318,9 +320,10 @@ type h1Leg struct {
 	peer    bool            // upstream is a peer proxy: mesh fields, HTTP/1.1
 	minor   int             // HTTP version to a local service
 	port    uint16          // to a peer: the target port
-	timeout time.Duration   // Config.RequestTimeout (outbound)
+	timeout time.Duration   // Config.RequestTimeout, or the service's or route's (outbound)
 	target  netip.AddrPort  // to a local service
 	choice  *balance.Choice // to a service VIP: the balancer's pick, released after the response
+	retryOn []int           // to a service VIP: response statuses its route retries
 }
 
 // leg decides where the current request goes; ok=false means it was
@@ -336,7 +339,8 @@ func (h *h1Conn) leg() (l h1Leg, ok, keep bool) {
 		if h.mc == nil {
 			h.mc = p.newH1Metrics(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
 		}
-		l = h1Leg{m: h.mc, pool: p.h1peers, peer: true, timeout: p.cfg.RequestTimeout}
+		l = h1Leg{m: h.mc, pool: p.h1peers, peer: true}
+		l.timeout, l.retryOn = p.policy(ep.Service).requestPolicy(req.method, req.target, p.cfg.RequestTimeout)
 		l.to(ep, choice, h.r)
 		return l, true, true
 	case routePeerHTTP:
@@ -383,13 +387,15 @@ func (l *h1Leg) to(ep Endpoint, choice *balance.Choice, r route) {
 }
 
 // nextEndpoint moves a balanced leg whose attempt failed before the app saw
-// anything to another endpoint. It reports false when the leg is not
-// balanced or every attempt is spent.
-func (h *h1Conn) nextEndpoint(l *h1Leg, tried *[]string, err error) bool {
+// anything to another endpoint, spending the service's retry budget. It
+// reports false when the leg is not balanced, every attempt is spent, no
+// endpoint is left or the budget is.
+func (h *h1Conn) nextEndpoint(l *h1Leg, tried *[]string, err error, reason string) bool {
 	if l.choice == nil {
 		return false
 	}
-	l.choice.Observe(0, err)
+	service := l.ep.Service
+	h.p.endpointDone(service, l.choice, 0, err)
 	l.choice.Release()
 	*tried = append(*tried, l.choice.Key)
 	l.choice = nil
@@ -400,7 +406,37 @@ func (h *h1Conn) nextEndpoint(l *h1Leg, tried *[]string, err error) bool {
 	if !ok {
 		return false
 	}
-	h.p.m.retries.WithLabelValues(dirOutbound, ep.Service, "http").Inc()
+	if !h.p.mayRetry(service, "http") {
+		choice.Release()
+		return false
+	}
+	h.p.m.retries.WithLabelValues(dirOutbound, service, "http", reason).Inc()
+	l.to(ep, choice, h.r)
+	return true
+}
+
+// retryStatus moves a balanced leg whose response has a status its route
+// retries to another endpoint, when one is left and the budget allows;
+// the caller then drops the response with its connection. sent is when
+// the request went out (the endpoint answered: a success for the
+// balancer).
+func (h *h1Conn) retryStatus(l *h1Leg, tried *[]string, sent time.Time) bool {
+	if l.choice == nil || len(*tried)+1 >= balancedAttempts || !slices.Contains(l.retryOn, h.resp.status) {
+		return false
+	}
+	service := l.ep.Service
+	ep, choice, ok := h.endpoint(append(*tried, l.choice.Key))
+	if !ok {
+		return false
+	}
+	if !h.p.mayRetry(service, "http") {
+		choice.Release()
+		return false
+	}
+	h.p.endpointDone(service, l.choice, time.Since(sent), nil)
+	l.choice.Release()
+	*tried = append(*tried, l.choice.Key)
+	h.p.m.retries.WithLabelValues(dirOutbound, service, "http", "status").Inc()
 	l.to(ep, choice, h.r)
 	return true
 }
@@ -478,7 +514,7 @@ func (h *h1Conn) exchange() bool {
 		uc, err = h.upstream(&l)
 		if err != nil {
 			h.connectFailed(&l, err) // errlog.go: counted and logged
-			if h.nextEndpoint(&l, &tried, err) {
+			if h.nextEndpoint(&l, &tried, err, "connect") {
 				h.reported = false
 				continue // nothing was sent: any request may go elsewhere
 			}
@@ -498,23 +534,31 @@ func (h *h1Conn) exchange() bool {
 				return false
 			}
 		}
-		if err == nil && l.choice != nil && (resp.status == 502 || resp.status == 503) && bodyDone == nil && req.replayable() {
-			// The peer proxy could not reach its service: another
-			// endpoint may (the response is dropped with its connection).
+		if err == nil && l.choice != nil && (resp.status == 502 || resp.status == 503) && bodyDone == nil &&
+			h.resp.fieldFold("l5d-proxy-error") != nil && req.replayable(h.peerUnreached()) {
+			// The peer proxy failed the request: it could not reach its
+			// service (the app never saw the request: any request may go
+			// again), or the app reset it (an idempotent one may). Another
+			// endpoint may do better. The response is dropped with its
+			// connection.
 			l.pool.drop(uc)
-			if h.nextEndpoint(&l, &tried, errPeerUnavailable) {
+			if h.nextEndpoint(&l, &tried, errPeerUnavailable, "peer_unavailable") {
 				continue
 			}
 			return h.failEarly(l, nil, 502, "every endpoint failed")
+		}
+		if err == nil && bodyDone == nil && req.replayable(true) && h.retryStatus(&l, &tried, sent) {
+			l.pool.drop(uc)
+			continue
 		}
 		if err == nil {
 			break
 		}
 		l.pool.drop(uc)
-		if bodyDone == nil && req.replayable() && !isTimeout(err) && h.nextEndpoint(&l, &tried, err) {
+		if bodyDone == nil && req.replayable(false) && !isTimeout(err) && h.nextEndpoint(&l, &tried, err, "reset") {
 			continue
 		}
-		if uc.reused && !retried && req.replayable() && isStale(err) {
+		if uc.reused && !retried && req.replayable(false) && isStale(err) {
 			// The pooled connection was closed under us before it
 			// answered: try a fresh one (as net/http does, only for a
 			// request without a body that is safe to send twice).
@@ -537,9 +581,17 @@ func (h *h1Conn) exchange() bool {
 		h.p.log.Debug("proxying request failed", "direction", h.r.dir, "err", err)
 		return h.failEarly(l, nil, 502, "proxying failed")
 	}
+	if req.held {
+		// The body was sent from the read buffer, kept for a retry.
+		req.held = false
+		if _, err := h.br.Discard(int(req.length)); err != nil {
+			l.pool.drop(uc)
+			return false
+		}
+	}
 	l.m.latency.Observe(float64(time.Since(start)) / float64(time.Millisecond))
 	if l.choice != nil {
-		l.choice.Observe(time.Since(sent), nil)
+		h.p.endpointDone(l.ep.Service, l.choice, time.Since(sent), nil)
 	}
 
 	if resp.status == 101 {
@@ -680,12 +732,15 @@ func (h *h1Conn) awaitBody(bodyDone chan error) error {
 // replayable reports whether the request may be sent again after a
 // connection failed under it: no body, and an idempotent method or an
 // idempotency key (net/http's rule).
-func (h *h1Head) replayable() bool {
-	if h.body != bodyNone {
-		return false
+func (h *h1Head) replayable(appUnseen bool) bool {
+	if h.body != bodyNone && !h.held {
+		return false // streamed: gone
+	}
+	if appUnseen {
+		return true // the app never saw it: any request may go again
 	}
 	switch string(h.method) {
-	case "GET", "HEAD", "OPTIONS", "TRACE":
+	case "GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE":
 		return true
 	}
 	for _, f := range h.fields {
@@ -795,11 +850,15 @@ func (h *h1Conn) sendRequest(uc *upConn, l *h1Leg) (chan error, error) {
 	case req.body == bodyNone:
 		return nil, bw.Flush()
 	case req.body == bodyLength && !req.expect100 && int64(h.br.Buffered()) >= req.length:
-		bc := &h.bc
-		*bc = bodyCopier{dst: bw, src: h.br}
-		if err := bc.copy(req.body, req.length, false); err != nil {
+		// The whole body is in the read buffer: send it from there and
+		// keep it until the response came, so that the request can be
+		// sent again (exchange discards it).
+		b, err := h.br.Peek(int(req.length))
+		if err != nil {
 			return nil, err
 		}
+		bw.Write(b)
+		req.held = true
 		return nil, bw.Flush()
 	}
 	// The body is still coming (or waits for 100 Continue): send the head

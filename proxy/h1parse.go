@@ -56,11 +56,14 @@ type h1Head struct {
 	body   bodyKind
 	length int64 // bodyLength: the Content-Length
 
-	hasLength  bool // a Content-Length field (kept on bodiless responses)
-	connClose  bool // Connection: close, or HTTP/1.0 without keep-alive
-	keepAlive  bool // Connection: keep-alive
-	upgrade    bool // Connection: upgrade with an Upgrade field
-	expect100  bool // Expect: 100-continue
+	hasLength bool // a Content-Length field (kept on bodiless responses)
+	connClose bool // Connection: close, or HTTP/1.0 without keep-alive
+	keepAlive bool // Connection: keep-alive
+	upgrade   bool // Connection: upgrade with an Upgrade field
+	expect100 bool // Expect: 100-continue
+	// held: the body was sent from the read buffer and is still there,
+	// so the request can be sent again (h1.go's exchange).
+	held       bool
 	teTrailers bool // TE: trailers
 	connTokens [][]byte
 	dstPort    []byte // Vmesh-Dst-Port
@@ -75,6 +78,7 @@ func (h *h1Head) reset() {
 	h.status, h.minor, h.length, h.hosts = 0, 0, 0, 0
 	h.body = bodyNone
 	h.hasLength, h.connClose, h.keepAlive, h.upgrade, h.expect100, h.teTrailers = false, false, false, false, false, false
+	h.held = false
 }
 
 // httpError is a message the proxy refuses: the status to answer with and
@@ -480,6 +484,17 @@ func (h *h1Head) hopByHop(f hfield) bool {
 func (h *h1Head) field(id fieldKind) []byte {
 	for _, f := range h.fields {
 		if fieldID(f.name) == id {
+			return f.value
+		}
+	}
+	return nil
+}
+
+// fieldFold returns the value of the first field named name (lower-case),
+// or nil.
+func (h *h1Head) fieldFold(name string) []byte {
+	for _, f := range h.fields {
+		if asciiEqualFold(f.name, name) {
 			return f.value
 		}
 	}

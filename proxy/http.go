@@ -97,11 +97,11 @@ func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connI
 			return
 		}
 		start := time.Now()
-		defer func() { choice.Observe(time.Since(start), nil); choice.Release() }()
+		defer func() { p.endpointDone(ep.Service, choice, time.Since(start), nil); choice.Release() }()
 		port = strconv.Itoa(int(ep.Addr.Port()))
 	}
 	labels := connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue}
-	if d := p.cfg.RequestTimeout; d > 0 {
+	if d, _ := p.policy(ep.Service).requestPolicy([]byte(r.Method), []byte(r.URL.Path), p.cfg.RequestTimeout); d > 0 {
 		ctx, cancel := context.WithTimeout(r.Context(), d)
 		defer cancel()
 		r = r.WithContext(ctx)

@@ -56,8 +56,12 @@ type metrics struct {
 	refused      *prometheus.CounterVec
 	rejected     *prometheus.CounterVec
 	retries      *prometheus.CounterVec // balanced attempts moved to another endpoint
-	errors       *prometheus.CounterVec // errlog.go
-	tap          tapHub                 // tap.go
+	// The retry budget and the balanced endpoints (balance.go).
+	budgetExhausted  *prometheus.CounterVec
+	endpointRequests *prometheus.CounterVec
+	endpointLatency  *prometheus.HistogramVec
+	errors           *prometheus.CounterVec // errlog.go
+	tap              tapHub                 // tap.go
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -111,8 +115,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "http_rejected_total", Help: "HTTP/1 requests refused as malformed or ambiguous (request smuggling shapes, oversized heads).",
 		}, []string{"direction", "reason"}),
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "balancer_retries_total", Help: "Connections (tcp) and requests (http) to a service VIP moved to another endpoint after the first failed before the app saw anything.",
-		}, []string{"direction", "service", "protocol"}),
+			Name: "balancer_retries_total", Help: "Connections (tcp) and requests (http) to a service VIP moved to another endpoint after the first failed before the app saw anything (or answered a status its route retries), by reason.",
+		}, []string{"direction", "service", "protocol", "reason"}),
+		budgetExhausted: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "retry_budget_exhausted_total", Help: "Retries not made because the service's retry budget (20 % of requests plus 10/s) was spent.",
+		}, []string{"service", "protocol"}),
+		endpointRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "endpoint_requests_total", Help: "Requests (http) and connections (tcp) to a service VIP, by the endpoint (node) that took them, its traffic-split subset and the outcome.",
+		}, []string{"service", "endpoint", "subset", "result"}),
+		endpointLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "endpoint_response_latency_ms", Help: "Latency the balancer measured per endpoint of a service VIP (HTTP: to the response head), in milliseconds.",
+			Buckets: latencyBuckets,
+		}, []string{"service", "endpoint"}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "proxy_errors_total", Help: "Failures a user would notice (denials, refusals, detection timeouts, connect failures, 502s, refusals by the peer), by reason.",
 		}, []string{"direction", "reason"}),
@@ -123,6 +137,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, c := range []prometheus.Collector{
 		m.requests, m.responses, m.latency, m.tcpOpen, m.tcpClose, m.tcpOpenConns,
 		m.tcpRead, m.tcpWrite, m.httpAllow, m.httpDeny, m.tcpAllow, m.tcpDeny, m.audit, m.refused, m.rejected, m.retries, m.errors,
+		m.budgetExhausted, m.endpointRequests, m.endpointLatency,
 	} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

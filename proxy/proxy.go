@@ -63,11 +63,12 @@ type Proxy struct {
 	svcs     atomic.Pointer[services]
 
 	serverTLS *tls.Config
-	h1        *http.Server  // the base configuration of h2
-	h2        *http2.Server // serves h2 (from apps and from peer proxies)
-	pool      *peerPool     // HTTP/2 transports to peer proxies
-	muxes     *muxPool      // mux sessions to peer proxies (opaque streams)
-	balancers sync.Map      // service name -> *svcBalancer (balance.go)
+	h1        *http.Server             // the base configuration of h2
+	h2        *http2.Server            // serves h2 (from apps and from peer proxies)
+	pool      *peerPool                // HTTP/2 transports to peer proxies
+	muxes     *muxPool                 // mux sessions to peer proxies (opaque streams)
+	balancers sync.Map                 // service name -> *svcBalancer (balance.go)
+	policies  atomic.Pointer[policies] // client policies by service (clientpolicy.go)
 	local     *localTransports
 
 	// The lean HTTP/1 path (h1.go): keep-alive connections to peer proxies
