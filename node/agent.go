@@ -588,6 +588,7 @@ func (a *Agent) buildProxy(cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("starting the proxy: %w", err)
 	}
+	p.SetPolicies(servicePolicies(cfg))
 	a.prx = p
 	return nil
 }

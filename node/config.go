@@ -30,6 +30,10 @@ type Config struct {
 	Rules    rules.Config     `toml:"rules"`
 	DNS      DNSConfig        `toml:"dns"`
 	Services []ServiceConfig  `toml:"service"`
+	// Routes and Splits are this host's policies for calling services
+	// (routes.go).
+	Routes []RouteConfig `toml:"route"`
+	Splits []SplitConfig `toml:"split"`
 }
 
 // DNSConfig is the [dns] section: names for services.
@@ -221,6 +225,7 @@ func (c *Config) Validate() error {
 	errs.Merge("ca", c.CA.Validate())
 	errs.Merge("rules", c.Rules.Validate())
 	c.DNS.validate(&errs)
+	c.validateRoutes(&errs)
 
 	names := map[string]int{}
 	for i := range c.Services {

@@ -107,6 +107,19 @@ func TestBadConfig(t *testing.T) {
 		{"bad node name", "[node]\nname = \"Web 1\"\n", "node.name", 2, "not a valid name"},
 		{"client identity not a service", "[proxy]\nclient_identity = \"web\"\n", "proxy.client_identity", 2, "not one of this host's services"},
 		{"syntax", "[node\nname = \"a\"\n", "", 2, "to end table name"},
+		{"dns domain", "[dns]\ndomain = \"Bad..x\"\n", "dns.domain", 2, "not a DNS domain"},
+		{"dns integer ttl", "[dns]\nttl = 5\n", "dns.ttl", 2, "must be a string with a unit"},
+		{"dns listen with capture", "[dns]\nlisten = \"127.0.0.53:53\"\n", "dns.listen", 2, "must listen on 127.0.0.1"},
+		{"dns unknown key", "[dns]\ncapure = false\n", "dns.capure", 2, `did you mean "dns.capture"`},
+		{"route status", "[[route]]\nservice = \"web\"\nretry_statuses = [700]\n", "route[1].retry_statuses", 3, "not an HTTP status"},
+		{"route duplicate", "[[route]]\nservice = \"web\"\n[[route]]\nservice = \"web\"\n", "route[2].service", 4, "already has route[1]"},
+		{"route match prefix", "[[route]]\nservice = \"web\"\n[[route.match]]\npath_prefix = \"/a\"\n[[route]]\nservice = \"api\"\n[[route.match]]\npath_prefix = \"/b\"\n[[route.match]]\npath_prefix = \"c\"\n",
+			"route[2].match[2].path_prefix", 10, "must start with"},
+		{"route match method", "[[route]]\nservice = \"web\"\n[[route.match]]\nmethod = \"get\"\npath_prefix = \"/\"\n", "route[1].match[1].method", 4, "not an HTTP method"},
+		{"route unknown key", "[[route]]\nservice = \"web\"\ntimeuot = \"1s\"\n", "route.timeuot", 3, `did you mean "route.timeout"`},
+		{"split weight", "[[split]]\nservice = \"web\"\n[[split.subset]]\nlabels = { version = \"v1\" }\nweight = 1001\n", "split[1].subset[1].weight", 5, "0-1000"},
+		{"split labels", "[[split]]\nservice = \"web\"\n[[split.subset]]\nweight = 1\n", "split[1].subset[1].labels", 3, "is required"},
+		{"split without subsets", "[[split]]\nservice = \"web\"\n", "split[1]", 1, "at least one"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -46,28 +46,30 @@ func ParseConfig(data []byte) (Config, error) {
 	failed := map[string]bool{}
 	sections := map[string]any{
 		"node": &cfg.Node, "admin": &cfg.Admin, "proxy": &cfg.Proxy,
-		"gossip": &cfg.Gossip, "ca": &cfg.CA, "rules": &cfg.Rules,
+		"gossip": &cfg.Gossip, "ca": &cfg.CA, "rules": &cfg.Rules, "dns": &cfg.DNS,
 	}
+	arrays := map[string]any{"service": &cfg.Services, "route": &cfg.Routes, "split": &cfg.Splits}
 	for name, prim := range top {
-		if name == "service" {
+		if dst, ok := arrays[name]; ok {
 			var elems []toml.Primitive
 			if err := md.PrimitiveDecode(prim, &elems); err != nil {
-				errs = append(errs, decodeError(err, "service"))
+				errs = append(errs, decodeError(err, name))
 				continue
 			}
-			cfg.Services = make([]ServiceConfig, len(elems))
+			slice := reflect.ValueOf(dst).Elem()
+			slice.Set(reflect.MakeSlice(slice.Type(), len(elems), len(elems)))
 			for i, e := range elems {
-				if err := md.PrimitiveDecode(e, &cfg.Services[i]); err != nil {
+				if err := md.PrimitiveDecode(e, slice.Index(i).Addr().Interface()); err != nil {
 					fe := decodeError(err, "")
-					fe.Key = fmt.Sprintf("service[%d].%s", i+1, strings.TrimPrefix(fe.Key, "service."))
+					fe.Key = fmt.Sprintf("%s[%d].%s", name, i+1, strings.TrimPrefix(fe.Key, name+"."))
 					// The decoder names the line of the key's last
-					// occurrence in any [[service]] table; find this
-					// element's own.
+					// occurrence in any such table; find this element's
+					// own.
 					if n := lines.lookup(fe.Key); n > 0 {
 						fe.Line = n
 					}
 					errs = append(errs, fe)
-					failed[fmt.Sprintf("service[%d]", i+1)] = true
+					failed[fmt.Sprintf("%s[%d]", name, i+1)] = true
 				}
 			}
 			continue
@@ -179,7 +181,22 @@ type keyLines map[string]int
 func locateKeys(text string) keyLines {
 	out := keyLines{}
 	table := ""
-	arrays := map[string]int{}
+	counts := map[string]int{}    // expanded array path ("route[2].match") -> elements so far
+	latest := map[string]string{} // plain array path ("route.match") -> its latest element ("route[2].match[1]")
+	// expand names a plain path by the latest elements of the arrays on
+	// it: "route.match.x" -> "route[2].match[1].x".
+	expand := func(name string) string {
+		best := ""
+		for arr := range latest {
+			if (name == arr || strings.HasPrefix(name, arr+".")) && len(arr) > len(best) {
+				best = arr
+			}
+		}
+		if best == "" {
+			return name
+		}
+		return latest[best] + strings.TrimPrefix(name, best)
+	}
 	for i, raw := range strings.Split(text, "\n") {
 		ln := strings.TrimSpace(raw)
 		switch {
@@ -187,19 +204,18 @@ func locateKeys(text string) keyLines {
 			continue
 		case strings.HasPrefix(ln, "[["):
 			name := strings.TrimSpace(strings.Trim(strings.SplitN(ln, "]]", 2)[0], "["))
-			arrays[name]++
-			table = fmt.Sprintf("%s[%d]", name, arrays[name])
+			full := name
+			if dot := strings.LastIndexByte(name, '.'); dot > 0 {
+				full = expand(name[:dot]) + name[dot:]
+			}
+			counts[full]++
+			table = fmt.Sprintf("%s[%d]", full, counts[full])
+			latest[name] = table
 			out[table] = i + 1
 			continue
 		case ln[0] == '[':
-			name := strings.TrimSpace(strings.Trim(strings.SplitN(ln, "]", 2)[0], "["))
-			// A sub-table of the latest array element: [service.health].
-			table = name
-			for arr, n := range arrays {
-				if strings.HasPrefix(name, arr+".") {
-					table = fmt.Sprintf("%s[%d]%s", arr, n, strings.TrimPrefix(name, arr))
-				}
-			}
+			// A table, or a sub-table of an array element: [service.health].
+			table = expand(strings.TrimSpace(strings.Trim(strings.SplitN(ln, "]", 2)[0], "[")))
 			out[table] = i + 1
 			continue
 		}

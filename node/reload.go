@@ -20,6 +20,7 @@ import (
 // applier, the admin listeners, the log handler) cannot take a new value:
 // any change there is refused by key, and the running configuration stays.
 // Everything else is applied: services (certificates, catalog, proxy),
+// [[route]] and [[split]] (the proxy's client policies),
 // the iptables rule set, node.log_level, node.drain_timeout and
 // rules.on_stop (read when they are used).
 //
@@ -108,7 +109,7 @@ func flatten(cfg Config) map[string]any {
 	t := v.Type()
 	for i := 0; i < t.NumField(); i++ {
 		name := strings.Split(t.Field(i).Tag.Get("toml"), ",")[0]
-		if name == "" || name == "service" {
+		if name == "" || name == "service" || name == "route" || name == "split" {
 			continue
 		}
 		flattenInto(out, name, v.Field(i))
@@ -171,6 +172,7 @@ func (a *Agent) Reload(ctx context.Context) error {
 		if err := a.prx.SetServices(proxyServices(next)); err != nil {
 			return fmt.Errorf("reload: proxy services: %w", err)
 		}
+		a.prx.SetPolicies(servicePolicies(next))
 	}
 	if a.disc != nil {
 		if err := a.disc.SetLocal(discoveryServices(next)); err != nil {
