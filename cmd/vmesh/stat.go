@@ -25,7 +25,9 @@ func newStatCmd(cl *cli) *cobra.Command {
 		Long: `Stat scrapes the local agent's /metrics twice, WINDOW apart, and shows for each
 direction and service the success rate, requests per second and p50/p95/p99
 latency of HTTP traffic in that window, the responses by status code, and
-open TCP connections.`,
+open TCP connections; then, for services called by their VIP, each endpoint
+with its traffic-split subset, its share of the requests, its success rate and
+the latency the balancer measured.`,
 		Args: noArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if window <= 0 {
@@ -47,10 +49,14 @@ open TCP connections.`,
 				return err
 			}
 			rows := goldenStats(before, after, window)
+			eps := endpointStats(before, after, window)
 			if cl.json() {
-				out := make([]statJSON, len(rows))
+				out := statReport{Services: make([]statJSON, len(rows)), Endpoints: make([]endpointJSON, len(eps))}
 				for i, r := range rows {
-					out[i] = r.json(window)
+					out.Services[i] = r.json(window)
+				}
+				for i, e := range eps {
+					out.Endpoints[i] = e.json(window)
 				}
 				return printJSON(c.OutOrStdout(), out)
 			}
@@ -59,6 +65,16 @@ open TCP connections.`,
 			for _, r := range rows {
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%.1f\t%s\t%s\t%s\t%.0f\t%s\n", r.direction, r.service,
 					pct(r.success), r.rps, ms(r.p50), ms(r.p95), ms(r.p99), r.tcpConns, statusSummary(r.byStatus))
+			}
+			if len(eps) > 0 {
+				fmt.Fprintln(tw, "\nSERVICE (VIP)\tSUBSET\tENDPOINT\tSHARE\tRPS\tSUCCESS\tP50_MS")
+				for _, e := range eps {
+					sub := e.subset
+					if sub == "" {
+						sub = "-"
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.1f\t%s\t%s\n", e.service, sub, e.endpoint, pct(e.share), e.rps, pct(e.success), ms(e.p50))
+				}
 			}
 			return tw.Flush()
 		},
@@ -112,6 +128,25 @@ type statJSON struct {
 	P99       *float64           `json:"p99_ms"`
 	TCPConns  float64            `json:"tcp_open_connections"`
 	ByStatus  map[string]float64 `json:"responses_by_status"`
+}
+
+// statReport is `vmesh stat -o json`: the golden metrics per direction and
+// service, and per endpoint of the services called by VIP (with their
+// traffic-split subset).
+type statReport struct {
+	Services  []statJSON     `json:"services"`
+	Endpoints []endpointJSON `json:"endpoints"`
+}
+
+func (e endpointRow) json(window time.Duration) endpointJSON {
+	num := func(f float64) *float64 {
+		if math.IsNaN(f) {
+			return nil
+		}
+		return &f
+	}
+	return endpointJSON{Service: e.service, Subset: e.subset, Endpoint: e.endpoint, Window: window.String(),
+		RPS: e.rps, Share: e.share, Success: num(e.success), P50: num(e.p50)}
 }
 
 func (r statRow) json(window time.Duration) statJSON {
@@ -311,4 +346,94 @@ func ms(f float64) string {
 		return "-"
 	}
 	return strings.TrimSuffix(strings.TrimRight(fmt.Sprintf("%.2f", f), "0"), ".")
+}
+
+// endpointRow is one endpoint of a service called through its VIP, in
+// the window: its traffic-split subset, requests (connections for TCP)
+// per second, its share of the service's, the success rate and the
+// balancer's measured p50.
+type endpointRow struct {
+	service, subset, endpoint string
+	rps, share, success, p50  float64
+}
+
+// endpointJSON is one endpoint row of `vmesh stat -o json`.
+type endpointJSON struct {
+	Service  string   `json:"service"`
+	Subset   string   `json:"subset,omitempty"`
+	Endpoint string   `json:"endpoint"`
+	Window   string   `json:"window"`
+	RPS      float64  `json:"rps"`
+	Share    float64  `json:"share"`
+	Success  *float64 `json:"success_rate"`
+	P50      *float64 `json:"p50_ms"`
+}
+
+// endpointStats turns endpoint_requests_total and
+// endpoint_response_latency_ms into rows, by service, subset, endpoint.
+func endpointStats(before, after map[string]*dto.MetricFamily, window time.Duration) []endpointRow {
+	type key struct{ service, subset, endpoint string }
+	count := func(mf map[string]*dto.MetricFamily) (all, ok map[key]float64) {
+		all, ok = map[key]float64{}, map[key]float64{}
+		for _, m := range mf["endpoint_requests_total"].GetMetric() {
+			l := labelsOf(m)
+			k := key{l["service"], l["subset"], l["endpoint"]}
+			all[k] += m.GetCounter().GetValue()
+			if l["result"] == "success" {
+				ok[k] += m.GetCounter().GetValue()
+			}
+		}
+		return all, ok
+	}
+	lat := func(mf map[string]*dto.MetricFamily) map[[2]string]map[float64]float64 {
+		out := map[[2]string]map[float64]float64{}
+		for _, m := range mf["endpoint_response_latency_ms"].GetMetric() {
+			l := labelsOf(m)
+			k := [2]string{l["service"], l["endpoint"]}
+			if out[k] == nil {
+				out[k] = map[float64]float64{}
+			}
+			for _, b := range m.GetHistogram().GetBucket() {
+				out[k][b.GetUpperBound()] += float64(b.GetCumulativeCount())
+			}
+			out[k][math.Inf(1)] = float64(m.GetHistogram().GetSampleCount())
+		}
+		return out
+	}
+	allA, okA := count(after)
+	allB, okB := count(before)
+	latA, latB := lat(after), lat(before)
+	perService := map[string]float64{}
+	for k, n := range allA {
+		perService[k.service] += n - allB[k]
+	}
+	var rows []endpointRow
+	for k, n := range allA {
+		d := n - allB[k]
+		r := endpointRow{service: k.service, subset: k.subset, endpoint: k.endpoint, rps: d / window.Seconds(), success: math.NaN()}
+		if d > 0 {
+			r.success = (okA[k] - okB[k]) / d
+		}
+		if t := perService[k.service]; t > 0 {
+			r.share = d / t
+		}
+		delta := map[float64]float64{}
+		lk := [2]string{k.service, k.endpoint}
+		for ub, c := range latA[lk] {
+			delta[ub] = c - latB[lk][ub]
+		}
+		r.p50 = quantile(delta, 0.5)
+		rows = append(rows, r)
+	}
+	sort.Slice(rows, func(i, j int) bool {
+		a, b := rows[i], rows[j]
+		if a.service != b.service {
+			return a.service < b.service
+		}
+		if a.subset != b.subset {
+			return a.subset < b.subset
+		}
+		return a.endpoint < b.endpoint
+	})
+	return rows
 }

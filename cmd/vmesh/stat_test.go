@@ -75,3 +75,41 @@ func TestGoStyleFlags(t *testing.T) {
 		t.Fatalf("got %q, want %q", got, want)
 	}
 }
+
+// Endpoint rows: a 90/10 split shows each subset's share of the window's
+// requests, its success rate and its measured p50.
+func TestEndpointStats(t *testing.T) {
+	b, _ := parseMetrics(strings.NewReader(`
+# TYPE endpoint_requests_total counter
+endpoint_requests_total{service="web",endpoint="web1",subset="stable",result="success"} 10
+`))
+	a, err := parseMetrics(strings.NewReader(`
+# TYPE endpoint_requests_total counter
+endpoint_requests_total{service="web",endpoint="web1",subset="stable",result="success"} 190
+endpoint_requests_total{service="web",endpoint="web2",subset="canary",result="success"} 18
+endpoint_requests_total{service="web",endpoint="web2",subset="canary",result="failure"} 2
+# TYPE endpoint_response_latency_ms histogram
+endpoint_response_latency_ms_bucket{service="web",endpoint="web2",le="1"} 0
+endpoint_response_latency_ms_bucket{service="web",endpoint="web2",le="10"} 18
+endpoint_response_latency_ms_bucket{service="web",endpoint="web2",le="+Inf"} 18
+endpoint_response_latency_ms_sum{service="web",endpoint="web2"} 90
+endpoint_response_latency_ms_count{service="web",endpoint="web2"} 18
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := endpointStats(b, a, 2*time.Second)
+	if len(rows) != 2 || rows[0].subset != "canary" || rows[1].subset != "stable" {
+		t.Fatalf("rows = %+v", rows)
+	}
+	canary, stable := rows[0], rows[1]
+	if stable.rps != 90 || math.Abs(stable.share-0.9) > 1e-9 || stable.success != 1 {
+		t.Errorf("stable = %+v", stable)
+	}
+	if canary.rps != 10 || math.Abs(canary.share-0.1) > 1e-9 || canary.success != 0.9 || canary.p50 < 1 || canary.p50 > 10 {
+		t.Errorf("canary = %+v", canary)
+	}
+	if j := canary.json(2 * time.Second); j.Subset != "canary" || j.Endpoint != "web2" || *j.Success != 0.9 {
+		t.Errorf("json = %+v", j)
+	}
+}
