@@ -3,9 +3,12 @@ package node_test
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptrace"
+	"os"
 	"strings"
 	"sync"
 	"syscall"
@@ -150,4 +153,132 @@ func TestFailoverUnderLoad(t *testing.T) {
 	}
 	_, _, early := count(conns, kill, kill+5*time.Second)
 	t.Logf("kv connections that failed in the first 5 s: %d", len(early))
+}
+
+// TestSplitAndLatency: web1 (labels version=v1) and web2 (v2) serve web.
+// With web2 made 20 ms slower, the latency-aware balancer sends it less
+// than a quarter of 1000 requests. Then a 90/10 split is added to the
+// client's config by reload, with a keep-alive connection open across it:
+// the connection goes on, 1000 requests split 90/10 (±5 %), and `vmesh
+// stat` shows both subsets.
+func TestSplitAndLatency(t *testing.T) {
+	vb := newVIPBed(t)
+	cli := vb.cli
+	tr := &http.Transport{DialContext: cli.DialContext, MaxConnsPerHost: 4, MaxIdleConnsPerHost: 4}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	url := fmt.Sprintf("http://%s:8080/", vb.webVIP)
+	run := func(n int) map[string]int {
+		t.Helper()
+		var mu sync.Mutex
+		got := map[string]int{}
+		var wg sync.WaitGroup
+		work := make(chan struct{})
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for range work {
+					resp, err := client.Get(url)
+					name := "error"
+					if err == nil {
+						b, _ := io.ReadAll(resp.Body)
+						resp.Body.Close()
+						name = strings.TrimSpace(string(b))
+					}
+					mu.Lock()
+					got[name]++
+					mu.Unlock()
+				}
+			}()
+		}
+		for range n {
+			work <- struct{}{}
+		}
+		close(work)
+		wg.Wait()
+		return got
+	}
+
+	vb.webDelay["web2"].Store(int64(20 * time.Millisecond))
+	run(100) // the balancer learns the latencies
+	got := run(1000)
+	t.Logf("web2 20 ms slower: %v", got)
+	if got["web1"]+got["web2"] != 1000 || got["web2"] >= 250 {
+		t.Errorf("with web2 20 ms slower, 1000 requests went %v; want web2 under a quarter", got)
+	}
+	vb.webDelay["web2"].Store(0)
+
+	// One connection open across the reload.
+	held := &http.Client{Transport: &http.Transport{DialContext: cli.DialContext, MaxConnsPerHost: 1}, Timeout: 10 * time.Second}
+	conns := 0
+	trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) {
+		if !i.Reused {
+			conns++
+		}
+	}}
+	heldGet := func() error {
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", url, nil)
+		resp, err := held.Do(req)
+		if err != nil {
+			return err
+		}
+		io.Copy(io.Discard, resp.Body)
+		return resp.Body.Close()
+	}
+	if err := heldGet(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(cli.cfg, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString(`
+[[split]]
+service = "web"
+[[split.subset]]
+name = "stable"
+labels = { version = "v1" }
+weight = 90
+[[split.subset]]
+name = "canary"
+labels = { version = "v2" }
+weight = 10
+`)
+	f.Close()
+	cli.Run(t, vmeshBin, "reload", "--socket", cli.socket())
+	if err := heldGet(); err != nil || conns != 1 {
+		t.Errorf("the keep-alive connection across the reload: %v, %d connections (want 1)", err, conns)
+	}
+
+	statOut := make(chan string, 1)
+	go func() {
+		out, err := cli.Try(vmeshBin, "stat", "-o", "json", "--window", "2s")
+		if err != nil {
+			out = err.Error()
+		}
+		statOut <- out
+	}()
+	got = run(1000)
+	t.Logf("90/10 split: %v", got)
+	if got["web1"]+got["web2"] != 1000 || got["web1"] < 850 || got["web1"] > 950 {
+		t.Errorf("1000 requests with a 90/10 split went %v; want web1 90 %% ±5", got)
+	}
+	var report struct {
+		Endpoints []struct {
+			Subset, Endpoint string
+			Share            float64
+		}
+	}
+	out := <-statOut
+	if err := json.Unmarshal([]byte(out), &report); err != nil {
+		t.Fatalf("vmesh stat -o json: %v\n%s", err, out)
+	}
+	subsets := map[string]string{}
+	for _, e := range report.Endpoints {
+		subsets[e.Subset] = e.Endpoint
+	}
+	if subsets["stable"] != "web1" || subsets["canary"] != "web2" {
+		t.Errorf("vmesh stat's endpoints: %s", out)
+	}
 }

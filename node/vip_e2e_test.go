@@ -2,12 +2,14 @@ package node_test
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -42,6 +44,24 @@ func serveName(t *testing.T, h *testbed.Host, port int, name string) net.Listene
 // calls them at their VIPs, with no address of either host. Requests and
 // connections spread over both, and when one backend host dies the
 // client's requests move to the other.
+// serveDelayed is serveHTTP with an adjustable delay before each answer.
+func serveDelayed(t *testing.T, h *testbed.Host, port int, body string, delay *atomic.Int64) *http.Server {
+	t.Helper()
+	var ln net.Listener
+	if err := h.Do(func() (err error) { ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port)); return err }); err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if d := delay.Load(); d > 0 {
+			time.Sleep(time.Duration(d))
+		}
+		io.WriteString(w, body)
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return srv
+}
+
 // vipBed is a CA host, two hosts serving web (HTTP, :8080, answering
 // their name) and kv (opaque, :9000, writing their name), and a client
 // host, all with agents; web's endpoints are healthy on the client.
@@ -50,6 +70,7 @@ type vipBed struct {
 	caH, w1, w2   *meshHost
 	cli           *meshHost
 	webApps       map[string]*http.Server
+	webDelay      map[string]*atomic.Int64 // added to each web answer, in ns
 	kvApps        map[string]net.Listener
 	webVIP, kvVIP netip.Addr
 }
@@ -57,7 +78,7 @@ type vipBed struct {
 func newVIPBed(t *testing.T) *vipBed {
 	t.Helper()
 	bed := testbed.New(t, 4)
-	vb := &vipBed{bed: bed, webApps: map[string]*http.Server{}, kvApps: map[string]net.Listener{}}
+	vb := &vipBed{bed: bed, webApps: map[string]*http.Server{}, webDelay: map[string]*atomic.Int64{}, kvApps: map[string]net.Listener{}}
 	caH := newMeshHost(t, bed.Hosts[0], "ca1")
 	vb.caH, vb.w1, vb.w2, vb.cli = caH, newMeshHost(t, bed.Hosts[1], "web1"), newMeshHost(t, bed.Hosts[2], "web2"), newMeshHost(t, bed.Hosts[3], "client")
 
@@ -70,13 +91,15 @@ func newVIPBed(t *testing.T) *vipBed {
 	token := func(node, services string) string {
 		return strings.TrimSpace(caH.Run(t, vmeshBin, "token", "create", "--socket", caH.socket(), "--node", node, "--services", services))
 	}
-	for _, w := range []*meshHost{vb.w1, vb.w2} {
-		vb.webApps[w.name] = serveHTTP(t, w.Host, 8080, w.name+"\n")
+	for i, w := range []*meshHost{vb.w1, vb.w2} {
+		vb.webDelay[w.name] = new(atomic.Int64)
+		vb.webApps[w.name] = serveDelayed(t, w.Host, 8080, w.name+"\n", vb.webDelay[w.name])
 		vb.kvApps[w.name] = serveName(t, w.Host, 9000, w.name)
-		w.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n", token(w.name, "web,kv"))+`
+		w.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n", token(w.name, "web,kv"))+fmt.Sprintf(`
 [[service]]
 name = "web"
 port = 8080
+labels = { version = "v%d" }
 [service.health]
 type = "tcp"
 interval = "500ms"
@@ -85,7 +108,7 @@ timeout = "400ms"
 name = "kv"
 port = 9000
 protocol = "opaque"
-`)
+`, i+1))
 		addJoin(t, w.cfg, caH.Addr.String())
 		w.start(t)
 	}
