@@ -71,6 +71,9 @@ type DNSOptions struct {
 	Logger  *slog.Logger
 	// Stats, when set, counts queries.
 	Stats *DNSStats
+	// ListenPacket and Listen bind the server's sockets; nil: net's.
+	ListenPacket func(network, addr string) (net.PacketConn, error)
+	Listen       func(network, addr string) (net.Listener, error)
 }
 
 // DNSStats counts what the server did.
@@ -140,12 +143,19 @@ func NewDNSServer(opts DNSOptions) *DNSServer {
 // Listen binds udp and tcp on addr (port 0: the port udp got) and returns
 // the address bound. Call it for each address to serve.
 func (s *DNSServer) Listen(addr netip.AddrPort) (netip.AddrPort, error) {
-	pc, err := net.ListenPacket("udp", addr.String())
+	listenPacket, listen := s.opts.ListenPacket, s.opts.Listen
+	if listenPacket == nil {
+		listenPacket = net.ListenPacket
+	}
+	if listen == nil {
+		listen = net.Listen
+	}
+	pc, err := listenPacket("udp", addr.String())
 	if err != nil {
 		return addr, fmt.Errorf("dns: listening on udp %s: %w", addr, err)
 	}
 	addr = pc.LocalAddr().(*net.UDPAddr).AddrPort()
-	ln, err := net.Listen("tcp", addr.String())
+	ln, err := listen("tcp", addr.String())
 	if err != nil {
 		pc.Close()
 		return addr, fmt.Errorf("dns: listening on tcp %s: %w", addr, err)

@@ -74,6 +74,7 @@ type Agent struct {
 	disc     *discovery.Discovery
 	prx      *proxy.Proxy
 	dns      *names.DNSServer
+	fds      *fdStore // listening sockets kept across restarts (fdstore.go)
 	applier  *rules.Applier
 	verifier *ca.Verifier // the proxy's: revocations go to it
 	ruleset  *rules.Ruleset
@@ -163,6 +164,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.advAddr = adv
+	a.fds = newFDStore(a.sub("systemd"))
 	if err := a.startAPIs(cfg); err != nil {
 		a.Close()
 		return err
@@ -183,6 +185,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return a.finish(g, cancelRun, err)
 	}
 	a.everReady.Store(true)
+	a.fds.Release() // sockets of a previous configuration nothing took
 	// Start-up (CA, certificates, first rules) leaves garbage behind: give
 	// its pages back now rather than at the runtime's leisure, and let the
 	// kernel reclaim the executable's pages start-up touched, so an idle
@@ -225,6 +228,12 @@ func (a *Agent) start(gctx, serveCtx context.Context, g *errgroup.Group, cfg Con
 	}
 	if err := a.prx.Listen(); err != nil {
 		return fmt.Errorf("binding proxy listeners: %w", err)
+	}
+	if a.fds.Resumed() {
+		// A restart: the rules already send connections to the kept
+		// sockets, and some wait there. Serve them once the catalog knows
+		// the mesh again, or they would be refused as unknown.
+		a.waitCatalog(gctx, 5*time.Second)
 	}
 	g.Go(func() error { return a.prx.Serve(serveCtx) })
 	g.Go(func() error { a.applyRevocations(gctx, a.verifier, cfg.CA.TrustDomain); return nil })
@@ -295,7 +304,22 @@ func (a *Agent) shutdown() {
 	cfg := a.config()
 	a.opts.Notify(daemon.SdNotifyStopping)
 	a.ready.set("shutting down")
-	if a.disc != nil {
+	// Under systemd with the sockets in its store, the rules are left to
+	// ExecStopPost (`vmesh agent --cleanup`, run as root): it sees whether
+	// systemd is restarting the agent (keep them: connections queue at the
+	// kept sockets, none goes out unproxied) or stopping it (remove them).
+	// The agent itself can ask systemd only as root or with D-Bus; when it
+	// learns of a restart it also stays in the cluster (it is back in
+	// seconds).
+	deferRules := a.fds != nil && a.fds.Stored() && a.everReady.Load() && os.Getenv("INVOCATION_ID") != ""
+	restart := false
+	if deferRules {
+		var err error
+		restart, err = restartJob(context.Background())
+		a.log.Info("stopping under systemd: the rules stay until ExecStopPost (vmesh agent --cleanup) removes them, or for the next agent on a restart",
+			"restart", restart, "why_unknown", err)
+	}
+	if a.disc != nil && !restart {
 		if err := a.disc.Leave(2 * time.Second); err != nil {
 			a.log.Warn("leaving the cluster", "err", err)
 		}
@@ -309,7 +333,7 @@ func (a *Agent) shutdown() {
 	}
 	// A run that never became ready removes its rules whatever on_stop
 	// says: they would point at a proxy that never served.
-	if a.applier != nil && (cfg.Rules.OnStop == "remove" || !a.everReady.Load()) {
+	if a.applier != nil && !deferRules && (cfg.Rules.OnStop == "remove" || !a.everReady.Load()) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if err := a.applier.Uninstall(ctx); err != nil {
 			a.log.Error("removing iptables rules", "err", err)
@@ -429,7 +453,7 @@ func openDB(path string) (db *bolt.DB, err error) {
 }
 
 func (a *Agent) startAPIs(cfg Config) error {
-	ln, err := net.Listen("tcp", cfg.Admin.Addr.String())
+	ln, err := a.fds.listener("admin", "tcp", cfg.Admin.Addr.String())
 	if err != nil {
 		return fmt.Errorf("binding admin API: %w", err)
 	}
@@ -579,6 +603,7 @@ func (a *Agent) buildProxy(cfg Config) error {
 	p, err := proxy.New(cfg.Proxy, proxy.Options{
 		VerifyPeer: verifier.Verify,
 		Dialer:     proxy.MarkDialer(cfg.Rules.ProxyMark, cfg.Proxy.ConnectTimeout),
+		Listen:     a.fds.listener,
 		Catalog:    a.catalog(cfg),
 		Identity:   a.caClient,
 		Services:   proxyServices(cfg),
@@ -649,6 +674,49 @@ func (a *Agent) applyRevocations(ctx context.Context, verifier *ca.Verifier, td 
 		case <-ctx.Done():
 			return
 		case <-changed:
+		}
+	}
+}
+
+// waitCatalog waits until every live member's catalog entry arrived (at
+// least one member besides this host), or for at most max.
+func (a *Agent) waitCatalog(ctx context.Context, max time.Duration) {
+	start := time.Now()
+	ch, unsub := a.disc.Subscribe()
+	defer unsub()
+	timer := time.NewTimer(max)
+	defer timer.Stop()
+	cfg := a.config()
+	self := cfg.NodeName()
+	for {
+		// The catalog snapshot (what the proxy resolves with), not the
+		// member list: entries reach the snapshot a moment later.
+		have := map[string]bool{}
+		for _, e := range a.disc.Catalog() {
+			have[e.Node] = true
+		}
+		others, missing := 0, 0
+		for _, m := range a.disc.Members() {
+			if m.Name == self || m.State != "alive" {
+				continue
+			}
+			others++
+			if !have[m.Name] {
+				missing++
+			}
+		}
+		if others > 0 && missing == 0 {
+			a.log.Info("catalog restored after the restart", "members", others, "took", time.Since(start).Round(time.Millisecond))
+			return
+		}
+		select {
+		case <-ch:
+		case <-time.After(50 * time.Millisecond):
+		case <-timer.C:
+			a.log.Warn("serving before the catalog is complete", "members", others, "without_entry", missing, "waited", max)
+			return
+		case <-ctx.Done():
+			return
 		}
 	}
 }

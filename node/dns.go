@@ -2,6 +2,7 @@ package node
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 
@@ -28,6 +29,12 @@ func (a *Agent) buildDNS(cfg Config) error {
 		Catalog:   dnsCatalog{a.catalog(cfg)},
 		Logger:    a.sub("dns"),
 		Stats:     stats,
+		ListenPacket: func(network, addr string) (net.PacketConn, error) {
+			return a.fds.packetConn(dnsSocketName(addr, "u"), network, addr)
+		},
+		Listen: func(network, addr string) (net.Listener, error) {
+			return a.fds.listener(dnsSocketName(addr, "t"), network, addr)
+		},
 	})
 	self := []netip.AddrPort{cfg.DNS.Listen}
 	if _, err := srv.Listen(cfg.DNS.Listen); err != nil {
@@ -57,6 +64,14 @@ func (a *Agent) buildDNS(cfg Config) error {
 		}, func() float64 { return float64(c()) }))
 	}
 	return nil
+}
+
+// dnsSocketName names a DNS socket in systemd's store: dns4u, dns6t, ...
+func dnsSocketName(addr, kind string) string {
+	if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Is6() && !ap.Addr().Is4In6() {
+		return "dns6" + kind
+	}
+	return "dns4" + kind
 }
 
 // dnsCatalog answers the DNS server's questions from the catalog.

@@ -44,6 +44,7 @@ type pinger struct {
 	last time.Time // last successful round trip
 	err  error     // how it ended
 	done chan struct{}
+	conn net.Conn
 }
 
 func startPinger(t *testing.T, h *testbed.Host, to string) *pinger {
@@ -53,7 +54,7 @@ func startPinger(t *testing.T, h *testbed.Host, to string) *pinger {
 		t.Fatalf("dialing %s from %s: %v", to, h.Name, err)
 	}
 	t.Cleanup(func() { c.Close() })
-	p := &pinger{done: make(chan struct{})}
+	p := &pinger{done: make(chan struct{}), conn: c}
 	go func() {
 		defer close(p.done)
 		r := bufio.NewReader(c)

@@ -63,7 +63,8 @@ func serveDelayed(t *testing.T, h *testbed.Host, port int, body string, delay *a
 }
 
 // vipBed is a CA host, two hosts serving web (HTTP, :8080, answering
-// their name) and kv (opaque, :9000, writing their name), and a client
+// their name), kv (opaque, :9000, writing their name) and echo (opaque,
+// :9100, echoing lines), and a client
 // host, all with agents; web's endpoints are healthy on the client.
 type vipBed struct {
 	bed           *testbed.Bed
@@ -95,7 +96,8 @@ func newVIPBed(t *testing.T) *vipBed {
 		vb.webDelay[w.name] = new(atomic.Int64)
 		vb.webApps[w.name] = serveDelayed(t, w.Host, 8080, w.name+"\n", vb.webDelay[w.name])
 		vb.kvApps[w.name] = serveName(t, w.Host, 9000, w.name)
-		w.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n", token(w.name, "web,kv"))+fmt.Sprintf(`
+		echoServer(t, w.Host, 9100)
+		w.writeConfig(t, keyFile, fmt.Sprintf("token = %q\n", token(w.name, "web,kv,echo"))+fmt.Sprintf(`
 [[service]]
 name = "web"
 port = 8080
@@ -107,6 +109,10 @@ timeout = "400ms"
 [[service]]
 name = "kv"
 port = 9000
+protocol = "opaque"
+[[service]]
+name = "echo"
+port = 9100
 protocol = "opaque"
 `, i+1))
 		addJoin(t, w.cfg, caH.Addr.String())

@@ -44,6 +44,10 @@ type Options struct {
 	Dialer Dialer
 	// Logger is the proxy's logger. Optional: nil discards.
 	Logger *slog.Logger
+	// Listen binds the proxy's listeners by name ("outbound",
+	// "outbound6", "inbound"); nil binds them with net.Listen. The agent
+	// passes listeners kept across a restart (systemd's fd store).
+	Listen func(name, network, addr string) (net.Listener, error)
 	// Registerer receives the proxy's metrics. Optional: nil registers
 	// nothing (metrics are still counted).
 	Registerer prometheus.Registerer
@@ -200,12 +204,15 @@ func (p *Proxy) Listen() error {
 	if p.outLn != nil {
 		return nil
 	}
-	var lc net.ListenConfig
-	out, err := lc.Listen(context.Background(), "tcp", p.cfg.OutboundAddr.String())
+	listen := p.opts.Listen
+	if listen == nil {
+		listen = func(_, network, addr string) (net.Listener, error) { return net.Listen(network, addr) }
+	}
+	out, err := listen("outbound", "tcp", p.cfg.OutboundAddr.String())
 	if err != nil {
 		return fmt.Errorf("listening for outbound connections: %w", err)
 	}
-	in, err := lc.Listen(context.Background(), "tcp", p.cfg.InboundAddr.String())
+	in, err := listen("inbound", "tcp", p.cfg.InboundAddr.String())
 	if err != nil {
 		out.Close()
 		return fmt.Errorf("listening for inbound connections: %w", err)
@@ -215,7 +222,7 @@ func (p *Proxy) Listen() error {
 	// port: listen there too, or they would be refused. A host without IPv6
 	// loopback has no IPv6 connections to redirect.
 	if p.cfg.OutboundAddr.Addr() == netip.AddrFrom4([4]byte{127, 0, 0, 1}) {
-		if out6, err := lc.Listen(context.Background(), "tcp6", netip.AddrPortFrom(netip.IPv6Loopback(), p.cfg.OutboundAddr.Port()).String()); err == nil {
+		if out6, err := listen("outbound6", "tcp6", netip.AddrPortFrom(netip.IPv6Loopback(), p.cfg.OutboundAddr.Port()).String()); err == nil {
 			p.outLn6 = out6
 		} else {
 			p.log.Debug("no IPv6 outbound listener", "err", err)

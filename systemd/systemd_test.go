@@ -156,7 +156,7 @@ func TestUnitContract(t *testing.T) {
 		"Group":                   {"vmesh"},
 		"ExecStart":               {"/usr/local/bin/vmesh agent --config /etc/vmesh/vmesh.toml"},
 		"ExecReload":              {"/bin/kill -HUP $MAINPID"},
-		"ExecStopPost":            {"/usr/local/bin/vmesh agent --cleanup --config /etc/vmesh/vmesh.toml"},
+		"ExecStopPost":            {"+/usr/local/bin/vmesh agent --cleanup --config /etc/vmesh/vmesh.toml"},
 		"Restart":                 {"on-failure"},
 		"CapabilityBoundingSet":   {"CAP_NET_ADMIN"},
 		"AmbientCapabilities":     {"CAP_NET_ADMIN"},

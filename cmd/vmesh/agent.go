@@ -105,6 +105,13 @@ func runCleanup(ctx context.Context, path string, explicit, force bool) error {
 		fmt.Fprintln(os.Stderr, `vmesh: rules.on_stop = "keep": leaving the rules in place (fail closed); --force removes them`)
 		return nil
 	}
+	if !force && node.RestartPending(ctx) {
+		// The next agent starts at once and takes the kept sockets; if it
+		// fails before it is ready, it removes the rules itself, and this
+		// command runs again after it.
+		fmt.Fprintln(os.Stderr, "vmesh: systemd is restarting vmesh: leaving the rules in place for the next agent")
+		return nil
+	}
 	opts := cfg.Rules.ApplierOptions()
 	opts.Logger = cliLogger()
 	a, err := rules.NewApplier(opts)
