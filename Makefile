@@ -43,8 +43,9 @@ fuzz:
 	  $(GO) test -tags $(TAGS) -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) $$pkg; \
 	done
 
-# test: what CI runs. The compose example needs root and a Docker engine.
-test: lint unit fuzz compose-test
+# test: what CI runs. The compose example and the systemd container test
+# need root and a Docker engine.
+test: lint unit fuzz compose-test systemd-test
 
 # bench: the benchmark harness (bench/, ~16 minutes on 2 cores, as root):
 # vmesh vs direct vs HAProxy on test-bed hosts (issues 13 and 14's rows:
@@ -66,6 +67,11 @@ clean:
 # compose-test: the three-host docker-compose example end to end (build, up,
 # smoke, down; down runs whatever happens). Needs root, docker, docker-compose
 # 1.29, debootstrap and tcpdump; see examples/compose/README.md.
-.PHONY: compose-test
+.PHONY: compose-test systemd-test
+# systemd-test: vmesh.service under a real systemd (PID 1 of a container):
+# start, sandbox, reload, SIGKILL, restart (rules and sockets kept), stop.
+systemd-test:
+	systemd/container-test.sh all
+
 compose-test:
 	@cd examples/compose && trap './down.sh' EXIT && ./up.sh && ./smoke.sh

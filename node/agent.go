@@ -709,6 +709,9 @@ func (a *Agent) waitCatalog(ctx context.Context, max time.Duration) {
 			a.log.Info("catalog restored after the restart", "members", others, "took", time.Since(start).Round(time.Millisecond))
 			return
 		}
+		if others == 0 && time.Since(start) > time.Second {
+			return // alone: nothing to wait for
+		}
 		select {
 		case <-ch:
 		case <-time.After(50 * time.Millisecond):

@@ -6,7 +6,8 @@
 #          them in place of the agent);
 #   agent  Type=notify start (active only once READY), CapEff = CAP_NET_ADMIN
 #          only, rules installed, /ready; reload keeps the PID; SIGKILL ->
-#          restarted by Restart=on-failure with rules back; stop -> no rules.
+#          restarted by Restart=on-failure with rules back; restart keeps the
+#          rules and the listening sockets (fd store); stop -> no rules.
 # Mount-namespace sandboxing is not applied inside a container (see
 # systemd-analyze security in systemd_test.go for that).
 #
@@ -85,6 +86,7 @@ name = "vm1"
 drain_timeout = "1s"
 [gossip]
 advertise_addr = "198.18.11.2"
+insecure = true
 [ca]
 role = "server"
 trust_domain = "sdtest.example"
@@ -124,6 +126,20 @@ EOF
   done
   if [ "$np" != 0 ] && [ "$np" != "$pid" ] && [ "$(vmesh_rules)" -gt 0 ]; then ok "agent: restarted after SIGKILL (PID $np), rules back"
   else fail "agent: no restart after SIGKILL"; x journalctl -u vmesh --no-pager | tail -20; fi
+
+  # systemctl restart: the rules never leave the nat table and the kept
+  # admin socket answers throughout (connections queue while the agent
+  # restarts); the next agent says it took the kept sockets.
+  n=$(vmesh_rules)
+  x bash -c 'for i in $(seq 60); do iptables-save -t nat | grep -c vmesh/ || true; sleep 0.05; done' >/tmp/sdtest-rules &
+  x bash -c 'for i in $(seq 40); do curl -s -o /dev/null -w "%{http_code}\n" --max-time 10 http://127.0.0.1:4191/live; sleep 0.05; done' >/tmp/sdtest-live &
+  sleep 0.3
+  x timeout 60 systemctl restart vmesh
+  wait
+  if [ "$(sort -u /tmp/sdtest-rules)" = "$n" ] && [ "$(sort -u /tmp/sdtest-live)" = 200 ] &&
+    x journalctl -u vmesh --no-pager | grep -c 'listening on a socket kept across the restart' >/dev/null; then
+    ok "agent: restart kept the rules ($n) and the sockets (admin answered 40 of 40)"
+  else fail "agent: restart: rule counts $(sort -u /tmp/sdtest-rules | tr '\n' ' '), /live $(sort /tmp/sdtest-live | uniq -c | tr '\n' ' ')"; fi
 
   x timeout 60 systemctl stop vmesh || true
   if [ "$(vmesh_rules)" -eq 0 ]; then ok "agent: stop removed every rule"; else fail "agent: rules left after stop"; fi
