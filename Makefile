@@ -64,14 +64,14 @@ bench:
 clean:
 	rm -rf bin
 
-# compose-test: the three-host docker-compose example end to end (build, up,
-# smoke, down; down runs whatever happens). Needs root, docker, docker-compose
-# 1.29, debootstrap and tcpdump; see examples/compose/README.md.
 .PHONY: compose-test systemd-test
 # systemd-test: vmesh.service under a real systemd (PID 1 of a container):
 # start, sandbox, reload, SIGKILL, restart (rules and sockets kept), stop.
 systemd-test:
 	systemd/container-test.sh all
 
+# compose-test: the four-host docker-compose example end to end (build, up,
+# smoke, down; down runs whatever happens). Needs root, docker, docker-compose
+# 1.29, debootstrap and tcpdump; see examples/compose/README.md.
 compose-test:
 	@cd examples/compose && trap './down.sh' EXIT && ./up.sh && ./smoke.sh
