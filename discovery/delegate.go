@@ -60,7 +60,7 @@ func (g *delegate) NotifyMsg(buf []byte) {
 		node := msg.node
 		d.enqueue(func() { d.sendTo(node, d.selfState()) })
 	case msgCert:
-		d.acceptCert(msg.chain)
+		d.acceptCert(msg.chain, true)
 	case msgCertReq:
 		node, id := msg.node, msg.cert
 		d.mu.Lock()
@@ -173,7 +173,7 @@ func (g *delegate) mergeState(msg message) {
 		}
 		switch m.typ {
 		case msgCert:
-			d.acceptCert(m.chain)
+			d.acceptCert(m.chain, false)
 			continue
 		case msgRevoke:
 			d.acceptRevocation(m.blob, false)

@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"time"
 )
@@ -50,6 +51,12 @@ const (
 	maxCerts        = 2 * maxEntries // verified certificates kept
 	maxPending      = 1024           // entries waiting for their certificate
 	certPullBackoff = 2 * time.Second
+	// certPullDelay is the least time an entry waits for its certificate
+	// to come by gossip before this host asks the owner (up to twice it).
+	certPullDelay = 500 * time.Millisecond
+	// maxCertBroadcast bounds a certificate gossiped whole: what fits a
+	// gossip packet with memberlist's framing.
+	maxCertBroadcast = 1300
 )
 
 // heldCert is a verified signing certificate.
@@ -91,6 +98,13 @@ func (d *Discovery) signLocked(payload []byte) []byte {
 	id := idOf(chain[0])
 	if id != d.selfCertID || d.selfCert == nil {
 		d.selfCertID, d.selfCert = id, encodeCert(chain)
+		// Gossip the new certificate along with the entry it signs, so
+		// that peers need not each ask this host for it (at 500 hosts
+		// joining at once that was 250,000 requests). A chain too large
+		// for a gossip packet is pulled as before.
+		if len(d.selfCert) <= maxCertBroadcast {
+			d.queue.QueueBroadcast(&broadcast{node: d.name + "\x00cert", msg: d.selfCert})
+		}
 		// Known verified, so that this host can check entries of its own
 		// that come back to it.
 		if d.verifier != nil {
@@ -224,13 +238,27 @@ func (d *Discovery) awaitCertLocked(msg message, raw []byte, rebroadcast bool) {
 	}
 	d.certPullAt[msg.cert] = time.Now()
 	d.log.Debug("catalog entry waits for its signing certificate", "node", node, "version", msg.entry.Version)
-	req := encodeCertRequest(d.name, msg.cert)
-	d.enqueue(func() { d.sendTo(node, req) })
+	// The certificate usually follows by gossip (its owner broadcasts it
+	// with its first entry): ask the owner only if it has not come after
+	// a jittered moment, so that a cluster forming at once does not ask
+	// every owner at once.
+	id := msg.cert
+	req := encodeCertRequest(d.name, id)
+	time.AfterFunc(certPullDelay+rand.N(certPullDelay), func() {
+		d.mu.Lock()
+		p := d.pending[node]
+		waiting := p != nil && p.msg.cert == id
+		d.mu.Unlock()
+		if waiting {
+			d.enqueue(func() { d.sendTo(node, req) })
+		}
+	})
 }
 
 // acceptCert verifies a signing certificate and merges the entries that
-// waited for it.
-func (d *Discovery) acceptCert(chain [][]byte) {
+// waited for it; one new to this host that came by gossip is passed on
+// (relay), as entries are.
+func (d *Discovery) acceptCert(chain [][]byte, relay bool) {
 	if d.verifier == nil || len(chain) == 0 {
 		return
 	}
@@ -252,11 +280,15 @@ func (d *Discovery) acceptCert(chain [][]byte) {
 		if len(d.certs) >= maxCerts {
 			d.pruneCertsLocked()
 		}
+		raw := encodeCert(owned)
 		if len(d.certs) < maxCerts {
-			d.certs[id] = &heldCert{NodeCert: nc, raw: encodeCert(owned)}
+			d.certs[id] = &heldCert{NodeCert: nc, raw: raw}
 		}
 		delete(d.certPullAt, id)
 		d.mu.Unlock()
+		if relay && len(raw) <= maxCertBroadcast && nc.Node != d.name {
+			d.relay.QueueBroadcast(&broadcast{node: nc.Node + "\x00cert", msg: raw})
+		}
 		d.log.Debug("signing certificate verified", "node", nc.Node, "services", nc.Services)
 	}
 	d.mu.Lock()
