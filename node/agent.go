@@ -311,13 +311,15 @@ func (a *Agent) shutdown() {
 	// The agent itself can ask systemd only as root or with D-Bus; when it
 	// learns of a restart it also stays in the cluster (it is back in
 	// seconds).
-	deferRules := a.fds != nil && a.fds.Stored() && a.everReady.Load() && os.Getenv("INVOCATION_ID") != ""
-	restart := false
-	if deferRules {
+	// Deferring needs a unit whose ExecStopPost cleans up (ours says so
+	// with VMESH_STOPPOST_CLEANUP=1); otherwise only a restart systemd
+	// confirmed keeps them.
+	restart, deferRules := false, false
+	if a.fds != nil && a.fds.Stored() && a.everReady.Load() && os.Getenv("INVOCATION_ID") != "" {
 		var err error
 		restart, err = restartJob(context.Background())
-		a.log.Info("stopping under systemd: the rules stay until ExecStopPost (vmesh agent --cleanup) removes them, or for the next agent on a restart",
-			"restart", restart, "why_unknown", err)
+		deferRules = restart || os.Getenv("VMESH_STOPPOST_CLEANUP") == "1"
+		a.log.Info("stopping under systemd", "restart", restart, "why_unknown", err, "rules_left_to_exec_stop_post", deferRules)
 	}
 	if a.disc != nil && !restart {
 		if err := a.disc.Leave(2 * time.Second); err != nil {

@@ -90,7 +90,10 @@ func TestCheckAfterDevAndKill(t *testing.T) {
 	if out, err := h.Try(vmeshBin, "members", "-o", "json"); err != nil || json.Unmarshal([]byte(out), &members) != nil || len(members) != 1 || members[0].Agent == "" {
 		t.Errorf("vmesh members -o json (with the agent version): %v\n%s", err, out)
 	}
-	if out, err := h.Try(vmeshBin, "stat", "-o", "json", "--window", "200ms"); err != nil || !strings.HasPrefix(strings.TrimSpace(out), `{"services":`) {
+	var stat struct {
+		Services, Endpoints *[]json.RawMessage
+	}
+	if out, err := h.Try(vmeshBin, "stat", "-o", "json", "--window", "200ms"); err != nil || json.Unmarshal([]byte(out), &stat) != nil || stat.Services == nil || stat.Endpoints == nil {
 		t.Errorf("vmesh stat -o json: %v\n%s", err, out)
 	}
 	if out, err := h.Try(vmeshBin, "token", "list"); err != nil || !strings.Contains(out, "NODE") {
