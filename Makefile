@@ -36,7 +36,7 @@ unit:
 FUZZTIME ?= 5s
 FUZZ_TARGETS := ./discovery:FuzzDecodeMessage ./proxy:FuzzReadHeader ./proxy:FuzzDetectProtocol ./proxy:FuzzH1Request \
 	./proxy:FuzzAllowPattern ./ca:FuzzParseID ./ca:FuzzCertGrant ./ca:FuzzReadJoinInfo \
-	./ca:FuzzSVIDRequest ./rules:FuzzParseRules ./node:FuzzParseConfig
+	./ca:FuzzSVIDRequest ./rules:FuzzParseRules ./node:FuzzParseConfig ./names:FuzzDNSQuery
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  pkg=$${t%%:*}; fn=$${t##*:}; echo "fuzz $$pkg $$fn ($(FUZZTIME))"; \
