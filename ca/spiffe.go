@@ -41,7 +41,13 @@ func ParseID(id, td string) (kind, name string, err error) {
 	if err != nil {
 		return "", "", fmt.Errorf("parsing spiffe id %q: %w", id, err)
 	}
-	return parseIDURL(u, td)
+	kind, name, err = parseIDURL(u, td)
+	// The text itself must be canonical: url.URL forgets an empty query
+	// or fragment ("…/svc/web#", "…/svc/web?").
+	if err == nil && id != "spiffe://"+td+"/"+kind+"/"+name {
+		return "", "", fmt.Errorf("%q is not in canonical form (spiffe://%s/%s/%s)", id, td, kind, name)
+	}
+	return kind, name, err
 }
 
 func parseIDURL(u *url.URL, td string) (kind, name string, err error) {
