@@ -231,7 +231,7 @@ func (b *Balancer) p2c(eps []*endpoint, total float64, exclude func(string) bool
 const exploreRatio = 0.05
 
 // tieRatio: costs closer than this factor are treated as equal.
-const tieRatio = 2.5
+const tieRatio = 4
 
 // peakWeight and minWeight are how far one slower, and at least how far
 // one faster, observation moves an endpoint's average.
