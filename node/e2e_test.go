@@ -109,9 +109,20 @@ trust_domain = %q
 // start runs the agent and waits until /ready says 200.
 func (m *meshHost) start(t *testing.T) {
 	t.Helper()
-	m.log = newLockedLog()
 	ctx, cancel := context.WithCancel(context.Background())
-	cmd := m.Command(ctx, vmeshBin, "agent", "-c", m.cfg)
+	m.launch(t, m.Command(ctx, vmeshBin, "agent", "-c", m.cfg), cancel)
+	m.waitFor(t, "ready", 60*time.Second, func() bool {
+		_, err := m.Try("curl", "-sf", "http://127.0.0.1:4191/ready")
+		return err == nil
+	})
+}
+
+// launch starts cmd (the host's agent, made with a context that cancel
+// ends), logging to m.log; it is killed when t ends, its log shown if t
+// failed.
+func (m *meshHost) launch(t *testing.T, cmd *exec.Cmd, cancel context.CancelFunc) {
+	t.Helper()
+	m.log = newLockedLog()
 	cmd.Stdout, cmd.Stderr = m.log, m.log
 	if err := cmd.Start(); err != nil {
 		cancel()
@@ -125,12 +136,8 @@ func (m *meshHost) start(t *testing.T) {
 		cancel()
 		<-done
 		if t.Failed() {
-			t.Logf("%s agent log:\n%s", m.name, log.String())
+			t.Logf("%s agent log (pid %d):\n%s", m.name, cmd.Process.Pid, log.String())
 		}
-	})
-	m.waitFor(t, "ready", 60*time.Second, func() bool {
-		_, err := m.Try("curl", "-sf", "http://127.0.0.1:4191/ready")
-		return err == nil
 	})
 }
 

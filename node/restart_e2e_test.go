@@ -101,7 +101,6 @@ func (s *fakeSystemd) serve() {
 // LISTEN_PID the agent's own pid.
 func (s *fakeSystemd) start(t *testing.T, m *meshHost) {
 	t.Helper()
-	m.log = newLockedLog()
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := m.Command(ctx, "sh", "-c", `LISTEN_PID=$$ exec "$0" "$@"`, vmeshBin, "agent", "-c", m.cfg)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+s.sock.LocalAddr().String(), "INVOCATION_ID=test",
@@ -116,25 +115,10 @@ func (s *fakeSystemd) start(t *testing.T, m *meshHost) {
 	if len(names) > 0 {
 		cmd.Env = append(cmd.Env, fmt.Sprintf("LISTEN_FDS=%d", len(names)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
 	}
-	cmd.Stdout, cmd.Stderr = m.log, m.log
-	if err := cmd.Start(); err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	m.agent, m.done = cmd, done
-	log := m.log
-	t.Cleanup(func() {
-		cancel()
-		<-done
-		if t.Failed() {
-			t.Logf("%s agent log (pid %d):\n%s", m.name, cmd.Process.Pid, log.String())
-		}
-	})
+	m.launch(t, cmd, cancel)
 	select {
 	case <-s.ready:
-	case <-done:
+	case <-m.done:
 		t.Fatalf("%s: the agent exited before READY=1", m.name)
 	case <-time.After(60 * time.Second):
 		t.Fatalf("%s: no READY=1", m.name)

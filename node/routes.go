@@ -94,22 +94,28 @@ func validStatuses(errs *field.List, key string, st []int) {
 	}
 }
 
+// serviceRef checks the service of an array element (key, index i): named, a valid
+// name, and not named by an earlier element (seen, by name: element+1).
+func serviceRef(errs *field.List, seen map[string]int, key, name string, i int, required, dupFormat string) {
+	switch {
+	case name == "":
+		errs.Add(key+".service", "is required: %s", required)
+	case !ValidName(name):
+		errs.Add(key+".service", "%q is not a valid service name", name)
+	default:
+		if j, dup := seen[name]; dup {
+			errs.Add(key+".service", "service %q "+dupFormat, name, j)
+		}
+		seen[name] = i + 1
+	}
+}
+
 // validateRoutes checks [[route]] and [[split]].
 func (c *Config) validateRoutes(errs *field.List) {
 	seen := map[string]int{}
 	for i, r := range c.Routes {
 		key := fmt.Sprintf("route[%d]", i+1)
-		switch {
-		case r.Service == "":
-			errs.Add(key+".service", "is required: the name of the service called")
-		case !ValidName(r.Service):
-			errs.Add(key+".service", "%q is not a valid service name", r.Service)
-		default:
-			if j, dup := seen[r.Service]; dup {
-				errs.Add(key+".service", "service %q already has route[%d]: put its matches there", r.Service, j)
-			}
-			seen[r.Service] = i + 1
-		}
+		serviceRef(errs, seen, key, r.Service, i, "the name of the service called", "already has route[%d]: put its matches there")
 		if r.Timeout < 0 {
 			errs.Add(key+".timeout", "must not be negative, got %s", r.Timeout)
 		}
@@ -131,17 +137,7 @@ func (c *Config) validateRoutes(errs *field.List) {
 	seen = map[string]int{}
 	for i, s := range c.Splits {
 		key := fmt.Sprintf("split[%d]", i+1)
-		switch {
-		case s.Service == "":
-			errs.Add(key+".service", "is required: the name of the service split")
-		case !ValidName(s.Service):
-			errs.Add(key+".service", "%q is not a valid service name", s.Service)
-		default:
-			if j, dup := seen[s.Service]; dup {
-				errs.Add(key+".service", "service %q is already split by split[%d]", s.Service, j)
-			}
-			seen[s.Service] = i + 1
-		}
+		serviceRef(errs, seen, key, s.Service, i, "the name of the service split", "is already split by split[%d]")
 		if len(s.Subset) == 0 {
 			errs.Add(key, "needs at least one [[split.subset]]")
 		}

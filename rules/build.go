@@ -165,17 +165,23 @@ func build(s State, v6 bool) Rules {
 		}
 	}
 
+	// The agent's own traffic (its mark, its uid or gid) is never
+	// redirected: the exemptions head each of our outbound chains.
+	exempt := func(chain, prefix string) {
+		if s.ProxyMark != 0 {
+			add(chain, prefix+"-mark", "-m", "mark", "--mark", "0x"+strconv.FormatUint(uint64(s.ProxyMark), 16), "-j", "RETURN")
+		}
+		if !s.NoUIDExemption {
+			add(chain, prefix+"-uid", "-m", "owner", "--uid-owner", strconv.FormatUint(uint64(s.ProxyUID), 10), "-j", "RETURN")
+		}
+		if s.ProxyGID >= 0 {
+			add(chain, prefix+"-gid", "-m", "owner", "--gid-owner", strconv.Itoa(s.ProxyGID), "-j", "RETURN")
+		}
+	}
+
 	// Outbound: the exemptions live in our own chain, never in OUTPUT itself
 	// (a RETURN there would skip Docker's DNS DNAT that follows it).
-	if s.ProxyMark != 0 {
-		add(OutboundChain, "out-mark", "-m", "mark", "--mark", "0x"+strconv.FormatUint(uint64(s.ProxyMark), 16), "-j", "RETURN")
-	}
-	if !s.NoUIDExemption {
-		add(OutboundChain, "out-uid", "-m", "owner", "--uid-owner", strconv.FormatUint(uint64(s.ProxyUID), 10), "-j", "RETURN")
-	}
-	if s.ProxyGID >= 0 {
-		add(OutboundChain, "out-gid", "-m", "owner", "--gid-owner", strconv.Itoa(s.ProxyGID), "-j", "RETURN")
-	}
+	exempt(OutboundChain, "out")
 	for i, p := range prefixes(s.VIPRanges, v6) {
 		add(OutboundChain, numbered("out-vip", i), "-d", p.String(), "-p", "tcp", "-j", "REDIRECT", "--to-ports", itoa(out))
 	}
@@ -195,15 +201,7 @@ func build(s State, v6 bool) Rules {
 	dns := s.DNSPort != 0 && (!v6 || s.DNSv6)
 	if dns {
 		rs.Chains = append(rs.Chains, DNSChain)
-		if s.ProxyMark != 0 {
-			add(DNSChain, "dns-mark", "-m", "mark", "--mark", "0x"+strconv.FormatUint(uint64(s.ProxyMark), 16), "-j", "RETURN")
-		}
-		if !s.NoUIDExemption {
-			add(DNSChain, "dns-uid", "-m", "owner", "--uid-owner", strconv.FormatUint(uint64(s.ProxyUID), 10), "-j", "RETURN")
-		}
-		if s.ProxyGID >= 0 {
-			add(DNSChain, "dns-gid", "-m", "owner", "--gid-owner", strconv.Itoa(s.ProxyGID), "-j", "RETURN")
-		}
+		exempt(DNSChain, "dns")
 		add(DNSChain, "dns-udp", "-p", "udp", "-j", "REDIRECT", "--to-ports", itoa(s.DNSPort))
 		add(DNSChain, "dns-tcp", "-p", "tcp", "-j", "REDIRECT", "--to-ports", itoa(s.DNSPort))
 	}
