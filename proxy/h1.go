@@ -729,9 +729,12 @@ func (h *h1Conn) awaitBody(bodyDone chan error) error {
 	return errIncomplete
 }
 
-// replayable reports whether the request may be sent again after a
-// connection failed under it: no body, and an idempotent method or an
-// idempotency key (net/http's rule).
+// replayable reports whether the request may be sent again after an
+// attempt failed: its body is none or still held in the read buffer (a
+// streamed body is gone), and either no app saw it (appUnseen: a peer
+// proxy that could not connect; a route that retries statuses, opted in
+// by the operator) or it is idempotent by method (GET, HEAD, OPTIONS,
+// TRACE, PUT, DELETE) or idempotency key.
 func (h *h1Head) replayable(appUnseen bool) bool {
 	if h.body != bodyNone && !h.held {
 		return false // streamed: gone
