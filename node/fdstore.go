@@ -54,13 +54,6 @@ func newFDStore(log *slog.Logger) *fdStore {
 	return s
 }
 
-// Inherited reports how many sockets systemd passed that are not taken yet.
-func (s *fdStore) Inherited() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.inherited)
-}
-
 // listener returns the inherited listener name when it is bound to addr,
 // else a new one, and keeps it in the store.
 func (s *fdStore) listener(name, network, addr string) (net.Listener, error) {
