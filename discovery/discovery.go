@@ -41,9 +41,8 @@ const (
 	updateMetaWait      = time.Second      // UpdateNode timeout
 	sendTimeout         = 5 * time.Second
 	workQueueLen        = 1024
-	maxSends            = 64                     // reliable sends (TCP dials) in flight
-	rebuildGap          = 50 * time.Millisecond  // at most one snapshot rebuild per gap...
-	rebuildGapPerHost   = 400 * time.Microsecond // ...plus this per live host
+	maxSends            = 64                    // reliable sends (TCP dials) in flight
+	rebuildGap          = 50 * time.Millisecond // at most one snapshot rebuild per gap
 	relayRetransmitMult = 2
 	reconnectPerTick    = 3
 )
@@ -675,14 +674,10 @@ func (d *Discovery) rebuildLoop(ctx context.Context) {
 			// would otherwise rebuild the whole snapshot once per entry:
 			// O(hosts²) per host. Coalesce what comes in the next
 			// rebuildGap into one rebuild.
-			// A rebuild costs O(hosts): the gap grows with the cluster
-			// (50 ms alone, 90 ms at 100 hosts, 250 ms at 500) so that
-			// a host's rebuild work per second stays bounded while a
-			// change still reaches the snapshot well within a second.
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(rebuildGap + time.Duration(d.numAlive.Load())*rebuildGapPerHost):
+			case <-time.After(rebuildGap):
 			}
 		case <-t.C:
 			if d.resignDue() {
