@@ -25,9 +25,11 @@ lint: check
 	$(GO) run $(STATICCHECK) -tags $(TAGS) ./...
 
 # unit: every package's tests with the race detector; tests that need root
-# and network namespaces run when root (and must, under CI=true).
+# and network namespaces run when root (and must, under CI=true). One package
+# at a time (-p 1): the multi-host tests measure spreads and failure
+# detection, which two race-instrumented packages on 2 cores skewed.
 unit:
-	$(GO) test -race -tags $(TAGS) -timeout 20m ./...
+	$(GO) test -race -p 1 -tags $(TAGS) -timeout 20m ./...
 
 # fuzz: each fuzz target for FUZZTIME executions (a count, not a duration:
 # a duration races the fuzz coordinator's deadline and fails with a bare

@@ -391,7 +391,7 @@ func TestFailureLeaveAndRestart(t *testing.T) {
 	left := time.Since(start)
 	leaver.kill()
 	others := []*agent{agents[0], agents[1], agents[2], agents[4]}
-	waitFor(t, 2*time.Second, "the leaving host gone everywhere", func() bool {
+	waitFor(t, 5*time.Second, "the leaving host gone everywhere", func() bool {
 		for _, a := range others {
 			if _, ok := a.d.Lookup(leaverEP.Addr); ok || memberState(a.d, leaver.name) != StateLeft {
 				return false
