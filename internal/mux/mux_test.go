@@ -14,7 +14,7 @@ import (
 // pair starts a server session on one end of a real TCP loopback
 // connection and returns the client session on the other. handle serves
 // each stream the client opens.
-func pair(t *testing.T, cfg Config, handle func(*Stream)) *Session {
+func pair(t testing.TB, cfg Config, handle func(*Stream)) *Session {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -22,8 +22,10 @@ type Stream struct {
 	readable sync.Cond // data, EOF or reset arrived
 	writable sync.Cond // credit or reset arrived
 
-	buf      []byte // received, unread: buf[off:]
+	chunks   []*[]byte // received, unread: chunks[head][off:], then the rest whole
+	head     int
 	off      int
+	buffered int    // unread bytes in chunks
 	eof      bool   // the peer half-closed
 	recvLeft uint32 // bytes the peer may still send before more credit
 	unacked  uint32 // bytes read and not yet credited back
@@ -112,11 +114,19 @@ func (st *Stream) receive(data []byte, end bool) {
 		return
 	}
 	st.recvLeft -= uint32(len(data))
-	if len(data) > 0 {
-		if st.off == len(st.buf) {
-			st.buf, st.off = st.buf[:0], 0
+	st.buffered += len(data)
+	for len(data) > 0 {
+		var c *[]byte
+		if k := len(st.chunks); k > 0 && len(*st.chunks[k-1]) < chunkSize {
+			c = st.chunks[k-1]
+		} else {
+			c = chunkPool.Get().(*[]byte)
+			*c = (*c)[:0]
+			st.chunks = append(st.chunks, c)
 		}
-		st.buf = append(st.buf, data...)
+		m := copy((*c)[len(*c):chunkSize], data)
+		*c = (*c)[:len(*c)+m]
+		data = data[m:]
 	}
 	if end {
 		st.eof = true
@@ -128,25 +138,15 @@ func (st *Stream) receive(data []byte, end bool) {
 // Read reads what the peer sent; io.EOF after its half-close.
 func (st *Stream) Read(b []byte) (int, error) {
 	st.mu.Lock()
-	for st.off == len(st.buf) && !st.eof && st.reset == nil {
+	for st.buffered == 0 && !st.eof && st.reset == nil {
 		if st.expired(st.rdl) {
 			st.mu.Unlock()
 			return 0, os.ErrDeadlineExceeded
 		}
 		st.readable.Wait()
 	}
-	if st.off < len(st.buf) {
-		n := copy(b, st.buf[st.off:])
-		st.off += n
-		if st.off == len(st.buf) {
-			// Drained: give a large buffer back, keep a small one.
-			if cap(st.buf) > 64<<10 {
-				st.buf = nil
-			} else {
-				st.buf = st.buf[:0]
-			}
-			st.off = 0
-		}
+	if st.buffered > 0 {
+		n := st.take(b)
 		st.unacked += uint32(n)
 		var credit uint32
 		if st.unacked >= st.s.cfg.streamWindow()/4 && !st.eof && st.reset == nil {
@@ -167,6 +167,49 @@ func (st *Stream) Read(b []byte) (int, error) {
 	st.mu.Unlock()
 	st.maybeDone()
 	return 0, io.EOF
+}
+
+// chunkSize is the size of the pooled chunks a stream buffers received data
+// in: a DATA frame's largest payload.
+const chunkSize = maxFrame
+
+// chunkPool holds *[]byte of capacity chunkSize. A stream holds chunks only
+// while it has unread data: an idle stream holds none, and a busy one never
+// grows (and drops) one large buffer.
+var chunkPool = sync.Pool{New: func() any {
+	b := make([]byte, 0, chunkSize)
+	return &b
+}}
+
+// take copies buffered data into b, across chunks, and returns the drained
+// chunks to the pool. Called with st.mu held.
+func (st *Stream) take(b []byte) int {
+	n := 0
+	for n < len(b) && st.head < len(st.chunks) {
+		c := st.chunks[st.head]
+		m := copy(b[n:], (*c)[st.off:])
+		n += m
+		st.off += m
+		if st.off == len(*c) {
+			chunkPool.Put(c)
+			st.chunks[st.head] = nil
+			st.head++
+			st.off = 0
+		}
+	}
+	if st.head == len(st.chunks) {
+		st.chunks, st.head = st.chunks[:0], 0
+	}
+	st.buffered -= n
+	return n
+}
+
+// drop releases every buffered chunk. Called with st.mu held.
+func (st *Stream) drop() {
+	for _, c := range st.chunks[st.head:] {
+		chunkPool.Put(c)
+	}
+	st.chunks, st.head, st.off, st.buffered = nil, 0, 0, 0
 }
 
 // Write sends b, waiting for window credit as needed.
@@ -257,7 +300,7 @@ func (st *Stream) Reset(code uint32) error {
 // data does.
 func (st *Stream) Close() error {
 	st.mu.Lock()
-	clean := st.wclosed && st.eof && st.off == len(st.buf) && st.reset == nil
+	clean := st.wclosed && st.eof && st.buffered == 0 && st.reset == nil
 	st.mu.Unlock()
 	if clean {
 		st.finish(nil)
@@ -269,7 +312,7 @@ func (st *Stream) Close() error {
 // maybeDone forgets the stream once both directions ended cleanly.
 func (st *Stream) maybeDone() {
 	st.mu.Lock()
-	done := st.wclosed && st.eof && st.off == len(st.buf) && st.reset == nil && !st.closed
+	done := st.wclosed && st.eof && st.buffered == 0 && st.reset == nil && !st.closed
 	st.mu.Unlock()
 	if done {
 		st.finish(nil)
@@ -287,7 +330,7 @@ func (st *Stream) finish(err *ResetError) bool {
 	st.closed = true
 	if err != nil {
 		st.reset = err
-		st.buf, st.off = nil, 0
+		st.drop()
 	}
 	st.wclosed = true
 	st.readable.Broadcast()
