@@ -150,15 +150,26 @@ func (s *DNSServer) Listen(addr netip.AddrPort) (netip.AddrPort, error) {
 	if listen == nil {
 		listen = net.Listen
 	}
-	pc, err := listenPacket("udp", addr.String())
-	if err != nil {
-		return addr, fmt.Errorf("dns: listening on udp %s: %w", addr, err)
-	}
-	addr = pc.LocalAddr().(*net.UDPAddr).AddrPort()
-	ln, err := listen("tcp", addr.String())
-	if err != nil {
+	// With port 0 the kernel picks udp's port, which tcp may already
+	// have in use: pick again a few times.
+	var pc net.PacketConn
+	var ln net.Listener
+	for try := 0; ; try++ {
+		var err error
+		pc, err = listenPacket("udp", addr.String())
+		if err != nil {
+			return addr, fmt.Errorf("dns: listening on udp %s: %w", addr, err)
+		}
+		bound := pc.LocalAddr().(*net.UDPAddr).AddrPort()
+		ln, err = listen("tcp", bound.String())
+		if err == nil {
+			addr = bound
+			break
+		}
 		pc.Close()
-		return addr, fmt.Errorf("dns: listening on tcp %s: %w", addr, err)
+		if addr.Port() != 0 || try == 9 {
+			return bound, fmt.Errorf("dns: listening on tcp %s: %w", bound, err)
+		}
 	}
 	s.servers = append(s.servers,
 		&dns.Server{PacketConn: pc, Handler: s, UDPSize: dns.DefaultMsgSize},

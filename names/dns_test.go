@@ -39,14 +39,22 @@ func upstream(t *testing.T) (netip.AddrPort, *atomic.Int64) {
 		}
 		w.WriteMsg(m)
 	})
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := pc.LocalAddr().(*net.UDPAddr).AddrPort()
-	ln, err := net.Listen("tcp", addr.String())
-	if err != nil {
-		t.Fatal(err)
+	// The same port for udp and tcp: pick again when tcp's is in use.
+	var pc net.PacketConn
+	var ln net.Listener
+	var addr netip.AddrPort
+	for try := 0; ln == nil; try++ {
+		var err error
+		if pc, err = net.ListenPacket("udp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+		addr = pc.LocalAddr().(*net.UDPAddr).AddrPort()
+		if ln, err = net.Listen("tcp", addr.String()); err != nil {
+			pc.Close()
+			if try == 9 {
+				t.Fatal(err)
+			}
+		}
 	}
 	u := &dns.Server{PacketConn: pc, Handler: h}
 	tc := &dns.Server{Listener: ln, Handler: h}

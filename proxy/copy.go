@@ -41,14 +41,26 @@ func putBuf(b *[]byte) { peekPool.Put(b) }
 // copyGrowing copies src to dst until EOF or an error, in buffers that grow
 // with the traffic (see bufSizes). Like io.Copy it returns the bytes written
 // and treats EOF as success.
+//
+// A destination that says how much one write should carry (a mux stream:
+// whole TLS records of frames) gets reads of at most that much, rounded
+// down to whole records at the smaller buffer sizes.
 func copyGrowing(dst io.Writer, src io.Reader) (written int64, err error) {
 	level := 0
 	bp := bufPools[level].Get().(*[]byte)
 	defer func() { bufPools[level].Put(bp) }()
+	batch := 0
+	if b, ok := dst.(interface{ MaxBatch() int }); ok {
+		batch = b.MaxBatch()
+	}
 	for {
-		nr, rerr := src.Read(*bp)
+		buf := *bp
+		if batch > 0 {
+			buf = buf[:batchLen(len(buf), batch)]
+		}
+		nr, rerr := src.Read(buf)
 		if nr > 0 {
-			nw, werr := dst.Write((*bp)[:nr])
+			nw, werr := dst.Write(buf[:nr])
 			written += int64(nw)
 			if werr != nil {
 				return written, werr
@@ -56,7 +68,7 @@ func copyGrowing(dst io.Writer, src io.Reader) (written int64, err error) {
 			if nw != nr {
 				return written, io.ErrShortWrite
 			}
-			if nr == len(*bp) && level < len(bufSizes)-1 {
+			if nr == len(buf) && level < len(bufSizes)-1 {
 				bufPools[level].Put(bp)
 				level++
 				bp = bufPools[level].Get().(*[]byte)
@@ -69,6 +81,17 @@ func copyGrowing(dst io.Writer, src io.Reader) (written int64, err error) {
 			return written, rerr
 		}
 	}
+}
+
+// batchLen is how much of a buffer of size n to read into for a destination
+// that takes batch bytes a write in frames of batch/4: all of it when
+// smaller than a frame, else the most whole frames up to batch.
+func batchLen(n, batch int) int {
+	frame := batch / 4
+	if n < frame {
+		return n
+	}
+	return min(n, batch) / frame * frame
 }
 
 // closeWriter and closeReader are the half-close capabilities of

@@ -83,9 +83,20 @@ func (c Config) maxHeader() int {
 	return c.MaxHeader
 }
 
-// maxFrame is the largest DATA payload written (HTTP/2's default
+// maxFrame is the largest DATA payload accepted (HTTP/2's default
 // SETTINGS_MAX_FRAME_SIZE, which the reader enforces).
 const maxFrame = 16 << 10
+
+// recordFrame is the largest DATA payload written: with its 9-byte frame
+// header it fills one TLS record (16 KiB of plaintext) exactly, so a write
+// of BatchSize bytes leaves as four full records and no fifth record of
+// 36 bytes of frame headers.
+const recordFrame = 16<<10 - 9
+
+// BatchSize is the most a relay should hand to one Stream.Write: four
+// recordFrame frames, which fill the session's 64 KiB write buffer and
+// four TLS records exactly.
+const BatchSize = 4 * recordFrame
 
 // Reset codes (HTTP/2's, plus vmesh's own above 0xff).
 const (

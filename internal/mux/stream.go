@@ -212,6 +212,10 @@ func (st *Stream) drop() {
 	st.chunks, st.head, st.off, st.buffered = nil, 0, 0, 0
 }
 
+// MaxBatch returns BatchSize: a relay that reads at most that much before
+// each Write makes every frame fill a TLS record.
+func (st *Stream) MaxBatch() int { return BatchSize }
+
 // Write sends b, waiting for window credit as needed.
 func (st *Stream) Write(b []byte) (int, error) {
 	written := 0
@@ -242,7 +246,7 @@ func (st *Stream) Write(b []byte) (int, error) {
 		chunk := b[:n]
 		if err := st.s.write(func(fr *http2.Framer) error {
 			for c := chunk; len(c) > 0; {
-				m := min(len(c), maxFrame)
+				m := min(len(c), recordFrame)
 				if err := fr.WriteData(st.id, false, c[:m]); err != nil {
 					return err
 				}
