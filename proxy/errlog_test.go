@@ -3,12 +3,15 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/netip"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -84,10 +87,7 @@ func TestErrorsWhereTheUserLooks(t *testing.T) {
 
 	// A TCP connection denied by the peer's policy: the client host hears
 	// of it, the server host says who was denied.
-	c := a.dialOut(t, appAddr(7003))
-	c.Write([]byte("x"))
-	c.CloseWrite()
-	if got, _ := io.ReadAll(c); len(got) != 0 {
+	if got := dialRefused(t, a, appAddr(7003), "x"); len(got) != 0 {
 		t.Fatalf("denied connection echoed %q", got)
 	}
 	eventually(t, "peer refusal counted on the client host", func() bool {
@@ -141,14 +141,36 @@ func TestErrorsWhereTheUserLooks(t *testing.T) {
 	}
 
 	// Passthrough to an address where nothing listens.
-	c = a.dialOut(t, closedAddr)
-	io.ReadAll(c)
+	dialRefused(t, a, closedAddr, "")
 	eventually(t, "passthrough connect failure counted", func() bool {
 		return metric(t, a.reg, "proxy_errors_total", map[string]string{"direction": "outbound", "reason": refuseDial}) == 1
 	})
 	if got := alog.lines("level=WARN", "outbound passthrough connect failed", "dst="+closedAddr.String()); len(got) != 1 {
 		t.Errorf("passthrough connect failure logged %d times, want once: %q", len(got), got)
 	}
+}
+
+// dialRefused dials dst through tp's outbound proxy, sends send and
+// half-closes, and returns what came back before EOF or a reset. The proxy
+// resets the app's connection as soon as the peer or the destination
+// refuses it, which on a loaded machine can come before the dial has
+// returned: a dial reset is that refusal too (nothing came back).
+func dialRefused(t *testing.T, tp *testProxy, dst netip.AddrPort, send string) []byte {
+	t.Helper()
+	c, err := tp.orig.dialFrom(context.Background(), tp.p.OutboundAddr(), dst)
+	if errors.Is(err, syscall.ECONNRESET) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if send != "" {
+		c.Write([]byte(send))
+	}
+	c.CloseWrite()
+	got, _ := io.ReadAll(c)
+	return got
 }
 
 func TestWarnLimiterPerKey(t *testing.T) {
