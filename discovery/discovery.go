@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -43,6 +44,7 @@ const (
 	workQueueLen        = 1024
 	maxSends            = 64                    // reliable sends (TCP dials) in flight
 	rebuildGap          = 50 * time.Millisecond // at most one snapshot rebuild per gap
+	fullRebuildEvery    = 10 * time.Second      // a snapshot is rebuilt from every entry at least this often
 	relayRetransmitMult = 2
 	reconnectPerTick    = 3
 )
@@ -127,6 +129,11 @@ type Discovery struct {
 	keyring   *memberlist.Keyring // nil: unencrypted
 	transport memberlist.Transport
 	tune      func(*memberlist.Config)
+	// timeScale multiplies the package's timers (dur). It is 1 except in
+	// the many-host simulation (bench_test.go), which runs the protocol
+	// slower than real time when its hosts need more CPU than the machine
+	// has.
+	timeScale time.Duration
 	metrics   *metrics
 	queue     *memberlist.TransmitLimitedQueue // this host's own entry
 	relay     *memberlist.TransmitLimitedQueue // peers' entries passed on
@@ -168,6 +175,9 @@ type Discovery struct {
 	members     map[string]*member
 	pullAt      map[string]pull
 	newerSince  map[string]time.Time // a newer version than held was first seen in metadata
+	changed     map[string]struct{}  // hosts whose entry or state changed since the last rebuild
+	rebuildMu   sync.Mutex           // held by rebuild, before mu
+	lastFull    time.Time            // of the last rebuild from every entry
 	storedPeers map[string]storedPeer
 	dirtyPeers  map[string]*storedPeer // nil value: delete
 	saveVersion bool
@@ -254,6 +264,7 @@ func New(opts Options) (*Discovery, error) {
 		db:          opts.DB,
 		transport:   opts.Transport,
 		tune:        opts.Tune,
+		timeScale:   1,
 		dirty:       make(chan struct{}, 1),
 		slow:        make(chan struct{}, 1),
 		work:        make(chan func(), workQueueLen),
@@ -264,6 +275,7 @@ func New(opts Options) (*Discovery, error) {
 		members:     map[string]*member{},
 		pullAt:      map[string]pull{},
 		newerSince:  map[string]time.Time{},
+		changed:     map[string]struct{}{},
 		storedPeers: map[string]storedPeer{},
 		dirtyPeers:  map[string]*storedPeer{},
 		signer:      opts.Signer,
@@ -392,6 +404,12 @@ func (d *Discovery) start() (*memberlist.Memberlist, error) {
 	conf.Keyring = d.keyring
 	conf.GossipVerifyIncoming = true
 	conf.GossipVerifyOutgoing = true
+	// memberlist compresses every packet with a fresh LZW writer (about
+	// 20 KB allocated per packet): at 200 hosts that was 43 % of all the
+	// bytes the agents allocated, and it gains little on our messages,
+	// whose signatures and certificates do not compress. Peers that
+	// compress are still understood (decompression follows the message).
+	conf.EnableCompression = false
 	conf.Delegate = &delegate{d}
 	conf.Events = &delegate{d}
 	conf.Logger = logger
@@ -605,6 +623,10 @@ func (d *Discovery) publishLocked() {
 	e := d.localEntryLocked()
 	raw := d.signLocked(encodeEntry(d.compact(e)))
 	d.self, d.selfRaw = e, raw
+	d.changed[d.name] = struct{}{}
+	for _, a := range e.Addrs {
+		d.noteAddrLocked(a)
+	}
 	d.broadcast(e.Node, e.Version, raw)
 	meta := encodeMeta(nodeMeta{version: d.version, proxyPort: d.proxyPort, addrs: e.Addrs, roles: d.roles, agent: d.agent})
 	d.meta.Store(&meta)
@@ -662,22 +684,26 @@ func (d *Discovery) enqueue(f func()) {
 // than the entry held for their entry (a broadcast or a reply was lost).
 func (d *Discovery) rebuildLoop(ctx context.Context) {
 	defer d.wg.Done()
-	t := time.NewTicker(antiEntropyEvery)
+	t := time.NewTicker(d.dur(antiEntropyEvery))
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-d.dirty:
+			began := time.Now()
 			d.rebuild()
 			// A burst of changes (a join brings every host's entry)
-			// would otherwise rebuild the whole snapshot once per entry:
+			// would otherwise rebuild the snapshot once per entry:
 			// O(hosts²) per host. Coalesce what comes in the next
-			// rebuildGap into one rebuild.
+			// rebuildGap into one rebuild, and when a rebuild is slow
+			// (a large catalog, a busy machine) wait ten times as long
+			// as it took, so that rebuilding never takes more than a
+			// tenth of a core.
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(rebuildGap):
+			case <-time.After(max(d.dur(rebuildGap), 10*time.Since(began))):
 			}
 		case <-t.C:
 			if d.resignDue() {
@@ -700,59 +726,118 @@ func (d *Discovery) antiEntropy(now time.Time) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	pulls := 0
-	for name, m := range d.members {
+	// newerSince holds the members whose metadata showed a newer version
+	// than the entry held (memberAlive adds them): looking only at those
+	// keeps a tick cheap at hundreds of hosts.
+	for name, since := range d.newerSince {
 		held := uint64(0)
 		if pe := d.entries[name]; pe != nil {
 			held = pe.entry.Version
 		}
-		if m.state != StateAlive || m.meta.version <= held {
+		m := d.members[name]
+		if m == nil || m.state != StateAlive || m.meta.version <= held {
 			delete(d.newerSince, name)
 			continue
 		}
-		since, ok := d.newerSince[name]
-		if !ok {
-			d.newerSince[name] = now
-			continue
-		}
-		if now.Sub(since) >= pullGrace && pulls < maxPullsPerTick && d.wantLocked(name, m.meta.version) {
+		if now.Sub(since) >= d.dur(pullGrace) && pulls < maxPullsPerTick && d.wantLocked(name, m.meta.version) {
 			pulls++
 		}
 	}
 }
 
 // rebuild publishes a new snapshot of the visible entries: this host's and
-// those of peers memberlist holds alive (or suspect).
+// those of peers memberlist holds alive (or suspect). It patches the
+// previous snapshot with the hosts changed since (d.changed, which every
+// change to an entry or a member's state records), and rebuilds from every
+// entry at most every fullRebuildEvery, so that a change that was not
+// recorded could not linger.
 func (d *Discovery) rebuild() {
+	// Rebuilds patch the snapshot before them: two at once (the rebuild
+	// loop and SetLocal, a health check) would each drop the other's
+	// changes.
+	d.rebuildMu.Lock()
+	defer d.rebuildMu.Unlock()
+	prev := d.snap.Load()
 	d.mu.Lock()
-	list := make([]*NodeEntry, 0, len(d.entries)+1)
-	list = append(list, d.self)
-	hosts := memberAddrs(d.self, d.entries, d.members)
-	// Every address ever seen stays a mesh address (kept in bbolt): a
-	// host whose agent stopped or that left is still never sent to in
-	// clear.
-	for a := range hosts {
-		if _, ok := d.meshAddrs[a]; !ok {
-			d.meshAddrs[a] = struct{}{}
-			d.dirtyAddrs = append(d.dirtyAddrs, a)
-			d.kick(d.slow)
+	visible := func(name string) *NodeEntry {
+		if name == d.name {
+			return d.self
+		}
+		pe, m := d.entries[name], d.members[name]
+		if pe == nil || m == nil || m.state != StateAlive {
+			return nil
+		}
+		return pe.entry
+	}
+	var list []*NodeEntry
+	var updates map[string]*NodeEntry
+	if now := time.Now(); prev == nil || now.Sub(d.lastFull) >= d.dur(fullRebuildEvery) {
+		d.lastFull = now
+		list = make([]*NodeEntry, 0, len(d.entries)+1)
+		list = append(list, d.self)
+		for name := range d.entries {
+			if e := visible(name); e != nil {
+				list = append(list, e)
+			}
+		}
+	} else {
+		updates = make(map[string]*NodeEntry, len(d.changed))
+		for name := range d.changed {
+			updates[name] = visible(name)
 		}
 	}
-	for a := range d.meshAddrs {
-		hosts[a] = struct{}{}
-	}
-	for name, pe := range d.entries {
-		if m := d.members[name]; m != nil && m.state == StateAlive {
-			list = append(list, pe.entry)
-		}
+	clear(d.changed)
+	// The snapshot shares the set of mesh addresses until it grows.
+	hosts := prev.hostsOrNil()
+	if hosts == nil || len(hosts) != len(d.meshAddrs) {
+		hosts = maps.Clone(d.meshAddrs)
 	}
 	d.mu.Unlock()
-	s := buildSnapshot(list)
+	var s *snapshot
+	if list != nil {
+		s = buildSnapshot(prev, list)
+	} else {
+		s = patchSnapshot(prev, updates)
+	}
+	if s == prev {
+		if len(hosts) == len(prev.hosts) {
+			return // nothing changed
+		}
+		// Only the mesh addresses grew.
+		s = &snapshot{views: prev.views, byIP: prev.byIP, svcs: prev.svcs, services: prev.services}
+	}
 	s.hosts = hosts
-	if prev := d.snap.Load(); prev != nil {
+	if prev != nil {
 		s.gen = prev.gen + 1
 	}
 	d.snap.Store(s)
 	d.notifySubscribers()
+}
+
+// noteAddrLocked records a as a mesh address. Every address ever seen
+// (an entry's, a member's, this host's) stays one, kept in bbolt: a host
+// whose agent stopped or that left is still never sent to in clear.
+func (d *Discovery) noteAddrLocked(a netip.Addr) {
+	if !a.IsValid() {
+		return
+	}
+	a = a.Unmap()
+	if _, ok := d.meshAddrs[a]; !ok {
+		d.meshAddrs[a] = struct{}{}
+		d.dirtyAddrs = append(d.dirtyAddrs, a)
+		d.kick(d.slow)
+	}
+}
+
+// dur returns one of the package's timers, scaled by timeScale.
+func (d *Discovery) dur(t time.Duration) time.Duration { return t * d.timeScale }
+
+// hostsOrNil returns s's mesh addresses (nil for a nil snapshot).
+func (s *snapshot) hostsOrNil() map[netip.Addr]struct{} {
+	if s == nil {
+		return nil
+	}
+	return s.hosts
 }
 
 func (d *Discovery) workLoop(ctx context.Context) {
@@ -888,6 +973,7 @@ func (d *Discovery) joinOnce() {
 			m.state == StateLeft && now.Sub(m.since) > reconnectTimeout:
 			delete(d.members, name)
 			delete(d.entries, name)
+			d.changed[name] = struct{}{}
 		case m.state == StateDead:
 			dead = append(dead, m.addr)
 		}
@@ -895,6 +981,7 @@ func (d *Discovery) joinOnce() {
 	for name, pe := range d.entries {
 		if d.members[name] == nil && now.Sub(pe.at) > unknownEntryTTL {
 			delete(d.entries, name)
+			d.changed[name] = struct{}{}
 		}
 	}
 	d.mu.Unlock()

@@ -30,8 +30,11 @@
 // for a gossip packet (over maxBroadcastSize) spread as a notice instead, and
 // hosts pull the entry from its owner over TCP. The catalog version is also
 // in the memberlist metadata, so a host that missed a broadcast notices the
-// newer version and pulls; push/pull exchanges every entry on join and every
-// PushPullInterval.
+// newer version and pulls it from the owner; push/pull (every
+// PushPullInterval, scaled up by memberlist with the cluster's size)
+// repairs the metadata. A join's push/pull carries every entry, so that a
+// new host starts with the whole catalog; later ones carry only the
+// sender's own entry.
 //
 // # Signed entries
 //

@@ -2,26 +2,6 @@ package discovery
 
 import "net/netip"
 
-// memberAddrs returns the addresses of this host and of every member known,
-// whatever its state: the entries' addresses and memberlist's.
-func memberAddrs(self *NodeEntry, entries map[string]*peerEntry, members map[string]*member) map[netip.Addr]struct{} {
-	hosts := make(map[netip.Addr]struct{}, len(entries)+len(members)+len(self.Addrs))
-	for _, a := range self.Addrs {
-		hosts[a.Unmap()] = struct{}{}
-	}
-	for _, pe := range entries {
-		for _, a := range pe.entry.Addrs {
-			hosts[a.Unmap()] = struct{}{}
-		}
-	}
-	for _, m := range members {
-		if a := m.addr.Addr(); a.IsValid() {
-			hosts[a.Unmap()] = struct{}{}
-		}
-	}
-	return hosts
-}
-
 // MemberAddr reports whether a is an address of this host or of any member
 // this host has ever seen (alive, suspect, dead or left, and after a
 // restart: the addresses are kept in bbolt, bucket "discovery/addrs"). The
@@ -45,5 +25,6 @@ func (d *Discovery) ServiceEndpoints(service string) ([]Endpoint, uint64) {
 	if s == nil {
 		return nil, 0
 	}
-	return s.allBySvc[service], s.gen
+	all, _ := s.svcs[service].endpoints()
+	return all, s.gen
 }

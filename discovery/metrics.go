@@ -89,6 +89,6 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(m.membersDesc, prometheus.GaugeValue, float64(n), state)
 	}
 	s := m.d.snap.Load()
-	ch <- prometheus.MustNewConstMetric(m.entriesDesc, prometheus.GaugeValue, float64(len(s.nodes)))
+	ch <- prometheus.MustNewConstMetric(m.entriesDesc, prometheus.GaugeValue, float64(len(s.views)))
 	ch <- prometheus.MustNewConstMetric(m.servicesDesc, prometheus.GaugeValue, float64(s.services))
 }

@@ -233,7 +233,7 @@ func (d *Discovery) awaitCertLocked(msg message, raw []byte, rebroadcast bool) {
 	// Ask again for the certificate of the entry waiting (a copy that
 	// arrived before this host had the mesh roots was refused).
 	msg = p.msg
-	if t, ok := d.certPullAt[msg.cert]; ok && time.Since(t) < certPullBackoff {
+	if t, ok := d.certPullAt[msg.cert]; ok && time.Since(t) < d.dur(certPullBackoff) {
 		return
 	}
 	d.certPullAt[msg.cert] = time.Now()
@@ -244,7 +244,7 @@ func (d *Discovery) awaitCertLocked(msg message, raw []byte, rebroadcast bool) {
 	// every owner at once.
 	id := msg.cert
 	req := encodeCertRequest(d.name, id)
-	time.AfterFunc(certPullDelay+rand.N(certPullDelay), func() {
+	time.AfterFunc(d.dur(certPullDelay)+rand.N(d.dur(certPullDelay)), func() {
 		d.mu.Lock()
 		p := d.pending[node]
 		waiting := p != nil && p.msg.cert == id
@@ -319,7 +319,7 @@ func (d *Discovery) pruneCertsLocked() {
 		}
 	}
 	for id, t := range d.certPullAt {
-		if now.Sub(t) > certPullBackoff {
+		if now.Sub(t) > d.dur(certPullBackoff) {
 			delete(d.certPullAt, id)
 		}
 	}
