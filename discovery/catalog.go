@@ -167,7 +167,8 @@ func (v *nodeView) lookup(addr netip.AddrPort) (Endpoint, bool) {
 }
 
 // buildSnapshot builds a view from the visible entries, reusing what prev
-// (nil for none) holds of the entries that did not change. Entries are
+// (nil for none) holds of the entries that did not change; it returns prev
+// itself when nothing changed. Entries are
 // shared with the caller's map and must not be modified afterwards (they
 // never are: a newer entry replaces an older one whole, and a changed
 // entry is a new pointer).
@@ -194,6 +195,9 @@ func buildSnapshot(prev *snapshot, entries []*NodeEntry) *snapshot {
 			if s.views[name] != v {
 				gone = append(gone, v)
 			}
+		}
+		if len(gone)+len(added) == 0 {
+			return prev // nothing changed
 		}
 	}
 	return s.finish(prev, gone, added)

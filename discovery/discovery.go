@@ -706,10 +706,17 @@ func (d *Discovery) rebuildLoop(ctx context.Context) {
 			case <-time.After(max(d.dur(rebuildGap), 10*time.Since(began))):
 			}
 		case <-t.C:
+			d.mu.Lock()
+			stale := time.Since(d.lastFull) >= d.dur(fullRebuildEvery)
+			d.mu.Unlock()
 			if d.resignDue() {
 				d.mu.Lock()
 				d.publishLocked()
 				d.mu.Unlock()
+				d.rebuild()
+			} else if stale {
+				// The check against every entry runs even when nothing
+				// was recorded as changed (it publishes nothing then).
 				d.rebuild()
 			}
 			d.antiEntropy(time.Now())
