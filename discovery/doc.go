@@ -56,7 +56,10 @@
 // that pass an entry on use fewer (relayRetransmitMult), and a host whose
 // metadata showed a newer version for pullGrace without the broadcast
 // arriving pulls the entry (at most maxPullsPerTick pulls per tick).
-// Snapshot rebuilds are coalesced (rebuildGap).
+// Snapshot rebuilds are coalesced (rebuildGap) and patch the previous
+// snapshot with the hosts recorded as changed, so that a change costs in
+// proportion to that host's services; a rebuild from every entry runs at
+// least every fullRebuildEvery.
 //
 // # Revocations and mesh addresses
 //
