@@ -158,6 +158,14 @@ func TestBench(t *testing.T) {
 
 	start := time.Now()
 	idle := r.idleRSS()
+	for _, c := range r.columns {
+		if c.name == VMesh {
+			r.rssParts(c, "idle at start")
+			if *flagPprof {
+				r.heapProfiles(c, "idle at start", "idle")
+			}
+		}
+	}
 	only := func(name string) bool { return *flagOnly == "" || slices.Contains(strings.Split(*flagOnly, ","), name) }
 	for _, s := range []struct {
 		name string
@@ -342,6 +350,26 @@ func procRSS(pid int) int64 {
 	}
 	n, _ := ParseVmRSS(string(b))
 	return n
+}
+
+// rssParts notes what a column's processes' RSS is made of: anonymous
+// memory (heap, stacks, runtime) and pages of the binary and libraries.
+func (r *run) rssParts(c *column, when string) {
+	for _, p := range c.procs {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.pid))
+		if err != nil {
+			continue
+		}
+		var parts []string
+		for _, l := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(l, ":"); ok && (k == "RssAnon" || k == "RssFile") {
+				parts = append(parts, k+" "+strings.Join(strings.Fields(v), " "))
+			}
+		}
+		msg := fmt.Sprintf("memory, %s on %s %s: %s", c.name, p.host, when, strings.Join(parts, ", "))
+		r.t.Log(msg)
+		r.report.Notes = append(r.report.Notes, msg)
+	}
 }
 
 // client runs a load client in the column's client host as nobody, bounded

@@ -462,7 +462,7 @@ func (r *run) memoryHold() {
 			r.report.Add(gMem, "idle proxied connections held", "conns", "higher", c.name, float64(res.Open))
 			r.report.Add(gMem, "time to open them", "s", "lower", c.name, res.Seconds)
 			if *flagPprof {
-				r.heapProfiles(c, res.Open)
+				r.heapProfiles(c, fmt.Sprintf("holding %d idle connections", res.Open), "hold")
 			}
 		}
 		stdin.Close()

@@ -283,15 +283,30 @@ func firstLines(s string, n int) string {
 	return strings.Join(lines[:min(n, len(lines))], "\n")
 }
 
-// heapProfiles saves the heap profiles of a column's proxies while they
-// hold n idle connections, and logs their goroutine counts and top
-// allocation sites: where the memory per connection goes.
-func (r *run) heapProfiles(c *column, n int) {
+// heapProfiles saves the heap profiles of a column's proxies (while they
+// do what says, e.g. "holding 10000 idle connections"; tag names the
+// file), and logs their goroutine counts and top allocation sites: where
+// the memory goes.
+func (r *run) heapProfiles(c *column, what, tag string) {
 	for host, sock := range c.controls {
 		g, err := fetchUnix(sock, "/debug/pprof/goroutine?debug=1", 30*time.Second)
 		if err == nil {
 			first := strings.SplitN(string(g), "\n", 2)[0]
-			msg := fmt.Sprintf("memory, %s on %s with %d idle connections: %s", c.name, host, n, first)
+			msg := fmt.Sprintf("memory, %s on %s %s: %s", c.name, host, what, first)
+			r.t.Log(msg)
+			r.report.Notes = append(r.report.Notes, msg)
+		}
+		if st, err := fetchUnix(sock, "/debug/pprof/heap?debug=1&gc=1", 30*time.Second); err == nil {
+			var parts []string
+			for _, l := range strings.Split(string(st), "\n") {
+				for _, k := range []string{"# HeapInuse = ", "# Stack = "} {
+					if v, ok := strings.CutPrefix(l, k); ok {
+						n, _ := strconv.ParseInt(strings.Fields(v)[0], 10, 64)
+						parts = append(parts, fmt.Sprintf("%s %.1f MB", strings.TrimSuffix(k[2:], " = "), float64(n)/(1<<20)))
+					}
+				}
+			}
+			msg := fmt.Sprintf("memory, %s on %s %s: %s", c.name, host, what, strings.Join(parts, ", "))
 			r.t.Log(msg)
 			r.report.Notes = append(r.report.Notes, msg)
 		}
@@ -306,7 +321,7 @@ func (r *run) heapProfiles(c *column, n int) {
 		}
 		os.MkdirAll(dir, 0o755)
 		stamp := strings.NewReplacer(":", "", "-", "").Replace(r.report.Date)
-		path := filepath.Join(dir, fmt.Sprintf("%s-%s-%s.heap.pprof", stamp, c.name, host))
+		path := filepath.Join(dir, fmt.Sprintf("%s-%s-%s-%s.heap.pprof", stamp, c.name, host, tag))
 		if err := os.WriteFile(path, b, 0o644); err != nil {
 			r.t.Log(err)
 			continue
@@ -316,7 +331,7 @@ func (r *run) heapProfiles(c *column, n int) {
 			r.t.Logf("pprof -top %s: %v: %s", path, err, top)
 			continue
 		}
-		r.t.Logf("heap of the %s proxy on %s holding %d idle connections (%s):\n%s", c.name, host, n, path, top)
+		r.t.Logf("heap of the %s proxy on %s %s (%s):\n%s", c.name, host, what, path, top)
 	}
 }
 

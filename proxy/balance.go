@@ -202,8 +202,7 @@ func (p *Proxy) outboundBalancedOpaque(c net.Conn, r route, peeked []byte) {
 			p.m.retries.WithLabelValues(dirOutbound, service, "tcp", "connect").Inc()
 			continue
 		}
-		p.relayMux(c, st, ep, peeked)
-		choice.Release()
+		p.relayMux(c, st, ep, peeked, choice.Release)
 		return
 	}
 	p.m.refused.WithLabelValues(dirOutbound, refuseNoEndpoint).Inc()

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
+	"syscall"
 )
 
 // Relay buffers grow with the traffic, as Istio's ztunnel does: a
@@ -46,13 +48,18 @@ func putBuf(b *[]byte) { peekPool.Put(b) }
 // whole TLS records of frames) gets reads of at most that much, rounded
 // down to whole records at the smaller buffer sizes.
 func copyGrowing(dst io.Writer, src io.Reader) (written int64, err error) {
-	level := 0
-	bp := bufPools[level].Get().(*[]byte)
-	defer func() { bufPools[level].Put(bp) }()
 	batch := 0
 	if b, ok := dst.(interface{ MaxBatch() int }); ok {
 		batch = b.MaxBatch()
 	}
+	if tc, ok := src.(*net.TCPConn); ok {
+		if rc, err := tc.SyscallConn(); err == nil {
+			return copyRaw(dst, rc, batch)
+		}
+	}
+	level := 0
+	bp := bufPools[level].Get().(*[]byte)
+	defer func() { bufPools[level].Put(bp) }()
 	for {
 		buf := *bp
 		if batch > 0 {
@@ -79,6 +86,75 @@ func copyGrowing(dst io.Writer, src io.Reader) (written int64, err error) {
 		}
 		if rerr != nil {
 			return written, rerr
+		}
+	}
+}
+
+// copyRaw is copyGrowing from a TCP socket, reading it through its
+// syscall.RawConn so that a connection waiting for bytes holds no buffer:
+// one is taken from the pool when the socket is readable and goes back
+// when a read finds it empty (EAGAIN), before the goroutine parks. Most
+// proxied connections are idle most of the time; each would otherwise park
+// holding its buffer. The reads are the ones net.Conn.Read makes (the same
+// poller, deadlines and EINTR handling), so nothing is read early or lost.
+func copyRaw(dst io.Writer, rc syscall.RawConn, batch int) (written int64, err error) {
+	level := 0
+	var bp *[]byte
+	defer func() {
+		if bp != nil {
+			bufPools[level].Put(bp)
+		}
+	}()
+	var nr int
+	var rerr error
+	read := func(fd uintptr) bool {
+		if bp == nil {
+			bp = bufPools[level].Get().(*[]byte)
+		}
+		buf := *bp
+		if batch > 0 {
+			buf = buf[:batchLen(len(buf), batch)]
+		}
+		for {
+			nr, rerr = syscall.Read(int(fd), buf)
+			if rerr != syscall.EINTR {
+				break
+			}
+		}
+		if rerr == syscall.EAGAIN {
+			bufPools[level].Put(bp)
+			bp = nil
+			return false // park until readable, then call again
+		}
+		return true
+	}
+	for {
+		if err := rc.Read(read); err != nil {
+			return written, err
+		}
+		if rerr != nil {
+			return written, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
+		}
+		if nr <= 0 {
+			return written, nil // EOF
+		}
+		buf := *bp
+		nw, werr := dst.Write(buf[:nr])
+		written += int64(nw)
+		if werr != nil {
+			return written, werr
+		}
+		if nw != nr {
+			return written, io.ErrShortWrite
+		}
+		full := len(buf)
+		if batch > 0 {
+			full = batchLen(len(buf), batch)
+		}
+		if nr == full && level < len(bufSizes)-1 {
+			bufPools[level].Put(bp)
+			bp = nil
+			level++
 		}
 	}
 }

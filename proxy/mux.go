@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"crypto/tls"
@@ -155,7 +156,7 @@ func (p *Proxy) outboundMux(c net.Conn, ep Endpoint, dst netip.AddrPort, peeked 
 		resetConn(c)
 		return
 	}
-	p.relayMux(c, st, ep, peeked)
+	p.relayMux(c, st, ep, peeked, nil)
 }
 
 // openMuxStream opens a stream to ep for dst's port and waits until the
@@ -185,18 +186,29 @@ func (p *Proxy) openMuxStream(ep Endpoint, dst netip.AddrPort) (st *mux.Stream, 
 }
 
 // relayMux relays the app connection c over an accepted stream, the
-// detection's peeked bytes first.
-func (p *Proxy) relayMux(c net.Conn, st *mux.Stream, ep Endpoint, peeked []byte) {
+// detection's peeked bytes first. The relay goes on in a goroutine of its
+// own (relayStream) after relayMux returns; then runs when it has ended.
+func (p *Proxy) relayMux(c net.Conn, st *mux.Stream, ep Endpoint, peeked []byte, then func()) {
 	if len(peeked) > 0 {
 		if _, err := st.Write(peeked); err != nil {
 			st.Reset(mux.CodeCancel)
 			c.Close()
+			if then != nil {
+				then()
+			}
 			return
 		}
 	}
 	t := p.m.openTCP(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
-	in, out := relayStream(c, st)
-	t.close(in+int64(len(peeked)), out)
+	sent := int64(len(peeked))
+	p.handOff(c)
+	relayStream(c, st, func(in, out int64) {
+		t.close(in+sent, out)
+		if then != nil {
+			then()
+		}
+		p.untrack(c)
+	})
 }
 
 // serveMux serves a peer proxy's mux session: each stream names a local
@@ -242,28 +254,78 @@ func (p *Proxy) muxStream(st *mux.Stream, clientID string) {
 		st.Reset(mux.CodeRefused)
 		return
 	}
-	defer p.untrack(up)
 	if err := st.Accept(); err != nil {
+		p.untrack(up)
 		return
 	}
 	t := p.m.openTCP(connLabels{direction: dirInbound, service: r.svc.Name, clientID: clientID, tls: tlsTrue})
-	fromSvc, fromStream := relayStream(up, st)
-	t.close(fromStream, fromSvc)
+	relayStream(up, st, func(fromSvc, fromStream int64) {
+		t.close(fromStream, fromSvc)
+		p.untrack(up)
+	})
 }
 
 // relayStream copies between a TCP connection c and a mux stream in both
 // directions, each ending on its own: c's EOF half-closes the stream (the
 // peer's service reads EOF, and may go on writing), the stream's END_STREAM
-// half-closes c. A reset on either side resets the other. It returns the
-// bytes read from c and from the stream.
-func relayStream(c net.Conn, st *mux.Stream) (fromConn, fromStream int64) {
-	ch := make(chan int64, 1)
-	go func() { ch <- copyConnToStream(st, c) }()
-	fromStream = copyStreamToConn(c, st)
-	fromConn = <-ch
-	st.Close()
-	c.Close()
-	return fromConn, fromStream
+// half-closes c. A reset on either side resets the other. When both
+// directions have ended it closes both and calls done with the bytes read
+// from c and from the stream.
+//
+// It returns at once: the relay runs in a goroutine of its own, so the
+// handler's goroutine, whose stack grew deep accepting, detecting, dialing
+// and authorizing, ends, and the relay, idle most of its life, waits on a
+// fresh shallow stack (2–4 KiB, not 8). The stream's bytes are written to c
+// by the stream's sink, which runs only while there are some: an idle relay
+// is one goroutine waiting on c with no buffer (copyGrowing).
+func relayStream(c net.Conn, st *mux.Stream, done func(fromConn, fromStream int64)) {
+	r := &streamRelay{c: c, st: st, done: done}
+	r.left.Store(2)
+	st.Sink(c, r.sunk)
+	go r.fromConn()
+}
+
+// streamRelay is one relayStream: whichever direction ends last closes
+// both sides and reports.
+type streamRelay struct {
+	c                    net.Conn
+	st                   *mux.Stream
+	done                 func(fromConn, fromStream int64)
+	left                 atomic.Int32
+	nFromConn, nFromSink int64
+}
+
+// fromConn copies c into the stream.
+func (r *streamRelay) fromConn() {
+	r.nFromConn = copyConnToStream(r.st, r.c)
+	r.end()
+}
+
+// sunk is the stream's sink's end: it half-closes c after the peer's
+// END_STREAM, resets c after a reset, and resets the stream when c failed.
+func (r *streamRelay) sunk(n int64, err error) {
+	switch {
+	case err == nil:
+		if cw, ok := r.c.(closeWriter); ok {
+			cw.CloseWrite()
+		}
+	case errors.As(err, new(*mux.ResetError)):
+		resetConn(r.c)
+	default:
+		r.st.Reset(mux.CodeCancel)
+		r.c.Close()
+	}
+	r.nFromSink = n
+	r.end()
+}
+
+func (r *streamRelay) end() {
+	if r.left.Add(-1) != 0 {
+		return
+	}
+	r.st.Close()
+	r.c.Close()
+	r.done(r.nFromConn, r.nFromSink)
 }
 
 // copyConnToStream copies the connection's bytes into the stream, then
@@ -279,26 +341,6 @@ func copyConnToStream(st *mux.Stream, c net.Conn) int64 {
 		return n
 	}
 	st.CloseWrite()
-	return n
-}
-
-// copyStreamToConn copies the stream's bytes to the connection, then
-// half-closes it; a reset stream resets the connection.
-func copyStreamToConn(c net.Conn, st *mux.Stream) int64 {
-	n, err := copyGrowing(c, st)
-	if err != nil {
-		var re *mux.ResetError
-		if errors.As(err, &re) {
-			resetConn(c)
-		} else {
-			st.Reset(mux.CodeCancel)
-			c.Close()
-		}
-		return n
-	}
-	if cw, ok := c.(closeWriter); ok {
-		cw.CloseWrite()
-	}
 	return n
 }
 

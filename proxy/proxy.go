@@ -96,7 +96,7 @@ type Proxy struct {
 	outLn     net.Listener
 	outLn6    net.Listener // [::1] at the outbound port, when IPv6 loopback exists
 	inLn      net.Listener
-	conns     map[net.Conn]struct{}
+	conns     map[net.Conn]bool // tracked connections: true once handed off (handOff)
 	draining  bool
 	closed    bool
 	connsDone chan struct{} // closed when conns becomes empty while draining
@@ -130,7 +130,7 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		routes:   newRouteTable(cfg),
 		warns:    newWarnLimiter(time.Minute),
 		sessions: tls.NewLRUClientSessionCache(1024),
-		conns:    make(map[net.Conn]struct{}),
+		conns:    make(map[net.Conn]bool),
 		origDst:  originalDst,
 	}
 	if p.log == nil {
@@ -311,8 +311,8 @@ func (p *Proxy) acceptLoop(ln net.Listener, handle func(*net.TCPConn)) error {
 			continue
 		}
 		go func() {
-			defer p.untrack(tc)
 			handle(tc)
+			p.handlerDone(tc)
 		}()
 	}
 }
@@ -324,14 +324,40 @@ func (p *Proxy) track(c net.Conn) bool {
 	if p.closed {
 		return false
 	}
-	p.conns[c] = struct{}{}
+	p.conns[c] = false
 	p.wg.Add(1)
 	return true
+}
+
+// handOff takes an accepted connection from its handler: a relay that
+// outlives the handler's goroutine (relayStream) calls untrack itself when
+// it ends.
+func (p *Proxy) handOff(c net.Conn) {
+	p.mu.Lock()
+	if _, ok := p.conns[c]; ok {
+		p.conns[c] = true
+	}
+	p.mu.Unlock()
+}
+
+// handlerDone untracks an accepted connection when its handler returns,
+// unless the handler handed it off.
+func (p *Proxy) handlerDone(c net.Conn) {
+	p.mu.Lock()
+	handedOff := p.conns[c]
+	p.mu.Unlock()
+	if !handedOff {
+		p.untrack(c)
+	}
 }
 
 func (p *Proxy) untrack(c net.Conn) {
 	c.Close()
 	p.mu.Lock()
+	if _, ok := p.conns[c]; !ok {
+		p.mu.Unlock()
+		return
+	}
 	delete(p.conns, c)
 	if p.draining && len(p.conns) == 0 && p.connsDone != nil {
 		close(p.connsDone)

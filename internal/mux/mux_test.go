@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -163,3 +164,163 @@ func TestResetIsolated(t *testing.T) {
 		t.Errorf("another stream after a reset: %q, %v", b, err)
 	}
 }
+
+// sinkResult is what a Sink's done reported.
+type sinkResult struct {
+	n   int64
+	err error
+}
+
+// A sink receives everything, more than one window of it, then the
+// half-close; the server writes its answer after that (half-close exact).
+func TestSinkHalfClose(t *testing.T) {
+	res := make(chan sinkResult, 1)
+	h := sha256.New()
+	cli := pair(t, Config{StreamWindow: 64 << 10}, func(st *Stream) {
+		st.Accept()
+		st.Sink(h, func(n int64, err error) {
+			st.Write([]byte("after your FIN"))
+			st.CloseWrite()
+			res <- sinkResult{n, err}
+		})
+	})
+	st, err := cli.Open(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("sunk "), 1_000_000) // 5 MB: 80 windows
+	if _, err := st.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	st.CloseWrite()
+	r := <-res
+	if r.err != nil || r.n != int64(len(data)) {
+		t.Fatalf("sink done with %d bytes, %v; want %d, nil", r.n, r.err, len(data))
+	}
+	if sha256.Sum256(data) != [32]byte(h.Sum(nil)) {
+		t.Error("the sink's bytes differ from those sent")
+	}
+	if b, err := io.ReadAll(st); err != nil || string(b) != "after your FIN" {
+		t.Errorf("read after the half-close: %q, %v", b, err)
+	}
+}
+
+// A reset reaches the sink's done; a failing writer ends the sink with
+// its error, once.
+func TestSinkResetAndWriteError(t *testing.T) {
+	res := make(chan sinkResult, 2)
+	cli := pair(t, Config{}, func(st *Stream) {
+		st.Accept()
+		var w io.Writer = io.Discard
+		if st.Header()[0] == 'f' {
+			w = failWriter{}
+		}
+		st.Sink(w, func(n int64, err error) { res <- sinkResult{n, err} })
+	})
+	r, _ := cli.Open([]byte("r"))
+	r.Write([]byte("some"))
+	r.Reset(CodeCancel)
+	got := <-res
+	var re *ResetError
+	if !errors.As(got.err, &re) || !re.Remote || re.Code != CodeCancel {
+		t.Errorf("sink of a stream the peer reset ended with %v", got.err)
+	}
+	f, _ := cli.Open([]byte("f"))
+	f.Write([]byte("a"))
+	f.Write([]byte("b"))
+	if got := <-res; !errors.Is(got.err, errFail) {
+		t.Errorf("sink into a failing writer ended with %v", got.err)
+	}
+	f.Write([]byte("c"))
+	f.CloseWrite()
+	select {
+	case got := <-res:
+		t.Errorf("done called again: %v", got)
+	case <-time.After(100 * time.Millisecond):
+	}
+}
+
+var errFail = errors.New("fail")
+
+type failWriter struct{}
+
+func (failWriter) Write([]byte) (int, error) { return 0, errFail }
+
+// Idle sinking streams hold no goroutine: the sink's goroutine runs only
+// while there is something to write.
+func TestSinkIdleHoldsNoGoroutine(t *testing.T) {
+	const n = 200
+	var wg sync.WaitGroup
+	wg.Add(n)
+	cli := pair(t, Config{MaxStreams: 2 * n}, func(st *Stream) {
+		st.Accept()
+		st.Sink(io.Discard, func(int64, error) {})
+		wg.Done()
+	})
+	streams := make([]*Stream, n)
+	for i := range streams {
+		st, err := cli.Open(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Accepted(5 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+		st.Write([]byte("x")) // the sink ran once for each
+		streams[i] = st
+	}
+	wg.Wait()
+	deadline := time.Now().Add(5 * time.Second)
+	base := runtime.NumGoroutine()
+	for base > n/2 && time.Now().Before(deadline) {
+		runtime.Gosched()
+		base = runtime.NumGoroutine()
+	}
+	if base > n/2 {
+		t.Errorf("%d goroutines with %d idle sinking streams: they hold one each", base, n)
+	}
+}
+
+// Bytes being written by a sink are its own: a reset meanwhile does not
+// hand their chunk to another stream, which would overwrite them.
+func TestSinkChunksOwned(t *testing.T) {
+	entered, gate := make(chan struct{}), make(chan struct{})
+	got := make(chan []byte, 1)
+	var others sync.WaitGroup
+	cli := pair(t, Config{}, func(st *Stream) {
+		st.Accept()
+		if st.Header()[0] == 'b' {
+			st.Sink(writerFunc(func(b []byte) (int, error) {
+				close(entered)
+				<-gate // blocked mid-write while the stream is reset
+				got <- append([]byte(nil), b...)
+				return len(b), nil
+			}), func(int64, error) {})
+			return
+		}
+		io.Copy(io.Discard, st)
+		others.Done()
+	})
+	b, _ := cli.Open([]byte("b"))
+	want := bytes.Repeat([]byte{'b'}, 8<<10)
+	b.Write(want)
+	<-entered
+	b.Reset(CodeCancel)
+	// Other streams' data arrive after the reset (one connection: in
+	// order) and take chunks from the pool.
+	others.Add(20)
+	for range 20 {
+		o, _ := cli.Open([]byte("o"))
+		o.Write(bytes.Repeat([]byte{'o'}, 16<<10))
+		o.CloseWrite()
+	}
+	others.Wait()
+	close(gate)
+	if g := <-got; !bytes.Equal(g, want) {
+		t.Errorf("the sink wrote %d bytes not its stream's (first %q)", len(g), g[:min(8, len(g))])
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(b []byte) (int, error) { return f(b) }

@@ -40,6 +40,14 @@ type Stream struct {
 
 	rdl, wdl time.Time // deadlines
 	timer    *time.Timer
+
+	// Sink (instead of Read): where received bytes go, and the goroutine
+	// that writes them, running only while there is something to write.
+	sink      io.Writer
+	sinkDone  func(int64, error)
+	sunk      int64 // bytes written to sink
+	draining  bool  // the sink's goroutine is running
+	sinkEnded bool  // sinkDone was called
 }
 
 var _ net.Conn = (*Stream)(nil)
@@ -132,6 +140,7 @@ func (st *Stream) receive(data []byte, end bool) {
 		st.eof = true
 	}
 	st.readable.Broadcast()
+	st.kickLocked()
 	st.mu.Unlock()
 }
 
@@ -167,6 +176,113 @@ func (st *Stream) Read(b []byte) (int, error) {
 	st.mu.Unlock()
 	st.maybeDone()
 	return 0, io.EOF
+}
+
+// Sink hands what the peer sends to w instead of to Read: from a goroutine
+// that runs only while there are received bytes to write, so an idle
+// stream has no goroutine and no buffer waiting on it (a relay's reader
+// would hold both). The bytes are written from the chunks they arrived in
+// (no copy), all that is buffered in one write (a writev on a TCP
+// connection), and credited back to the peer once written, as Read does.
+//
+// done is called once, from that goroutine: with the bytes written and nil
+// after the peer's half-close (everything before it written), or with the
+// stream's *ResetError, or with w's write error (the caller then resets
+// the stream: what arrives meanwhile waits unwritten). Read must not be
+// used after Sink; deadlines do not apply to it.
+func (st *Stream) Sink(w io.Writer, done func(n int64, err error)) {
+	st.mu.Lock()
+	st.sink, st.sinkDone = w, done
+	st.kickLocked()
+	st.mu.Unlock()
+}
+
+// kickLocked starts the sink's goroutine when it is not running and has
+// something to do. Called with st.mu held.
+func (st *Stream) kickLocked() {
+	if st.sink == nil || st.draining || st.sinkEnded {
+		return
+	}
+	if st.buffered == 0 && !st.eof && st.reset == nil {
+		return
+	}
+	st.draining = true
+	go st.drain()
+}
+
+// drain writes buffered chunks to the sink until none are left, then ends
+// (or reports the end of the stream). The chunks it writes are detached
+// from the stream first: a reset meanwhile (drop) cannot hand them to
+// another stream while they are being written.
+func (st *Stream) drain() {
+	var bufs net.Buffers
+	var owned []*[]byte
+	for {
+		st.mu.Lock()
+		if st.buffered == 0 {
+			var err error
+			switch {
+			case st.reset != nil:
+				err = st.reset
+			case st.eof:
+			default:
+				st.draining = false
+				st.mu.Unlock()
+				return
+			}
+			st.sinkEnded = true
+			done, n := st.sinkDone, st.sunk
+			st.mu.Unlock()
+			if err == nil {
+				st.maybeDone()
+			}
+			done(n, err)
+			return
+		}
+		bufs, owned = bufs[:0], owned[:0]
+		for i, c := range st.chunks[st.head:] {
+			b := *c
+			if i == 0 {
+				b = b[st.off:]
+			}
+			bufs = append(bufs, b)
+			owned = append(owned, c)
+		}
+		total := st.buffered
+		clear(st.chunks)
+		st.chunks, st.head, st.off, st.buffered = st.chunks[:0], 0, 0, 0
+		w := st.sink
+		st.mu.Unlock()
+
+		n, werr := bufs.WriteTo(w)
+		for _, c := range owned {
+			chunkPool.Put(c)
+		}
+		clear(owned)
+
+		st.mu.Lock()
+		st.sunk += n
+		if werr == nil && n != int64(total) {
+			werr = io.ErrShortWrite
+		}
+		if werr != nil {
+			st.sinkEnded = true
+			done, sunk := st.sinkDone, st.sunk
+			st.mu.Unlock()
+			done(sunk, werr)
+			return
+		}
+		st.unacked += uint32(n)
+		var credit uint32
+		if st.unacked >= st.s.cfg.streamWindow()/4 && !st.eof && st.reset == nil {
+			credit, st.unacked = st.unacked, 0
+			st.recvLeft += credit
+		}
+		st.mu.Unlock()
+		if credit > 0 {
+			st.s.write(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(st.id, credit) })
+		}
+	}
 }
 
 // chunkSize is the size of the pooled chunks a stream buffers received data
@@ -339,6 +455,7 @@ func (st *Stream) finish(err *ResetError) bool {
 	st.wclosed = true
 	st.readable.Broadcast()
 	st.writable.Broadcast()
+	st.kickLocked()
 	if st.timer != nil {
 		st.timer.Stop()
 	}
