@@ -23,7 +23,10 @@
 // stream, which keeps it in pooled 16 KiB chunks until read: a chunk goes
 // back to the pool as soon as it is drained, so an idle stream holds none
 // and a busy one never grows, drops and regrows one large buffer (which
-// cost 12× in bulk throughput, BenchmarkBulk).
+// cost 12× in bulk throughput, BenchmarkBulk). A stream whose bytes go to
+// a socket (Stream.Sink, what a relay uses) is written by the read loop
+// itself while the socket takes them, and otherwise by a goroutine that
+// lives only while bytes are queued.
 package mux
 
 import (

@@ -324,3 +324,76 @@ func TestSinkChunksOwned(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(b []byte) (int, error) { return f(b) }
+
+// A sink that is a socket is written directly from the read loop while it
+// takes the bytes; when its reader stalls, the rest queues for the sink's
+// goroutine, in order, and nothing else on the session stalls.
+func TestSinkSocketStalls(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	type result struct {
+		sum [32]byte
+		err error
+	}
+	read := make(chan struct{})
+	got := make(chan result, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- result{err: err}
+			return
+		}
+		defer c.Close()
+		<-read // stall until the sender is far ahead of the socket buffers
+		h := sha256.New()
+		_, err = io.Copy(h, c)
+		got <- result{[32]byte(h.Sum(nil)), err}
+	}()
+	sock, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan sinkResult, 1)
+	cli := pair(t, Config{StreamWindow: 256 << 10}, func(st *Stream) {
+		st.Accept()
+		if st.Header()[0] == 'e' {
+			echo(st)
+			return
+		}
+		st.Sink(sock, func(n int64, err error) {
+			sock.(*net.TCPConn).CloseWrite()
+			done <- sinkResult{n, err}
+		})
+	})
+	st, _ := cli.Open([]byte("s"))
+	data := make([]byte, 16<<20)
+	for i := range data {
+		data[i] = byte(i * 7 / 3)
+	}
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := st.Write(data)
+		st.CloseWrite()
+		wrote <- err
+	}()
+	// While the sink's socket is stalled, another stream still works.
+	e, _ := cli.Open([]byte("e"))
+	e.Write([]byte("not stalled"))
+	e.CloseWrite()
+	if b, err := io.ReadAll(e); err != nil || string(b) != "not stalled" {
+		t.Errorf("another stream while a sink stalls: %q, %v", b, err)
+	}
+	close(read)
+	if err := <-wrote; err != nil {
+		t.Fatal(err)
+	}
+	if r := <-done; r.err != nil || r.n != int64(len(data)) {
+		t.Fatalf("sink done: %d bytes, %v", r.n, r.err)
+	}
+	if r := <-got; r.err != nil || r.sum != sha256.Sum256(data) {
+		t.Errorf("the socket received other bytes than sent (%v)", r.err)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -44,6 +45,7 @@ type Stream struct {
 	// Sink (instead of Read): where received bytes go, and the goroutine
 	// that writes them, running only while there is something to write.
 	sink      io.Writer
+	sinkRaw   syscall.RawConn // the sink's socket, written directly when idle
 	sinkDone  func(int64, error)
 	sunk      int64 // bytes written to sink
 	draining  bool  // the sink's goroutine is running
@@ -122,6 +124,27 @@ func (st *Stream) receive(data []byte, end bool) {
 		return
 	}
 	st.recvLeft -= uint32(len(data))
+	if len(data) > 0 && st.sinkRaw != nil && !st.draining && !st.sinkEnded && st.buffered == 0 {
+		// Nothing queued and a socket to write to: try the write here,
+		// without waiting, and hand to the sink's goroutine only what the
+		// socket did not take. Most of the time that is nothing: no
+		// hand-off, no goroutine, no copy.
+		st.draining = true
+		st.mu.Unlock()
+		n := writeNow(st.sinkRaw, data)
+		st.mu.Lock()
+		st.draining = false
+		st.sunk += int64(n)
+		data = data[n:]
+		if credit := st.creditLocked(n); credit > 0 {
+			st.s.writeAsync(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(st.id, credit) })
+		}
+		if st.reset != nil {
+			st.kickLocked() // report the reset that came meanwhile
+			st.mu.Unlock()
+			return
+		}
+	}
 	st.buffered += len(data)
 	for len(data) > 0 {
 		var c *[]byte
@@ -156,12 +179,7 @@ func (st *Stream) Read(b []byte) (int, error) {
 	}
 	if st.buffered > 0 {
 		n := st.take(b)
-		st.unacked += uint32(n)
-		var credit uint32
-		if st.unacked >= st.s.cfg.streamWindow()/4 && !st.eof && st.reset == nil {
-			credit, st.unacked = st.unacked, 0
-			st.recvLeft += credit
-		}
+		credit := st.creditLocked(n)
 		st.mu.Unlock()
 		if credit > 0 {
 			st.s.write(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(st.id, credit) })
@@ -178,21 +196,27 @@ func (st *Stream) Read(b []byte) (int, error) {
 	return 0, io.EOF
 }
 
-// Sink hands what the peer sends to w instead of to Read: from a goroutine
-// that runs only while there are received bytes to write, so an idle
-// stream has no goroutine and no buffer waiting on it (a relay's reader
-// would hold both). The bytes are written from the chunks they arrived in
-// (no copy), all that is buffered in one write (a writev on a TCP
-// connection), and credited back to the peer once written, as Read does.
+// Sink hands what the peer sends to w instead of to Read. When w is a
+// socket (a syscall.Conn) and nothing is queued, the session's read loop
+// writes each DATA frame to it at once, without waiting for room: no
+// hand-off, no copy. What the socket does not take is queued in the chunks
+// it arrived in and written by a goroutine that runs only while there is a
+// queue, all of it in one write (a writev on a TCP connection); the read
+// loop never blocks on a sink. An idle stream thus has no goroutine and no
+// buffer waiting on it (a relay's reader would hold both). Bytes are
+// credited back to the peer once written, as Read does.
 //
-// done is called once, from that goroutine: with the bytes written and nil
-// after the peer's half-close (everything before it written), or with the
-// stream's *ResetError, or with w's write error (the caller then resets
-// the stream: what arrives meanwhile waits unwritten). Read must not be
-// used after Sink; deadlines do not apply to it.
+// done is called once, from the sink's goroutine: with the bytes written
+// and nil after the peer's half-close (everything before it written), or
+// with the stream's *ResetError, or with w's write error (the caller then
+// resets the stream: what arrives meanwhile waits unwritten). Read must
+// not be used after Sink; deadlines do not apply to it.
 func (st *Stream) Sink(w io.Writer, done func(n int64, err error)) {
 	st.mu.Lock()
 	st.sink, st.sinkDone = w, done
+	if sc, ok := w.(syscall.Conn); ok {
+		st.sinkRaw, _ = sc.SyscallConn()
+	}
 	st.kickLocked()
 	st.mu.Unlock()
 }
@@ -272,17 +296,44 @@ func (st *Stream) drain() {
 			done(sunk, werr)
 			return
 		}
-		st.unacked += uint32(n)
-		var credit uint32
-		if st.unacked >= st.s.cfg.streamWindow()/4 && !st.eof && st.reset == nil {
-			credit, st.unacked = st.unacked, 0
-			st.recvLeft += credit
-		}
+		credit := st.creditLocked(int(n))
 		st.mu.Unlock()
 		if credit > 0 {
 			st.s.write(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(st.id, credit) })
 		}
 	}
+}
+
+// creditLocked records n bytes consumed (read or written to the sink) and
+// returns the credit to send the peer now: none until a quarter of the
+// window is owed. Called with st.mu held.
+func (st *Stream) creditLocked(n int) uint32 {
+	st.unacked += uint32(n)
+	if st.unacked < st.s.cfg.streamWindow()/4 || st.eof || st.reset != nil {
+		return 0
+	}
+	credit := st.unacked
+	st.unacked = 0
+	st.recvLeft += credit
+	return credit
+}
+
+// writeNow writes b to a socket without waiting for room: what the socket
+// takes now, possibly nothing (an error is left to a blocking write to
+// find and report).
+func writeNow(rc syscall.RawConn, b []byte) int {
+	n := 0
+	rc.Write(func(fd uintptr) bool {
+		for {
+			m, err := syscall.Write(int(fd), b)
+			if err == syscall.EINTR {
+				continue
+			}
+			n = max(m, 0)
+			return true // never wait
+		}
+	})
+	return n
 }
 
 // chunkSize is the size of the pooled chunks a stream buffers received data
