@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,17 +36,28 @@ func (p *Proxy) muxAcceptTimeout() time.Duration { return p.cfg.ConnectTimeout +
 // muxPool holds the client sessions to peer proxies, per (peer proxy,
 // service, identity): the TLS handshake names the service and checks the
 // identity, so a session carries one service's streams.
+//
+// A session's frames are encrypted and decrypted by one goroutine at a
+// time on each side (one writer at a time, one read loop), so one session
+// can use at most one core. Streams to a peer are therefore spread over up
+// to spread sessions (the number of cores): a new stream goes to the
+// session carrying the fewest, and another session is dialed while every
+// one carries some and there are fewer than spread.
 type muxPool struct {
-	p  *Proxy
-	mu sync.Mutex
-	ss map[peerKey][]*mux.Session
+	p      *Proxy
+	spread int
+	mu     sync.Mutex
+	ss     map[peerKey][]*mux.Session
+	// dialing counts sessions being dialed per key (as sessions with
+	// streams: streams opened meanwhile do not each dial one).
+	dialing map[peerKey]int
 	// closed: Close ran; no new sessions.
 	closed    bool
 	lastSweep time.Time
 }
 
 func newMuxPool(p *Proxy) *muxPool {
-	return &muxPool{p: p, ss: make(map[peerKey][]*mux.Session)}
+	return &muxPool{p: p, spread: max(1, runtime.GOMAXPROCS(0)), ss: make(map[peerKey][]*mux.Session), dialing: make(map[peerKey]int)}
 }
 
 // open opens a stream to ep carrying header, on a pooled session with room
@@ -54,12 +66,18 @@ func newMuxPool(p *Proxy) *muxPool {
 func (mp *muxPool) open(ctx context.Context, ep Endpoint, header []byte) (st *mux.Stream, dialed bool, err error) {
 	k := peerKey{ep.ProxyAddr, ep.Service, ep.Identity}
 	for attempt := 0; attempt < 2; attempt++ {
-		s := mp.session(k)
-		if s == nil {
-			if s, err = mp.dial(ctx, k, ep); err != nil {
-				return nil, true, err
+		s, spread := mp.session(k)
+		if s == nil || spread {
+			ns, derr := mp.dial(ctx, k, ep)
+			switch {
+			case derr == nil:
+				s, dialed = ns, true
+			case s == nil:
+				return nil, true, derr
+			default:
+				// Spreading failed; the session there is still good.
+				mp.p.log.Debug("dialing another mux session failed", "peer", ep.ProxyAddr, "err", derr)
 			}
-			dialed = true
 		}
 		if st, err = s.Open(header); err == nil {
 			return st, dialed, nil
@@ -69,21 +87,25 @@ func (mp *muxPool) open(ctx context.Context, ep Endpoint, header []byte) (st *mu
 	return nil, dialed, errors.New("no mux session to the peer took the stream")
 }
 
-// session returns a live session to k with room for a stream, dropping
-// dead ones and closing sessions idle for longer than muxIdle.
-func (mp *muxPool) session(k peerKey) *mux.Session {
+// session returns the live session to k with room for a stream that
+// carries the fewest (nil: none), and whether to dial another to spread
+// the streams; it drops dead sessions and closes those idle for longer
+// than muxIdle.
+func (mp *muxPool) session(k peerKey) (best *mux.Session, spread bool) {
 	now := time.Now()
 	mp.mu.Lock()
 	defer mp.mu.Unlock()
 	if now.Sub(mp.lastSweep) > muxIdle/4 {
 		mp.sweepLocked(now)
 	}
+	fewest := 0
 	for _, s := range mp.ss[k] {
-		if s.Available() {
-			return s
+		if n, ok := s.Load(); ok && (best == nil || n < fewest) {
+			best, fewest = s, n
 		}
 	}
-	return nil
+	spread = best != nil && fewest > 0 && len(mp.ss[k])+mp.dialing[k] < mp.spread
+	return best, spread
 }
 
 func (mp *muxPool) sweepLocked(now time.Time) {
@@ -110,7 +132,15 @@ func (mp *muxPool) sweepLocked(now time.Time) {
 }
 
 func (mp *muxPool) dial(ctx context.Context, k peerKey, ep Endpoint) (*mux.Session, error) {
+	mp.mu.Lock()
+	mp.dialing[k]++
+	mp.mu.Unlock()
 	tc, err := mp.p.dialTransport(ctx, ep, alpnMux)
+	mp.mu.Lock()
+	if mp.dialing[k]--; mp.dialing[k] == 0 {
+		delete(mp.dialing, k)
+	}
+	mp.mu.Unlock()
 	if err != nil {
 		return nil, err
 	}

@@ -114,3 +114,38 @@ func TestOpaqueStalledStreamDoesNotBlockOthers(t *testing.T) {
 		t.Errorf("%d connections to the peer proxy, want 1 (both streams on one)", got)
 	}
 }
+
+// Concurrent opaque connections to one peer are spread over as many
+// sessions as there are cores (one session encrypts on one core at a
+// time), the fewest-loaded first; never more.
+func TestOpaqueStreamsSpreadOverSessions(t *testing.T) {
+	backend := echoServer(t)
+	svc := LocalService{Name: "redis", Port: 6379, Target: backend, Protocol: "opaque"}
+	d := &recordingDialer{}
+	a, _, _ := meshPair(t, []LocalService{svc}, proxyOpts{dialer: d}, proxyOpts{})
+	a.p.muxes.spread = 2
+	for i := range 6 {
+		c := a.dialOut(t, appAddr(6379)) // left open: its stream stays
+		msg := []byte(fmt.Sprintf("PING %d\r\n", i))
+		c.Write(msg)
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("connection %d: echo %q, %v", i, got, err)
+		}
+	}
+	if got := d.count(); got != 2 {
+		t.Errorf("%d sessions (mTLS handshakes) for 6 concurrent opaque connections with spread 2, want 2", got)
+	}
+	a.p.muxes.mu.Lock()
+	var loads []int
+	for _, list := range a.p.muxes.ss {
+		for _, s := range list {
+			n, _ := s.Load()
+			loads = append(loads, n)
+		}
+	}
+	a.p.muxes.mu.Unlock()
+	if len(loads) != 2 || loads[0] != 3 || loads[1] != 3 {
+		t.Errorf("streams per session %v, want [3 3]", loads)
+	}
+}

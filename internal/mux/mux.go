@@ -250,6 +250,14 @@ func (s *Session) Available() bool {
 	return !s.closed && !s.goaway && len(s.streams) < s.cfg.maxStreams() && s.nextID < 1<<31-1
 }
 
+// Load returns the streams open now and whether Open can take another.
+func (s *Session) Load() (streams int, available bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := len(s.streams)
+	return n, !s.closed && !s.goaway && n < s.cfg.maxStreams() && s.nextID < 1<<31-1
+}
+
 // IdleSince returns when the session's last stream ended, or the zero time
 // while streams are open.
 func (s *Session) IdleSince() time.Time {
