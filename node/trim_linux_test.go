@@ -2,6 +2,7 @@ package node
 
 import (
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -35,5 +36,38 @@ func TestPageOutExecutable(t *testing.T) {
 	t.Logf("advised %d KB; file-backed PSS %d KB -> %d KB", n>>10, before, after)
 	if n == 0 || after >= before/2 {
 		t.Errorf("file-backed PSS %d KB -> %d KB after paging out %d KB of the executable; want it at least halved", before, after, n>>10)
+	}
+	// Its read-only mappings are advised random (VmFlags "rr": no
+	// fault-around); its writable data is left alone.
+	exe, _ := os.Readlink("/proc/self/exe")
+	smaps, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var head []string
+	readOnly := 0
+	for _, l := range strings.Split(string(smaps), "\n") {
+		if fs := strings.Fields(l); len(fs) >= 5 && strings.Contains(fs[0], "-") && len(fs[1]) == 4 {
+			head = fs
+			continue
+		}
+		flags, ok := strings.CutPrefix(l, "VmFlags:")
+		if !ok || len(head) < 6 || head[5] != exe {
+			continue
+		}
+		rr := slices.Contains(strings.Fields(flags), "rr")
+		if head[1][1] == 'w' {
+			if rr {
+				t.Errorf("writable mapping %s advised random", head[0])
+			}
+			continue
+		}
+		readOnly++
+		if !rr {
+			t.Errorf("read-only mapping %s %s not advised random (fault-around on)", head[0], head[1])
+		}
+	}
+	if readOnly == 0 {
+		t.Errorf("no read-only mapping of %s found", exe)
 	}
 }

@@ -66,9 +66,6 @@ func runAgent(cfg node.Config, path string, dev bool) error {
 	level := new(slog.LevelVar)
 	level.Set(node.ParseLevel(cfg.Node.LogLevel))
 	log := node.NewLevelLogger(os.Stderr, level, cfg.Node.LogFormat)
-	if _, err := mapOnlyWhatRuns(); err != nil {
-		log.Debug("advising the binary's mappings", "err", err)
-	}
 	a, err := node.New(node.Options{Config: cfg, ConfigPath: path, Logger: log, LogLevel: level,
 		Version: agentVersion(), Dev: dev})
 	if err != nil {
