@@ -39,6 +39,12 @@
 //     fields, at most 1 KiB), the peer accepts the stream once it reached
 //     the service or resets it (the app connection is then reset), END_STREAM
 //     is a FIN in each direction on its own, a reset is a reset both ways.
+//     Streams to a peer are spread over up to one session per core (a
+//     session encrypts on one core at a time). Each side of a relay is one
+//     goroutine, started fresh once the handler is done (its stack stays
+//     small), that waits on the TCP socket holding no buffer; the stream's
+//     bytes are written to the socket by the session's read loop, or by a
+//     goroutine that lives only while the socket is full (mux.Stream.Sink).
 //     Without multiplexing: a dedicated mTLS connection (ALPN
 //     "vmesh.transport/v1"), the transport header, then the bytes. Both are
 //     TCP connections in the metrics, never requests.
