@@ -76,7 +76,9 @@ func TestOpaqueStalledStreamDoesNotBlockOthers(t *testing.T) {
 	// a proxy's Close waits for relays blocked writing to it.
 	t.Cleanup(func() { close(stalled) })
 	// Pools are per (peer, service identity): address the sink as the echo
-	// service so both streams share one pooled connection.
+	// service so both streams share one pooled connection (one session:
+	// no spreading over cores).
+	a.p.muxes.spread = 1
 	ep := a.cat.Resolve(appAddr(7001)).Endpoint
 	ep.Addr = appAddr(7000)
 	a.cat.add(ep)

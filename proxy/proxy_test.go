@@ -716,6 +716,30 @@ func TestShutdownDrains(t *testing.T) {
 	}
 }
 
+// A relay outlives the goroutine that accepted its connection (it runs on
+// its own): when it ends it must still be untracked, or Shutdown would wait
+// for it until its deadline.
+func TestShutdownAfterRelaysEnd(t *testing.T) {
+	backend := echoServer(t)
+	a, _, _ := meshPair(t, []LocalService{{Name: "db", Port: 5432, Target: backend}}, proxyOpts{}, proxyOpts{})
+	for i := range 5 {
+		c := a.dialOut(t, appAddr(5432))
+		msg := fmt.Sprintf("%d\n", i)
+		c.Write([]byte(msg))
+		if l, err := bufio.NewReader(c).ReadString('\n'); err != nil || l != msg {
+			t.Fatalf("echo %q, %v", l, err)
+		}
+		c.CloseWrite()
+		io.Copy(io.Discard, c) // the relay ends both ways
+		c.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := a.p.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown with every relay ended: %v", err)
+	}
+}
+
 func TestRequestTimeout(t *testing.T) {
 	ln := listenLocal(t)
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
