@@ -18,9 +18,8 @@ import (
 // those the running agent needs fault back in from the page cache, so RSS
 // becomes the working set. The read-only mappings (code, constants, tables)
 // are first advised MADV_RANDOM, which turns fault-around off for them: a
-// page used later is mapped alone, not with the 64 KiB around it (the idle
-// CA host of the benchmarks mapped 10–14 MB of the binary back in after
-// start-up without it). It returns the bytes paged out.
+// page used later is mapped alone, not with the 64 KiB around it. It
+// returns the bytes paged out.
 func pageOutExecutable() (int64, error) {
 	exe, err := os.Readlink("/proc/self/exe")
 	if err != nil {
