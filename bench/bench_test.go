@@ -361,9 +361,9 @@ func (r *run) rssParts(c *column, when string) {
 			continue
 		}
 		var parts []string
-		for _, l := range strings.Split(string(b), "\n") {
-			if k, v, ok := strings.Cut(l, ":"); ok && (k == "RssAnon" || k == "RssFile") {
-				parts = append(parts, k+" "+strings.Join(strings.Fields(v), " "))
+		for _, k := range []string{"RssAnon", "RssFile"} {
+			if n, err := ParseStatusBytes(string(b), k); err == nil {
+				parts = append(parts, fmt.Sprintf("%s %d kB", k, n>>10))
 			}
 		}
 		msg := fmt.Sprintf("memory, %s on %s %s: %s", c.name, p.host, when, strings.Join(parts, ", "))

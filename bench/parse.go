@@ -214,23 +214,27 @@ func ParseProcStat(stat string) (int64, error) {
 }
 
 // ParseVmRSS returns VmRSS in bytes from the content of /proc/<pid>/status.
-func ParseVmRSS(status string) (int64, error) {
+func ParseVmRSS(status string) (int64, error) { return ParseStatusBytes(status, "VmRSS") }
+
+// ParseStatusBytes returns the value of a "kB" line of /proc/<pid>/status
+// (VmRSS, RssAnon, RssFile, …) in bytes.
+func ParseStatusBytes(status, key string) (int64, error) {
 	sc := bufio.NewScanner(strings.NewReader(status))
 	for sc.Scan() {
 		line := sc.Text()
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if rest, ok := strings.CutPrefix(line, key+":"); ok {
 			f := strings.Fields(rest)
 			if len(f) != 2 || f[1] != "kB" {
-				return 0, fmt.Errorf("parsing VmRSS line %q", line)
+				return 0, fmt.Errorf("parsing %s line %q", key, line)
 			}
 			kb, err := strconv.ParseInt(f[0], 10, 64)
 			if err != nil {
-				return 0, fmt.Errorf("parsing VmRSS line %q: %w", line, err)
+				return 0, fmt.Errorf("parsing %s line %q: %w", key, line, err)
 			}
 			return kb * 1024, nil
 		}
 	}
-	return 0, fmt.Errorf("no VmRSS in status")
+	return 0, fmt.Errorf("no %s in status", key)
 }
 
 // H2loadResult is what the harness keeps of one h2load run.

@@ -48,37 +48,23 @@ func putBuf(b *[]byte) { peekPool.Put(b) }
 // whole TLS records of frames) gets reads of at most that much, rounded
 // down to whole records at the smaller buffer sizes.
 func copyGrowing(dst io.Writer, src io.Reader) (written int64, err error) {
-	batch := 0
+	rb := relayBuf{}
 	if b, ok := dst.(interface{ MaxBatch() int }); ok {
-		batch = b.MaxBatch()
+		rb.batch = b.MaxBatch()
 	}
+	defer rb.put()
 	if tc, ok := src.(*net.TCPConn); ok {
 		if rc, err := tc.SyscallConn(); err == nil {
-			return copyRaw(dst, rc, batch)
+			return copyRaw(dst, rc, &rb)
 		}
 	}
-	level := 0
-	bp := bufPools[level].Get().(*[]byte)
-	defer func() { bufPools[level].Put(bp) }()
 	for {
-		buf := *bp
-		if batch > 0 {
-			buf = buf[:batchLen(len(buf), batch)]
-		}
-		nr, rerr := src.Read(buf)
+		nr, rerr := src.Read(rb.get())
 		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
+			nw, werr := rb.flush(dst, nr)
 			written += int64(nw)
 			if werr != nil {
 				return written, werr
-			}
-			if nw != nr {
-				return written, io.ErrShortWrite
-			}
-			if nr == len(buf) && level < len(bufSizes)-1 {
-				bufPools[level].Put(bp)
-				level++
-				bp = bufPools[level].Get().(*[]byte)
 			}
 		}
 		if rerr == io.EOF {
@@ -97,24 +83,11 @@ func copyGrowing(dst io.Writer, src io.Reader) (written int64, err error) {
 // proxied connections are idle most of the time; each would otherwise park
 // holding its buffer. The reads are the ones net.Conn.Read makes (the same
 // poller, deadlines and EINTR handling), so nothing is read early or lost.
-func copyRaw(dst io.Writer, rc syscall.RawConn, batch int) (written int64, err error) {
-	level := 0
-	var bp *[]byte
-	defer func() {
-		if bp != nil {
-			bufPools[level].Put(bp)
-		}
-	}()
+func copyRaw(dst io.Writer, rc syscall.RawConn, rb *relayBuf) (written int64, err error) {
 	var nr int
 	var rerr error
 	read := func(fd uintptr) bool {
-		if bp == nil {
-			bp = bufPools[level].Get().(*[]byte)
-		}
-		buf := *bp
-		if batch > 0 {
-			buf = buf[:batchLen(len(buf), batch)]
-		}
+		buf := rb.get()
 		for {
 			nr, rerr = syscall.Read(int(fd), buf)
 			if rerr != syscall.EINTR {
@@ -122,8 +95,7 @@ func copyRaw(dst io.Writer, rc syscall.RawConn, batch int) (written int64, err e
 			}
 		}
 		if rerr == syscall.EAGAIN {
-			bufPools[level].Put(bp)
-			bp = nil
+			rb.put()
 			return false // park until readable, then call again
 		}
 		return true
@@ -138,25 +110,56 @@ func copyRaw(dst io.Writer, rc syscall.RawConn, batch int) (written int64, err e
 		if nr <= 0 {
 			return written, nil // EOF
 		}
-		buf := *bp
-		nw, werr := dst.Write(buf[:nr])
+		nw, werr := rb.flush(dst, nr)
 		written += int64(nw)
 		if werr != nil {
 			return written, werr
 		}
-		if nw != nr {
-			return written, io.ErrShortWrite
-		}
-		full := len(buf)
-		if batch > 0 {
-			full = batchLen(len(buf), batch)
-		}
-		if nr == full && level < len(bufSizes)-1 {
-			bufPools[level].Put(bp)
-			bp = nil
-			level++
-		}
 	}
+}
+
+// relayBuf is a relay's pooled buffer: taken when needed, of the size the
+// traffic has grown it to.
+type relayBuf struct {
+	level int     // index into bufSizes
+	batch int     // the destination's MaxBatch, or 0
+	bp    *[]byte // nil while not held
+}
+
+// get returns the buffer to read into, taking it from its pool if needed.
+func (b *relayBuf) get() []byte {
+	if b.bp == nil {
+		b.bp = bufPools[b.level].Get().(*[]byte)
+	}
+	buf := *b.bp
+	if b.batch > 0 {
+		buf = buf[:batchLen(len(buf), b.batch)]
+	}
+	return buf
+}
+
+// put returns the buffer to its pool, if held.
+func (b *relayBuf) put() {
+	if b.bp != nil {
+		bufPools[b.level].Put(b.bp)
+		b.bp = nil
+	}
+}
+
+// flush writes the first n bytes read into the buffer to dst (a short
+// write is an error); a read that filled the buffer moves to the next
+// size.
+func (b *relayBuf) flush(dst io.Writer, n int) (int, error) {
+	buf := b.get()
+	nw, err := dst.Write(buf[:n])
+	if err == nil && nw != n {
+		err = io.ErrShortWrite
+	}
+	if err == nil && n == len(buf) && b.level < len(bufSizes)-1 {
+		b.put()
+		b.level++
+	}
+	return nw, err
 }
 
 // batchLen is how much of a buffer of size n to read into for a destination

@@ -236,20 +236,6 @@ func (s *Session) Err() error {
 	return s.err
 }
 
-// NumStreams returns the streams open now.
-func (s *Session) NumStreams() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.streams)
-}
-
-// Available reports whether Open can take another stream now.
-func (s *Session) Available() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return !s.closed && !s.goaway && len(s.streams) < s.cfg.maxStreams() && s.nextID < 1<<31-1
-}
-
 // Load returns the streams open now and whether Open can take another.
 func (s *Session) Load() (streams int, available bool) {
 	s.mu.Lock()

@@ -357,12 +357,14 @@ func TestSinkSocketStalls(t *testing.T) {
 		t.Fatal(err)
 	}
 	done := make(chan sinkResult, 1)
+	sinking := make(chan *Stream, 1)
 	cli := pair(t, Config{StreamWindow: 256 << 10}, func(st *Stream) {
 		st.Accept()
 		if st.Header()[0] == 'e' {
 			echo(st)
 			return
 		}
+		sinking <- st
 		st.Sink(sock, func(n int64, err error) {
 			sock.(*net.TCPConn).CloseWrite()
 			done <- sinkResult{n, err}
@@ -379,7 +381,22 @@ func TestSinkSocketStalls(t *testing.T) {
 		st.CloseWrite()
 		wrote <- err
 	}()
-	// While the sink's socket is stalled, another stream still works.
+	// Once the socket is full (bytes queue for the sink's goroutine),
+	// another stream still works.
+	srv := <-sinking
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		srv.mu.Lock()
+		queued := srv.buffered > 0 && srv.sink != nil
+		srv.mu.Unlock()
+		if queued {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the stalled socket never made bytes queue")
+		}
+		runtime.Gosched()
+	}
 	e, _ := cli.Open([]byte("e"))
 	e.Write([]byte("not stalled"))
 	e.CloseWrite()
