@@ -37,6 +37,7 @@ const (
 	sessionOpaque sessionProtocol = iota // raw TCP bytes
 	sessionHTTP1                         // an HTTP/1 connection (e.g. an Upgrade request)
 	sessionHTTP2                         // an HTTP/2 connection
+	sessionH2Stream                      // one HTTP/2 request, as messages (h2msg.go); mux streams only
 	sessionMax                           // first invalid value
 )
 
@@ -48,6 +49,8 @@ func (p sessionProtocol) String() string {
 		return "http1"
 	case sessionHTTP2:
 		return "http2"
+	case sessionH2Stream:
+		return "h2stream"
 	}
 	return fmt.Sprintf("protocol(%d)", uint8(p))
 }

@@ -38,6 +38,10 @@ func (p *Proxy) serveHTTPConn(c net.Conn, peeked []byte, bp *[]byte, info *connI
 		p.serveH1(c, peeked, info.route, "")
 		return
 	}
+	if info.route.kind == routeHTTP {
+		p.serveH2Front(c, peeked, info.route)
+		return
+	}
 	pc := &peekedConn{Conn: c, peeked: peeked, buf: bp, info: info, done: make(chan struct{})}
 	p.h2.ServeConn(newBatchConn(pc), &http2.ServeConnOpts{
 		Context:    context.WithValue(context.Background(), connInfoKey{}, info),

@@ -64,6 +64,18 @@ func newMuxPool(p *Proxy) *muxPool {
 // or a new one.
 // dialed says whether a new session (a TLS handshake) was made for it.
 func (mp *muxPool) open(ctx context.Context, ep Endpoint, header []byte) (st *mux.Stream, dialed bool, err error) {
+	st, _, dialed, err = mp.openData(ctx, ep, header, nil, false)
+	return st, dialed, err
+}
+
+// openWith opens a stream like open and sends data (and the half-close
+// when end) with its HEADERS when the window takes it (sent).
+func (mp *muxPool) openWith(ctx context.Context, ep Endpoint, header, data []byte, end bool) (st *mux.Stream, sent bool, err error) {
+	st, sent, _, err = mp.openData(ctx, ep, header, data, end)
+	return st, sent, err
+}
+
+func (mp *muxPool) openData(ctx context.Context, ep Endpoint, header, data []byte, end bool) (st *mux.Stream, sent, dialed bool, err error) {
 	k := peerKey{ep.ProxyAddr, ep.Service, ep.Identity}
 	for attempt := 0; attempt < 2; attempt++ {
 		s, spread := mp.session(k)
@@ -73,18 +85,18 @@ func (mp *muxPool) open(ctx context.Context, ep Endpoint, header []byte) (st *mu
 			case derr == nil:
 				s, dialed = ns, true
 			case s == nil:
-				return nil, true, derr
+				return nil, false, true, derr
 			default:
 				// Spreading failed; the session there is still good.
 				mp.p.log.Debug("dialing another mux session failed", "peer", ep.ProxyAddr, "err", derr)
 			}
 		}
-		if st, err = s.Open(header); err == nil {
-			return st, dialed, nil
+		if st, sent, err = s.OpenWith(header, data, end); err == nil {
+			return st, sent, dialed, nil
 		}
 		// Full or closed between the check and Open: try another.
 	}
-	return nil, dialed, errors.New("no mux session to the peer took the stream")
+	return nil, false, dialed, errors.New("no mux session to the peer took the stream")
 }
 
 // session returns the live session to k with room for a stream that
@@ -257,8 +269,12 @@ func (p *Proxy) muxStream(st *mux.Stream, clientID string) {
 		st.Reset(mux.CodeBadHeader)
 		return
 	}
-	if h.Protocol == sessionHTTP1 {
+	switch h.Protocol {
+	case sessionHTTP1:
 		p.muxH1Stream(st, clientID)
+		return
+	case sessionH2Stream:
+		p.muxH2Stream(st, h, clientID)
 		return
 	}
 	svc, _ := p.localService(h.Port)

@@ -89,6 +89,11 @@ type Proxy struct {
 	// BenchmarkHTTP1Mesh/mux. Peers always accept such streams.
 	h1Mux bool
 
+	// The frame-level HTTP/2 path (h2fwd.go): apps' connections, and
+	// connections to local services.
+	h2front sync.Map // *h2Conn -> struct{}
+	h2local *h2Pool
+
 	// origDst returns a connection's original destination; a test seam.
 	origDst func(*net.TCPConn) (netip.AddrPort, error)
 
@@ -172,6 +177,7 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	p.local = newLocalTransports(p)
 	p.h1peers = newUpPool(h1PeerIdle, 256)
 	p.h1local = newUpPool(h1LocalIdle, 256)
+	p.h2local = newH2Pool(p)
 	p.h1stop = make(chan struct{})
 	return p, nil
 }
@@ -388,6 +394,8 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.muxes.closeIdle()
 	p.drain.Store(true)
 	p.closeIdleH1()
+	p.drainH2()
+	p.h2local.closeIdle()
 	p.h1peers.closeIdle()
 	p.h1local.closeIdle()
 	var err error
@@ -433,6 +441,7 @@ func (p *Proxy) Close() error {
 		p.local.close()
 		p.h1peers.close()
 		p.h1local.close()
+		p.h2local.close()
 		close(p.h1stop)
 	})
 	p.wg.Wait()

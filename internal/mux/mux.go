@@ -256,18 +256,27 @@ func (s *Session) IdleSince() time.Time {
 // Accept or a reset; Stream.Accepted waits for that. Writes may start at
 // once (they wait for window credit like any write).
 func (s *Session) Open(header []byte) (*Stream, error) {
+	st, _, err := s.OpenWith(header, nil, false)
+	return st, err
+}
+
+// OpenWith opens a stream like Open and sends data after the HEADERS frame,
+// half-closing the stream after it when end is set, in the same write (one
+// system call for a small request and its stream). It sends data only when
+// the whole of it fits the stream's window: sent says whether it did; if
+// not, the caller writes it.
+func (s *Session) OpenWith(header, data []byte, end bool) (st *Stream, sent bool, err error) {
 	if !s.client {
-		return nil, errors.New("mux: only a client session opens streams")
+		return nil, false, errors.New("mux: only a client session opens streams")
 	}
 	if len(header) > s.cfg.maxHeader() {
-		return nil, fmt.Errorf("mux: header of %d bytes, limit %d", len(header), s.cfg.maxHeader())
+		return nil, false, fmt.Errorf("mux: header of %d bytes, limit %d", len(header), s.cfg.maxHeader())
 	}
 	// The ID is taken under the write lock: streams must appear on the
 	// wire in the order of their IDs (a peer refuses a lower ID after a
 	// higher one), and two streams opened at once would otherwise race.
-	var st *Stream
 	var openErr error
-	err := s.write(func(fr *http2.Framer) error {
+	err = s.write(func(fr *http2.Framer) error {
 		s.mu.Lock()
 		switch {
 		case s.closed || s.goaway || s.nextID >= 1<<31-1:
@@ -285,18 +294,46 @@ func (s *Session) Open(header []byte) (*Stream, error) {
 		s.streams[id] = st
 		s.idleAt = time.Time{}
 		s.mu.Unlock()
-		return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: header, EndHeaders: true})
+		if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: header, EndHeaders: true}); err != nil {
+			return err
+		}
+		if int64(len(data)) > st.sendWin || (len(data) == 0 && !end) {
+			return nil
+		}
+		st.sendWin -= int64(len(data))
+		st.wclosed = end
+		sent = true
+		return writeDataFrames(fr, id, data, end)
 	})
 	if openErr != nil {
-		return nil, openErr
+		return nil, false, openErr
 	}
 	if err != nil {
 		if st != nil {
 			st.finish(&ResetError{Code: CodeSessionEnded})
 		}
-		return nil, err
+		return nil, false, err
 	}
-	return st, nil
+	if sent && end {
+		st.maybeDone()
+	}
+	return st, sent, nil
+}
+
+// writeDataFrames writes b as DATA frames of at most recordFrame bytes,
+// END_STREAM on the last when end.
+func writeDataFrames(fr *http2.Framer, id uint32, b []byte, end bool) error {
+	for {
+		m := min(len(b), recordFrame)
+		last := m == len(b)
+		if err := fr.WriteData(id, end && last, b[:m]); err != nil {
+			return err
+		}
+		if last {
+			return nil
+		}
+		b = b[m:]
+	}
 }
 
 // Close ends the session: every stream is reset (locally) and the

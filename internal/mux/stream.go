@@ -50,6 +50,8 @@ type Stream struct {
 	sunk      int64 // bytes written to sink
 	draining  bool  // the sink's goroutine is running
 	sinkEnded bool  // sinkDone was called
+
+	onReset func(*ResetError) // OnReset's
 }
 
 var _ net.Conn = (*Stream)(nil)
@@ -429,6 +431,33 @@ func (st *Stream) Write(b []byte) (int, error) {
 	return written, nil
 }
 
+// TryWrite sends b, and the half-close after it when end is set, only if
+// the stream's window takes all of b now: it never waits. It reports
+// whether it sent; false with a nil error means "no room now, use Write".
+func (st *Stream) TryWrite(b []byte, end bool) (bool, error) {
+	st.mu.Lock()
+	switch {
+	case st.reset != nil:
+		err := st.reset
+		st.mu.Unlock()
+		return false, err
+	case st.wclosed:
+		st.mu.Unlock()
+		return false, io.ErrClosedPipe
+	case int64(len(b)) > st.sendWin:
+		st.mu.Unlock()
+		return false, nil
+	}
+	st.sendWin -= int64(len(b))
+	st.wclosed = end
+	st.mu.Unlock()
+	err := st.s.write(func(fr *http2.Framer) error { return writeDataFrames(fr, st.id, b, end) })
+	if end {
+		st.maybeDone()
+	}
+	return err == nil, err
+}
+
 // credit adds window the peer granted.
 func (st *Stream) credit(n uint32) {
 	st.mu.Lock()
@@ -510,12 +539,33 @@ func (st *Stream) finish(err *ResetError) bool {
 	if st.timer != nil {
 		st.timer.Stop()
 	}
+	onReset := st.onReset
 	st.mu.Unlock()
 	if err != nil {
 		st.accepted(err)
 	}
 	st.s.remove(st.id)
+	if err != nil && onReset != nil {
+		onReset(err)
+	}
 	return true
+}
+
+// OnReset calls f (once, on no lock) if the stream is reset, by either
+// side or by its session's end; at once if it was already. A reader that
+// stopped reading (its direction ended) learns of a reset this way.
+func (st *Stream) OnReset(f func(*ResetError)) {
+	st.mu.Lock()
+	if st.closed {
+		err := st.reset
+		st.mu.Unlock()
+		if err != nil {
+			f(err)
+		}
+		return
+	}
+	st.onReset = f
+	st.mu.Unlock()
 }
 
 // expired reports whether deadline d has passed; otherwise it arms a timer

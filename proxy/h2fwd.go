@@ -1,0 +1,1013 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/vmesh/vmesh/internal/mux"
+)
+
+// HTTP/2 forwarded frame by frame. An app's HTTP/2 connection (h2c with
+// prior knowledge: gRPC) is served by an h2Conn in the server role: its one
+// goroutine reads frames; each request stream becomes a mux stream of its
+// own to the peer proxy (balanced per request), carrying the request's
+// header block, body and trailers as messages (h2msg.go), and the
+// response's back. The peer proxy authorizes each request and opens a
+// stream for it on a pooled HTTP/2 connection to the local service (an
+// h2Conn in the client role), frame by frame again. Nothing crosses
+// net/http: no goroutine per frame write, no handler goroutine per
+// request on the app's side, and a request's frames leave in one write.
+//
+// Per stream the bytes flow two ways:
+//   - from the HTTP/2 connection to the mux stream (up): the connection's
+//     read loop writes a message straight into the mux stream while its
+//     window has room (TryWrite), else queues it for a goroutine that
+//     lives only while the queue is not empty. The HTTP/2 peer gets
+//     stream credit back once its bytes are in the mux stream, so what is
+//     queued is bounded by the stream window advertised (h2fStreamWindow).
+//   - from the mux stream to the HTTP/2 connection (toH2): one goroutine
+//     per stream reads messages and writes frames, waiting for the HTTP/2
+//     peer's windows.
+// Frames ready together leave in one write: a writer flushes only when no
+// other writer waits and it has no whole message left to write.
+
+const (
+	h2fStreamWindow  = 256 << 10
+	h2fConnWindow    = 16 << 20 // credited as DATA arrives: streams buffer, not the connection
+	h2fMaxStreams    = 250
+	h2fMaxHeaderList = 64 << 10
+	h2fLocalIdle     = 30 * time.Second
+	h2fCreditBatch   = 32 << 10
+)
+
+var errH2Closed = errors.New("http2 connection closed")
+
+// h2Conn is one HTTP/2 connection the proxy terminates: an app's (server
+// role) or one to a local service (client role).
+type h2Conn struct {
+	p      *Proxy
+	nc     net.Conn
+	server bool
+	fr     *http2.Framer
+	rd     *bufio.Reader
+
+	wmu     sync.Mutex // the write side: fr's writes, bw, henc
+	waiting atomic.Int32
+	werr    error
+	bw      *bufio.Writer
+	henc    *hpack.Encoder
+	hbuf    bytes.Buffer
+
+	mu          sync.Mutex
+	sendCond    sync.Cond // connSend or a stream's sendWin grew, or the connection ended
+	connSend    int64
+	initSend    int64
+	maxFrame    uint32
+	peerStreams uint32 // the peer's SETTINGS_MAX_CONCURRENT_STREAMS
+	streams     map[uint32]*h2Stream
+	nextID      uint32 // client role
+	lastPeer    uint32 // server role: the highest stream the app opened
+	goaway      bool   // no new streams: the peer said so (client role), or we did (server role)
+	closed      bool
+	idleAt      time.Time
+
+	// The read loop's own.
+	connRecv    int64 // what the peer may still send on the connection
+	connUnacked uint32
+	scratch     []byte
+
+	route route   // server role: the app connection's route
+	pool  *h2Pool // client role: the pool it belongs to
+}
+
+// h2Stream is one stream of an h2Conn, bridged to a mux stream.
+type h2Stream struct {
+	c  *h2Conn
+	id uint32
+	ex *h2Exchange
+
+	// Guarded by c.mu.
+	sendWin     int64
+	recvWin     int64 // what the peer may still send on the stream
+	recvUnacked uint32
+	sentEnd     bool // END_STREAM (or a local answer) written to the HTTP/2 peer
+	recvEnd     bool // END_STREAM read from the HTTP/2 peer
+	reset       bool // over: reset either way
+	removed     bool
+	respStarted bool // server role: response HEADERS written to the app
+	answered    bool // the proxy answered the request itself
+	finalSeen   bool // a final (non-1xx) response head passed
+
+	// The up direction, guarded by mu.
+	mu       sync.Mutex
+	ms       *mux.Stream
+	upBuf    []byte
+	upEnd    bool
+	upCredit int
+	upBusy   bool // a writer (TryWrite in the read loop, or upPump) owns ms's write side
+	upClosed bool // the END went into ms, or the stream was reset
+}
+
+func newH2Conn(p *Proxy, nc net.Conn, server bool, rd io.Reader) *h2Conn {
+	c := &h2Conn{
+		p: p, nc: nc, server: server,
+		connSend: 65535, initSend: 65535, maxFrame: 16384, peerStreams: 100,
+		streams: make(map[uint32]*h2Stream), nextID: 1,
+		connRecv: h2fConnWindow,
+	}
+	c.sendCond.L = &c.mu
+	c.bw = bufio.NewWriterSize(nc, 16<<10)
+	c.rd = bufio.NewReaderSize(rd, 16<<10)
+	c.fr = http2.NewFramer(c.bw, c.rd)
+	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	c.fr.MaxHeaderListSize = h2fMaxHeaderList
+	c.fr.SetReuseFrames()
+	c.henc = hpack.NewEncoder(&c.hbuf)
+	return c
+}
+
+// start writes this side's preface: the client's magic, SETTINGS and the
+// connection window.
+func (c *h2Conn) start() error {
+	return c.write(func(fr *http2.Framer) error {
+		if !c.server {
+			if _, err := c.bw.WriteString(http2.ClientPreface); err != nil {
+				return err
+			}
+		}
+		s := []http2.Setting{
+			{ID: http2.SettingInitialWindowSize, Val: h2fStreamWindow},
+			{ID: http2.SettingMaxHeaderListSize, Val: h2fMaxHeaderList},
+		}
+		if c.server {
+			s = append(s, http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: h2fMaxStreams})
+		} else {
+			s = append(s, http2.Setting{ID: http2.SettingEnablePush, Val: 0})
+		}
+		if err := fr.WriteSettings(s...); err != nil {
+			return err
+		}
+		return fr.WriteWindowUpdate(0, h2fConnWindow-65535)
+	}, true)
+}
+
+// write runs f on the framer under the write lock and flushes when flush
+// is set and no other writer waits (that one flushes).
+func (c *h2Conn) write(f func(*http2.Framer) error, flush bool) error {
+	c.waiting.Add(1)
+	c.wmu.Lock()
+	err := c.writeLocked(f, flush)
+	c.wmu.Unlock()
+	return err
+}
+
+func (c *h2Conn) writeLocked(f func(*http2.Framer) error, flush bool) error {
+	last := c.waiting.Add(-1) == 0
+	if c.werr != nil {
+		return c.werr
+	}
+	err := f(c.fr)
+	if err == nil && flush && last {
+		err = c.bw.Flush()
+	}
+	if err != nil {
+		c.werr = err
+		c.nc.Close() // the read loop ends the streams
+	}
+	return err
+}
+
+// ctl writes a control frame from the read loop: at once when the write
+// side is free, else from a goroutine (the read loop never waits behind a
+// writer that waits for the socket).
+func (c *h2Conn) ctl(f func(*http2.Framer) error) {
+	c.waiting.Add(1)
+	if c.wmu.TryLock() {
+		c.writeLocked(f, true)
+		c.wmu.Unlock()
+		return
+	}
+	c.waiting.Add(-1)
+	go c.write(f, true)
+}
+
+// serve reads frames until the connection ends, then ends its streams.
+func (c *h2Conn) serve() error {
+	err := c.readLoop()
+	c.mu.Lock()
+	c.closed = true
+	streams := make([]*h2Stream, 0, len(c.streams))
+	for _, s := range c.streams {
+		streams = append(streams, s)
+	}
+	c.sendCond.Broadcast()
+	c.mu.Unlock()
+	for _, s := range streams {
+		s.abort(mux.CodeCancel, false)
+	}
+	c.nc.Close()
+	if c.pool != nil {
+		c.pool.remove(c)
+	}
+	return err
+}
+
+func (c *h2Conn) readLoop() error {
+	if c.server {
+		var pre [len(http2.ClientPreface)]byte
+		if _, err := io.ReadFull(c.rd, pre[:]); err != nil {
+			return err
+		}
+		if string(pre[:]) != http2.ClientPreface {
+			return errors.New("http2: bad client preface")
+		}
+	}
+	for {
+		f, err := c.fr.ReadFrame()
+		if err != nil {
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				c.streamError(se.StreamID, se.Code)
+				continue
+			}
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				c.goAway(http2.ErrCode(ce))
+			}
+			return err
+		}
+		if err := c.handle(f); err != nil {
+			c.goAway(http2.ErrCodeProtocol)
+			return err
+		}
+		if c.server && c.p.drain.Load() {
+			c.drain()
+		}
+	}
+}
+
+func (c *h2Conn) handle(f http2.Frame) error {
+	id := f.Header().StreamID
+	switch f := f.(type) {
+	case *http2.MetaHeadersFrame:
+		s := c.stream(id)
+		if s == nil {
+			if !c.server {
+				return nil // a stream we reset
+			}
+			return c.newRequest(f)
+		}
+		return s.headersFromH2(f)
+	case *http2.DataFrame:
+		return c.data(f)
+	case *http2.WindowUpdateFrame:
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if id == 0 {
+			c.connSend += int64(f.Increment)
+		} else if s := c.streams[id]; s != nil {
+			s.sendWin += int64(f.Increment)
+		}
+		c.sendCond.Broadcast()
+	case *http2.RSTStreamFrame:
+		if s := c.stream(id); s != nil {
+			s.abort(uint32(f.ErrCode), true)
+		}
+	case *http2.SettingsFrame:
+		if f.IsAck() {
+			return nil
+		}
+		if err := c.settings(f); err != nil {
+			return err
+		}
+		c.ctl(func(fr *http2.Framer) error { return fr.WriteSettingsAck() })
+	case *http2.PingFrame:
+		if !f.IsAck() {
+			data := f.Data
+			c.ctl(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+		}
+	case *http2.GoAwayFrame:
+		c.mu.Lock()
+		c.goaway = true
+		var gone []*h2Stream
+		if !c.server {
+			for sid, s := range c.streams {
+				if sid > f.LastStreamID {
+					gone = append(gone, s)
+				}
+			}
+		}
+		c.mu.Unlock()
+		for _, s := range gone {
+			s.abort(uint32(http2.ErrCodeRefusedStream), true)
+		}
+	case *http2.PushPromiseFrame:
+		return errors.New("http2: push promise, push is disabled")
+	}
+	return nil
+}
+
+func (c *h2Conn) settings(f *http2.SettingsFrame) error {
+	return f.ForeachSetting(func(s http2.Setting) error {
+		if err := s.Valid(); err != nil {
+			return err
+		}
+		switch s.ID {
+		case http2.SettingInitialWindowSize:
+			c.mu.Lock()
+			delta := int64(s.Val) - c.initSend
+			c.initSend = int64(s.Val)
+			for _, st := range c.streams {
+				st.sendWin += delta
+			}
+			c.sendCond.Broadcast()
+			c.mu.Unlock()
+		case http2.SettingMaxFrameSize:
+			c.mu.Lock()
+			c.maxFrame = s.Val
+			c.mu.Unlock()
+		case http2.SettingMaxConcurrentStreams:
+			c.mu.Lock()
+			c.peerStreams = s.Val
+			c.mu.Unlock()
+		case http2.SettingHeaderTableSize:
+			c.wmu.Lock()
+			c.henc.SetMaxDynamicTableSizeLimit(s.Val)
+			c.wmu.Unlock()
+		}
+		return nil
+	})
+}
+
+func (c *h2Conn) stream(id uint32) *h2Stream {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.streams[id]
+}
+
+// streamError resets one stream the peer got wrong.
+func (c *h2Conn) streamError(id uint32, code http2.ErrCode) {
+	if s := c.stream(id); s != nil {
+		s.abort(uint32(code), false)
+		return
+	}
+	c.ctl(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, code) })
+}
+
+// goAway tells the peer the connection ends, with code.
+func (c *h2Conn) goAway(code http2.ErrCode) {
+	c.mu.Lock()
+	last := c.lastPeer
+	c.mu.Unlock()
+	c.write(func(fr *http2.Framer) error { return fr.WriteGoAway(last, code, nil) }, true)
+}
+
+// drain (server role, Shutdown) tells the app to open no more streams and
+// closes the connection once its streams are done.
+func (c *h2Conn) drain() {
+	c.mu.Lock()
+	first := !c.goaway
+	c.goaway = true
+	idle := len(c.streams) == 0
+	c.mu.Unlock()
+	if first {
+		c.goAway(http2.ErrCodeNo)
+	}
+	if idle {
+		c.nc.Close()
+	}
+}
+
+// data takes a DATA frame: connection credit at once (streams bound what
+// is buffered), the bytes to the stream's mux stream.
+func (c *h2Conn) data(f *http2.DataFrame) error {
+	n := int64(f.Length)
+	c.connRecv -= n
+	if c.connRecv < 0 {
+		return errors.New("http2: connection flow control window exceeded")
+	}
+	c.connUnacked += uint32(n)
+	if c.connUnacked >= h2fConnWindow/2 {
+		inc := c.connUnacked
+		c.connUnacked = 0
+		c.connRecv += int64(inc)
+		c.ctl(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(0, inc) })
+	}
+	s := c.stream(f.StreamID)
+	if s == nil {
+		if c.server && f.StreamID > c.lastPeer {
+			return errors.New("http2: DATA on an idle stream")
+		}
+		return nil // a stream that ended here
+	}
+	c.mu.Lock()
+	if s.recvEnd {
+		c.mu.Unlock()
+		c.streamError(f.StreamID, http2.ErrCodeStreamClosed)
+		return nil
+	}
+	s.recvWin -= n
+	if s.recvWin < 0 {
+		c.mu.Unlock()
+		s.abort(uint32(http2.ErrCodeFlowControl), false)
+		return nil
+	}
+	end := f.StreamEnded()
+	s.recvEnd = end
+	c.mu.Unlock()
+	data := f.Data()
+	s.ex.bytes(!c.server, len(data))
+	// Padding is credited at once; the data once it is in the mux stream.
+	if pad := int(n) - len(data); pad > 0 {
+		s.credit(pad)
+	}
+	if len(data) == 0 && !end {
+		return nil
+	}
+	b := appendMsgHead(c.scratch[:0], msgData|endFlag(end), len(data))
+	b = append(b, data...)
+	c.scratch = b
+	s.up(b, len(data), end)
+	return nil
+}
+
+func endFlag(end bool) byte {
+	if end {
+		return msgEnd
+	}
+	return 0
+}
+
+// newRequest (server role) takes the app's HEADERS opening a stream.
+func (c *h2Conn) newRequest(f *http2.MetaHeadersFrame) error {
+	id := f.StreamID
+	if id%2 != 1 || id <= c.lastPeer {
+		return errors.New("http2: bad stream ID " + strconv.FormatUint(uint64(id), 10))
+	}
+	c.mu.Lock()
+	c.lastPeer = id
+	refused := c.goaway || len(c.streams) >= h2fMaxStreams
+	c.mu.Unlock()
+	if refused {
+		c.ctl(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
+		return nil
+	}
+	if f.Truncated {
+		c.ctl(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
+		return nil
+	}
+	ex, fields, ok := newExchange(f.Fields)
+	s := c.addStream(id, ex)
+	end := f.StreamEnded()
+	c.mu.Lock()
+	s.recvEnd = end
+	c.mu.Unlock()
+	if !ok {
+		s.abort(uint32(http2.ErrCodeProtocol), false)
+		return nil
+	}
+	if ex.method == "CONNECT" {
+		s.answer(405, "connect")
+		return nil
+	}
+	b := appendMsgHead(c.scratch[:0], msgHeaders|endFlag(end), 0)
+	b = appendFields(b, fields)
+	setMsgLen(b)
+	s.upBuf = append(s.upBuf[:0], b...)
+	s.upEnd = end
+	s.upBusy = true // the opener writes the request head with the stream's open
+	go s.outbound()
+	return nil
+}
+
+// setMsgLen fills in the length of the one message in b.
+func setMsgLen(b []byte) {
+	n := len(b) - msgHead
+	b[1], b[2], b[3] = byte(n>>16), byte(n>>8), byte(n)
+}
+
+func (c *h2Conn) addStream(id uint32, ex *h2Exchange) *h2Stream {
+	s := &h2Stream{c: c, id: id, ex: ex, recvWin: h2fStreamWindow}
+	c.mu.Lock()
+	s.sendWin = c.initSend
+	c.streams[id] = s
+	c.idleAt = time.Time{}
+	c.mu.Unlock()
+	return s
+}
+
+// headersFromH2 takes a HEADERS frame on an open stream: trailers from the
+// app (server role); a response head or trailers from the service.
+func (s *h2Stream) headersFromH2(f *http2.MetaHeadersFrame) error {
+	c := s.c
+	end := f.StreamEnded()
+	c.mu.Lock()
+	if s.recvEnd {
+		c.mu.Unlock()
+		c.streamError(f.StreamID, http2.ErrCodeStreamClosed)
+		return nil
+	}
+	kind := byte(msgTrailers)
+	if !c.server && !s.finalSeen {
+		kind = msgHeaders
+	}
+	if c.server && !end {
+		c.mu.Unlock()
+		s.abort(uint32(http2.ErrCodeProtocol), false) // trailers must end the stream
+		return nil
+	}
+	s.recvEnd = end
+	c.mu.Unlock()
+	if f.Truncated {
+		s.abort(uint32(http2.ErrCodeInternal), false)
+		return nil
+	}
+	if !c.server {
+		if kind == msgHeaders {
+			status, _ := strconv.Atoi(f.PseudoValue("status"))
+			if status >= 200 {
+				c.mu.Lock()
+				s.finalSeen = true
+				c.mu.Unlock()
+				s.ex.head(c.p, status, f.Fields)
+			}
+		} else {
+			s.ex.trailers(f.Fields)
+		}
+	}
+	b := appendMsgHead(c.scratch[:0], kind|endFlag(end), 0)
+	b = appendFields(b, f.Fields)
+	setMsgLen(b)
+	c.scratch = b
+	s.up(b, 0, end)
+	return nil
+}
+
+// up hands a message from the HTTP/2 peer to the mux stream: written at
+// once when nothing is queued and the window has room, else queued for
+// upPump. credit is the DATA bytes in it, credited back to the peer once
+// they are in the mux stream.
+func (s *h2Stream) up(msg []byte, credit int, end bool) {
+	s.mu.Lock()
+	if s.upClosed {
+		s.mu.Unlock()
+		return
+	}
+	if s.ms != nil && !s.upBusy && len(s.upBuf) == 0 {
+		s.upBusy = true
+		s.mu.Unlock()
+		ok, err := s.ms.TryWrite(msg, end)
+		s.mu.Lock()
+		switch {
+		case err != nil:
+			s.upClosed, s.upBusy = true, false
+			s.mu.Unlock()
+			s.abort(mux.CodeCancel, false)
+			return
+		case ok:
+			s.upBusy = false
+			s.upClosed = end
+			s.mu.Unlock()
+			s.credit(credit)
+			if end {
+				s.maybeDone()
+			}
+			return
+		}
+		s.upBusy = false
+	}
+	s.upBuf = append(s.upBuf, msg...)
+	s.upCredit += credit
+	s.upEnd = s.upEnd || end
+	start := s.ms != nil && !s.upBusy
+	if start {
+		s.upBusy = true
+	}
+	s.mu.Unlock()
+	if start {
+		go s.upPump()
+	}
+}
+
+// upPump writes the queued messages into the mux stream, waiting for its
+// window, and ends when the queue is empty.
+func (s *h2Stream) upPump() {
+	var spare []byte
+	for {
+		s.mu.Lock()
+		if s.upClosed || (len(s.upBuf) == 0 && !s.upEnd) {
+			s.upBusy = false
+			s.mu.Unlock()
+			return
+		}
+		buf, end, credit := s.upBuf, s.upEnd, s.upCredit
+		s.upBuf, s.upCredit, s.upEnd = spare[:0], 0, false
+		s.upClosed = end
+		ms := s.ms
+		s.mu.Unlock()
+		_, err := ms.Write(buf)
+		if err == nil && end {
+			err = ms.CloseWrite()
+		}
+		if err != nil {
+			s.mu.Lock()
+			s.upClosed, s.upBusy = true, false
+			s.mu.Unlock()
+			s.abort(mux.CodeCancel, false)
+			return
+		}
+		s.credit(credit)
+		spare = buf
+		if end {
+			s.mu.Lock()
+			s.upBusy = false
+			s.mu.Unlock()
+			s.maybeDone()
+			return
+		}
+	}
+}
+
+// credit gives the HTTP/2 peer back n bytes of stream window, in batches.
+func (s *h2Stream) credit(n int) {
+	if n <= 0 {
+		return
+	}
+	c := s.c
+	c.mu.Lock()
+	if s.recvEnd || s.reset {
+		c.mu.Unlock()
+		return
+	}
+	s.recvUnacked += uint32(n)
+	inc := uint32(0)
+	if s.recvUnacked >= h2fCreditBatch {
+		inc = s.recvUnacked
+		s.recvUnacked = 0
+		s.recvWin += int64(inc)
+	}
+	c.mu.Unlock()
+	if inc > 0 {
+		id := s.id
+		c.ctl(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(id, inc) })
+	}
+}
+
+// attach gives the stream its mux stream (the request head and whatever
+// was queued already went with the open when sentEnd) and starts the
+// queue's writer if more came meanwhile. false: the stream was reset
+// meanwhile (ms is reset too).
+func (s *h2Stream) attach(ms *mux.Stream, sentEnd bool) bool {
+	c := s.c
+	s.mu.Lock()
+	s.ms = ms
+	if sentEnd {
+		s.upClosed = true
+	}
+	c.mu.Lock()
+	reset := s.reset
+	c.mu.Unlock()
+	start := !reset && !s.upClosed && (len(s.upBuf) > 0 || s.upEnd)
+	s.upBusy = start
+	s.mu.Unlock()
+	if reset {
+		ms.Reset(mux.CodeCancel)
+		return false
+	}
+	if start {
+		go s.upPump()
+	}
+	if sentEnd {
+		s.maybeDone()
+	}
+	return true
+}
+
+// toH2 reads the mux stream's messages and writes them as frames: the
+// response (server role) or the request's body and trailers (client role).
+func (s *h2Stream) toH2(mr *msgReader) {
+	c := s.c
+	var fields []hpack.HeaderField
+	for {
+		kind, payload, err := mr.next()
+		if err != nil {
+			var re *mux.ResetError
+			switch {
+			case err == io.EOF:
+				// The peer proxy ended without END (it should not): end
+				// the stream as if it had.
+				if !s.writeData(nil, true, true, false) {
+					return
+				}
+				s.ex.finish(c.p, true)
+			case errors.As(err, &re):
+				s.peerReset(re.Code)
+			default:
+				s.abort(mux.CodeCancel, false)
+			}
+			return
+		}
+		end := kind&msgEnd != 0
+		flush := end || !mr.ready()
+		switch kind &^ msgEnd {
+		case msgHeaders, msgTrailers:
+			if fields, err = parseFields(payload, fields); err != nil {
+				s.abort(uint32(http2.ErrCodeProtocol), false)
+				return
+			}
+			trailers := kind&^msgEnd == msgTrailers
+			if c.server {
+				if trailers {
+					s.ex.trailers(fields)
+				} else if status, _ := strconv.Atoi(pseudo(fields, ":status")); status >= 200 {
+					s.ex.head(c.p, status, fields)
+				}
+			}
+			if !s.writeHeaders(fields, end, flush, false) {
+				return
+			}
+		case msgData:
+			s.ex.bytes(c.server, len(payload))
+			if !s.writeData(payload, end, flush, false) {
+				return
+			}
+		}
+		if end {
+			if c.server {
+				s.ex.finish(c.p, true)
+			}
+			s.maybeDone()
+			return
+		}
+	}
+}
+
+// peerReset ends a stream the peer proxy reset: before the response began
+// the app gets a 502 saying so; after, a reset.
+func (s *h2Stream) peerReset(code uint32) {
+	c := s.c
+	if c.server {
+		c.mu.Lock()
+		started := s.respStarted || s.reset
+		c.mu.Unlock()
+		if !started {
+			why := "proxying failed"
+			switch code {
+			case mux.CodeUnknownPort:
+				s.answer(403, "unknown target port")
+				return
+			case mux.CodeDenied:
+				s.answer(403, "unauthorized")
+				return
+			case uint32(http2.ErrCodeRefusedStream):
+				// The service refused it before any work: the app may
+				// retry it (gRPC does); pass the reset on.
+			default:
+				c.p.reportError(slog.LevelWarn, dirOutbound, errBadGateway, s.ex.service+" "+s.ex.serverID, "proxying request failed", "service", s.ex.service, "err", (&mux.ResetError{Code: code, Remote: true}).Error())
+				s.answer(502, why)
+				return
+			}
+		}
+	}
+	if code > uint32(http2.ErrCodeHTTP11Required) {
+		code = uint32(http2.ErrCodeInternal)
+	}
+	s.abort(code, false)
+}
+
+// pseudo returns the value of a pseudo-header field.
+func pseudo(fs []hpack.HeaderField, name string) string {
+	for _, f := range fs {
+		if f.Name == name {
+			return f.Value
+		}
+		if len(f.Name) == 0 || f.Name[0] != ':' {
+			break
+		}
+	}
+	return ""
+}
+
+// writeHeaders HPACK-encodes fields onto the stream; false if the stream
+// is over. local: the proxy's own answer, written only before any
+// response; a stream answered so takes nothing else.
+func (s *h2Stream) writeHeaders(fields []hpack.HeaderField, end, flush, local bool) bool {
+	c := s.c
+	ok := true
+	err := c.write(func(fr *http2.Framer) error {
+		c.mu.Lock()
+		if s.reset || s.sentEnd || c.closed || s.answered || (local && s.respStarted) {
+			ok = false
+		}
+		if ok {
+			s.respStarted = true
+			s.answered = local
+			s.sentEnd = end
+		}
+		maxFrame := int(c.maxFrame)
+		c.mu.Unlock()
+		if !ok {
+			return nil
+		}
+		return c.writeBlockLocked(s.id, fields, end, maxFrame)
+	}, flush)
+	return ok && err == nil
+}
+
+// writeBlockLocked encodes a header block and writes it as HEADERS and
+// CONTINUATION frames; under wmu.
+func (c *h2Conn) writeBlockLocked(id uint32, fields []hpack.HeaderField, end bool, maxFrame int) error {
+	c.hbuf.Reset()
+	for _, f := range fields {
+		if err := c.henc.WriteField(f); err != nil {
+			return err
+		}
+	}
+	block := c.hbuf.Bytes()
+	first := true
+	for {
+		n := min(len(block), maxFrame)
+		last := n == len(block)
+		var err error
+		if first {
+			err = c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block[:n], EndStream: end, EndHeaders: last})
+		} else {
+			err = c.fr.WriteContinuation(id, last, block[:n])
+		}
+		if err != nil || last {
+			return err
+		}
+		block, first = block[n:], false
+	}
+}
+
+// writeData writes b as DATA frames within the peer's windows, END_STREAM
+// on the last when end; false if the stream is over.
+func (s *h2Stream) writeData(b []byte, end, flush, local bool) bool {
+	c := s.c
+	for {
+		c.mu.Lock()
+		for len(b) > 0 && (c.connSend <= 0 || s.sendWin <= 0) && !s.reset && !c.closed {
+			c.mu.Unlock()
+			// Frames written without a flush wait for nobody.
+			c.write(func(*http2.Framer) error { return nil }, true)
+			c.mu.Lock()
+			if len(b) > 0 && (c.connSend <= 0 || s.sendWin <= 0) && !s.reset && !c.closed {
+				c.sendCond.Wait()
+			}
+		}
+		if s.reset || c.closed || s.sentEnd || s.answered != local {
+			c.mu.Unlock()
+			return false
+		}
+		n := min(int64(len(b)), c.connSend, s.sendWin, int64(c.maxFrame))
+		c.connSend -= n
+		s.sendWin -= n
+		last := int(n) == len(b)
+		if last && end {
+			s.sentEnd = true
+		}
+		c.mu.Unlock()
+		chunk := b[:n]
+		if err := c.write(func(fr *http2.Framer) error {
+			return fr.WriteData(s.id, last && end, chunk)
+		}, flush || !last); err != nil {
+			return false
+		}
+		if last {
+			return true
+		}
+		b = b[n:]
+	}
+}
+
+// answer ends the stream with a response of the proxy's own (server role,
+// before any response byte): code, l5d-proxy-error saying why, a short
+// body. What the peer proxy sends for the stream afterwards is dropped.
+func (s *h2Stream) answer(code int, why string) {
+	c := s.c
+	body := "vmesh: " + why + "\n"
+	fields := []hpack.HeaderField{
+		{Name: ":status", Value: strconv.Itoa(code)},
+		{Name: "content-type", Value: "text/plain; charset=utf-8"},
+		{Name: "l5d-proxy-error", Value: why},
+		{Name: "content-length", Value: strconv.Itoa(len(body))},
+	}
+	s.ex.mu.Lock()
+	s.ex.status = code
+	s.ex.mu.Unlock()
+	if s.writeHeaders(fields, false, false, true) {
+		s.writeData([]byte(body), true, true, true)
+	}
+	s.ex.finish(c.p, false)
+	s.mu.Lock()
+	s.upClosed = true
+	ms := s.ms
+	s.mu.Unlock()
+	if ms != nil {
+		ms.Reset(mux.CodeCancel)
+	}
+	c.mu.Lock()
+	recvEnd := s.recvEnd
+	c.mu.Unlock()
+	if !recvEnd {
+		// The app may still be sending the body: it goes nowhere.
+		s.abort(uint32(http2.ErrCodeNo), false)
+		return
+	}
+	s.remove()
+}
+
+// abort resets the stream both ways with code (HTTP/2 and mux codes agree
+// below 0x100); remote says the HTTP/2 peer reset it (nothing to send).
+func (s *h2Stream) abort(code uint32, remote bool) {
+	c := s.c
+	c.write(func(fr *http2.Framer) error {
+		c.mu.Lock()
+		if s.reset || s.removed {
+			c.mu.Unlock()
+			remote = true
+			return nil
+		}
+		s.reset = true
+		closed := c.closed
+		c.sendCond.Broadcast()
+		c.mu.Unlock()
+		if remote || closed {
+			return nil
+		}
+		h2code := http2.ErrCode(code)
+		if code > uint32(http2.ErrCodeHTTP11Required) {
+			h2code = http2.ErrCodeInternal
+		}
+		return fr.WriteRSTStream(s.id, h2code)
+	}, true)
+	s.mu.Lock()
+	s.upClosed = true
+	ms := s.ms
+	s.mu.Unlock()
+	if ms != nil {
+		if code == uint32(http2.ErrCodeNo) {
+			code = mux.CodeCancel
+		}
+		ms.Reset(code)
+	}
+	s.ex.finish(c.p, false)
+	s.remove()
+}
+
+// maybeDone forgets the stream once both directions ended.
+func (s *h2Stream) maybeDone() {
+	c := s.c
+	c.mu.Lock()
+	done := s.sentEnd && s.recvEnd
+	c.mu.Unlock()
+	if !done {
+		return
+	}
+	s.mu.Lock()
+	done = s.upClosed && !s.upBusy && len(s.upBuf) == 0
+	ms := s.ms
+	s.mu.Unlock()
+	if done {
+		if ms != nil {
+			ms.Close()
+		}
+		s.ex.finish(c.p, true)
+		s.remove()
+	}
+}
+
+func (s *h2Stream) remove() {
+	c := s.c
+	c.mu.Lock()
+	if s.removed {
+		c.mu.Unlock()
+		return
+	}
+	s.removed = true
+	delete(c.streams, s.id)
+	empty := len(c.streams) == 0
+	if empty {
+		c.idleAt = time.Now()
+	}
+	drained := empty && c.server && c.goaway
+	c.mu.Unlock()
+	if drained {
+		c.nc.Close()
+	}
+	if c.pool != nil {
+		c.pool.released(c)
+	}
+}

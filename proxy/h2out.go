@@ -1,0 +1,567 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/vmesh/vmesh/balance"
+	"github.com/vmesh/vmesh/internal/mux"
+)
+
+// The two ends of the frame-level HTTP/2 path (h2fwd.go): the app's
+// connection on the client host (serveH2Front, outbound) and the mux
+// stream on the server host (muxH2Stream), plus the per-request metrics
+// both keep (h2Exchange) and the pool of HTTP/2 connections to local
+// services (h2Pool).
+
+// serveH2Front serves an app's HTTP/2 connection (prior knowledge) on
+// route r (routeHTTP): each request goes to the peer proxy on a mux stream
+// of its own. peeked are the bytes detection read.
+func (p *Proxy) serveH2Front(c net.Conn, peeked []byte, r route) {
+	hc := newH2Conn(p, c, true, &prefixReader{b: peeked, r: c})
+	hc.route = r
+	p.h2front.Store(hc, struct{}{})
+	defer p.h2front.Delete(hc)
+	if hc.start() != nil {
+		return
+	}
+	if err := hc.serve(); err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+		p.log.Debug("HTTP/2 connection from app ended", "err", err)
+	}
+}
+
+// drainH2 tells every app HTTP/2 connection to go away once its streams
+// are done (Shutdown).
+func (p *Proxy) drainH2() {
+	p.h2front.Range(func(k, _ any) bool {
+		k.(*h2Conn).drain()
+		return true
+	})
+}
+
+// outbound (server role, a goroutine per request) picks the endpoint,
+// opens the mux stream with the request's head (and what followed it
+// meanwhile, in the same write) and relays the response.
+func (s *h2Stream) outbound() {
+	c, ex := s.c, s.ex
+	p, r := c.p, c.route
+	ep, port := r.ep, r.dst.Port()
+	if r.balanced {
+		var ok bool
+		if ep, ex.choice, ok = p.pickEndpoint(ep.Service, nil); !ok {
+			ex.setLabels(connLabels{direction: dirOutbound, service: r.ep.Service, serverID: r.ep.Identity, tls: tlsTrue})
+			s.answer(503, "no endpoint")
+			return
+		}
+		ex.balanced = ep.Service
+		port = ep.Addr.Port()
+	}
+	ex.setLabels(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
+	p.m.requests.WithLabelValues(ex.labels...).Inc()
+	if d, _ := p.policy(ep.Service).requestPolicy([]byte(ex.method), []byte(ex.path), p.cfg.RequestTimeout); d > 0 {
+		ex.setTimer(time.AfterFunc(d, s.timeout))
+	}
+	var arr [256]byte
+	h, err := appendHeader(arr[:0], transportHeader{Port: port, Protocol: sessionH2Stream, Service: ep.Service})
+	if err != nil {
+		s.answer(502, "proxying failed")
+		return
+	}
+	s.mu.Lock()
+	first, end, credit := s.upBuf, s.upEnd, s.upCredit
+	s.upBuf, s.upEnd, s.upCredit = nil, false, 0
+	s.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+	ms, sent, err := p.muxes.openWith(ctx, ep, h, first, end)
+	cancel()
+	if err != nil {
+		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
+		p.reportError(slog.LevelWarn, dirOutbound, refuseDial, ep.ProxyAddr.String(), "connecting to peer proxy failed", "service", ep.Service, "peer", ep.ProxyAddr, "err", err)
+		ex.endpointDone(p, err)
+		s.answer(502, "connecting to peer proxy failed")
+		return
+	}
+	if !sent {
+		_, err = ms.Write(first)
+		if err == nil && end {
+			err = ms.CloseWrite()
+		}
+		if err != nil {
+			ms.Reset(mux.CodeCancel)
+			s.answer(502, "proxying failed")
+			return
+		}
+	}
+	s.credit(credit)
+	if !s.attach(ms, end) {
+		return
+	}
+	// After the response ends, the request may go on (a client stream):
+	// a reset meanwhile must still reach the app.
+	ms.OnReset(func(e *mux.ResetError) { s.peerReset(e.Code) })
+	mr := newMsgReader(ms)
+	defer mr.release()
+	s.toH2(mr)
+}
+
+// timeout ends a request that outlived its route's timeout: 504 if the
+// response has not begun, else a reset.
+func (s *h2Stream) timeout() {
+	c := s.c
+	c.mu.Lock()
+	started := s.respStarted || s.reset || s.sentEnd
+	c.mu.Unlock()
+	if !started {
+		s.answer(504, "request timeout")
+		return
+	}
+	s.abort(mux.CodeCancel, false)
+}
+
+// muxH2Stream serves one HTTP/2 request from a peer proxy (a mux stream of
+// protocol sessionH2Stream): route by the header's port, authorize the
+// client, and forward it on a pooled HTTP/2 connection to the service.
+func (p *Proxy) muxH2Stream(ms *mux.Stream, th transportHeader, clientID string) {
+	mr := newMsgReader(ms)
+	defer mr.release()
+	kind, payload, err := mr.next()
+	if err != nil || kind&^msgEnd != msgHeaders {
+		p.m.refused.WithLabelValues(dirInbound, refuseHeader).Inc()
+		ms.Reset(mux.CodeBadHeader)
+		return
+	}
+	end := kind&msgEnd != 0
+	fields, err := parseFields(payload, nil)
+	if err != nil {
+		p.m.refused.WithLabelValues(dirInbound, refuseHeader).Inc()
+		ms.Reset(mux.CodeBadHeader)
+		return
+	}
+	ex, fields, ok := newExchange(fields)
+	if !ok {
+		ms.Reset(uint32(http2ErrProtocol))
+		return
+	}
+	svc, _ := p.localService(th.Port)
+	r := p.routes.peer(th.Port, svc, protoHTTP2)
+	if r.kind == routeDeny {
+		p.m.refused.WithLabelValues(dirInbound, r.reason).Inc()
+		answerMux(ms, mr, end, 403, "unknown target port")
+		return
+	}
+	ex.setLabels(connLabels{direction: dirInbound, service: r.svc.Name, clientID: clientID, tls: tlsTrue})
+	if d := p.authorizeHTTP(r.svc, clientID, tlsTrue); !d.allow {
+		p.m.requests.WithLabelValues(ex.labels...).Inc()
+		ex.status = 403
+		ex.finish(p, false)
+		answerMux(ms, mr, end, 403, "unauthorized: "+d.reason)
+		return
+	}
+	p.m.requests.WithLabelValues(ex.labels...).Inc()
+	s, err := p.h2local.open(r.target, ex, fields, end)
+	if err != nil {
+		p.reportError(slog.LevelWarn, dirInbound, refuseDial, r.target.String(), "connecting to local service failed", "service", r.svc.Name, "addr", r.target, "err", err)
+		ex.status = 502
+		ex.finish(p, false)
+		answerMux(ms, mr, end, 502, "connecting to local service failed")
+		return
+	}
+	if !s.attach(ms, false) {
+		return
+	}
+	// The request may end long before its response (a server stream):
+	// a reset from the client meanwhile must still reach the service.
+	ms.OnReset(func(e *mux.ResetError) { s.peerReset(e.Code) })
+	if end {
+		return
+	}
+	s.toH2(mr)
+}
+
+// http2ErrProtocol is HTTP/2's PROTOCOL_ERROR as a mux reset code.
+const http2ErrProtocol = 0x1
+
+// answerMux answers a request on its mux stream with the proxy's own
+// response. A request still sending its body is read to its end (a reset
+// would drop the answer at the client) for at most bodyGrace.
+func answerMux(ms *mux.Stream, mr *msgReader, ended bool, code int, why string) {
+	body := "vmesh: " + why + "\n"
+	fields := []hpack.HeaderField{
+		{Name: ":status", Value: strconv.Itoa(code)},
+		{Name: "content-type", Value: "text/plain; charset=utf-8"},
+		{Name: "l5d-proxy-error", Value: why},
+		{Name: "content-length", Value: strconv.Itoa(len(body))},
+	}
+	b := appendMsgHead(nil, msgHeaders, 0)
+	b = appendFields(b, fields)
+	setMsgLen(b)
+	b = appendMsgHead(b, msgData|msgEnd, len(body))
+	b = append(b, body...)
+	if ok, err := ms.TryWrite(b, true); !ok && err == nil {
+		if _, err := ms.Write(b); err == nil {
+			ms.CloseWrite()
+		}
+	}
+	if !ended {
+		ms.SetReadDeadline(time.Now().Add(bodyGrace))
+		for {
+			if _, _, err := mr.next(); err != nil {
+				break
+			}
+		}
+	}
+	ms.Close()
+}
+
+// h2Exchange is one forwarded HTTP/2 request's metrics, balancing and tap
+// record.
+type h2Exchange struct {
+	method, path, authority string
+	grpc                    bool
+	start                   time.Time
+
+	mu         sync.Mutex
+	labels     []string
+	service    string
+	serverID   string
+	balanced   string // the service VIP's name when balanced
+	choice     *balance.Choice
+	timer      *time.Timer
+	status     int
+	grpcStatus string
+	headAt     bool
+	done       bool
+	bytesIn    int64
+	bytesOut   int64
+}
+
+// Header fields an HTTP/2 request must not carry (RFC 9113 8.2.2), and
+// those only proxies may set.
+var (
+	h2ConnHeaders = []string{"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+	h2MeshHeaders = []string{"l5d-orig-proto", "vmesh-dst-port"}
+)
+
+// newExchange checks a request head and returns it without the mesh's own
+// fields; ok=false for a malformed request (a stream error).
+func newExchange(fields []hpack.HeaderField) (ex *h2Exchange, out []hpack.HeaderField, ok bool) {
+	ex = &h2Exchange{start: time.Now()}
+	out = fields[:0:0]
+	scheme := false
+	for _, f := range fields {
+		switch f.Name {
+		case ":method":
+			ex.method = f.Value
+		case ":path":
+			ex.path = f.Value
+		case ":authority":
+			ex.authority = f.Value
+		case ":scheme":
+			scheme = true
+		case "content-type":
+			ex.grpc = f.Value == "application/grpc" || strings.HasPrefix(f.Value, "application/grpc+") || strings.HasPrefix(f.Value, "application/grpc;")
+		case "te":
+			if f.Value != "trailers" {
+				return ex, nil, false
+			}
+		case "host":
+			if ex.authority == "" {
+				ex.authority = f.Value
+			}
+		}
+		for _, h := range h2ConnHeaders {
+			if f.Name == h {
+				return ex, nil, false
+			}
+		}
+		mesh := false
+		for _, h := range h2MeshHeaders {
+			mesh = mesh || f.Name == h
+		}
+		if !mesh {
+			out = append(out, f)
+		}
+	}
+	if ex.method == "" || (ex.method != "CONNECT" && (ex.path == "" || !scheme)) {
+		return ex, nil, false
+	}
+	return ex, out, true
+}
+
+func (ex *h2Exchange) setLabels(l connLabels) {
+	ex.mu.Lock()
+	ex.labels = l.values()
+	ex.service, ex.serverID = l.service, l.serverID
+	ex.mu.Unlock()
+}
+
+func (ex *h2Exchange) setTimer(t *time.Timer) {
+	ex.mu.Lock()
+	if ex.done {
+		t.Stop()
+	} else {
+		ex.timer = t
+	}
+	ex.mu.Unlock()
+}
+
+// head records the final response head: latency, status, a trailers-only
+// response's grpc-status, the balancer's observation.
+func (ex *h2Exchange) head(p *Proxy, status int, fields []hpack.HeaderField) {
+	ex.mu.Lock()
+	if ex.headAt || ex.labels == nil {
+		ex.mu.Unlock()
+		return
+	}
+	ex.headAt = true
+	ex.status = status
+	for _, f := range fields {
+		if f.Name == "grpc-status" {
+			ex.grpcStatus = f.Value
+		}
+	}
+	labels := ex.labels
+	ex.mu.Unlock()
+	took := time.Since(ex.start)
+	p.m.latency.WithLabelValues(labels...).Observe(float64(took) / float64(time.Millisecond))
+	ex.endpointDone(p, nil)
+}
+
+func (ex *h2Exchange) trailers(fields []hpack.HeaderField) {
+	ex.mu.Lock()
+	for _, f := range fields {
+		if f.Name == "grpc-status" {
+			ex.grpcStatus = f.Value
+		}
+	}
+	ex.mu.Unlock()
+}
+
+func (ex *h2Exchange) bytes(response bool, n int) {
+	ex.mu.Lock()
+	if response {
+		ex.bytesOut += int64(n)
+	} else {
+		ex.bytesIn += int64(n)
+	}
+	ex.mu.Unlock()
+}
+
+// endpointDone tells the balancer how the balanced endpoint did, once.
+func (ex *h2Exchange) endpointDone(p *Proxy, err error) {
+	ex.mu.Lock()
+	c, svc := ex.choice, ex.balanced
+	ex.choice = nil
+	ex.mu.Unlock()
+	if c != nil {
+		p.endpointDone(svc, c, time.Since(ex.start), err)
+		c.Release()
+	}
+}
+
+// finish records the response once: ok says the stream ended cleanly. A
+// gRPC call fails unless it ends with grpc-status 0 (see meteredBody).
+func (ex *h2Exchange) finish(p *Proxy, ok bool) {
+	ex.mu.Lock()
+	if ex.done {
+		ex.mu.Unlock()
+		return
+	}
+	ex.done = true
+	if ex.timer != nil {
+		ex.timer.Stop()
+	}
+	labels, status, gs := ex.labels, ex.status, ex.grpcStatus
+	ex.mu.Unlock()
+	ex.endpointDone(p, errIncomplete)
+	if labels == nil {
+		return
+	}
+	class := "success"
+	if !ok || status >= 500 || (gs != "" && gs != "0") || (ex.grpc && gs == "") {
+		class = "failure"
+	}
+	p.m.responses.WithLabelValues(append(labels[:len(labels):len(labels)], statusLabel(status), class)...).Inc()
+	if p.m.tap.active() {
+		ev := TapEvent{Time: time.Now(), Kind: TapHTTP, Status: status, Method: ex.method, Authority: ex.authority, Path: ex.path}
+		tapLabels(&ev, labels)
+		ex.mu.Lock()
+		ev.BytesIn, ev.BytesOut = ex.bytesIn, ex.bytesOut
+		ex.mu.Unlock()
+		ev.LatencyMS = float64(ev.Time.Sub(ex.start)) / float64(time.Millisecond)
+		p.m.tap.publish(&ev)
+	}
+}
+
+// h2Pool keeps HTTP/2 connections to local services (the client role of
+// h2Conn), streams spread over as few as their limits allow; a connection
+// idle for h2fLocalIdle is closed.
+type h2Pool struct {
+	p      *Proxy
+	mu     sync.Mutex
+	conns  map[netip.AddrPort][]*h2Conn
+	closed bool
+}
+
+func newH2Pool(p *Proxy) *h2Pool {
+	return &h2Pool{p: p, conns: make(map[netip.AddrPort][]*h2Conn)}
+}
+
+var errH2Full = errors.New("http2 connection full")
+
+// open opens a stream for a request to addr with its head.
+func (pl *h2Pool) open(addr netip.AddrPort, ex *h2Exchange, fields []hpack.HeaderField, end bool) (*h2Stream, error) {
+	for attempt := 0; attempt < 3; attempt++ {
+		c := pl.pick(addr)
+		if c == nil {
+			var err error
+			if c, err = pl.dial(addr); err != nil {
+				return nil, err
+			}
+		}
+		s, err := c.openStream(ex, fields, end)
+		if err == nil {
+			return s, nil
+		}
+		if !errors.Is(err, errH2Full) {
+			return nil, err
+		}
+	}
+	return nil, errH2Full
+}
+
+// pick returns a live connection to addr with room for a stream, closing
+// those idle too long.
+func (pl *h2Pool) pick(addr netip.AddrPort) *h2Conn {
+	now := time.Now()
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	var best *h2Conn
+	list := pl.conns[addr]
+	kept := list[:0]
+	for _, c := range list {
+		c.mu.Lock()
+		dead := c.closed || c.goaway
+		idle := !c.idleAt.IsZero() && now.Sub(c.idleAt) > h2fLocalIdle
+		room := uint32(len(c.streams)) < c.peerStreams
+		c.mu.Unlock()
+		if dead || idle {
+			c.nc.Close()
+			continue
+		}
+		kept = append(kept, c)
+		if room && best == nil {
+			best = c
+		}
+	}
+	clear(list[len(kept):])
+	pl.conns[addr] = kept
+	return best
+}
+
+func (pl *h2Pool) dial(addr netip.AddrPort) (*h2Conn, error) {
+	nc, err := pl.p.dial(context.Background(), addr)
+	if err != nil {
+		return nil, err
+	}
+	c := newH2Conn(pl.p, nc, false, nc)
+	c.pool = pl
+	if err := c.start(); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	pl.mu.Lock()
+	if pl.closed {
+		pl.mu.Unlock()
+		nc.Close()
+		return nil, errors.New("proxy closed")
+	}
+	pl.conns[addr] = append(pl.conns[addr], c)
+	pl.mu.Unlock()
+	go c.serve()
+	return c, nil
+}
+
+func (pl *h2Pool) remove(c *h2Conn) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	for addr, list := range pl.conns {
+		for i, x := range list {
+			if x == c {
+				pl.conns[addr] = append(list[:i:i], list[i+1:]...)
+				return
+			}
+		}
+	}
+}
+
+func (pl *h2Pool) released(*h2Conn) {}
+
+// closeIdle closes the connections that carry no stream (Shutdown).
+func (pl *h2Pool) closeIdle() {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	for _, list := range pl.conns {
+		for _, c := range list {
+			c.mu.Lock()
+			idle := len(c.streams) == 0
+			c.mu.Unlock()
+			if idle {
+				c.nc.Close()
+			}
+		}
+	}
+}
+
+func (pl *h2Pool) close() {
+	pl.mu.Lock()
+	pl.closed = true
+	all := pl.conns
+	pl.conns = map[netip.AddrPort][]*h2Conn{}
+	pl.mu.Unlock()
+	for _, list := range all {
+		for _, c := range list {
+			c.nc.Close()
+		}
+	}
+}
+
+// openStream (client role) opens a stream with the request head.
+func (c *h2Conn) openStream(ex *h2Exchange, fields []hpack.HeaderField, end bool) (*h2Stream, error) {
+	var s *h2Stream
+	var openErr error
+	err := c.write(func(*http2.Framer) error {
+		c.mu.Lock()
+		if c.closed || c.goaway || uint32(len(c.streams)) >= c.peerStreams || c.nextID >= 1<<31-1 {
+			c.mu.Unlock()
+			openErr = errH2Full
+			return nil
+		}
+		id := c.nextID
+		c.nextID += 2
+		s = &h2Stream{c: c, id: id, ex: ex, recvWin: h2fStreamWindow, sendWin: c.initSend, sentEnd: end}
+		c.streams[id] = s
+		c.idleAt = time.Time{}
+		maxFrame := int(c.maxFrame)
+		c.mu.Unlock()
+		return c.writeBlockLocked(id, fields, end, maxFrame)
+	}, true)
+	if openErr != nil {
+		return nil, openErr
+	}
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
