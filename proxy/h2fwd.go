@@ -68,6 +68,9 @@ type h2Conn struct {
 	bw      *bufio.Writer
 	henc    *hpack.Encoder
 	hbuf    bytes.Buffer
+	// A control frame waits in bw for a write to take it (ctl).
+	flushArmed bool
+	flushTimer *time.Timer
 
 	mu          sync.Mutex
 	sendCond    sync.Cond // connSend or a stream's sendWin grew, or the connection ended
@@ -86,6 +89,7 @@ type h2Conn struct {
 	connRecv    int64 // what the peer may still send on the connection
 	connUnacked uint32
 	scratch     []byte
+	pending     []*h2Stream // streams with messages held until the buffered frames are read
 
 	route route   // server role: the app connection's route
 	pool  *h2Pool // client role: the pool it belongs to
@@ -117,6 +121,8 @@ type h2Stream struct {
 	upCredit int
 	upBusy   bool // a writer (TryWrite in the read loop, or upPump) owns ms's write side
 	upClosed bool // the END went into ms, or the stream was reset
+
+	queued bool // the read loop's: in c.pending
 }
 
 func newH2Conn(p *Proxy, nc net.Conn, server bool, rd io.Reader) *h2Conn {
@@ -188,18 +194,42 @@ func (c *h2Conn) writeLocked(f func(*http2.Framer) error, flush bool) error {
 	return err
 }
 
-// ctl writes a control frame from the read loop: at once when the write
-// side is free, else from a goroutine (the read loop never waits behind a
-// writer that waits for the socket).
+// ctl writes a control frame from the read loop (a PING or SETTINGS ack,
+// a WINDOW_UPDATE) without flushing it: the next write takes it along (a
+// gRPC client pings after every DATA it sends, and the response follows),
+// or ctlDelay later a timer flushes it. The read loop never waits behind
+// a writer that waits for the socket: then a goroutine writes it.
 func (c *h2Conn) ctl(f func(*http2.Framer) error) {
 	c.waiting.Add(1)
 	if c.wmu.TryLock() {
-		c.writeLocked(f, true)
+		if c.writeLocked(f, false) == nil && !c.flushArmed {
+			c.flushArmed = true
+			if c.flushTimer == nil {
+				c.flushTimer = time.AfterFunc(ctlDelay, c.flushLater)
+			} else {
+				c.flushTimer.Reset(ctlDelay)
+			}
+		}
 		c.wmu.Unlock()
 		return
 	}
 	c.waiting.Add(-1)
 	go c.write(f, true)
+}
+
+// ctlDelay bounds how long a control frame waits for a write to take it.
+const ctlDelay = time.Millisecond
+
+func (c *h2Conn) flushLater() {
+	c.wmu.Lock()
+	c.flushArmed = false
+	if c.werr == nil && c.bw.Buffered() > 0 {
+		if err := c.bw.Flush(); err != nil {
+			c.werr = err
+			c.nc.Close()
+		}
+	}
+	c.wmu.Unlock()
 }
 
 // serve reads frames until the connection ends, then ends its streams.
@@ -217,6 +247,11 @@ func (c *h2Conn) serve() error {
 		s.abort(mux.CodeCancel, false)
 	}
 	c.nc.Close()
+	c.wmu.Lock()
+	if c.flushTimer != nil {
+		c.flushTimer.Stop()
+	}
+	c.wmu.Unlock()
 	if c.pool != nil {
 		c.pool.remove(c)
 	}
@@ -251,6 +286,9 @@ func (c *h2Conn) readLoop() error {
 			c.goAway(http2.ErrCodeProtocol)
 			return err
 		}
+		if len(c.pending) > 0 && c.rd.Buffered() == 0 {
+			c.flushPending()
+		}
 		if c.server && c.p.drain.Load() {
 			c.drain()
 		}
@@ -281,9 +319,25 @@ func (c *h2Conn) handle(f http2.Frame) error {
 		}
 		c.sendCond.Broadcast()
 	case *http2.RSTStreamFrame:
-		if s := c.stream(id); s != nil {
-			s.abort(uint32(f.ErrCode), true)
+		s := c.stream(id)
+		if s == nil {
+			return nil
 		}
+		c.mu.Lock()
+		done := f.ErrCode == http2.ErrCodeNo && s.recvEnd
+		if done {
+			// The peer sent all it will and wants no more (a server that
+			// answered before reading the whole request, RFC 9113 8.1):
+			// what it sent still goes through.
+			s.sentEnd = true
+			c.sendCond.Broadcast()
+		}
+		c.mu.Unlock()
+		if done {
+			s.maybeDone()
+			return nil
+		}
+		s.abort(uint32(f.ErrCode), true)
 	case *http2.SettingsFrame:
 		if f.IsAck() {
 			return nil
@@ -554,49 +608,75 @@ func (s *h2Stream) headersFromH2(f *http2.MetaHeadersFrame) error {
 	return nil
 }
 
-// up hands a message from the HTTP/2 peer to the mux stream: written at
-// once when nothing is queued and the window has room, else queued for
-// upPump. credit is the DATA bytes in it, credited back to the peer once
-// they are in the mux stream.
+// up hands a message from the HTTP/2 peer to the mux stream (read loop
+// only). While more frames are already buffered the message waits, so a
+// response's head, body and trailers leave in one mux frame; then kick
+// writes it at once if the window has room, else upPump does. credit is
+// the DATA bytes in it, credited back to the peer once they are in the mux
+// stream.
 func (s *h2Stream) up(msg []byte, credit int, end bool) {
 	s.mu.Lock()
 	if s.upClosed {
 		s.mu.Unlock()
 		return
 	}
-	if s.ms != nil && !s.upBusy && len(s.upBuf) == 0 {
-		s.upBusy = true
-		s.mu.Unlock()
-		ok, err := s.ms.TryWrite(msg, end)
-		s.mu.Lock()
-		switch {
-		case err != nil:
-			s.upClosed, s.upBusy = true, false
-			s.mu.Unlock()
-			s.abort(mux.CodeCancel, false)
-			return
-		case ok:
-			s.upBusy = false
-			s.upClosed = end
-			s.mu.Unlock()
-			s.credit(credit)
-			if end {
-				s.maybeDone()
-			}
-			return
-		}
-		s.upBusy = false
-	}
 	s.upBuf = append(s.upBuf, msg...)
 	s.upCredit += credit
 	s.upEnd = s.upEnd || end
-	start := s.ms != nil && !s.upBusy
-	if start {
-		s.upBusy = true
-	}
 	s.mu.Unlock()
-	if start {
+	c := s.c
+	if c.rd.Buffered() > 0 {
+		if !s.queued {
+			s.queued = true
+			c.pending = append(c.pending, s)
+		}
+		return
+	}
+	s.kick()
+}
+
+// flushPending writes the messages held while frames were buffered (read
+// loop only).
+func (c *h2Conn) flushPending() {
+	for i, s := range c.pending {
+		s.queued = false
+		s.kick()
+		c.pending[i] = nil
+	}
+	c.pending = c.pending[:0]
+}
+
+// kick writes the queued messages into the mux stream without waiting
+// (read loop only: nobody else appends meanwhile), or starts upPump when
+// the window is short.
+func (s *h2Stream) kick() {
+	s.mu.Lock()
+	if s.upClosed || s.ms == nil || s.upBusy || (len(s.upBuf) == 0 && !s.upEnd) {
+		s.mu.Unlock()
+		return
+	}
+	s.upBusy = true
+	buf, end, credit, ms := s.upBuf, s.upEnd, s.upCredit, s.ms
+	s.mu.Unlock()
+	ok, err := ms.TryWrite(buf, end)
+	s.mu.Lock()
+	switch {
+	case err != nil:
+		s.upClosed, s.upBusy = true, false
+		s.mu.Unlock()
+		s.abort(mux.CodeCancel, false)
+		return
+	case !ok:
+		s.mu.Unlock()
 		go s.upPump()
+		return
+	}
+	s.upBuf, s.upCredit, s.upEnd = s.upBuf[:0], 0, false
+	s.upBusy, s.upClosed = false, end
+	s.mu.Unlock()
+	s.credit(credit)
+	if end {
+		s.maybeDone()
 	}
 }
 
@@ -616,9 +696,11 @@ func (s *h2Stream) upPump() {
 		s.upClosed = end
 		ms := s.ms
 		s.mu.Unlock()
-		_, err := ms.Write(buf)
-		if err == nil && end {
-			err = ms.CloseWrite()
+		var err error
+		if end {
+			err = ms.WriteClose(buf) // the END message and the FIN in one frame
+		} else {
+			_, err = ms.Write(buf)
 		}
 		if err != nil {
 			s.mu.Lock()
@@ -696,7 +778,9 @@ func (s *h2Stream) attach(ms *mux.Stream, sentEnd bool) bool {
 
 // toH2 reads the mux stream's messages and writes them as frames: the
 // response (server role) or the request's body and trailers (client role).
-func (s *h2Stream) toH2(mr *msgReader) {
+// It reports whether it ended with the END message; otherwise the stream
+// is over.
+func (s *h2Stream) toH2(mr *msgReader) (ended bool) {
 	c := s.c
 	var fields []hpack.HeaderField
 	for {
@@ -708,15 +792,17 @@ func (s *h2Stream) toH2(mr *msgReader) {
 				// The peer proxy ended without END (it should not): end
 				// the stream as if it had.
 				if !s.writeData(nil, true, true, false) {
-					return
+					return false
 				}
 				s.ex.finish(c.p, true)
+				s.maybeDone()
+				return true
 			case errors.As(err, &re):
 				s.peerReset(re.Code)
 			default:
 				s.abort(mux.CodeCancel, false)
 			}
-			return
+			return false
 		}
 		end := kind&msgEnd != 0
 		flush := end || !mr.ready()
@@ -724,7 +810,7 @@ func (s *h2Stream) toH2(mr *msgReader) {
 		case msgHeaders, msgTrailers:
 			if fields, err = parseFields(payload, fields); err != nil {
 				s.abort(uint32(http2.ErrCodeProtocol), false)
-				return
+				return false
 			}
 			trailers := kind&^msgEnd == msgTrailers
 			if c.server {
@@ -735,12 +821,12 @@ func (s *h2Stream) toH2(mr *msgReader) {
 				}
 			}
 			if !s.writeHeaders(fields, end, flush, false) {
-				return
+				return false
 			}
 		case msgData:
 			s.ex.bytes(c.server, len(payload))
 			if !s.writeData(payload, end, flush, false) {
-				return
+				return false
 			}
 		}
 		if end {
@@ -748,7 +834,7 @@ func (s *h2Stream) toH2(mr *msgReader) {
 				s.ex.finish(c.p, true)
 			}
 			s.maybeDone()
-			return
+			return true
 		}
 	}
 }

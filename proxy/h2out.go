@@ -83,7 +83,7 @@ func (s *h2Stream) outbound() {
 	s.upBuf, s.upEnd, s.upCredit = nil, false, 0
 	s.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
-	ms, sent, err := p.muxes.openWith(ctx, ep, h, first, end)
+	ms, sent, err := p.muxes.openRequest(ctx, ep, h, first, end)
 	cancel()
 	if err != nil {
 		p.m.refused.WithLabelValues(dirOutbound, refuseDial).Inc()
@@ -93,9 +93,10 @@ func (s *h2Stream) outbound() {
 		return
 	}
 	if !sent {
-		_, err = ms.Write(first)
-		if err == nil && end {
-			err = ms.CloseWrite()
+		if end {
+			err = ms.WriteClose(first)
+		} else {
+			_, err = ms.Write(first)
 		}
 		if err != nil {
 			ms.Reset(mux.CodeCancel)
@@ -107,12 +108,13 @@ func (s *h2Stream) outbound() {
 	if !s.attach(ms, end) {
 		return
 	}
-	// After the response ends, the request may go on (a client stream):
-	// a reset meanwhile must still reach the app.
-	ms.OnReset(func(e *mux.ResetError) { s.peerReset(e.Code) })
 	mr := newMsgReader(ms)
 	defer mr.release()
-	s.toH2(mr)
+	if s.toH2(mr) {
+		// The response ended; the request may go on (a client stream):
+		// a reset now must still reach the app.
+		ms.OnReset(func(e *mux.ResetError) { s.peerReset(e.Code) })
+	}
 }
 
 // timeout ends a request that outlived its route's timeout: 504 if the
@@ -169,7 +171,7 @@ func (p *Proxy) muxH2Stream(ms *mux.Stream, th transportHeader, clientID string)
 		return
 	}
 	p.m.requests.WithLabelValues(ex.labels...).Inc()
-	s, err := p.h2local.open(r.target, ex, fields, end)
+	s, err := p.h2local.open(r.target, ex, fields, end, !mr.ready())
 	if err != nil {
 		p.reportError(slog.LevelWarn, dirInbound, refuseDial, r.target.String(), "connecting to local service failed", "service", r.svc.Name, "addr", r.target, "err", err)
 		ex.status = 502
@@ -182,11 +184,9 @@ func (p *Proxy) muxH2Stream(ms *mux.Stream, th transportHeader, clientID string)
 	}
 	// The request may end long before its response (a server stream):
 	// a reset from the client meanwhile must still reach the service.
-	ms.OnReset(func(e *mux.ResetError) { s.peerReset(e.Code) })
-	if end {
-		return
+	if end || s.toH2(mr) {
+		ms.OnReset(func(e *mux.ResetError) { s.peerReset(e.Code) })
 	}
-	s.toH2(mr)
 }
 
 // http2ErrProtocol is HTTP/2's PROTOCOL_ERROR as a mux reset code.
@@ -209,9 +209,7 @@ func answerMux(ms *mux.Stream, mr *msgReader, ended bool, code int, why string) 
 	b = appendMsgHead(b, msgData|msgEnd, len(body))
 	b = append(b, body...)
 	if ok, err := ms.TryWrite(b, true); !ok && err == nil {
-		if _, err := ms.Write(b); err == nil {
-			ms.CloseWrite()
-		}
+		ms.WriteClose(b)
 	}
 	if !ended {
 		ms.SetReadDeadline(time.Now().Add(bodyGrace))
@@ -421,7 +419,7 @@ func newH2Pool(p *Proxy) *h2Pool {
 var errH2Full = errors.New("http2 connection full")
 
 // open opens a stream for a request to addr with its head.
-func (pl *h2Pool) open(addr netip.AddrPort, ex *h2Exchange, fields []hpack.HeaderField, end bool) (*h2Stream, error) {
+func (pl *h2Pool) open(addr netip.AddrPort, ex *h2Exchange, fields []hpack.HeaderField, end, flush bool) (*h2Stream, error) {
 	for attempt := 0; attempt < 3; attempt++ {
 		c := pl.pick(addr)
 		if c == nil {
@@ -430,7 +428,7 @@ func (pl *h2Pool) open(addr netip.AddrPort, ex *h2Exchange, fields []hpack.Heade
 				return nil, err
 			}
 		}
-		s, err := c.openStream(ex, fields, end)
+		s, err := c.openStream(ex, fields, end, flush)
 		if err == nil {
 			return s, nil
 		}
@@ -537,8 +535,9 @@ func (pl *h2Pool) close() {
 	}
 }
 
-// openStream (client role) opens a stream with the request head.
-func (c *h2Conn) openStream(ex *h2Exchange, fields []hpack.HeaderField, end bool) (*h2Stream, error) {
+// openStream (client role) opens a stream with the request head; flush
+// false leaves it for the body's first write.
+func (c *h2Conn) openStream(ex *h2Exchange, fields []hpack.HeaderField, end, flush bool) (*h2Stream, error) {
 	var s *h2Stream
 	var openErr error
 	err := c.write(func(*http2.Framer) error {
@@ -556,7 +555,7 @@ func (c *h2Conn) openStream(ex *h2Exchange, fields []hpack.HeaderField, end bool
 		maxFrame := int(c.maxFrame)
 		c.mu.Unlock()
 		return c.writeBlockLocked(id, fields, end, maxFrame)
-	}, true)
+	}, flush || end)
 	if openErr != nil {
 		return nil, openErr
 	}

@@ -34,11 +34,11 @@ const (
 type sessionProtocol uint8
 
 const (
-	sessionOpaque sessionProtocol = iota // raw TCP bytes
-	sessionHTTP1                         // an HTTP/1 connection (e.g. an Upgrade request)
-	sessionHTTP2                         // an HTTP/2 connection
-	sessionH2Stream                      // one HTTP/2 request, as messages (h2msg.go); mux streams only
-	sessionMax                           // first invalid value
+	sessionOpaque   sessionProtocol = iota // raw TCP bytes
+	sessionHTTP1                           // an HTTP/1 connection (e.g. an Upgrade request)
+	sessionHTTP2                           // an HTTP/2 connection
+	sessionH2Stream                        // one HTTP/2 request, as messages (h2msg.go); mux streams only
+	sessionMax                             // first invalid value
 )
 
 func (p sessionProtocol) String() string {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"github.com/vmesh/vmesh/balance"
 	"io"
 	"log"
 	"log/slog"
@@ -59,8 +58,6 @@ func (p *Proxy) serveRequest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	switch info.route.kind {
-	case routeHTTP:
-		p.outboundHTTP(w, r, info)
 	case routePeerHTTP:
 		p.inboundHTTP(w, r, info)
 	case routeInboundHTTP:
@@ -84,55 +81,6 @@ func restoreForwarded(pr *httputil.ProxyRequest) {
 			pr.Out.Header[k] = v
 		}
 	}
-}
-
-// outboundHTTP proxies one request from a local app to the peer proxy over
-// the pooled, multiplexed HTTP/2 mTLS connections.
-func (p *Proxy) outboundHTTP(w http.ResponseWriter, r *http.Request, info *connInfo) {
-	ep := info.route.ep
-	port := strconv.Itoa(int(info.route.dst.Port()))
-	if info.route.balanced {
-		// A service VIP: this request's endpoint (balance.go).
-		var choice *balance.Choice
-		var ok bool
-		if ep, choice, ok = p.pickEndpoint(ep.Service, nil); !ok {
-			labels := connLabels{direction: dirOutbound, service: info.route.ep.Service, serverID: info.route.ep.Identity, tls: tlsTrue}
-			p.denyHTTP(w, labels.values(), http.StatusServiceUnavailable, "no endpoint")
-			return
-		}
-		start := time.Now()
-		defer func() { p.endpointDone(ep.Service, choice, time.Since(start), nil); choice.Release() }()
-		port = strconv.Itoa(int(ep.Addr.Port()))
-	}
-	labels := connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue}
-	if d, _ := p.policy(ep.Service).requestPolicy([]byte(r.Method), []byte(r.URL.Path), p.cfg.RequestTimeout); d > 0 {
-		ctx, cancel := context.WithTimeout(r.Context(), d)
-		defer cancel()
-		r = r.WithContext(ctx)
-	}
-	rp := &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.Out.URL.Scheme = "https"
-			pr.Out.URL.Host = ep.ProxyAddr.String()
-			pr.Out.Host = pr.In.Host
-			restoreForwarded(pr)
-			stripMeshHeaders(pr.Out.Header)
-			pr.Out.Header.Set(hdrDstPort, port)
-			if pr.In.ProtoMajor == 1 {
-				pr.Out.Header.Set(hdrOrigProto, pr.In.Proto)
-			}
-		},
-		Transport: &meteredTransport{p: p, rt: p.pool.transport(ep), labels: labels.values()},
-		// 0: a response of known length goes out in one write at the end
-		// (headers and body in one TLS record) instead of a flush per
-		// write; ReverseProxy still flushes every write of streams of
-		// unknown length (gRPC, SSE).
-		FlushInterval: 0,
-		ErrorHandler:  p.proxyErrorHandler(labels.values()),
-		ErrorLog:      slogErrorLog(p),
-		BufferPool:    rpBuffers{},
-	}
-	rp.ServeHTTP(w, r)
 }
 
 // inboundHTTP serves one request from a peer proxy or from an unmeshed

@@ -64,21 +64,29 @@ func newMuxPool(p *Proxy) *muxPool {
 // or a new one.
 // dialed says whether a new session (a TLS handshake) was made for it.
 func (mp *muxPool) open(ctx context.Context, ep Endpoint, header []byte) (st *mux.Stream, dialed bool, err error) {
-	st, _, dialed, err = mp.openData(ctx, ep, header, nil, false)
+	st, _, dialed, err = mp.openData(ctx, ep, header, nil, false, 1)
 	return st, dialed, err
 }
 
-// openWith opens a stream like open and sends data (and the half-close
-// when end) with its HEADERS when the window takes it (sent).
-func (mp *muxPool) openWith(ctx context.Context, ep Endpoint, header, data []byte, end bool) (st *mux.Stream, sent bool, err error) {
-	st, sent, _, err = mp.openData(ctx, ep, header, data, end)
+// openRequest opens a stream for one HTTP/2 request and sends data (and
+// the half-close when end) with its HEADERS when the window takes it
+// (sent). Requests are short: another session is dialed only while every
+// one carries spreadRequests streams.
+func (mp *muxPool) openRequest(ctx context.Context, ep Endpoint, header, data []byte, end bool) (st *mux.Stream, sent bool, err error) {
+	st, sent, _, err = mp.openData(ctx, ep, header, data, end, spreadRequests)
 	return st, sent, err
 }
 
-func (mp *muxPool) openData(ctx context.Context, ep Endpoint, header, data []byte, end bool) (st *mux.Stream, sent, dialed bool, err error) {
+// spreadRequests: see openRequest. Sequential requests (a stream that
+// just ended may not be gone yet) never dial a second session.
+const spreadRequests = 8
+
+// openData opens a stream; another session is dialed when every one
+// carries at least spreadAt streams.
+func (mp *muxPool) openData(ctx context.Context, ep Endpoint, header, data []byte, end bool, spreadAt int) (st *mux.Stream, sent, dialed bool, err error) {
 	k := peerKey{ep.ProxyAddr, ep.Service, ep.Identity}
 	for attempt := 0; attempt < 2; attempt++ {
-		s, spread := mp.session(k)
+		s, spread := mp.session(k, spreadAt)
 		if s == nil || spread {
 			ns, derr := mp.dial(ctx, k, ep)
 			switch {
@@ -103,7 +111,7 @@ func (mp *muxPool) openData(ctx context.Context, ep Endpoint, header, data []byt
 // carries the fewest (nil: none), and whether to dial another to spread
 // the streams; it drops dead sessions and closes those idle for longer
 // than muxIdle.
-func (mp *muxPool) session(k peerKey) (best *mux.Session, spread bool) {
+func (mp *muxPool) session(k peerKey, spreadAt int) (best *mux.Session, spread bool) {
 	now := time.Now()
 	mp.mu.Lock()
 	defer mp.mu.Unlock()
@@ -116,7 +124,7 @@ func (mp *muxPool) session(k peerKey) (best *mux.Session, spread bool) {
 			best, fewest = s, n
 		}
 	}
-	spread = best != nil && fewest > 0 && len(mp.ss[k])+mp.dialing[k] < mp.spread
+	spread = best != nil && fewest >= spreadAt && len(mp.ss[k])+mp.dialing[k] < mp.spread
 	return best, spread
 }
 

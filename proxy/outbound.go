@@ -9,9 +9,6 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"time"
-
-	"golang.org/x/net/http2"
 )
 
 // handleOutbound serves one connection redirected to the outbound listener:
@@ -144,170 +141,34 @@ type clientConfigKey struct {
 // clientConfig returns a cached client TLS configuration for ep.
 func (p *Proxy) clientConfig(ep Endpoint, alpn string) *tls.Config {
 	k := clientConfigKey{ep.Service, ep.Identity, alpn}
-	if c, ok := p.pool.configs.Load(k); ok {
+	if c, ok := p.tlsConfigs.configs.Load(k); ok {
 		return c.(*tls.Config)
 	}
 	// Bounded: one entry per (service, identity, ALPN) ever dialed would
 	// grow without end in a mesh whose services come and go. Dropping
 	// them all now and then costs a rebuild each (no handshake: the
 	// session cache is separate).
-	if p.pool.nconfigs.Add(1) > maxClientConfigs {
-		p.pool.configs.Clear()
-		p.pool.nconfigs.Store(1)
+	if p.tlsConfigs.nconfigs.Add(1) > maxClientConfigs {
+		p.tlsConfigs.configs.Clear()
+		p.tlsConfigs.nconfigs.Store(1)
 	}
-	c, _ := p.pool.configs.LoadOrStore(k, p.clientTLSConfig(ep, alpn))
+	c, _ := p.tlsConfigs.configs.LoadOrStore(k, p.clientTLSConfig(ep, alpn))
 	return c.(*tls.Config)
 }
-
-// Peer transport eviction: a transport unused this long is dropped (peers
-// come and go with the catalog), and the pool holds at most this many, the
-// least recently used going first.
-const (
-	peerIdleTimeout   = 5 * time.Minute
-	peerMaxTransports = 4096
-)
 
 // maxClientConfigs bounds the cached client TLS configurations.
 const maxClientConfigs = 1024
 
-// peerPool holds one HTTP/2 transport per (peer proxy, service identity):
-// requests to one service on one host share multiplexed mTLS connections.
-// Transports unused for idle are evicted, at most max are kept: eviction
-// closes their idle connections. An evicted transport is retired for one
-// more idle period, its connections closed at each sweep once their
-// requests are done; after that its connections' own idle timeout closes
-// them.
-type peerPool struct {
-	p        *Proxy
+// clientConfigs caches client TLS configurations per (service, identity,
+// ALPN).
+type clientConfigs struct {
 	configs  sync.Map     // clientConfigKey -> *tls.Config, at most maxClientConfigs
 	nconfigs atomic.Int64 // entries added to configs since it was last cleared
-	idle     time.Duration
-	max      int
-	now      func() time.Time // a test seam
-
-	mu        sync.Mutex
-	ts        map[peerKey]*peerTransport
-	retired   []*peerTransport // evicted; used is the eviction time
-	lastSweep time.Time
 }
 
+// peerKey names a peer proxy serving one service identity.
 type peerKey struct {
 	addr     netip.AddrPort
 	service  string
 	identity string
 }
-
-type peerTransport struct {
-	t    *http2.Transport
-	used time.Time
-}
-
-func newPeerPool(p *Proxy) *peerPool {
-	return &peerPool{
-		p: p, idle: peerIdleTimeout, max: peerMaxTransports, now: time.Now,
-		ts: make(map[peerKey]*peerTransport),
-	}
-}
-
-func (pp *peerPool) transport(ep Endpoint) *http2.Transport {
-	k := peerKey{ep.ProxyAddr, ep.Service, ep.Identity}
-	pp.mu.Lock()
-	defer pp.mu.Unlock()
-	now := pp.now()
-	if now.Sub(pp.lastSweep) >= pp.idle/4 {
-		pp.sweepLocked(now)
-	}
-	if e, ok := pp.ts[k]; ok {
-		e.used = now
-		return e.t
-	}
-	if len(pp.ts) >= pp.max {
-		pp.evictOldestLocked(now)
-	}
-	t := &http2.Transport{
-		DialTLSContext: func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
-			tc, err := pp.p.dialTransport(ctx, ep, alpnH2)
-			if err != nil {
-				return nil, err
-			}
-			return newBatchConn(tc), nil
-		},
-		DisableCompression: true,
-		ReadIdleTimeout:    30 * time.Second,
-		PingTimeout:        15 * time.Second,
-		IdleConnTimeout:    pp.idle,
-	}
-	pp.ts[k] = &peerTransport{t: t, used: now}
-	return t
-}
-
-// sweepLocked evicts the transports unused for pp.idle and closes the idle
-// connections of retired ones.
-func (pp *peerPool) sweepLocked(now time.Time) {
-	pp.lastSweep = now
-	for k, e := range pp.ts {
-		if now.Sub(e.used) >= pp.idle {
-			delete(pp.ts, k)
-			pp.retireLocked(e, now)
-		}
-	}
-	pp.closeRetiredLocked(now)
-}
-
-// evictOldestLocked evicts the least recently used transport.
-func (pp *peerPool) evictOldestLocked(now time.Time) {
-	var oldest peerKey
-	var e *peerTransport
-	for k, c := range pp.ts {
-		if e == nil || c.used.Before(e.used) {
-			oldest, e = k, c
-		}
-	}
-	if e != nil {
-		delete(pp.ts, oldest)
-		pp.retireLocked(e, now)
-	}
-}
-
-func (pp *peerPool) retireLocked(e *peerTransport, now time.Time) {
-	e.used = now
-	e.t.CloseIdleConnections()
-	if len(pp.retired) >= pp.max {
-		pp.retired = pp.retired[1:]
-	}
-	pp.retired = append(pp.retired, e)
-}
-
-// closeRetiredLocked closes the idle connections of retired transports and
-// forgets those retired for pp.idle.
-func (pp *peerPool) closeRetiredLocked(now time.Time) {
-	keep := pp.retired[:0]
-	for _, e := range pp.retired {
-		e.t.CloseIdleConnections()
-		if now.Sub(e.used) < pp.idle {
-			keep = append(keep, e)
-		}
-	}
-	clear(pp.retired[len(keep):])
-	pp.retired = keep
-}
-
-// size returns the number of pooled transports.
-func (pp *peerPool) size() int {
-	pp.mu.Lock()
-	defer pp.mu.Unlock()
-	return len(pp.ts)
-}
-
-func (pp *peerPool) closeIdle() {
-	pp.mu.Lock()
-	defer pp.mu.Unlock()
-	for _, e := range pp.ts {
-		e.t.CloseIdleConnections()
-	}
-	for _, e := range pp.retired {
-		e.t.CloseIdleConnections()
-	}
-}
-
-func (pp *peerPool) close() { pp.closeIdle() }

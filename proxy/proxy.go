@@ -66,14 +66,14 @@ type Proxy struct {
 	sessions tls.ClientSessionCache
 	svcs     atomic.Pointer[services]
 
-	serverTLS *tls.Config
-	h1        *http.Server             // the base configuration of h2
-	h2        *http2.Server            // serves h2 (from apps and from peer proxies)
-	pool      *peerPool                // HTTP/2 transports to peer proxies
-	muxes     *muxPool                 // mux sessions to peer proxies (opaque streams)
-	balancers sync.Map                 // service name -> *svcBalancer (balance.go)
-	policies  atomic.Pointer[policies] // client policies by service (clientpolicy.go)
-	local     *localTransports
+	serverTLS  *tls.Config
+	h1         *http.Server             // the base configuration of h2
+	h2         *http2.Server            // serves h2 (from apps and from peer proxies)
+	tlsConfigs clientConfigs            // client TLS configurations to peer proxies
+	muxes      *muxPool                 // mux sessions to peer proxies (opaque streams)
+	balancers  sync.Map                 // service name -> *svcBalancer (balance.go)
+	policies   atomic.Pointer[policies] // client policies by service (clientpolicy.go)
+	local      *localTransports
 
 	// The lean HTTP/1 path (h1.go): keep-alive connections to peer proxies
 	// and to local services, and the connections it serves.
@@ -172,7 +172,6 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	if err := http2.ConfigureServer(p.h1, p.h2); err != nil {
 		return nil, fmt.Errorf("creating proxy: %w", err)
 	}
-	p.pool = newPeerPool(p)
 	p.muxes = newMuxPool(p)
 	p.local = newLocalTransports(p)
 	p.h1peers = newUpPool(h1PeerIdle, 256)
@@ -390,7 +389,6 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	// Graceful HTTP: idle HTTP/1 connections close, h2 connections get GOAWAY.
 	// http.Server.Shutdown only tracks the HTTP/1 conns it accepted itself.
 	go p.h1.Shutdown(ctx)
-	p.pool.closeIdle()
 	p.muxes.closeIdle()
 	p.drain.Store(true)
 	p.closeIdleH1()
@@ -436,7 +434,6 @@ func (p *Proxy) Close() error {
 		for _, c := range conns {
 			c.Close()
 		}
-		p.pool.close()
 		p.muxes.close()
 		p.local.close()
 		p.h1peers.close()

@@ -13,7 +13,7 @@ func TestClientConfigCacheBounded(t *testing.T) {
 		a.p.clientConfig(Endpoint{Service: svc, Identity: "spiffe://vmesh.test/svc/" + svc}, alpnMux)
 	}
 	n := 0
-	a.p.pool.configs.Range(func(_, _ any) bool { n++; return true })
+	a.p.tlsConfigs.configs.Range(func(_, _ any) bool { n++; return true })
 	if n > maxClientConfigs {
 		t.Errorf("%d client TLS configs cached after %d services, want at most %d", n, 3*maxClientConfigs, maxClientConfigs)
 	}

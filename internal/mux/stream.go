@@ -35,6 +35,9 @@ type Stream struct {
 	wclosed bool  // this side half-closed (or reset)
 
 	reset  *ResetError // set once: the stream is over
+	// readKept: the reset came after the peer's half-close; what it sent
+	// is still read, then EOF.
+	readKept bool
 	ack    bool        // client: the server accepted the stream
 	ackCh  chan struct{}
 	closed bool // removed from the session
@@ -188,7 +191,7 @@ func (st *Stream) Read(b []byte) (int, error) {
 		}
 		return n, nil
 	}
-	if st.reset != nil {
+	if st.reset != nil && !st.readKept {
 		err := st.reset
 		st.mu.Unlock()
 		return 0, err
@@ -386,11 +389,23 @@ func (st *Stream) drop() {
 func (st *Stream) MaxBatch() int { return BatchSize }
 
 // Write sends b, waiting for window credit as needed.
-func (st *Stream) Write(b []byte) (int, error) {
+func (st *Stream) Write(b []byte) (int, error) { return st.write(b, false) }
+
+// WriteClose sends b like Write and half-closes the stream with b's last
+// frame (END_STREAM on it: the peer sees b and EOF together).
+func (st *Stream) WriteClose(b []byte) error {
+	_, err := st.write(b, true)
+	if err == nil {
+		st.maybeDone()
+	}
+	return err
+}
+
+func (st *Stream) write(b []byte, end bool) (int, error) {
 	written := 0
-	for len(b) > 0 {
+	for len(b) > 0 || end {
 		st.mu.Lock()
-		for st.sendWin <= 0 && st.reset == nil && !st.wclosed {
+		for st.sendWin <= 0 && len(b) > 0 && st.reset == nil && !st.wclosed {
 			if st.expired(st.wdl) {
 				st.mu.Unlock()
 				return written, os.ErrDeadlineExceeded
@@ -410,23 +425,22 @@ func (st *Stream) Write(b []byte) (int, error) {
 		// batch of frames with one flush (one system call for a 64 KiB
 		// copy buffer instead of four).
 		n := min(int64(len(b)), st.sendWin)
+		last := end && n == int64(len(b))
 		st.sendWin -= n
+		if last {
+			st.wclosed = true
+			st.writable.Broadcast()
+		}
 		st.mu.Unlock()
 		chunk := b[:n]
-		if err := st.s.write(func(fr *http2.Framer) error {
-			for c := chunk; len(c) > 0; {
-				m := min(len(c), recordFrame)
-				if err := fr.WriteData(st.id, false, c[:m]); err != nil {
-					return err
-				}
-				c = c[m:]
-			}
-			return nil
-		}); err != nil {
+		if err := st.s.write(func(fr *http2.Framer) error { return writeDataFrames(fr, st.id, chunk, last) }); err != nil {
 			return written, err
 		}
 		written += int(n)
 		b = b[n:]
+		if last {
+			break
+		}
 	}
 	return written, nil
 }
@@ -530,7 +544,14 @@ func (st *Stream) finish(err *ResetError) bool {
 	st.closed = true
 	if err != nil {
 		st.reset = err
-		st.drop()
+		if err.Remote && st.eof && st.sink == nil {
+			// The peer had sent all it would: what it sent stays
+			// readable, then EOF (an HTTP/2 server's RST_STREAM after
+			// its whole response, telling the client to stop sending).
+			st.readKept = true
+		} else {
+			st.drop()
+		}
 	}
 	st.wclosed = true
 	st.readable.Broadcast()

@@ -268,7 +268,7 @@ func (h *Host) Start(t testing.TB, name string, args ...string) *exec.Cmd {
 	t.Cleanup(func() {
 		cancel()
 		<-done
-		if t.Failed() {
+		if t.Failed() || os.Getenv("TESTBED_LOGS") != "" {
 			t.Logf("%s: output of %s:\n%s", h.Name, name, out.String())
 		}
 	})

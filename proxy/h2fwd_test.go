@@ -1,0 +1,363 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// Tests of the frame-level HTTP/2 path (h2fwd.go, h2out.go): requests from
+// an app's h2c connection through two proxies to an HTTP/2 backend.
+
+// h2Backend serves h as HTTP/2 with prior knowledge and counts the
+// connections it accepted.
+func h2Backend(t testing.TB, h http.HandlerFunc) (target netip.AddrPort, conns *atomic.Int32) {
+	ln := listenLocal(t)
+	conns = new(atomic.Int32)
+	srv := &http2.Server{}
+	ap := serveConns(ln, func(c net.Conn) {
+		conns.Add(1)
+		srv.ServeConn(c, &http2.ServeConnOpts{Handler: h})
+	})
+	return ap, conns
+}
+
+// h2MeshClient is an HTTP/2 (h2c) client whose connections go through a's
+// outbound proxy.
+func h2MeshClient(t testing.TB, a *testProxy) *http.Client {
+	tr := &http2.Transport{AllowHTTP: true, DialTLSContext: func(ctx context.Context, n, addr string, _ *tls.Config) (net.Conn, error) {
+		return a.dialContext(ctx, n, addr)
+	}}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr}
+}
+
+// rawH2 speaks HTTP/2 frame by frame through the mesh, for the requests
+// net/http's client will not send.
+type rawH2 struct {
+	t   testing.TB
+	c   net.Conn
+	fr  *http2.Framer
+	enc *hpack.Encoder
+	buf bytes.Buffer
+}
+
+func newRawH2(t testing.TB, a *testProxy, port int) *rawH2 {
+	t.Helper()
+	c, err := a.dialContext(context.Background(), "tcp", "198.18.99.2:"+strconv.Itoa(port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	r := &rawH2{t: t, c: c, fr: http2.NewFramer(c, c)}
+	r.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	r.enc = hpack.NewEncoder(&r.buf)
+	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func (r *rawH2) headers(id uint32, end bool, kv ...string) {
+	r.t.Helper()
+	r.buf.Reset()
+	for i := 0; i < len(kv); i += 2 {
+		r.enc.WriteField(hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
+	}
+	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: r.buf.Bytes(), EndStream: end, EndHeaders: true}); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+func (r *rawH2) get(id uint32, path string, extra ...string) {
+	r.headers(id, true, append([]string{":method", "GET", ":scheme", "http", ":authority", "svc", ":path", path}, extra...)...)
+}
+
+// next returns the next frame of a stream (not SETTINGS, PING or
+// WINDOW_UPDATE), acknowledging the proxy's SETTINGS.
+func (r *rawH2) next() http2.Frame {
+	r.t.Helper()
+	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		f, err := r.fr.ReadFrame()
+		if err != nil {
+			r.t.Fatalf("reading a frame: %v", err)
+		}
+		switch f := f.(type) {
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				r.fr.WriteSettingsAck()
+			}
+		case *http2.PingFrame, *http2.WindowUpdateFrame:
+		default:
+			return f
+		}
+	}
+}
+
+// response reads stream id's response: status and body (END_STREAM), or
+// the reset that ended it.
+func (r *rawH2) response(id uint32) (status string, body string, reset http2.ErrCode, wasReset bool) {
+	r.t.Helper()
+	var b bytes.Buffer
+	for {
+		switch f := r.next().(type) {
+		case *http2.MetaHeadersFrame:
+			if f.StreamID != id {
+				r.t.Fatalf("HEADERS for stream %d, want %d", f.StreamID, id)
+			}
+			if s := f.PseudoValue("status"); s != "" {
+				status = s
+			}
+			if f.StreamEnded() {
+				return status, b.String(), 0, false
+			}
+		case *http2.DataFrame:
+			if f.StreamID != id {
+				r.t.Fatalf("DATA for stream %d, want %d", f.StreamID, id)
+			}
+			b.Write(f.Data())
+			if f.StreamEnded() {
+				return status, b.String(), 0, false
+			}
+		case *http2.RSTStreamFrame:
+			if f.StreamID < id {
+				continue // an earlier stream, answered already
+			}
+			if f.StreamID != id {
+				r.t.Fatalf("RST_STREAM for stream %d, want %d", f.StreamID, id)
+			}
+			return status, b.String(), f.ErrCode, true
+		case *http2.GoAwayFrame:
+			r.t.Fatalf("GOAWAY %v: the connection ended", f.ErrCode)
+		}
+	}
+}
+
+// TestH2ForwardMalformed checks that requests HTTP/2 forbids are reset
+// with PROTOCOL_ERROR by the client's proxy, never reach the service, and
+// leave the connection serving.
+func TestH2ForwardMalformed(t *testing.T) {
+	var served atomic.Int32
+	ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) {
+		served.Add(1)
+		io.WriteString(w, "ok")
+	})
+	a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{}, proxyOpts{})
+	r := newRawH2(t, a, 9090)
+	id := uint32(1)
+	for _, c := range []struct {
+		name string
+		send func(id uint32)
+	}{
+		{"connection-specific field", func(id uint32) { r.get(id, "/", "connection", "close") }},
+		{"transfer-encoding", func(id uint32) { r.get(id, "/", "transfer-encoding", "chunked") }},
+		{"te other than trailers", func(id uint32) { r.get(id, "/", "te", "gzip") }},
+		{"no :path", func(id uint32) { r.headers(id, true, ":method", "GET", ":scheme", "http", ":authority", "svc") }},
+	} {
+		c.send(id)
+		if _, _, code, reset := r.response(id); !reset || code != http2.ErrCodeProtocol {
+			t.Errorf("%s: stream not reset with PROTOCOL_ERROR (reset %v, code %v)", c.name, reset, code)
+		}
+		id += 2
+	}
+	r.get(id, "/fine")
+	if status, body, _, reset := r.response(id); reset || status != "200" || body != "ok" {
+		t.Errorf("a good request after the bad ones: %q %q (reset %v), want 200 \"ok\"", status, body, reset)
+	}
+	if n := served.Load(); n != 1 {
+		t.Errorf("the service served %d requests, want 1 (only the good one)", n)
+	}
+}
+
+// TestH2ForwardEarlyResponse checks a service that answers before it read
+// the request body, then resets the rest of the request with NO_ERROR
+// (RFC 9113 8.1; Go's HTTP/2 server does): the app gets the whole
+// response, not a 502, and may still send the body.
+func TestH2ForwardEarlyResponse(t *testing.T) {
+	ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "early")
+	})
+	a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{}, proxyOpts{})
+	r := newRawH2(t, a, 9090)
+	for id := uint32(1); id <= 9; id += 2 {
+		r.headers(id, false, ":method", "POST", ":scheme", "http", ":authority", "svc", ":path", "/upload")
+		status, body, code, reset := r.response(id)
+		if reset || status != "200" || body != "early" {
+			t.Fatalf("stream %d: %q %q (reset %v %v), want 200 \"early\"", id, status, body, reset, code)
+		}
+		// The body the service no longer wants: the proxy may reset the
+		// stream, the connection goes on.
+		if err := r.fr.WriteData(id, true, []byte("late body")); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestH2ForwardDuplexAndStall checks, on one app connection, a stream
+// echoing 8 MiB both ways at once (more than every window on the path:
+// the app's, the mux stream's, the service's) while another stream's
+// response goes unread: the stalled stream holds back only itself.
+func TestH2ForwardDuplexAndStall(t *testing.T) {
+	const size = 8 << 20
+	ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/echo":
+			w.WriteHeader(200)
+			buf := make([]byte, 32<<10)
+			for {
+				n, err := r.Body.Read(buf)
+				if n > 0 {
+					w.Write(buf[:n])
+					w.(http.Flusher).Flush()
+				}
+				if err != nil {
+					return
+				}
+			}
+		case "/flood":
+			w.WriteHeader(200)
+			w.Write(make([]byte, size))
+		}
+	})
+	a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{}, proxyOpts{})
+	cl := h2MeshClient(t, a)
+
+	// The stalled stream: its response is never read.
+	flood, err := cl.Get("http://198.18.99.2:9090/flood")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer flood.Body.Close()
+
+	msg := make([]byte, size)
+	rand.Read(msg)
+	pr, pw := io.Pipe()
+	req, _ := http.NewRequest("POST", "http://198.18.99.2:9090/echo", pr)
+	go func() {
+		pw.Write(msg)
+		pw.Close()
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := cl.Do(req.WithContext(ctx))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatalf("echo: %v after %d bytes (the stalled stream held it back?)", err, len(got))
+	}
+	if !bytes.Equal(got, msg) {
+		t.Fatalf("echo returned %d bytes, not the %d sent", len(got), len(msg))
+	}
+	// The stalled stream is whole once read.
+	n, err := io.Copy(io.Discard, flood.Body)
+	if err != nil || n != size {
+		t.Fatalf("stalled stream: %d bytes, %v; want %d", n, err, size)
+	}
+}
+
+// TestH2ForwardPools checks that requests share connections: one mux
+// session to the peer for two app connections' sequential requests, one
+// HTTP/2 connection from the peer to the service.
+func TestH2ForwardPools(t *testing.T) {
+	ap, backendConns := h2Backend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	d := &recordingDialer{}
+	a, b, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{dialer: d}, proxyOpts{})
+	for range 2 {
+		cl := h2MeshClient(t, a) // a connection of its own
+		for range 10 {
+			resp, err := cl.Get("http://198.18.99.2:9090/")
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 || string(body) != "ok" {
+				t.Fatalf("%d %q", resp.StatusCode, body)
+			}
+		}
+	}
+	peer := 0
+	for i := range d.count() {
+		if d.conn(i).RemoteAddr().String() == b.p.InboundAddr().String() {
+			peer++
+		}
+	}
+	if peer != 1 {
+		t.Errorf("%d connections to the peer proxy for 20 sequential requests, want 1", peer)
+	}
+	if n := backendConns.Load(); n != 1 {
+		t.Errorf("the service accepted %d connections, want 1", n)
+	}
+}
+
+// TestH2ForwardShutdown checks that Shutdown tells an app's HTTP/2
+// connection to go away (GOAWAY) and lets its request in flight finish.
+func TestH2ForwardShutdown(t *testing.T) {
+	release := make(chan struct{})
+	ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) {
+		<-release
+		io.WriteString(w, "finished")
+	})
+	a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{}, proxyOpts{})
+	r := newRawH2(t, a, 9090)
+	r.get(1, "/slow")
+	// The request is in flight once the service holds it.
+	eventually(t, "the request to reach the service", func() bool {
+		n := 0
+		a.p.h2front.Range(func(k, _ any) bool {
+			c := k.(*h2Conn)
+			c.mu.Lock()
+			n += len(c.streams)
+			c.mu.Unlock()
+			return true
+		})
+		return n == 1
+	})
+	done := make(chan error, 1)
+	go func() { done <- a.p.Shutdown(context.Background()) }()
+	var away *http2.GoAwayFrame
+	for away == nil {
+		r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		f, err := r.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("waiting for GOAWAY: %v", err)
+		}
+		away, _ = f.(*http2.GoAwayFrame)
+	}
+	if away.ErrCode != http2.ErrCodeNo || away.LastStreamID != 1 {
+		t.Errorf("GOAWAY %v last stream %d, want NO_ERROR 1", away.ErrCode, away.LastStreamID)
+	}
+	close(release)
+	if status, body, _, reset := r.response(1); reset || status != "200" || body != "finished" {
+		t.Errorf("in-flight request: %q %q (reset %v), want 200 \"finished\"", status, body, reset)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+	if _, err := r.fr.ReadFrame(); !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+		var ne net.Error
+		if !errors.As(err, &ne) || ne.Timeout() {
+			t.Errorf("after its last stream the connection should close, read: %v", err)
+		}
+	}
+}
