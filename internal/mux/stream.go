@@ -34,13 +34,13 @@ type Stream struct {
 	sendWin int64 // bytes this side may still send
 	wclosed bool  // this side half-closed (or reset)
 
-	reset  *ResetError // set once: the stream is over
+	reset *ResetError // set once: the stream is over
 	// readKept: the reset came after the peer's half-close; what it sent
 	// is still read, then EOF.
 	readKept bool
-	ack    bool        // client: the server accepted the stream
-	ackCh  chan struct{}
-	closed bool // removed from the session
+	ack      bool // client: the server accepted the stream
+	ackCh    chan struct{}
+	closed   bool // removed from the session
 
 	rdl, wdl time.Time // deadlines
 	timer    *time.Timer
