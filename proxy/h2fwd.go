@@ -90,6 +90,7 @@ type h2Conn struct {
 	connUnacked uint32
 	scratch     []byte
 	pending     []*h2Stream // streams with messages held until the buffered frames are read
+	opens       []*h2Stream // server role: requests to open once the buffered frames are read
 
 	route route   // server role: the app connection's route
 	pool  *h2Pool // client role: the pool it belongs to
@@ -286,7 +287,7 @@ func (c *h2Conn) readLoop() error {
 			c.goAway(http2.ErrCodeProtocol)
 			return err
 		}
-		if len(c.pending) > 0 && c.rd.Buffered() == 0 {
+		if c.rd.Buffered() == 0 && (len(c.pending) > 0 || len(c.opens) > 0) {
 			c.flushPending()
 		}
 		if c.server && c.p.drain.Load() {
@@ -541,7 +542,9 @@ func (c *h2Conn) newRequest(f *http2.MetaHeadersFrame) error {
 	s.upBuf = append(s.upBuf[:0], b...)
 	s.upEnd = end
 	s.upBusy = true // the opener writes the request head with the stream's open
-	go s.outbound()
+	// Opened once the frames read with it are handled: its body (and
+	// other requests) go with it.
+	c.opens = append(c.opens, s)
 	return nil
 }
 
@@ -635,15 +638,42 @@ func (s *h2Stream) up(msg []byte, credit int, end bool) {
 	s.kick()
 }
 
-// flushPending writes the messages held while frames were buffered (read
-// loop only).
+// flushPending opens the requests read (server role) and writes the
+// messages held while frames were buffered (read loop only), with the mux
+// sessions' flushes held until all are written: one system call for
+// them.
 func (c *h2Conn) flushPending() {
+	var arr [4]*mux.Session
+	corked := arr[:0]
+	cork := func(ms *mux.Session) {
+		for _, x := range corked {
+			if x == ms {
+				return
+			}
+		}
+		ms.Cork()
+		corked = append(corked, ms)
+	}
+	for i, s := range c.opens {
+		s.open(cork)
+		c.opens[i] = nil
+	}
+	c.opens = c.opens[:0]
 	for i, s := range c.pending {
 		s.queued = false
+		s.mu.Lock()
+		ms := s.ms
+		s.mu.Unlock()
+		if ms != nil {
+			cork(ms.Session())
+		}
 		s.kick()
 		c.pending[i] = nil
 	}
 	c.pending = c.pending[:0]
+	for _, ms := range corked {
+		ms.Uncork()
+	}
 }
 
 // kick writes the queued messages into the mux stream without waiting

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
@@ -50,34 +51,57 @@ func (p *Proxy) drainH2() {
 	})
 }
 
-// outbound (server role, a goroutine per request) picks the endpoint,
-// opens the mux stream with the request's head (and what followed it
-// meanwhile, in the same write) and relays the response.
-func (s *h2Stream) outbound() {
+// open (server role, in the read loop) routes a request: picks the
+// endpoint, counts it, and opens its mux stream on a pooled session with
+// the request's head and what followed it (cork holds that session's
+// flush until the read loop's batch is written); a goroutine then relays
+// the response. With no pooled session ready, the goroutine dials one
+// first.
+func (s *h2Stream) open(cork func(*mux.Session)) {
 	c, ex := s.c, s.ex
 	p, r := c.p, c.route
 	ep, port := r.ep, r.dst.Port()
 	if r.balanced {
 		var ok bool
 		if ep, ex.choice, ok = p.pickEndpoint(ep.Service, nil); !ok {
-			ex.setLabels(connLabels{direction: dirOutbound, service: r.ep.Service, serverID: r.ep.Identity, tls: tlsTrue})
-			s.answer(503, "no endpoint")
+			ex.setLabels(p, connLabels{direction: dirOutbound, service: r.ep.Service, serverID: r.ep.Identity, tls: tlsTrue})
+			go s.answer(503, "no endpoint")
 			return
 		}
 		ex.balanced = ep.Service
 		port = ep.Addr.Port()
 	}
-	ex.setLabels(connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
-	p.m.requests.WithLabelValues(ex.labels...).Inc()
+	ex.setLabels(p, connLabels{direction: dirOutbound, service: ep.Service, serverID: ep.Identity, tls: tlsTrue})
+	ex.m.requests.Inc()
 	if d, _ := p.policy(ep.Service).requestPolicy([]byte(ex.method), []byte(ex.path), p.cfg.RequestTimeout); d > 0 {
 		ex.setTimer(time.AfterFunc(d, s.timeout))
 	}
-	var arr [256]byte
-	h, err := appendHeader(arr[:0], transportHeader{Port: port, Protocol: sessionH2Stream, Service: ep.Service})
+	h, err := appendHeader(nil, transportHeader{Port: port, Protocol: sessionH2Stream, Service: ep.Service})
 	if err != nil {
-		s.answer(502, "proxying failed")
+		go s.answer(502, "proxying failed")
 		return
 	}
+	if sess := p.muxes.pooled(ep); sess != nil {
+		s.mu.Lock()
+		first, end, credit := s.upBuf, s.upEnd, s.upCredit
+		s.mu.Unlock()
+		cork(sess)
+		if ms, sent, err := sess.OpenWith(h, first, end); err == nil {
+			s.mu.Lock()
+			s.upBuf, s.upEnd, s.upCredit = nil, false, 0
+			s.mu.Unlock()
+			go s.opened(ms, sent, first, end, credit)
+			return
+		}
+	}
+	go s.outbound(ep, h)
+}
+
+// outbound (server role, a goroutine) opens the request's mux stream when
+// that may wait for a dial, then relays the response.
+func (s *h2Stream) outbound(ep Endpoint, h []byte) {
+	c, ex := s.c, s.ex
+	p := c.p
 	s.mu.Lock()
 	first, end, credit := s.upBuf, s.upEnd, s.upCredit
 	s.upBuf, s.upEnd, s.upCredit = nil, false, 0
@@ -92,7 +116,14 @@ func (s *h2Stream) outbound() {
 		s.answer(502, "connecting to peer proxy failed")
 		return
 	}
+	s.opened(ms, sent, first, end, credit)
+}
+
+// opened relays an opened request: the rest of its head when the open did
+// not carry it (sent false), then the response.
+func (s *h2Stream) opened(ms *mux.Stream, sent bool, first []byte, end bool, credit int) {
 	if !sent {
+		var err error
 		if end {
 			err = ms.WriteClose(first)
 		} else {
@@ -162,15 +193,15 @@ func (p *Proxy) muxH2Stream(ms *mux.Stream, th transportHeader, clientID string)
 		answerMux(ms, mr, end, 403, "unknown target port")
 		return
 	}
-	ex.setLabels(connLabels{direction: dirInbound, service: r.svc.Name, clientID: clientID, tls: tlsTrue})
+	ex.setLabels(p, connLabels{direction: dirInbound, service: r.svc.Name, clientID: clientID, tls: tlsTrue})
 	if d := p.authorizeHTTP(r.svc, clientID, tlsTrue); !d.allow {
-		p.m.requests.WithLabelValues(ex.labels...).Inc()
+		ex.m.requests.Inc()
 		ex.status = 403
 		ex.finish(p, false)
 		answerMux(ms, mr, end, 403, "unauthorized: "+d.reason)
 		return
 	}
-	p.m.requests.WithLabelValues(ex.labels...).Inc()
+	ex.m.requests.Inc()
 	s, err := p.h2local.open(r.target, ex, fields, end, !mr.ready())
 	if err != nil {
 		p.reportError(slog.LevelWarn, dirInbound, refuseDial, r.target.String(), "connecting to local service failed", "service", r.svc.Name, "addr", r.target, "err", err)
@@ -228,6 +259,7 @@ type h2Exchange struct {
 	method, path, authority string
 	grpc                    bool
 	start                   time.Time
+	m                       *h2Metrics // set with labels, before the stream is shared
 
 	mu         sync.Mutex
 	labels     []string
@@ -297,9 +329,49 @@ func newExchange(fields []hpack.HeaderField) (ex *h2Exchange, out []hpack.Header
 	return ex, out, true
 }
 
-func (ex *h2Exchange) setLabels(l connLabels) {
+// h2Metrics are one label set's request metrics, looked up once per
+// label set (not per request) and shared by every stream with it.
+type h2Metrics struct {
+	labels   []string
+	requests prometheus.Counter
+	latency  prometheus.Observer
+	mu       sync.Mutex
+	resp     map[int]prometheus.Counter // status*2 + failure
+}
+
+func (p *Proxy) h2Metrics(l connLabels) *h2Metrics {
+	if m, ok := p.h2m.Load(l); ok {
+		return m.(*h2Metrics)
+	}
+	v := l.values()
+	m, _ := p.h2m.LoadOrStore(l, &h2Metrics{
+		labels:   v,
+		requests: p.m.requests.WithLabelValues(v...),
+		latency:  p.m.latency.WithLabelValues(v...),
+		resp:     make(map[int]prometheus.Counter, 2),
+	})
+	return m.(*h2Metrics)
+}
+
+func (m *h2Metrics) response(p *Proxy, status int, class string) {
+	k := status * 2
+	if class == "failure" {
+		k++
+	}
+	m.mu.Lock()
+	c, ok := m.resp[k]
+	if !ok {
+		c = p.m.responses.WithLabelValues(append(m.labels[:len(m.labels):len(m.labels)], statusLabel(status), class)...)
+		m.resp[k] = c
+	}
+	m.mu.Unlock()
+	c.Inc()
+}
+
+func (ex *h2Exchange) setLabels(p *Proxy, l connLabels) {
+	ex.m = p.h2Metrics(l)
 	ex.mu.Lock()
-	ex.labels = l.values()
+	ex.labels = ex.m.labels
 	ex.service, ex.serverID = l.service, l.serverID
 	ex.mu.Unlock()
 }
@@ -331,8 +403,8 @@ func (ex *h2Exchange) head(p *Proxy, status int, fields []hpack.HeaderField) {
 	}
 	labels := ex.labels
 	ex.mu.Unlock()
-	took := time.Since(ex.start)
-	p.m.latency.WithLabelValues(labels...).Observe(float64(took) / float64(time.Millisecond))
+	_ = labels
+	ex.m.latency.Observe(float64(time.Since(ex.start)) / float64(time.Millisecond))
 	ex.endpointDone(p, nil)
 }
 
@@ -390,7 +462,7 @@ func (ex *h2Exchange) finish(p *Proxy, ok bool) {
 	if !ok || status >= 500 || (gs != "" && gs != "0") || (ex.grpc && gs == "") {
 		class = "failure"
 	}
-	p.m.responses.WithLabelValues(append(labels[:len(labels):len(labels)], statusLabel(status), class)...).Inc()
+	ex.m.response(p, status, class)
 	if p.m.tap.active() {
 		ev := TapEvent{Time: time.Now(), Kind: TapHTTP, Status: status, Method: ex.method, Authority: ex.authority, Path: ex.path}
 		tapLabels(&ev, labels)

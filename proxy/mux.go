@@ -81,6 +81,17 @@ func (mp *muxPool) openRequest(ctx context.Context, ep Endpoint, header, data []
 // just ended may not be gone yet) never dial a second session.
 const spreadRequests = 8
 
+// pooled returns a pooled session to ep with room for a request's stream,
+// or nil when one must be dialed first (none, or every one busy enough to
+// spread).
+func (mp *muxPool) pooled(ep Endpoint) *mux.Session {
+	s, spread := mp.session(peerKey{ep.ProxyAddr, ep.Service, ep.Identity}, spreadRequests)
+	if spread {
+		return nil
+	}
+	return s
+}
+
 // openData opens a stream; another session is dialed when every one
 // carries at least spreadAt streams.
 func (mp *muxPool) openData(ctx context.Context, ep Endpoint, header, data []byte, end bool, spreadAt int) (st *mux.Stream, sent, dialed bool, err error) {

@@ -93,6 +93,7 @@ type Proxy struct {
 	// connections to local services.
 	h2front sync.Map // *h2Conn -> struct{}
 	h2local *h2Pool
+	h2m     sync.Map // connLabels -> *h2Metrics
 
 	// origDst returns a connection's original destination; a test seam.
 	origDst func(*net.TCPConn) (netip.AddrPort, error)

@@ -394,6 +394,19 @@ func (s *Session) write(f func(*http2.Framer) error) error {
 	return err
 }
 
+// Cork holds back the flushes of writes until Uncork: a caller about to
+// write on several streams (responses that arrived together) sends them
+// in one system call.
+func (s *Session) Cork() { s.waiting.Add(1) }
+
+// Uncork ends a Cork and flushes what the writes meanwhile left.
+func (s *Session) Uncork() {
+	if s.waiting.Add(-1) != 0 {
+		return // a writer still to come flushes
+	}
+	s.write(func(*http2.Framer) error { return nil })
+}
+
 // writeAsync writes a control frame without blocking the caller (the read
 // loop must never wait on the connection's write side).
 func (s *Session) writeAsync(f func(*http2.Framer) error) {

@@ -67,6 +67,9 @@ func newStream(s *Session, id uint32, header []byte) *Stream {
 	return st
 }
 
+// Session returns the session carrying the stream.
+func (st *Stream) Session() *Session { return st.s }
+
 // ID returns the stream's ID.
 func (st *Stream) ID() uint32 { return st.id }
 
