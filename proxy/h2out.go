@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -166,8 +167,39 @@ func (s *h2Stream) timeout() {
 // protocol sessionH2Stream): route by the header's port, authorize the
 // client, and forward it on a pooled HTTP/2 connection to the service.
 func (p *Proxy) muxH2Stream(ms *mux.Stream, th transportHeader, clientID string) {
+	p.muxH2Request(ms, th, clientID, false)
+}
+
+// muxH2Inline handles, in the mux session's read loop, a request that is
+// all there and small (a unary call) when a connection to the service is
+// pooled: no goroutine per request. It reports false for any other
+// stream, which is then accepted in a goroutine of its own.
+func (p *Proxy) muxH2Inline(ms *mux.Stream, clientID string) bool {
+	if !ms.Complete(h2InlineMax) {
+		return false
+	}
+	h, err := readHeader(bytes.NewReader(ms.Header()))
+	if err != nil || h.Protocol != sessionH2Stream {
+		return false
+	}
+	p.muxH2Request(ms, h, clientID, true)
+	return true
+}
+
+// h2InlineMax bounds the requests handled inline: the rest of the body
+// goes to the service within its first window.
+const h2InlineMax = 16 << 10
+
+// muxH2Request forwards the request; inline: it runs in the session's read
+// loop and must not wait (a dial to the service goes on in a goroutine).
+func (p *Proxy) muxH2Request(ms *mux.Stream, th transportHeader, clientID string, inline bool) {
 	mr := newMsgReader(ms)
-	defer mr.release()
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			mr.release()
+		}
+	}()
 	kind, payload, err := mr.next()
 	if err != nil || kind&^msgEnd != msgHeaders {
 		p.m.refused.WithLabelValues(dirInbound, refuseHeader).Inc()
@@ -202,7 +234,26 @@ func (p *Proxy) muxH2Stream(ms *mux.Stream, th transportHeader, clientID string)
 		return
 	}
 	ex.m.requests.Inc()
-	s, err := p.h2local.open(r.target, ex, fields, end, !mr.ready())
+	s, err := p.h2local.open(r.target, ex, fields, end, !mr.ready(), !inline)
+	if errors.Is(err, errH2NoConn) {
+		handedOff = true
+		go func() {
+			defer mr.release()
+			p.forwardH2(ms, mr, ex, fields, end, r)
+		}()
+		return
+	}
+	p.forwardOpened(ms, mr, ex, s, err, end, r)
+}
+
+// forwardH2 opens the request's stream to the service (dialing when no
+// connection is pooled) and forwards it.
+func (p *Proxy) forwardH2(ms *mux.Stream, mr *msgReader, ex *h2Exchange, fields []hpack.HeaderField, end bool, r route) {
+	s, err := p.h2local.open(r.target, ex, fields, end, !mr.ready(), true)
+	p.forwardOpened(ms, mr, ex, s, err, end, r)
+}
+
+func (p *Proxy) forwardOpened(ms *mux.Stream, mr *msgReader, ex *h2Exchange, s *h2Stream, err error, end bool, r route) {
 	if err != nil {
 		p.reportError(slog.LevelWarn, dirInbound, refuseDial, r.target.String(), "connecting to local service failed", "service", r.svc.Name, "addr", r.target, "err", err)
 		ex.status = 502
@@ -488,12 +539,18 @@ func newH2Pool(p *Proxy) *h2Pool {
 	return &h2Pool{p: p, conns: make(map[netip.AddrPort][]*h2Conn)}
 }
 
-var errH2Full = errors.New("http2 connection full")
+var (
+	errH2Full   = errors.New("http2 connection full")
+	errH2NoConn = errors.New("no pooled http2 connection")
+)
 
 // open opens a stream for a request to addr with its head.
-func (pl *h2Pool) open(addr netip.AddrPort, ex *h2Exchange, fields []hpack.HeaderField, end, flush bool) (*h2Stream, error) {
+func (pl *h2Pool) open(addr netip.AddrPort, ex *h2Exchange, fields []hpack.HeaderField, end, flush, dial bool) (*h2Stream, error) {
 	for attempt := 0; attempt < 3; attempt++ {
 		c := pl.pick(addr)
+		if c == nil && !dial {
+			return nil, errH2NoConn
+		}
 		if c == nil {
 			var err error
 			if c, err = pl.dial(addr); err != nil {

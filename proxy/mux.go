@@ -277,6 +277,7 @@ func (p *Proxy) relayMux(c net.Conn, st *mux.Stream, ep Endpoint, peeked []byte,
 // the service dialed, and only then is the stream accepted.
 func (p *Proxy) serveMux(tc *tls.Conn, clientID string) {
 	s := mux.Server(tc, muxConfig, func(st *mux.Stream) { p.muxStream(st, clientID) })
+	s.SetInline(func(st *mux.Stream) bool { return p.muxH2Inline(st, clientID) })
 	s.Serve()
 }
 

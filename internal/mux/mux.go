@@ -154,6 +154,9 @@ type Session struct {
 	client bool
 	cfg    Config
 	accept func(*Stream) // server: called in its own goroutine per stream
+	inline func(*Stream) bool
+	fresh  []*Stream     // the read loop's: streams opened in this read batch
+	rd     *bufio.Reader // what the framer reads from
 
 	wmu     sync.Mutex // serializes frame writes
 	bw      *bufio.Writer
@@ -203,7 +206,8 @@ func newSession(conn net.Conn, client bool, cfg Config, accept func(*Stream)) *S
 		idleAt:  time.Now(),
 	}
 	s.bw = bufio.NewWriterSize(conn, 64<<10)
-	s.fr = http2.NewFramer(s.bw, bufio.NewReaderSize(conn, 32<<10))
+	s.rd = bufio.NewReaderSize(conn, 32<<10)
+	s.fr = http2.NewFramer(s.bw, s.rd)
 	s.fr.SetMaxReadFrameSize(maxFrame)
 	s.lastRead.Store(time.Now().UnixNano())
 	return s
@@ -434,7 +438,31 @@ func (s *Session) readLoop() {
 			s.closeWith(err)
 			return
 		}
+		if len(s.fresh) > 0 && (s.rd.Buffered() == 0 || len(s.fresh) >= maxFresh) {
+			s.acceptFresh()
+		}
 	}
+}
+
+// maxFresh bounds the streams opened in one read batch that wait for it
+// to end before they are accepted.
+const maxFresh = 16
+
+// SetInline gives a server session a handler tried in the read loop, once
+// the frames read with a new stream are handled (its first bytes, often
+// all of them, are there): it reports whether it handled the stream; if
+// not, the stream goes to accept in a goroutine as usual. It must not
+// wait. Call it before Serve.
+func (s *Session) SetInline(f func(*Stream) bool) { s.inline = f }
+
+func (s *Session) acceptFresh() {
+	for i, st := range s.fresh {
+		s.fresh[i] = nil
+		if !s.inline(st) {
+			go s.accept(st)
+		}
+	}
+	s.fresh = s.fresh[:0]
 }
 
 // handle processes one frame; an error ends the session (a protocol error).
@@ -503,6 +531,10 @@ func (s *Session) incoming(id uint32, f *http2.HeadersFrame) error {
 	s.mu.Unlock()
 	if f.StreamEnded() {
 		st.receive(nil, true)
+	}
+	if s.inline != nil {
+		s.fresh = append(s.fresh, st)
+		return nil
 	}
 	go s.accept(st)
 	return nil

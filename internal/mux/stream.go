@@ -67,6 +67,15 @@ func newStream(s *Session, id uint32, header []byte) *Stream {
 	return st
 }
 
+// Complete reports whether the peer has half-closed the stream after at
+// most max bytes, so that everything it will send is buffered: reading it
+// does not wait.
+func (st *Stream) Complete(max int) bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.eof && st.reset == nil && st.sink == nil && st.buffered <= max
+}
+
 // Session returns the session carrying the stream.
 func (st *Stream) Session() *Session { return st.s }
 
