@@ -17,6 +17,12 @@ import (
 // each stream the client opens.
 func pair(t testing.TB, cfg Config, handle func(*Stream)) *Session {
 	t.Helper()
+	return pairInline(t, cfg, handle, nil)
+}
+
+// pairInline is pair with the server session's inline handler (SetInline).
+func pairInline(t testing.TB, cfg Config, handle func(*Stream), inline func(*Stream) bool) *Session {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -40,6 +46,9 @@ func pair(t testing.TB, cfg Config, handle func(*Stream)) *Session {
 		t.Fatal("accept failed")
 	}
 	srv := Server(sc, cfg, handle)
+	if inline != nil {
+		srv.SetInline(inline)
+	}
 	go srv.Serve()
 	cli := Client(cc, cfg)
 	t.Cleanup(func() { cli.Close(); srv.Close() })
@@ -412,5 +421,88 @@ func TestSinkSocketStalls(t *testing.T) {
 	}
 	if r := <-got; r.err != nil || r.sum != sha256.Sum256(data) {
 		t.Errorf("the socket received other bytes than sent (%v)", r.err)
+	}
+}
+
+// A reset that follows the peer's half-close leaves what the peer sent
+// readable, then EOF (an HTTP/2 server resetting the rest of a request
+// after its whole response); a reset before it drops the data.
+func TestResetAfterHalfCloseKeepsData(t *testing.T) {
+	msg := bytes.Repeat([]byte("response "), 1000)
+	for _, halfClosed := range []bool{true, false} {
+		cli := pair(t, Config{}, func(st *Stream) {
+			st.Accept()
+			if halfClosed {
+				st.WriteClose(msg)
+			} else {
+				st.Write(msg)
+			}
+			st.Reset(CodeCancel)
+		})
+		st, err := cli.Open([]byte("h"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		st.SetReadDeadline(time.Now().Add(5 * time.Second))
+		reset := make(chan struct{})
+		st.OnReset(func(*ResetError) { close(reset) })
+		select {
+		case <-reset:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the reset never arrived")
+		}
+		got, err := io.ReadAll(st)
+		if halfClosed && (err != nil || !bytes.Equal(got, msg)) {
+			t.Errorf("reset after the half-close: read %d bytes, %v; want all %d, then EOF", len(got), err, len(msg))
+		}
+		if !halfClosed && !errors.As(err, new(*ResetError)) {
+			t.Errorf("reset before the half-close: read %d bytes, %v; want the reset", len(got), err)
+		}
+	}
+}
+
+// The inline handler sees a stream once the frames read with it are
+// handled (here its whole body and half-close: Complete); what it declines
+// goes to accept.
+func TestInlineAccept(t *testing.T) {
+	accepted := make(chan string, 2)
+	cli := pairInline(t, Config{}, func(st *Stream) {
+		accepted <- string(st.Header())
+		echo(st)
+	}, func(st *Stream) bool {
+		if string(st.Header()) != "inline" {
+			return false
+		}
+		if !st.Complete(1 << 10) {
+			t.Error("inline stream not complete: its data came in the same write as its HEADERS")
+		}
+		b, _ := io.ReadAll(st)
+		st.WriteClose(append([]byte("inline:"), b...))
+		return true
+	})
+	st, sent, err := cli.OpenWith([]byte("inline"), []byte("ping"), true)
+	if err != nil || !sent {
+		t.Fatalf("OpenWith: sent %v, %v", sent, err)
+	}
+	st.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(st); err != nil || string(got) != "inline:ping" {
+		t.Errorf("inline stream answered %q, %v", got, err)
+	}
+	other, err := cli.Open([]byte("other"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other.SetReadDeadline(time.Now().Add(5 * time.Second))
+	other.WriteClose([]byte("echo"))
+	if got, err := io.ReadAll(other); err != nil || string(got) != "echo" {
+		t.Errorf("declined stream echoed %q, %v", got, err)
+	}
+	if h := <-accepted; h != "other" {
+		t.Errorf("accept got %q, want only the declined stream", h)
+	}
+	select {
+	case h := <-accepted:
+		t.Errorf("accept also got %q", h)
+	default:
 	}
 }
