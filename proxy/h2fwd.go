@@ -195,6 +195,18 @@ func (c *h2Conn) writeLocked(f func(*http2.Framer) error, flush bool) error {
 	return err
 }
 
+// cork holds back the connection's flushes until uncork (writes that go
+// out together).
+func (c *h2Conn) cork() { c.waiting.Add(1) }
+
+// uncork ends a cork and flushes what was held.
+func (c *h2Conn) uncork() {
+	if c.waiting.Add(-1) != 0 {
+		return // a writer still to come flushes
+	}
+	c.write(func(*http2.Framer) error { return nil }, true)
+}
+
 // ctl writes a control frame from the read loop (a PING or SETTINGS ack,
 // a WINDOW_UPDATE) without flushing it: the next write takes it along (a
 // gRPC client pings after every DATA it sends, and the response follows),
@@ -224,6 +236,13 @@ const ctlDelay = time.Millisecond
 func (c *h2Conn) flushLater() {
 	c.wmu.Lock()
 	c.flushArmed = false
+	c.wmu.Unlock()
+	c.flushNow()
+}
+
+// flushNow flushes what is written, corked or not.
+func (c *h2Conn) flushNow() {
+	c.wmu.Lock()
 	if c.werr == nil && c.bw.Buffered() > 0 {
 		if err := c.bw.Flush(); err != nil {
 			c.werr = err
@@ -976,8 +995,9 @@ func (s *h2Stream) writeData(b []byte, end, flush, local bool) bool {
 		c.mu.Lock()
 		for len(b) > 0 && (c.connSend <= 0 || s.sendWin <= 0) && !s.reset && !c.closed {
 			c.mu.Unlock()
-			// Frames written without a flush wait for nobody.
-			c.write(func(*http2.Framer) error { return nil }, true)
+			// Frames written without a flush (corked, or left for the
+			// next write) wait for nobody: the window may be theirs.
+			c.flushNow()
 			c.mu.Lock()
 			if len(b) > 0 && (c.connSend <= 0 || s.sendWin <= 0) && !s.reset && !c.closed {
 				c.sendCond.Wait()

@@ -167,14 +167,14 @@ func (s *h2Stream) timeout() {
 // protocol sessionH2Stream): route by the header's port, authorize the
 // client, and forward it on a pooled HTTP/2 connection to the service.
 func (p *Proxy) muxH2Stream(ms *mux.Stream, th transportHeader, clientID string) {
-	p.muxH2Request(ms, th, clientID, false)
+	p.muxH2Request(ms, th, clientID, nil)
 }
 
 // muxH2Inline handles, in the mux session's read loop, a request that is
 // all there and small (a unary call) when a connection to the service is
 // pooled: no goroutine per request. It reports false for any other
 // stream, which is then accepted in a goroutine of its own.
-func (p *Proxy) muxH2Inline(ms *mux.Stream, clientID string) bool {
+func (p *Proxy) muxH2Inline(ms *mux.Stream, clientID string, corked *[]*h2Conn) bool {
 	if !ms.Complete(h2InlineMax) {
 		return false
 	}
@@ -182,7 +182,7 @@ func (p *Proxy) muxH2Inline(ms *mux.Stream, clientID string) bool {
 	if err != nil || h.Protocol != sessionH2Stream {
 		return false
 	}
-	p.muxH2Request(ms, h, clientID, true)
+	p.muxH2Request(ms, h, clientID, corked)
 	return true
 }
 
@@ -190,9 +190,12 @@ func (p *Proxy) muxH2Inline(ms *mux.Stream, clientID string) bool {
 // goes to the service within its first window.
 const h2InlineMax = 16 << 10
 
-// muxH2Request forwards the request; inline: it runs in the session's read
-// loop and must not wait (a dial to the service goes on in a goroutine).
-func (p *Proxy) muxH2Request(ms *mux.Stream, th transportHeader, clientID string, inline bool) {
+// muxH2Request forwards the request. corked != nil: it runs in the
+// session's read loop and must not wait (a dial to the service goes on in
+// a goroutine); the service connection's flushes are held (cork) until the
+// read loop's batch is done, and the connection added to corked.
+func (p *Proxy) muxH2Request(ms *mux.Stream, th transportHeader, clientID string, corked *[]*h2Conn) {
+	inline := corked != nil
 	mr := newMsgReader(ms)
 	handedOff := false
 	defer func() {
@@ -234,7 +237,19 @@ func (p *Proxy) muxH2Request(ms *mux.Stream, th transportHeader, clientID string
 		return
 	}
 	ex.m.requests.Inc()
-	s, err := p.h2local.open(r.target, ex, fields, end, !mr.ready(), !inline)
+	var cork func(*h2Conn)
+	if inline {
+		cork = func(c *h2Conn) {
+			for _, x := range *corked {
+				if x == c {
+					return
+				}
+			}
+			c.cork()
+			*corked = append(*corked, c)
+		}
+	}
+	s, err := p.h2local.open(r.target, ex, fields, end, !mr.ready(), !inline, cork)
 	if errors.Is(err, errH2NoConn) {
 		handedOff = true
 		go func() {
@@ -249,7 +264,7 @@ func (p *Proxy) muxH2Request(ms *mux.Stream, th transportHeader, clientID string
 // forwardH2 opens the request's stream to the service (dialing when no
 // connection is pooled) and forwards it.
 func (p *Proxy) forwardH2(ms *mux.Stream, mr *msgReader, ex *h2Exchange, fields []hpack.HeaderField, end bool, r route) {
-	s, err := p.h2local.open(r.target, ex, fields, end, !mr.ready(), true)
+	s, err := p.h2local.open(r.target, ex, fields, end, !mr.ready(), true, nil)
 	p.forwardOpened(ms, mr, ex, s, err, end, r)
 }
 
@@ -545,11 +560,14 @@ var (
 )
 
 // open opens a stream for a request to addr with its head.
-func (pl *h2Pool) open(addr netip.AddrPort, ex *h2Exchange, fields []hpack.HeaderField, end, flush, dial bool) (*h2Stream, error) {
+func (pl *h2Pool) open(addr netip.AddrPort, ex *h2Exchange, fields []hpack.HeaderField, end, flush, dial bool, cork func(*h2Conn)) (*h2Stream, error) {
 	for attempt := 0; attempt < 3; attempt++ {
 		c := pl.pick(addr)
 		if c == nil && !dial {
 			return nil, errH2NoConn
+		}
+		if c != nil && cork != nil {
+			cork(c)
 		}
 		if c == nil {
 			var err error

@@ -277,7 +277,16 @@ func (p *Proxy) relayMux(c net.Conn, st *mux.Stream, ep Endpoint, peeked []byte,
 // the service dialed, and only then is the stream accepted.
 func (p *Proxy) serveMux(tc *tls.Conn, clientID string) {
 	s := mux.Server(tc, muxConfig, func(st *mux.Stream) { p.muxStream(st, clientID) })
-	s.SetInline(func(st *mux.Stream) bool { return p.muxH2Inline(st, clientID) })
+	// Requests handled inline write to the services' connections without
+	// flushing; each batch's writes leave together.
+	var corked []*h2Conn
+	s.SetInline(func(st *mux.Stream) bool { return p.muxH2Inline(st, clientID, &corked) }, func() {
+		for i, c := range corked {
+			c.uncork()
+			corked[i] = nil
+		}
+		corked = corked[:0]
+	})
 	s.Serve()
 }
 

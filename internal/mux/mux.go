@@ -150,13 +150,14 @@ var ErrSessionClosed = errors.New("mux session closed")
 
 // Session is one connection carrying streams.
 type Session struct {
-	conn   net.Conn
-	client bool
-	cfg    Config
-	accept func(*Stream) // server: called in its own goroutine per stream
-	inline func(*Stream) bool
-	fresh  []*Stream     // the read loop's: streams opened in this read batch
-	rd     *bufio.Reader // what the framer reads from
+	conn       net.Conn
+	client     bool
+	cfg        Config
+	accept     func(*Stream) // server: called in its own goroutine per stream
+	inline     func(*Stream) bool
+	inlineDone func()
+	fresh      []*Stream     // the read loop's: streams opened in this read batch
+	rd         *bufio.Reader // what the framer reads from
 
 	wmu     sync.Mutex // serializes frame writes
 	bw      *bufio.Writer
@@ -453,7 +454,9 @@ const maxFresh = 16
 // all of them, are there): it reports whether it handled the stream; if
 // not, the stream goes to accept in a goroutine as usual. It must not
 // wait. Call it before Serve.
-func (s *Session) SetInline(f func(*Stream) bool) { s.inline = f }
+// done, if set, runs after each batch of inline calls (to flush what they
+// wrote).
+func (s *Session) SetInline(f func(*Stream) bool, done func()) { s.inline, s.inlineDone = f, done }
 
 func (s *Session) acceptFresh() {
 	for i, st := range s.fresh {
@@ -463,6 +466,9 @@ func (s *Session) acceptFresh() {
 		}
 	}
 	s.fresh = s.fresh[:0]
+	if s.inlineDone != nil {
+		s.inlineDone()
+	}
 }
 
 // handle processes one frame; an error ends the session (a protocol error).

@@ -47,7 +47,7 @@ func pairInline(t testing.TB, cfg Config, handle func(*Stream), inline func(*Str
 	}
 	srv := Server(sc, cfg, handle)
 	if inline != nil {
-		srv.SetInline(inline)
+		srv.SetInline(inline, nil)
 	}
 	go srv.Serve()
 	cli := Client(cc, cfg)
