@@ -39,7 +39,7 @@ unit:
 # extension, SPIFFE IDs, allow patterns, iptables -S output, the config.
 # A target may name its own count (pkg:Fuzz:Nx) where one run is slow.
 FUZZTIME ?= 10000x
-FUZZ_TARGETS := ./discovery:FuzzDecodeMessage ./proxy:FuzzReadHeader ./proxy:FuzzDetectProtocol ./proxy:FuzzH1Request \
+FUZZ_TARGETS := ./discovery:FuzzDecodeMessage ./proxy:FuzzReadHeader ./proxy:FuzzDetectProtocol ./proxy:FuzzH1Request ./proxy:FuzzH2Messages \
 	./proxy:FuzzAllowPattern ./ca:FuzzParseID ./ca:FuzzCertGrant ./ca:FuzzReadJoinInfo \
 	./ca:FuzzSVIDRequest ./rules:FuzzParseRules ./node:FuzzParseConfig:1000x ./names:FuzzDNSQuery
 fuzz:

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
@@ -356,6 +357,9 @@ func newExchange(fields []hpack.HeaderField) (ex *h2Exchange, out []hpack.Header
 	out = fields[:0:0]
 	scheme := false
 	for _, f := range fields {
+		if !validH2Field(f) {
+			return ex, nil, false
+		}
 		switch f.Name {
 		case ":method":
 			ex.method = f.Value
@@ -440,6 +444,26 @@ func (ex *h2Exchange) setLabels(p *Proxy, l connLabels) {
 	ex.labels = ex.m.labels
 	ex.service, ex.serverID = l.service, l.serverID
 	ex.mu.Unlock()
+}
+
+// validH2Field reports whether f may appear in an HTTP/2 request (RFC 9113
+// 8.2.1): a known pseudo-header or a lowercase token, and a value without
+// CR, LF or NUL. The app's proxy has the HTTP/2 framer check this; the
+// service's proxy checks the peer's fields here.
+func validH2Field(f hpack.HeaderField) bool {
+	switch f.Name {
+	case ":method", ":scheme", ":authority", ":path", ":protocol":
+	default:
+		if !httpguts.ValidHeaderFieldName(f.Name) {
+			return false
+		}
+		for i := 0; i < len(f.Name); i++ {
+			if c := f.Name[i]; 'A' <= c && c <= 'Z' {
+				return false
+			}
+		}
+	}
+	return httpguts.ValidHeaderFieldValue(f.Value)
 }
 
 func (ex *h2Exchange) setTimer(t *time.Timer) {
