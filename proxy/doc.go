@@ -85,17 +85,36 @@
 // its upstream connection closed, so the service sees the request
 // canceled. Local services are reached over their own keep-alive pool
 // (idle ones closed after 30 s).
-// HTTP/2 (prior knowledge) is proxied per request over pooled, multiplexed
-// HTTP/2 (ALPN "h2") mTLS connections, one pool per (peer proxy, service
-// identity; unused for 5 minutes or beyond 4096 pools, least recently
-// used first, a pool is dropped with its idle connections).
-// Every HTTP/2 connection the proxy serves or dials (app h2c, peer "h2",
-// h2c to local services) writes through one batching writer goroutine
-// (h2conn.go): x/net/http2 flushes after every frame, the writer sends all
-// that was queued meanwhile in one write (one TLS record), at most 256 KiB
-// queued per connection before writers wait. The HTTP/2 server between
-// proxies allows 200 concurrent streams, 4 MiB stream and 16 MiB
-// connection windows.
+// HTTP/2 from an app (prior knowledge: gRPC, h2c) is forwarded frame by
+// frame (h2fwd.go, h2out.go), never through net/http: the app's connection
+// is served by one goroutine reading frames (h2Conn, server role); each
+// request becomes a stream of its own on a pooled "vmesh.mux/1" session to
+// the peer proxy (transport header protocol h2stream, balanced per
+// request), carrying the request's header block, body and trailers as
+// messages (h2msg.go) and the response's back; the request's first frames
+// leave with the stream's open in one write. The peer authorizes each
+// request, checks its fields, and opens a stream for it on a pooled HTTP/2
+// connection to the service (h2Conn, client role; idle ones closed after
+// 30 s); a small request that is all there is handled in the mux read loop
+// itself. Flow control is end to end: a side gets stream credit back once
+// its bytes are in the next hop (256 KiB stream windows, connection credit
+// at once), so a stream whose reader stops holds back only itself. Frames
+// that arrive together leave together (a response's head, body and
+// trailers in one mux frame; a read batch's writes corked into one flush;
+// PING and SETTINGS acks ride the next write, 1 ms at most). Requests HTTP/2
+// forbids (connection-specific fields, TE other than trailers, a missing
+// pseudo-header) are reset with PROTOCOL_ERROR; CONNECT gets 405. A
+// service's RST_STREAM(NO_ERROR) after its whole response (it wants no more
+// of the body) keeps the response. Resets pass through with their codes
+// (REFUSED_STREAM stays retryable for gRPC). Shutdown sends GOAWAY and
+// closes the connection once its streams are done.
+// HTTP/2 that is not forwarded so (an unmeshed client's, redirected
+// inbound; a peer's "h2" connection) is served by x/net/http2 with a
+// batching writer goroutine per connection (h2conn.go): x/net/http2
+// flushes after every frame, the writer sends all that was queued
+// meanwhile in one write, at most 256 KiB queued per connection before
+// writers wait. That server allows 200 concurrent streams, 4 MiB stream
+// and 16 MiB connection windows.
 // Config.RequestTimeout (off by default) bounds each outbound request to
 // the end of its response: 504 with l5d-proxy-error, or a cut connection
 // once the response began; a peer that cannot be reached or fails gets
@@ -124,7 +143,8 @@
 // its Vmesh-Dst-Port and authorized (403 with l5d-proxy-error when denied
 // or the port is not a declared service, 502 when the service cannot be
 // reached; a "vmesh.mux/1" stream whose transport header says http1
-// carries them the same way), opaque streams (authorized as TCP; 403 when
+// carries them the same way, one saying h2stream carries one HTTP/2
+// request), opaque streams (authorized as TCP; 403 when
 // denied or the port is not declared, 502 when the service is
 // unreachable), or one
 // transport header whose port must be a declared LocalService, else the

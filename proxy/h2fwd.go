@@ -51,8 +51,6 @@ const (
 	h2fCreditBatch   = 32 << 10
 )
 
-var errH2Closed = errors.New("http2 connection closed")
-
 // h2Conn is one HTTP/2 connection the proxy terminates: an app's (server
 // role) or one to a local service (client role).
 type h2Conn struct {
