@@ -391,9 +391,17 @@ func TestFailureLeaveAndRestart(t *testing.T) {
 	left := time.Since(start)
 	leaver.kill()
 	others := []*agent{agents[0], agents[1], agents[2], agents[4]}
+	var why string
+	defer func() {
+		if t.Failed() {
+			t.Log("last seen:", why)
+		}
+	}()
 	waitFor(t, 5*time.Second, "the leaving host gone everywhere", func() bool {
 		for _, a := range others {
-			if _, ok := a.d.Lookup(leaverEP.Addr); ok || memberState(a.d, leaver.name) != StateLeft {
+			_, ok := a.d.Lookup(leaverEP.Addr)
+			if st := memberState(a.d, leaver.name); ok || st != StateLeft {
+				why = fmt.Sprintf("%s: endpoint still there %v, member state %q, catalog entry leaving %v", a.name, ok, st, entryOf(a.d, leaver.name).Leaving)
 				return false
 			}
 		}

@@ -1031,13 +1031,7 @@ func (s *h2Stream) writeData(b []byte, end, flush, local bool) bool {
 // body. What the peer proxy sends for the stream afterwards is dropped.
 func (s *h2Stream) answer(code int, why string) {
 	c := s.c
-	body := "vmesh: " + why + "\n"
-	fields := []hpack.HeaderField{
-		{Name: ":status", Value: strconv.Itoa(code)},
-		{Name: "content-type", Value: "text/plain; charset=utf-8"},
-		{Name: "l5d-proxy-error", Value: why},
-		{Name: "content-length", Value: strconv.Itoa(len(body))},
-	}
+	fields, body := proxyAnswer(code, why)
 	s.ex.mu.Lock()
 	s.ex.status = code
 	s.ex.mu.Unlock()
@@ -1061,6 +1055,18 @@ func (s *h2Stream) answer(code int, why string) {
 		return
 	}
 	s.remove()
+}
+
+// proxyAnswer is the head and body of a response of the proxy's own: code,
+// l5d-proxy-error saying why, a short text.
+func proxyAnswer(code int, why string) ([]hpack.HeaderField, string) {
+	body := "vmesh: " + why + "\n"
+	return []hpack.HeaderField{
+		{Name: ":status", Value: strconv.Itoa(code)},
+		{Name: "content-type", Value: "text/plain; charset=utf-8"},
+		{Name: "l5d-proxy-error", Value: why},
+		{Name: "content-length", Value: strconv.Itoa(len(body))},
+	}, body
 }
 
 // abort resets the stream both ways with code (HTTP/2 and mux codes agree

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -294,13 +293,7 @@ const http2ErrProtocol = 0x1
 // response. A request still sending its body is read to its end (a reset
 // would drop the answer at the client) for at most bodyGrace.
 func answerMux(ms *mux.Stream, mr *msgReader, ended bool, code int, why string) {
-	body := "vmesh: " + why + "\n"
-	fields := []hpack.HeaderField{
-		{Name: ":status", Value: strconv.Itoa(code)},
-		{Name: "content-type", Value: "text/plain; charset=utf-8"},
-		{Name: "l5d-proxy-error", Value: why},
-		{Name: "content-length", Value: strconv.Itoa(len(body))},
-	}
+	fields, body := proxyAnswer(code, why)
 	b := appendMsgHead(nil, msgHeaders, 0)
 	b = appendFields(b, fields)
 	setMsgLen(b)
