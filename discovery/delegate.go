@@ -338,7 +338,7 @@ func (d *Discovery) mergeEntry(msg message, raw []byte, rebroadcast bool) {
 	}
 	d.mu.Unlock()
 	if rebroadcast {
-		d.broadcast(e.Node, e.Version, raw)
+		d.broadcast(e.Node, e.Version, raw, e.Leaving)
 	}
 	if visible {
 		d.kick(d.dirty)

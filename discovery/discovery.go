@@ -473,7 +473,13 @@ func (d *Discovery) Leave(timeout time.Duration) error {
 	d.publishLocked()
 	d.mu.Unlock()
 	d.rebuild()
-	if err := ml.Leave(timeout); err != nil {
+	// Let the leaving entry make all its transmissions before the leave:
+	// after it, this host gossips no more.
+	start := time.Now()
+	for d.queue.NumQueued() > 0 && time.Since(start) < timeout/2 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := ml.Leave(timeout - time.Since(start)); err != nil {
 		return fmt.Errorf("leaving the cluster: %w", err)
 	}
 	return nil
@@ -627,7 +633,7 @@ func (d *Discovery) publishLocked() {
 	for _, a := range e.Addrs {
 		d.noteAddrLocked(a)
 	}
-	d.broadcast(e.Node, e.Version, raw)
+	d.broadcast(e.Node, e.Version, raw, false)
 	meta := encodeMeta(nodeMeta{version: d.version, proxyPort: d.proxyPort, addrs: e.Addrs, roles: d.roles, agent: d.agent})
 	d.meta.Store(&meta)
 	d.saveVersion = true
@@ -635,14 +641,18 @@ func (d *Discovery) publishLocked() {
 }
 
 // broadcast queues an entry for gossip: whole when small enough to ride in
-// a gossip packet, otherwise as a notice that makes peers pull it.
-func (d *Discovery) broadcast(node string, version uint64, raw []byte) {
+// a gossip packet, otherwise as a notice that makes peers pull it. A
+// peer's entry is passed on fewer times than this host's own, except the
+// last entry of a host that left (full): only broadcasts carry it (push/
+// pull carries live hosts' entries), and a host that misses it records
+// the leaver dead rather than left.
+func (d *Discovery) broadcast(node string, version uint64, raw []byte, leaving bool) {
 	msg := raw
 	if len(raw) > maxBroadcastSize {
 		msg = encodeNotice(node, version)
 	}
 	q := d.queue
-	if node != d.name {
+	if node != d.name && !leaving {
 		q = d.relay
 	}
 	q.QueueBroadcast(&broadcast{node: node, msg: msg})
