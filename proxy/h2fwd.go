@@ -1147,7 +1147,4 @@ func (s *h2Stream) remove() {
 	if drained {
 		c.nc.Close()
 	}
-	if c.pool != nil {
-		c.pool.released(c)
-	}
 }

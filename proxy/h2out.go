@@ -484,9 +484,7 @@ func (ex *h2Exchange) head(p *Proxy, status int, fields []hpack.HeaderField) {
 			ex.grpcStatus = f.Value
 		}
 	}
-	labels := ex.labels
 	ex.mu.Unlock()
-	_ = labels
 	ex.m.latency.Observe(float64(time.Since(ex.start)) / float64(time.Millisecond))
 	ex.endpointDone(p, nil)
 }
@@ -667,8 +665,6 @@ func (pl *h2Pool) remove(c *h2Conn) {
 		}
 	}
 }
-
-func (pl *h2Pool) released(*h2Conn) {}
 
 // closeIdle closes the connections that carry no stream (Shutdown).
 func (pl *h2Pool) closeIdle() {
