@@ -91,7 +91,11 @@ func (s *h2Stream) open(cork func(*mux.Session)) {
 			s.mu.Lock()
 			s.upBuf, s.upEnd, s.upCredit = nil, false, 0
 			s.mu.Unlock()
-			go s.opened(ms, sent, first, end, credit)
+			if sent {
+				s.openedInline(ms, end, credit)
+			} else {
+				go s.opened(ms, sent, first, end, credit)
+			}
 			return
 		}
 	}
@@ -120,6 +124,17 @@ func (s *h2Stream) outbound(ep Endpoint, h []byte) {
 	s.opened(ms, sent, first, end, credit)
 }
 
+// openedInline (in the read loop) takes an opened request whose head went
+// with the open: the response is relayed by a goroutine started only when
+// it begins to arrive (no goroutine waits meanwhile).
+func (s *h2Stream) openedInline(ms *mux.Stream, end bool, credit int) {
+	s.credit(credit)
+	if !s.attach(ms, end) {
+		return
+	}
+	ms.OnReadable(func() { go s.respond(ms) })
+}
+
 // opened relays an opened request: the rest of its head when the open did
 // not carry it (sent false), then the response.
 func (s *h2Stream) opened(ms *mux.Stream, sent bool, first []byte, end bool, credit int) {
@@ -140,6 +155,11 @@ func (s *h2Stream) opened(ms *mux.Stream, sent bool, first []byte, end bool, cre
 	if !s.attach(ms, end) {
 		return
 	}
+	s.respond(ms)
+}
+
+// respond relays the response from the mux stream to the app.
+func (s *h2Stream) respond(ms *mux.Stream) {
 	mr := newMsgReader(ms)
 	defer mr.release()
 	if s.toH2(mr) {

@@ -54,7 +54,8 @@ type Stream struct {
 	draining  bool  // the sink's goroutine is running
 	sinkEnded bool  // sinkDone was called
 
-	onReset func(*ResetError) // OnReset's
+	onReset    func(*ResetError) // OnReset's
+	onReadable func()            // OnReadable's, until it is called
 }
 
 var _ net.Conn = (*Stream)(nil)
@@ -181,6 +182,30 @@ func (st *Stream) receive(data []byte, end bool) {
 	}
 	st.readable.Broadcast()
 	st.kickLocked()
+	cb := st.onReadable
+	if st.buffered > 0 || st.eof {
+		st.onReadable = nil
+	} else {
+		cb = nil
+	}
+	st.mu.Unlock()
+	if cb != nil {
+		cb()
+	}
+}
+
+// OnReadable calls f once (on no lock; in the session's read loop unless
+// it is so already) when the stream has something to read: data, EOF or
+// a reset. A reader that would otherwise wait in Read starts then, and
+// costs nothing (no goroutine parked, no wake-up) until the peer answers.
+func (st *Stream) OnReadable(f func()) {
+	st.mu.Lock()
+	if st.buffered > 0 || st.eof || st.reset != nil {
+		st.mu.Unlock()
+		f()
+		return
+	}
+	st.onReadable = f
 	st.mu.Unlock()
 }
 
@@ -572,8 +597,12 @@ func (st *Stream) finish(err *ResetError) bool {
 	if st.timer != nil {
 		st.timer.Stop()
 	}
-	onReset := st.onReset
+	onReset, onReadable := st.onReset, st.onReadable
+	st.onReadable = nil
 	st.mu.Unlock()
+	if onReadable != nil {
+		onReadable()
+	}
 	if err != nil {
 		st.accepted(err)
 	}
