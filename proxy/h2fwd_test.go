@@ -313,8 +313,9 @@ func TestH2ForwardPools(t *testing.T) {
 // TestH2ForwardShutdown checks that Shutdown tells an app's HTTP/2
 // connection to go away (GOAWAY) and lets its request in flight finish.
 func TestH2ForwardShutdown(t *testing.T) {
-	release := make(chan struct{})
+	arrived, release := make(chan struct{}), make(chan struct{})
 	ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) {
+		close(arrived)
 		<-release
 		io.WriteString(w, "finished")
 	})
@@ -322,17 +323,11 @@ func TestH2ForwardShutdown(t *testing.T) {
 	r := newRawH2(t, a, 9090)
 	r.get(1, "/slow")
 	// The request is in flight once the service holds it.
-	eventually(t, "the request to reach the service", func() bool {
-		n := 0
-		a.p.h2front.Range(func(k, _ any) bool {
-			c := k.(*h2Conn)
-			c.mu.Lock()
-			n += len(c.streams)
-			c.mu.Unlock()
-			return true
-		})
-		return n == 1
-	})
+	select {
+	case <-arrived:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the request never reached the service")
+	}
 	done := make(chan error, 1)
 	go func() { done <- a.p.Shutdown(context.Background()) }()
 	var away *http2.GoAwayFrame
