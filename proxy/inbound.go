@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/vmesh/vmesh/internal/mux"
 	"golang.org/x/net/http2"
 )
 
@@ -103,7 +104,9 @@ func (p *Proxy) authorize(proto string, svc *localService, clientID, tlsLabel st
 // inboundMesh serves a peer proxy: mTLS (a valid SVID is required), then by
 // ALPN either HTTP/2 requests or one transport header and an opaque stream.
 func (p *Proxy) inboundMesh(c *net.TCPConn) {
-	tc := tls.Server(c, p.serverTLS)
+	// Under TLS a mux.Wire, which batches the records of a mux session
+	// (ALPN vmesh.mux/1) and passes any other connection's through.
+	tc := tls.Server(mux.NewWire(c), p.serverTLS)
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.DetectTimeout)
 	err := tc.HandshakeContext(ctx)
 	cancel()

@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+
+	"github.com/vmesh/vmesh/internal/mux"
 )
 
 // handleOutbound serves one connection redirected to the outbound listener:
@@ -124,6 +126,9 @@ func (p *Proxy) dialTransport(ctx context.Context, ep Endpoint, alpn string) (*t
 	raw, err := p.dialer.DialContext(ctx, "tcp", ep.ProxyAddr.String())
 	if err != nil {
 		return nil, fmt.Errorf("connecting to %s: %w", ep.ProxyAddr, err)
+	}
+	if alpn == alpnMux {
+		raw = mux.NewWire(raw) // a session batches its TLS records through it
 	}
 	tc := tls.Client(raw, p.clientConfig(ep, alpn))
 	if err := tc.HandshakeContext(ctx); err != nil {

@@ -158,6 +158,12 @@ type Session struct {
 	inlineDone func()
 	fresh      []*Stream     // the read loop's: streams opened in this read batch
 	rd         *bufio.Reader // what the framer reads from
+	// With a Wire beneath the connection: the read loop's streams whose
+	// sinks have data queued, written before the wire's next read.
+	wire   *Wire
+	queued []*Stream
+	iov    [][]byte  // flushQueued's scratch
+	owned  []*[]byte // flushQueued's scratch
 
 	wmu     sync.Mutex // serializes frame writes
 	bw      *bufio.Writer
@@ -211,7 +217,21 @@ func newSession(conn net.Conn, client bool, cfg Config, accept func(*Stream)) *S
 	s.fr = http2.NewFramer(s.bw, s.rd)
 	s.fr.SetMaxReadFrameSize(maxFrame)
 	s.lastRead.Store(time.Now().UnixNano())
+	if s.wire = wireOf(conn); s.wire != nil {
+		s.wire.start(s.flushSinks)
+	}
 	return s
+}
+
+// flushSinks writes what the frames read since the last read of the wire
+// queued for sinks: one write per stream. It runs in the read loop, before
+// a read that could wait.
+func (s *Session) flushSinks() {
+	for i, st := range s.queued {
+		s.queued[i] = nil
+		st.flushQueued()
+	}
+	s.queued = s.queued[:0]
 }
 
 func (s *Session) start() {
@@ -386,7 +406,7 @@ func (s *Session) write(f func(*http2.Framer) error) error {
 	if err == nil {
 		err = f(s.fr)
 		if err == nil && last {
-			err = s.bw.Flush()
+			err = s.flush()
 		}
 		if err != nil {
 			s.werr = err
@@ -395,6 +415,20 @@ func (s *Session) write(f func(*http2.Framer) error) error {
 	s.wmu.Unlock()
 	if err != nil {
 		s.closeWith(fmt.Errorf("mux: writing: %w", err))
+	}
+	return err
+}
+
+// flush writes the buffered frames; with a wire, their TLS records leave
+// in one system call. Called with wmu held.
+func (s *Session) flush() error {
+	if s.wire == nil || s.bw.Buffered() == 0 {
+		return s.bw.Flush()
+	}
+	s.wire.cork()
+	err := s.bw.Flush()
+	if werr := s.wire.uncork(); err == nil {
+		err = werr
 	}
 	return err
 }

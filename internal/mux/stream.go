@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+	"golang.org/x/sys/unix"
 )
 
 // Stream is one stream of a session, used like a TCP connection: Read,
@@ -52,6 +53,7 @@ type Stream struct {
 	sinkDone  func(int64, error)
 	sunk      int64 // bytes written to sink
 	draining  bool  // the sink's goroutine is running
+	queued    bool  // in the session's queue: the read loop writes it before its next read
 	sinkEnded bool  // sinkDone was called
 
 	onReset    func(*ResetError) // OnReset's
@@ -142,6 +144,20 @@ func (st *Stream) receive(data []byte, end bool) {
 		return
 	}
 	st.recvLeft -= uint32(len(data))
+	if len(data) > 0 && st.sinkRaw != nil && !st.draining && !st.sinkEnded && st.s.wire != nil {
+		// Queue it: the read loop writes what this read of the wire
+		// brought for the stream in one write, before its next read.
+		st.appendLocked(data)
+		if end {
+			st.eof = true
+		}
+		if !st.queued {
+			st.queued = true
+			st.s.queued = append(st.s.queued, st)
+		}
+		st.mu.Unlock()
+		return
+	}
 	if len(data) > 0 && st.sinkRaw != nil && !st.draining && !st.sinkEnded && st.buffered == 0 {
 		// Nothing queued and a socket to write to: try the write here,
 		// without waiting, and hand to the sink's goroutine only what the
@@ -163,20 +179,7 @@ func (st *Stream) receive(data []byte, end bool) {
 			return
 		}
 	}
-	st.buffered += len(data)
-	for len(data) > 0 {
-		var c *[]byte
-		if k := len(st.chunks); k > 0 && len(*st.chunks[k-1]) < chunkSize {
-			c = st.chunks[k-1]
-		} else {
-			c = chunkPool.Get().(*[]byte)
-			*c = (*c)[:0]
-			st.chunks = append(st.chunks, c)
-		}
-		m := copy((*c)[len(*c):chunkSize], data)
-		*c = (*c)[:len(*c)+m]
-		data = data[m:]
-	}
+	st.appendLocked(data)
 	if end {
 		st.eof = true
 	}
@@ -192,6 +195,91 @@ func (st *Stream) receive(data []byte, end bool) {
 	if cb != nil {
 		cb()
 	}
+}
+
+// appendLocked queues data in the stream's chunks. Called with st.mu held.
+func (st *Stream) appendLocked(data []byte) {
+	st.buffered += len(data)
+	for len(data) > 0 {
+		var c *[]byte
+		if k := len(st.chunks); k > 0 && len(*st.chunks[k-1]) < chunkSize {
+			c = st.chunks[k-1]
+		} else {
+			c = chunkPool.Get().(*[]byte)
+			*c = (*c)[:0]
+			st.chunks = append(st.chunks, c)
+		}
+		m := copy((*c)[len(*c):chunkSize], data)
+		*c = (*c)[:len(*c)+m]
+		data = data[m:]
+	}
+}
+
+// flushQueued writes what receive queued for the sink, in one write that
+// does not wait for room (it runs in the session's read loop); what the
+// socket does not take, and the end of the stream, are left to the sink's
+// goroutine. The chunks are detached while written, as drain's are.
+func (st *Stream) flushQueued() {
+	s := st.s
+	st.mu.Lock()
+	st.queued = false
+	if st.draining || st.sinkEnded || st.buffered == 0 {
+		st.kickLocked()
+		st.mu.Unlock()
+		return
+	}
+	bufs, owned := s.iov[:0], s.owned[:0]
+	for i, c := range st.chunks[st.head:] {
+		b := *c
+		if i == 0 {
+			b = b[st.off:]
+		}
+		bufs = append(bufs, b)
+		owned = append(owned, c)
+	}
+	off := st.off
+	clear(st.chunks)
+	st.chunks, st.head, st.off, st.buffered = st.chunks[:0], 0, 0, 0
+	st.draining = true
+	st.mu.Unlock()
+
+	n := writevNow(st.sinkRaw, bufs)
+
+	st.mu.Lock()
+	st.draining = false
+	st.sunk += int64(n)
+	left := n
+	for k, c := range owned {
+		if st.reset != nil {
+			chunkPool.Put(c) // dropped meanwhile
+			continue
+		}
+		if b := bufs[k]; left >= len(b) {
+			left -= len(b)
+			chunkPool.Put(c)
+			continue
+		} else {
+			// Not written: back in the stream, in order (nothing was
+			// queued meanwhile: receive runs in this same loop).
+			if len(st.chunks) == 0 {
+				st.off = left
+				if k == 0 {
+					st.off += off
+				}
+			}
+			st.buffered += len(b) - left
+			left = 0
+			st.chunks = append(st.chunks, c)
+		}
+	}
+	if credit := st.creditLocked(n); credit > 0 {
+		s.writeAsync(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(st.id, credit) })
+	}
+	st.kickLocked()
+	st.mu.Unlock()
+	clear(bufs)
+	clear(owned)
+	s.iov, s.owned = bufs[:0], owned[:0]
 }
 
 // OnReadable calls f once (on no lock; in the session's read loop unless
@@ -369,6 +457,25 @@ func writeNow(rc syscall.RawConn, b []byte) int {
 		for {
 			m, err := syscall.Write(int(fd), b)
 			if err == syscall.EINTR {
+				continue
+			}
+			n = max(m, 0)
+			return true // never wait
+		}
+	})
+	return n
+}
+
+// writevNow is writeNow for several buffers: one writev.
+func writevNow(rc syscall.RawConn, bufs [][]byte) int {
+	if len(bufs) == 1 {
+		return writeNow(rc, bufs[0])
+	}
+	n := 0
+	rc.Write(func(fd uintptr) bool {
+		for {
+			m, err := unix.Writev(int(fd), bufs)
+			if err == unix.EINTR {
 				continue
 			}
 			n = max(m, 0)
