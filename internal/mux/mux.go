@@ -422,13 +422,9 @@ func (s *Session) write(f func(*http2.Framer) error) error {
 // flush writes the buffered frames; with a wire, their TLS records leave
 // in one system call. Called with wmu held.
 func (s *Session) flush() error {
-	if s.wire == nil || s.bw.Buffered() == 0 {
-		return s.bw.Flush()
-	}
-	s.wire.cork()
 	err := s.bw.Flush()
-	if werr := s.wire.uncork(); err == nil {
-		err = werr
+	if s.wire != nil && err == nil {
+		err = s.wire.flush()
 	}
 	return err
 }

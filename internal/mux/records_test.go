@@ -27,10 +27,9 @@ func (c *countingConn) Write(b []byte) (int, error) {
 	return c.Conn.Write(b)
 }
 
-// A relay's batch leaves as four full TLS records in one write (the
-// Wire beneath TLS): the frames fill the records exactly and no fifth
-// record carries the frame headers that spilled over.
-func TestBatchFillsRecords(t *testing.T) {
+// selfSigned returns a throwaway certificate for "peer".
+func selfSigned(t *testing.T) tls.Certificate {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -40,7 +39,14 @@ func TestBatchFillsRecords(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cert := tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// A relay's batch leaves as four full TLS records in one write (the
+// Wire beneath TLS): the frames fill the records exactly and no fifth
+// record carries the frame headers that spilled over.
+func TestBatchFillsRecords(t *testing.T) {
+	cert := selfSigned(t)
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, DynamicRecordSizingDisabled: true})
 	if err != nil {
 		t.Fatal(err)

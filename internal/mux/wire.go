@@ -10,8 +10,9 @@ import (
 // (tls.Client(NewWire(c), ...)). A session that finds one beneath its
 // connection (through tls.Conn.NetConn) batches through it:
 //
-//   - Writes: the TLS records of one flush leave in one write system call,
-//     not one call (and, on loopback, one packet) per 16 KiB record.
+//   - Writes: TLS records are kept until the session flushes, and leave
+//     in one write system call (at most wireWriteBuf bytes), not one call
+//     (and, on loopback, one packet) per 16 KiB record.
 //   - Reads: up to wireReadBuf bytes a call; the DATA frames they carry are
 //     queued for their sinks and written before the next read that could
 //     wait, one write per stream per read, not one per frame.
@@ -24,13 +25,20 @@ type Wire struct {
 
 	// Read side: used only by the session's read loop (inside
 	// tls.Conn.Read), or before the session by the handshake.
-	rbuf       []byte
+	started    bool
+	rbuf       *[]byte // while reads fill what they are given (bulk); nil when idle
 	r, w       int
+	full       bool   // the last read into rbuf filled it: more is likely waiting
 	beforeRead func() // the session's: write what the last reads queued
 
-	wmu    sync.Mutex // TLS writes records under its own lock; a close alert may race a flush
-	wbuf   []byte
-	corked bool
+	// Write side: TLS writes records under its own lock, but an alert
+	// may come from another goroutine than the session's writer. What is
+	// kept when the connection closes is dropped (TLS's close alert too:
+	// a Go peer reads a clean EOF either way), as the session drops its
+	// unflushed frames.
+	wmu      sync.Mutex
+	batching bool    // a session started: keep records until flush
+	wbuf     *[]byte // records kept; nil when none (an idle session holds no buffer)
 }
 
 // wireReadBuf is the most one read takes: four full TLS records and then
@@ -42,81 +50,97 @@ const wireReadBuf = 80 << 10
 // short one.
 const wireWriteBuf = 68 << 10
 
+var (
+	wireReadPool  = sync.Pool{New: func() any { b := make([]byte, wireReadBuf); return &b }}
+	wireWritePool = sync.Pool{New: func() any { b := make([]byte, 0, wireWriteBuf); return &b }}
+)
+
 // NewWire wraps c. It changes nothing until a session starts on it.
 func NewWire(c net.Conn) *Wire { return &Wire{Conn: c} }
 
-// start switches the wire to batching for session s.
+// start switches the wire to batching for a session; beforeRead is
+// called before each read that could wait.
 func (w *Wire) start(beforeRead func()) {
-	w.rbuf = make([]byte, wireReadBuf)
+	w.started = true
 	w.beforeRead = beforeRead
 	w.wmu.Lock()
-	w.wbuf = make([]byte, 0, wireWriteBuf)
+	w.batching = true
 	w.wmu.Unlock()
 }
 
-// Read returns buffered bytes, or reads what has arrived (up to
-// wireReadBuf). Before a read that could wait it lets the session write
-// what it queued.
+// Read returns buffered bytes, or reads what has arrived. A read that
+// fills the caller's buffer says more is waiting: the following reads take
+// up to wireReadBuf, until one does not fill it; a read that may wait uses
+// the caller's buffer, so an idle session holds none of its own. Before a
+// read that could wait the session writes what it queued.
 func (w *Wire) Read(p []byte) (int, error) {
-	if w.rbuf == nil {
+	if !w.started {
 		return w.Conn.Read(p)
 	}
 	if w.r == w.w {
-		if w.beforeRead != nil {
-			w.beforeRead()
+		w.beforeRead()
+		if w.rbuf != nil && !w.full {
+			wireReadPool.Put(w.rbuf)
+			w.rbuf = nil
 		}
-		n, err := w.Conn.Read(w.rbuf)
+		if w.rbuf == nil {
+			n, err := w.Conn.Read(p)
+			if n == len(p) && n < wireReadBuf {
+				w.rbuf = wireReadPool.Get().(*[]byte)
+				w.full = true
+			}
+			return n, err
+		}
+		n, err := w.Conn.Read(*w.rbuf)
 		if n <= 0 {
 			return 0, err
 		}
 		// An error with bytes comes back on the next read.
-		w.r, w.w = 0, n
+		w.r, w.w, w.full = 0, n, n == len(*w.rbuf)
 	}
-	n := copy(p, w.rbuf[w.r:w.w])
+	n := copy(p, (*w.rbuf)[w.r:w.w])
 	w.r += n
 	return n, nil
 }
 
-// Write writes p, or while corked keeps it for uncork.
+// Write keeps p for flush once a session started (writing what it kept
+// first when p would not fit), else writes it.
 func (w *Wire) Write(p []byte) (int, error) {
 	w.wmu.Lock()
 	defer w.wmu.Unlock()
-	if !w.corked {
+	if !w.batching {
 		return w.Conn.Write(p)
 	}
-	if len(w.wbuf)+len(p) > cap(w.wbuf) {
+	if w.wbuf != nil && len(*w.wbuf)+len(p) > cap(*w.wbuf) {
 		if err := w.flushLocked(); err != nil {
 			return 0, err
 		}
-		if len(p) > cap(w.wbuf) {
-			return w.Conn.Write(p)
-		}
 	}
-	w.wbuf = append(w.wbuf, p...)
+	if len(p) > wireWriteBuf {
+		return w.Conn.Write(p)
+	}
+	if w.wbuf == nil {
+		w.wbuf = wireWritePool.Get().(*[]byte)
+	}
+	*w.wbuf = append(*w.wbuf, p...)
 	return len(p), nil
 }
 
-// cork holds writes back until uncork.
-func (w *Wire) cork() {
-	w.wmu.Lock()
-	w.corked = true
-	w.wmu.Unlock()
-}
-
-// uncork writes what cork held back, in one call.
-func (w *Wire) uncork() error {
+// flush writes what Write kept, in one call.
+func (w *Wire) flush() error {
 	w.wmu.Lock()
 	defer w.wmu.Unlock()
-	w.corked = false
 	return w.flushLocked()
 }
 
 func (w *Wire) flushLocked() error {
-	if len(w.wbuf) == 0 {
+	if w.wbuf == nil {
 		return nil
 	}
-	_, err := w.Conn.Write(w.wbuf)
-	w.wbuf = w.wbuf[:0]
+	_, err := w.Conn.Write(*w.wbuf)
+	*w.wbuf = (*w.wbuf)[:0]
+	wireWritePool.Put(w.wbuf)
+	w.wbuf = nil
 	return err
 }
 

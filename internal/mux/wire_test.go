@@ -1,0 +1,117 @@
+package mux
+
+import (
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"testing"
+	"time"
+)
+
+// tlsPair returns a TLS client over a started Wire and the server's TLS
+// connection, both handshaken.
+func tlsPair(t *testing.T) (cli *tls.Conn, w *Wire, srv *tls.Conn) {
+	t.Helper()
+	cert := selfSigned(t)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan *tls.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			accepted <- nil
+			return
+		}
+		tc := c.(*tls.Conn)
+		tc.Handshake()
+		accepted <- tc
+	}()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w = NewWire(raw)
+	cli = tls.Client(w, &tls.Config{InsecureSkipVerify: true})
+	if err := cli.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	srv = <-accepted
+	if srv == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { cli.Close(); srv.Close() })
+	w.start(func() {})
+	return cli, w, srv
+}
+
+// A started wire keeps records until flushed; the peer then reads them,
+// and after a close a clean EOF.
+func TestWireKeepsUntilFlush(t *testing.T) {
+	cli, w, srv := tlsPair(t)
+	if _, err := cli.Write([]byte("kept")); err != nil {
+		t.Fatal(err)
+	}
+	srv.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	if n, err := srv.Read(make([]byte, 8)); n != 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("before the flush the peer read %d bytes, %v; want nothing", n, err)
+	}
+	if err := w.flush(); err != nil {
+		t.Fatal(err)
+	}
+	srv.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b := make([]byte, 8)
+	n, err := io.ReadAtLeast(srv, b, 4)
+	if err != nil || string(b[:n]) != "kept" {
+		t.Fatalf("after the flush the peer read %q, %v", b[:n], err)
+	}
+	cli.Close()
+	if n, err := srv.Read(b); n != 0 || err != io.EOF {
+		t.Errorf("after the close the peer read %d bytes, %v; want a clean EOF", n, err)
+	}
+}
+
+// Closing a TLS connection whose write is blocked (the peer reads nothing)
+// ends that write at once: the wire's close does not wait for it.
+func TestWireCloseDuringBlockedWrite(t *testing.T) {
+	cli, w, _ := tlsPair(t)
+	wrote := make(chan error, 1)
+	go func() {
+		big := make([]byte, 64<<20) // far beyond the socket buffers
+		_, err := cli.Write(big)
+		if err == nil {
+			err = w.flush()
+		}
+		wrote <- err
+	}()
+	// Close once the write holds the wire (it blocks there: the peer
+	// reads nothing).
+	deadline := time.Now().Add(5 * time.Second)
+	for w.wmu.TryLock() {
+		w.wmu.Unlock()
+		if time.Now().After(deadline) {
+			t.Fatal("the write never reached the wire")
+		}
+		runtime.Gosched()
+	}
+	closed := make(chan struct{})
+	go func() { cli.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close waited for a blocked write")
+	}
+	select {
+	case err := <-wrote:
+		if err == nil {
+			t.Error("the blocked write succeeded after Close")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the blocked write did not end after Close")
+	}
+}
