@@ -328,7 +328,7 @@ func (s *Session) OpenWith(header, data []byte, end bool) (st *Stream, sent bool
 		st.sendWin -= int64(len(data))
 		st.wclosed = end
 		sent = true
-		return writeDataFrames(fr, id, data, end)
+		return s.writeDataFrames(id, data, end)
 	})
 	if openErr != nil {
 		return nil, false, openErr
@@ -346,12 +346,21 @@ func (s *Session) OpenWith(header, data []byte, end bool) (st *Stream, sent bool
 }
 
 // writeDataFrames writes b as DATA frames of at most recordFrame bytes,
-// END_STREAM on the last when end.
-func writeDataFrames(fr *http2.Framer, id uint32, b []byte, end bool) error {
+// END_STREAM on the last when end. Called with wmu held (in a write's f).
+// Each frame's header and payload go straight into the write buffer (the
+// framer would copy the payload once more first).
+func (s *Session) writeDataFrames(id uint32, b []byte, end bool) error {
 	for {
 		m := min(len(b), recordFrame)
 		last := m == len(b)
-		if err := fr.WriteData(id, end && last, b[:m]); err != nil {
+		var flags byte
+		if end && last {
+			flags = byte(http2.FlagDataEndStream)
+		}
+		hdr := [9]byte{byte(m >> 16), byte(m >> 8), byte(m), byte(http2.FrameData), flags,
+			byte(id >> 24), byte(id >> 16), byte(id >> 8), byte(id)}
+		s.bw.Write(hdr[:])
+		if _, err := s.bw.Write(b[:m]); err != nil {
 			return err
 		}
 		if last {

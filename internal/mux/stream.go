@@ -577,7 +577,7 @@ func (st *Stream) write(b []byte, end bool) (int, error) {
 		}
 		st.mu.Unlock()
 		chunk := b[:n]
-		if err := st.s.write(func(fr *http2.Framer) error { return writeDataFrames(fr, st.id, chunk, last) }); err != nil {
+		if err := st.s.write(func(fr *http2.Framer) error { return st.s.writeDataFrames(st.id, chunk, last) }); err != nil {
 			return written, err
 		}
 		written += int(n)
@@ -609,7 +609,7 @@ func (st *Stream) TryWrite(b []byte, end bool) (bool, error) {
 	st.sendWin -= int64(len(b))
 	st.wclosed = end
 	st.mu.Unlock()
-	err := st.s.write(func(fr *http2.Framer) error { return writeDataFrames(fr, st.id, b, end) })
+	err := st.s.write(func(fr *http2.Framer) error { return st.s.writeDataFrames(st.id, b, end) })
 	if end {
 		st.maybeDone()
 	}
