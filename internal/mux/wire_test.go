@@ -1,12 +1,15 @@
 package mux
 
 import (
+	"bytes"
+	"crypto/sha256"
 	"crypto/tls"
 	"errors"
 	"io"
 	"net"
 	"os"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 )
@@ -113,5 +116,94 @@ func TestWireCloseDuringBlockedWrite(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the blocked write did not end after Close")
+	}
+}
+
+// Streams whose frames arrive in the same reads of the wire are each
+// written to their sockets in order and whole, while the sockets' readers
+// keep pace or fall behind (a queue left to the sink's goroutine), and
+// each stream's half-close arrives after all of its bytes.
+func TestSinksShareReads(t *testing.T) {
+	const streams, size = 8, 3 << 20
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	sums := make(chan [32]byte, streams)
+	go func() {
+		for i := range streams {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 64<<10)
+				if i%2 == 1 {
+					// A slower reader: its socket fills, bytes queue.
+					buf = buf[:512]
+				}
+				h := sha256.New()
+				io.CopyBuffer(h, struct{ io.Reader }{c}, buf)
+				sums <- [32]byte(h.Sum(nil))
+			}()
+		}
+	}()
+	done := make(chan sinkResult, streams)
+	cli := pair(t, Config{MaxStreams: streams}, func(st *Stream) {
+		sock, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			st.Reset(CodeRefused)
+			return
+		}
+		st.Accept()
+		st.Sink(sock, func(n int64, err error) {
+			sock.(*net.TCPConn).CloseWrite()
+			done <- sinkResult{n, err}
+		})
+	})
+	want := make(map[[32]byte]int)
+	var wg sync.WaitGroup
+	for i := range streams {
+		data := bytes.Repeat([]byte{byte('a' + i), byte(i)}, size/2)
+		want[sha256.Sum256(data)]++
+		st, err := cli.Open([]byte{byte(i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for b := data; len(b) > 0; {
+				m := min(len(b), 10_000+i*977) // writes of odd sizes interleave
+				if _, err := st.Write(b[:m]); err != nil {
+					t.Error(err)
+					return
+				}
+				b = b[m:]
+			}
+			st.CloseWrite()
+		}()
+	}
+	wg.Wait()
+	for range streams {
+		select {
+		case r := <-done:
+			if r.err != nil || r.n != size {
+				t.Errorf("sink done: %d bytes, %v; want %d", r.n, r.err, size)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("a sink never finished")
+		}
+		select {
+		case sum := <-sums:
+			if want[sum] == 0 {
+				t.Error("a socket received other bytes than its stream's")
+			}
+			want[sum]--
+		case <-time.After(20 * time.Second):
+			t.Fatal("a socket never saw EOF")
+		}
 	}
 }
