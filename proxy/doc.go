@@ -43,8 +43,11 @@
 //     session encrypts on one core at a time). Each side of a relay is one
 //     goroutine, started fresh once the handler is done (its stack stays
 //     small), that waits on the TCP socket holding no buffer; the stream's
-//     bytes are written to the socket by the session's read loop, or by a
+//     bytes are written to the socket by the session's read loop (what one
+//     read of the peer connection brought, in one writev), or by a
 //     goroutine that lives only while the socket is full (mux.Stream.Sink).
+//     A mux.Wire under each mux connection's TLS sends a flush's records
+//     in one write.
 //     Without multiplexing: a dedicated mTLS connection (ALPN
 //     "vmesh.transport/v1"), the transport header, then the bytes. Both are
 //     TCP connections in the metrics, never requests.

@@ -18,15 +18,23 @@
 //
 // Writes from all streams share one buffered writer: a writer flushes only
 // when no other writer is waiting, so frames ready at the same time leave
-// in one TLS record and one system call, with no writer goroutine to hand
-// off to. One goroutine per session reads frames and hands DATA to its
-// stream, which keeps it in pooled 16 KiB chunks until read: a chunk goes
-// back to the pool as soon as it is drained, so an idle stream holds none
-// and a busy one never grows, drops and regrows one large buffer (which
-// cost 12× in bulk throughput, BenchmarkBulk). A stream whose bytes go to
-// a socket (Stream.Sink, what a relay uses) is written by the read loop
-// itself while the socket takes them, and otherwise by a goroutine that
-// lives only while bytes are queued.
+// together, with no writer goroutine to hand off to. One goroutine per
+// session reads frames and hands DATA to its stream, which keeps it in
+// pooled 16 KiB chunks until read: a chunk goes back to the pool as soon
+// as it is drained, so an idle stream holds none and a busy one never
+// grows, drops and regrows one large buffer (which cost 12× in bulk
+// throughput, BenchmarkBulk). A stream whose bytes go to a socket
+// (Stream.Sink, what a relay uses) is written by the read loop itself
+// while the socket takes them, and otherwise by a goroutine that lives
+// only while bytes are queued.
+//
+// A Wire beneath the session's TLS connection (the proxy puts one under
+// every mux connection) batches the system calls: a flush's TLS records
+// leave in one write, not one per 16 KiB record, and the DATA frames one
+// read of the connection brings are written to each sink in one writev
+// before the next read, not one write per frame. On loopback, where each
+// write is also a packet through the receiver's TCP stack, this took a
+// bulk stream's proxy CPU from 4.0 to 2.7 s per GB (iperf3, make bench).
 package mux
 
 import (
