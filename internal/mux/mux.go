@@ -231,6 +231,14 @@ func newSession(conn net.Conn, client bool, cfg Config, accept func(*Stream)) *S
 	return s
 }
 
+// moreRead reports whether bytes already read from the wire wait to be
+// framed: the frame in hand is not the read's last. TLS may hold a whole
+// record the wire no longer sees; that frame is then written on its own.
+// Read loop only.
+func (s *Session) moreRead() bool {
+	return s.wire != nil && (s.rd.Buffered() > 0 || s.wire.r < s.wire.w)
+}
+
 // flushSinks writes what the frames read since the last read of the wire
 // queued for sinks: one write per stream. It runs in the read loop, before
 // a read that could wait.

@@ -144,9 +144,11 @@ func (st *Stream) receive(data []byte, end bool) {
 		return
 	}
 	st.recvLeft -= uint32(len(data))
-	if len(data) > 0 && st.sinkRaw != nil && !st.draining && !st.sinkEnded && st.s.wire != nil {
-		// Queue it: the read loop writes what this read of the wire
-		// brought for the stream in one write, before its next read.
+	if len(data) > 0 && st.sinkRaw != nil && !st.draining && !st.sinkEnded && (st.queued || st.s.moreRead()) {
+		// More frames of this read follow: queue it, and the read loop
+		// writes what the read brought for the stream in one write,
+		// before its next read. (The last frame of a read, when nothing
+		// is queued, is written at once below: no copy.)
 		st.appendLocked(data)
 		if end {
 			st.eof = true
