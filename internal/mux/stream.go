@@ -167,7 +167,10 @@ func (st *Stream) receive(data []byte, end bool) {
 		// hand-off, no goroutine, no copy.
 		st.draining = true
 		st.mu.Unlock()
-		n := writeNow(st.sinkRaw, data)
+		iov := append(st.s.iov[:0], data) // the read loop's scratch: no allocation
+		n := writeNow(st.sinkRaw, iov...)
+		iov[0] = nil
+		st.s.iov = iov[:0]
 		st.mu.Lock()
 		st.draining = false
 		st.sunk += int64(n)
@@ -230,22 +233,12 @@ func (st *Stream) flushQueued() {
 		st.mu.Unlock()
 		return
 	}
-	bufs, owned := s.iov[:0], s.owned[:0]
-	for i, c := range st.chunks[st.head:] {
-		b := *c
-		if i == 0 {
-			b = b[st.off:]
-		}
-		bufs = append(bufs, b)
-		owned = append(owned, c)
-	}
 	off := st.off
-	clear(st.chunks)
-	st.chunks, st.head, st.off, st.buffered = st.chunks[:0], 0, 0, 0
+	bufs, owned, _ := st.detachLocked(s.iov[:0], s.owned[:0])
 	st.draining = true
 	st.mu.Unlock()
 
-	n := writevNow(st.sinkRaw, bufs)
+	n := writeNow(st.sinkRaw, bufs...)
 
 	st.mu.Lock()
 	st.draining = false
@@ -395,18 +388,8 @@ func (st *Stream) drain() {
 			done(n, err)
 			return
 		}
-		bufs, owned = bufs[:0], owned[:0]
-		for i, c := range st.chunks[st.head:] {
-			b := *c
-			if i == 0 {
-				b = b[st.off:]
-			}
-			bufs = append(bufs, b)
-			owned = append(owned, c)
-		}
-		total := st.buffered
-		clear(st.chunks)
-		st.chunks, st.head, st.off, st.buffered = st.chunks[:0], 0, 0, 0
+		var total int
+		bufs, owned, total = st.detachLocked(bufs[:0], owned[:0])
 		w := st.sink
 		st.mu.Unlock()
 
@@ -436,6 +419,25 @@ func (st *Stream) drain() {
 	}
 }
 
+// detachLocked takes the buffered chunks out of the stream, appending
+// their unread bytes to bufs and the chunks to owned, and returns them
+// with the byte count: a reset while they are written (drop) cannot hand
+// them to another stream. Called with st.mu held.
+func (st *Stream) detachLocked(bufs [][]byte, owned []*[]byte) ([][]byte, []*[]byte, int) {
+	for i, c := range st.chunks[st.head:] {
+		b := *c
+		if i == 0 {
+			b = b[st.off:]
+		}
+		bufs = append(bufs, b)
+		owned = append(owned, c)
+	}
+	total := st.buffered
+	clear(st.chunks)
+	st.chunks, st.head, st.off, st.buffered = st.chunks[:0], 0, 0, 0
+	return bufs, owned, total
+}
+
 // creditLocked records n bytes consumed (read or written to the sink) and
 // returns the credit to send the peer now: none until a quarter of the
 // window is owed. Called with st.mu held.
@@ -450,34 +452,21 @@ func (st *Stream) creditLocked(n int) uint32 {
 	return credit
 }
 
-// writeNow writes b to a socket without waiting for room: what the socket
-// takes now, possibly nothing (an error is left to a blocking write to
-// find and report).
-func writeNow(rc syscall.RawConn, b []byte) int {
+// writeNow writes bufs to a socket (one write, or one writev for several)
+// without waiting for room: what the socket takes now, possibly nothing
+// (an error is left to a blocking write to find and report).
+func writeNow(rc syscall.RawConn, bufs ...[]byte) int {
 	n := 0
 	rc.Write(func(fd uintptr) bool {
 		for {
-			m, err := syscall.Write(int(fd), b)
-			if err == syscall.EINTR {
-				continue
+			var m int
+			var err error
+			if len(bufs) == 1 {
+				m, err = syscall.Write(int(fd), bufs[0])
+			} else {
+				m, err = unix.Writev(int(fd), bufs)
 			}
-			n = max(m, 0)
-			return true // never wait
-		}
-	})
-	return n
-}
-
-// writevNow is writeNow for several buffers: one writev.
-func writevNow(rc syscall.RawConn, bufs [][]byte) int {
-	if len(bufs) == 1 {
-		return writeNow(rc, bufs[0])
-	}
-	n := 0
-	rc.Write(func(fd uintptr) bool {
-		for {
-			m, err := unix.Writev(int(fd), bufs)
-			if err == unix.EINTR {
+			if err == syscall.EINTR {
 				continue
 			}
 			n = max(m, 0)
