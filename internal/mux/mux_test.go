@@ -392,13 +392,16 @@ func TestSinkSocketStalls(t *testing.T) {
 		st.CloseWrite()
 		wrote <- err
 	}()
-	// Once the socket is full (bytes queue for the sink's goroutine),
-	// another stream still works.
+	// Once the socket is full (the whole window the peer may send is held
+	// for the sink's goroutine, which waits on the socket), another stream
+	// still works. The held bytes may all be in the goroutine's write
+	// (detached from the stream): the window, not buffered, says they are
+	// held.
 	srv := <-sinking
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for {
 		srv.mu.Lock()
-		queued := srv.buffered > 0 && srv.draining // the sink's goroutine waits on the socket
+		queued := srv.recvLeft == 0 && srv.draining
 		srv.mu.Unlock()
 		if queued {
 			break
