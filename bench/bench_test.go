@@ -32,7 +32,7 @@ var (
 	flagVIPs     = flag.String("bench.vips", "", "the vmesh-vip column's VIPs as http=ADDR,echo=ADDR (default: found through the agent)")
 	flagRender   = flag.String("bench.render", "", "TestRender: a results JSON file to render again into -bench.doc (no measuring)")
 	flagVMeshEnv = flag.String("bench.vmeshenv", "", "environment for the vmesh agents only, as KEY=VALUE,... (e.g. GOMAXPROCS=1)")
-	flagPprof    = flag.Bool("bench.pprof", true, "profile the vmesh proxies (control socket /debug/pprof): CPU under HTTP max rate, iperf3 and new connections, heap holding idle connections")
+	flagPprof    = flag.Bool("bench.pprof", true, "profile the vmesh proxies (control socket /debug/pprof): CPU under HTTP max rate, h2load, sequential gRPC, iperf3 and new connections, heap holding idle connections")
 )
 
 // scenarios are the harness's scenarios, in the order they run.

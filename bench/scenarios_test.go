@@ -190,6 +190,11 @@ func (r *run) grpc() {
 		})
 	}
 	r.flushPeaks(gGRPC)
+	if *flagPprof {
+		r.profile("gRPC unary calls, sequential", "grpc1", func(c *column, secs int) {
+			r.client(c, time.Duration(secs+60)*time.Second, r.tools.benchtool, "grpc", "-addr", c.target["grpc"], "-c", "1", "-t", strconv.Itoa(secs)+"s")
+		})
+	}
 }
 
 func (r *run) websocket() {

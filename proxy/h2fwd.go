@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -60,10 +61,11 @@ type h2Conn struct {
 	fr     *http2.Framer
 	rd     *bufio.Reader
 
-	wmu     sync.Mutex // the write side: fr's writes, bw, henc
+	wmu     sync.Mutex // the write side: fr's writes, bw, cw, henc
 	waiting atomic.Int32
 	werr    error
 	bw      *bufio.Writer
+	cw      connWriter // what bw writes to
 	henc    *hpack.Encoder
 	hbuf    bytes.Buffer
 	// A control frame waits in bw for a write to take it (ctl).
@@ -132,7 +134,11 @@ func newH2Conn(p *Proxy, nc net.Conn, server bool, rd io.Reader) *h2Conn {
 		connRecv: h2fConnWindow,
 	}
 	c.sendCond.L = &c.mu
-	c.bw = bufio.NewWriterSize(nc, 16<<10)
+	c.cw.c, c.cw.nc = c, nc
+	if sc, ok := nc.(syscall.Conn); ok {
+		c.cw.rc, _ = sc.SyscallConn()
+	}
+	c.bw = bufio.NewWriterSize(&c.cw, 16<<10)
 	c.rd = bufio.NewReaderSize(rd, 16<<10)
 	c.fr = http2.NewFramer(c.bw, c.rd)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
@@ -184,13 +190,81 @@ func (c *h2Conn) writeLocked(f func(*http2.Framer) error, flush bool) error {
 	}
 	err := f(c.fr)
 	if err == nil && flush && last {
-		err = c.bw.Flush()
+		err = c.flushLocked()
 	}
 	if err != nil {
 		c.werr = err
 		c.nc.Close() // the read loop ends the streams
 	}
 	return err
+}
+
+// flushLocked writes what is buffered, waiting for the socket unless the
+// writer is in nowait mode; under wmu. A control frame's flush timer has
+// nothing left to do: it is stopped (a timer that fires wakes the process
+// for nothing).
+func (c *h2Conn) flushLocked() error {
+	if c.flushArmed {
+		c.flushArmed = false
+		c.flushTimer.Stop()
+	}
+	if err := c.bw.Flush(); err != nil || c.cw.nowait {
+		return err
+	}
+	return c.cw.writeRest()
+}
+
+// connWriter is what an h2Conn's buffered writer writes to: the connection,
+// waiting for room; or, while nowait is set (a writer that must not wait
+// for this socket: the mux read loop), what the socket takes at once, the
+// rest kept in order and written by a goroutine. Under wmu.
+type connWriter struct {
+	c      *h2Conn
+	nc     net.Conn
+	rc     syscall.RawConn // nil: no socket beneath, nowait is never set
+	nowait bool
+	rest   []byte // bytes the socket did not take in nowait, first out
+}
+
+func (w *connWriter) Write(p []byte) (int, error) {
+	if w.nowait {
+		n := len(p)
+		if len(w.rest) == 0 {
+			p = p[mux.WriteNow(w.rc, p):]
+			if len(p) == 0 {
+				return n, nil
+			}
+			go w.c.flushRest()
+		}
+		w.rest = append(w.rest, p...)
+		return n, nil
+	}
+	if err := w.writeRest(); err != nil {
+		return 0, err
+	}
+	return w.nc.Write(p)
+}
+
+// writeRest writes what a nowait write left, waiting for room.
+func (w *connWriter) writeRest() error {
+	if len(w.rest) == 0 {
+		return nil
+	}
+	_, err := w.nc.Write(w.rest)
+	w.rest = nil
+	return err
+}
+
+// flushRest writes what a nowait flush left (a goroutine's).
+func (c *h2Conn) flushRest() {
+	c.wmu.Lock()
+	if c.werr == nil {
+		if err := c.flushLocked(); err != nil {
+			c.werr = err
+			c.nc.Close()
+		}
+	}
+	c.wmu.Unlock()
 }
 
 // cork holds back the connection's flushes until uncork (writes that go
@@ -241,8 +315,8 @@ func (c *h2Conn) flushLater() {
 // flushNow flushes what is written, corked or not.
 func (c *h2Conn) flushNow() {
 	c.wmu.Lock()
-	if c.werr == nil && c.bw.Buffered() > 0 {
-		if err := c.bw.Flush(); err != nil {
+	if c.werr == nil && (c.bw.Buffered() > 0 || len(c.cw.rest) > 0) {
+		if err := c.flushLocked(); err != nil {
 			c.werr = err
 			c.nc.Close()
 		}
@@ -886,6 +960,75 @@ func (s *h2Stream) toH2(mr *msgReader) (ended bool) {
 	}
 }
 
+// toH2Now writes the response's messages as toH2 does, from a loop that
+// must not wait (the mux read loop): under wmu, the connection writer in
+// nowait mode, the messages already read into mr. It stops before a
+// message that is not all buffered or whose body the app's windows do
+// not take now: more reports that toH2 goes on from there. abort is a
+// code to reset the stream with (a malformed message) once wmu is
+// released; err a write error.
+func (s *h2Stream) toH2Now(mr *msgReader) (ended, more bool, abort uint32, err error) {
+	c := s.c
+	var fields []hpack.HeaderField
+	for mr.ready() {
+		kind, n := mr.peekHead()
+		end := kind&msgEnd != 0
+		if kind&^msgEnd == msgData {
+			if n > msgMaxData {
+				return false, false, mux.CodeCancel, nil // as toH2
+			}
+			c.mu.Lock()
+			if s.reset || c.closed || s.sentEnd || s.answered {
+				c.mu.Unlock()
+				return false, false, 0, nil
+			}
+			if int64(n) > c.connSend || int64(n) > s.sendWin {
+				c.mu.Unlock()
+				return false, true, 0, nil
+			}
+			c.connSend -= int64(n)
+			s.sendWin -= int64(n)
+			s.sentEnd = end
+			maxFrame := int(c.maxFrame)
+			c.mu.Unlock()
+			_, payload, _ := mr.next() // buffered: cannot fail
+			s.ex.bytes(c.server, n)
+			for {
+				k := min(len(payload), maxFrame)
+				last := k == len(payload)
+				if err := c.fr.WriteData(s.id, last && end, payload[:k]); err != nil {
+					return false, false, 0, err
+				}
+				if last {
+					break
+				}
+				payload = payload[k:]
+			}
+		} else {
+			_, payload, err := mr.next()
+			if err != nil {
+				return false, false, mux.CodeCancel, nil // as toH2
+			}
+			if fields, err = parseFields(payload, fields); err != nil {
+				return false, false, uint32(http2.ErrCodeProtocol), nil
+			}
+			if kind&^msgEnd == msgTrailers {
+				s.ex.trailers(fields)
+			} else if status, _ := strconv.Atoi(pseudo(fields, ":status")); status >= 200 {
+				s.ex.head(c.p, status, fields)
+			}
+			ok, err := s.headersLocked(fields, end, false)
+			if !ok || err != nil {
+				return false, false, 0, err
+			}
+		}
+		if end {
+			return true, false, 0, nil
+		}
+	}
+	return false, true, 0, nil
+}
+
 // peerReset ends a stream the peer proxy reset: before the response began
 // the app gets a 502 saying so; after, a reset.
 func (s *h2Stream) peerReset(code uint32) {
@@ -936,26 +1079,31 @@ func pseudo(fs []hpack.HeaderField, name string) string {
 // is over. local: the proxy's own answer, written only before any
 // response; a stream answered so takes nothing else.
 func (s *h2Stream) writeHeaders(fields []hpack.HeaderField, end, flush, local bool) bool {
-	c := s.c
 	ok := true
-	err := c.write(func(fr *http2.Framer) error {
-		c.mu.Lock()
-		if s.reset || s.sentEnd || c.closed || s.answered || (local && s.respStarted) {
-			ok = false
-		}
-		if ok {
-			s.respStarted = true
-			s.answered = local
-			s.sentEnd = end
-		}
-		maxFrame := int(c.maxFrame)
-		c.mu.Unlock()
-		if !ok {
-			return nil
-		}
-		return c.writeBlockLocked(s.id, fields, end, maxFrame)
+	err := s.c.write(func(*http2.Framer) error {
+		var err error
+		ok, err = s.headersLocked(fields, end, local)
+		return err
 	}, flush)
 	return ok && err == nil
+}
+
+// headersLocked is writeHeaders under wmu, without the flush.
+func (s *h2Stream) headersLocked(fields []hpack.HeaderField, end, local bool) (bool, error) {
+	c := s.c
+	c.mu.Lock()
+	ok := !s.reset && !s.sentEnd && !c.closed && !s.answered && (!local || !s.respStarted)
+	if ok {
+		s.respStarted = true
+		s.answered = local
+		s.sentEnd = end
+	}
+	maxFrame := int(c.maxFrame)
+	c.mu.Unlock()
+	if !ok {
+		return false, nil
+	}
+	return true, c.writeBlockLocked(s.id, fields, end, maxFrame)
 }
 
 // writeBlockLocked encodes a header block and writes it as HEADERS and

@@ -275,6 +275,124 @@ func TestH2ForwardDuplexAndStall(t *testing.T) {
 	}
 }
 
+// TestH2StalledAppConnection checks that an app that stops reading its
+// connection holds back only itself: small responses, which the client's
+// proxy writes from its mux session's read loop, pile up for that app
+// beyond what its socket takes, while another app's request on the same
+// peer session is answered; once the app reads again every response is
+// there, whole.
+func TestH2StalledAppConnection(t *testing.T) {
+	const (
+		// Requests at a time: once the app's socket is full, a wave's
+		// streams stay open on the peer session, and the pool opens
+		// another session for requests at spreadRequests open streams.
+		wave = spreadRequests - 2
+		size = 15000
+	)
+	var served atomic.Int32
+	body := bytes.Repeat([]byte("0123456789abcde\n"), size/16+1)[:size]
+	ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/big" {
+			w.Write(body)
+			served.Add(1)
+			return
+		}
+		io.WriteString(w, "ok")
+	})
+	a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{}, proxyOpts{})
+	written := func() int {
+		return int(metric(t, a.reg, "response_total", map[string]string{"direction": "outbound", "status_code": "200"}))
+	}
+
+	// The stalled app: windows open for every response, no reads until the
+	// end. Waves of requests until the proxy cannot write their responses
+	// (the socket's buffers are full): the service answered a wave, the
+	// proxy did not finish it.
+	r := newRawH2(t, a, 9090)
+	if err := r.fr.WriteWindowUpdate(0, 1<<30); err != nil {
+		t.Fatal(err)
+	}
+	// One request first: the one peer session every other request shares
+	// (a burst of first requests would dial several).
+	r.get(1, "/small")
+	if st, b, _, _ := r.response(1); st != "200" || b != "ok" {
+		t.Fatalf("first request: %s %q", st, b)
+	}
+	sent, stalled := 0, false
+	for !stalled && sent < 1000 {
+		for range wave {
+			r.get(uint32(2*sent+3), "/big")
+			sent++
+		}
+		deadline := time.Now().Add(20 * time.Second)
+		for int(served.Load()) < sent {
+			if time.Now().After(deadline) {
+				t.Fatalf("the service answered %d of %d requests", served.Load(), sent)
+			}
+			time.Sleep(5 * time.Millisecond) // the service's count: nothing to await
+		}
+		deadline = time.Now().Add(2 * time.Second)
+		for written() < sent && !stalled {
+			stalled = time.Now().After(deadline)
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	if !stalled {
+		t.Fatalf("the app's socket took all %d responses: nothing stalled", sent)
+	}
+
+	// Another app, on the same peer session (fewer than spreadRequests
+	// streams are open on it): its response comes after the stalled
+	// app's, so it is answered only if those did not stop the session's
+	// read loop.
+	cl := h2MeshClient(t, a)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://198.18.99.2:9090/small", nil)
+	resp, err := cl.Do(req)
+	if err != nil {
+		t.Fatalf("another app's request while one app stalls: %v", err)
+	}
+	got, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(got) != "ok" {
+		t.Fatalf("another app's response: %q", got)
+	}
+
+	// The stalled app reads: every response, whole.
+	bodies := map[uint32]int{}
+	for ended := 0; ended < sent; {
+		switch f := r.next().(type) {
+		case *http2.MetaHeadersFrame:
+			if st := f.PseudoValue("status"); st != "" && st != "200" {
+				t.Fatalf("stream %d: status %s", f.StreamID, st)
+			}
+			if f.StreamEnded() {
+				ended++
+			}
+		case *http2.DataFrame:
+			at := bodies[f.StreamID]
+			if !bytes.Equal(f.Data(), body[at:at+len(f.Data())]) {
+				t.Fatalf("stream %d: other bytes than sent at %d", f.StreamID, at)
+			}
+			bodies[f.StreamID] += len(f.Data())
+			if f.StreamEnded() {
+				ended++
+			}
+		case *http2.RSTStreamFrame:
+			t.Fatalf("stream %d reset: %v", f.StreamID, f.ErrCode)
+		}
+	}
+	for id, n := range bodies {
+		if n != size {
+			t.Errorf("stream %d: %d bytes, want %d", id, n, size)
+		}
+	}
+	if len(bodies) != sent {
+		t.Errorf("%d responses with a body, want %d", len(bodies), sent)
+	}
+}
+
 // TestH2ForwardPools checks that requests share connections: one mux
 // session to the peer for two app connections' sequential requests, one
 // HTTP/2 connection from the peer to the service.

@@ -151,6 +151,19 @@ func (m *msgReader) next() (kind byte, payload []byte, err error) {
 	return kind, payload, err
 }
 
+// fill reads what the stream holds into the reader's buffer: call it
+// only when a read would not wait (the stream is complete).
+func (m *msgReader) fill() {
+	m.br.Peek(1)
+}
+
+// peekHead returns the kind and payload length of the next message; call
+// it only when ready.
+func (m *msgReader) peekHead() (kind byte, n int) {
+	h, _ := m.br.Peek(msgHead)
+	return h[0], int(h[1])<<16 | int(h[2])<<8 | int(h[3])
+}
+
 // ready reports whether a whole message is buffered: the caller may go on
 // without flushing what it wrote.
 func (m *msgReader) ready() bool {

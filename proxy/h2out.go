@@ -125,14 +125,14 @@ func (s *h2Stream) outbound(ep Endpoint, h []byte) {
 }
 
 // openedInline (in the read loop) takes an opened request whose head went
-// with the open: the response is relayed by a goroutine started only when
-// it begins to arrive (no goroutine waits meanwhile).
+// with the open: the response is relayed when it begins to arrive (no
+// goroutine waits meanwhile), by the mux read loop itself when it can.
 func (s *h2Stream) openedInline(ms *mux.Stream, end bool, credit int) {
 	s.credit(credit)
 	if !s.attach(ms, end) {
 		return
 	}
-	ms.OnReadable(func() { go s.respond(ms) })
+	ms.OnReadable(func() { s.respondInline(ms) })
 }
 
 // opened relays an opened request: the rest of its head when the open did
@@ -160,12 +160,70 @@ func (s *h2Stream) opened(ms *mux.Stream, sent bool, first []byte, end bool, cre
 
 // respond relays the response from the mux stream to the app.
 func (s *h2Stream) respond(ms *mux.Stream) {
-	mr := newMsgReader(ms)
+	s.relay(ms, newMsgReader(ms))
+}
+
+// relay relays the response from mr, a reader of ms, to the app.
+func (s *h2Stream) relay(ms *mux.Stream, mr *msgReader) {
 	defer mr.release()
 	if s.toH2(mr) {
-		// The response ended; the request may go on (a client stream):
-		// a reset now must still reach the app.
-		ms.OnReset(func(e *mux.ResetError) { s.peerReset(e.Code) })
+		s.responded(ms)
+	}
+}
+
+// responded follows a response's end: the request may go on (a client
+// stream), and a reset now must still reach the app.
+func (s *h2Stream) responded(ms *mux.Stream) {
+	ms.OnReset(func(e *mux.ResetError) { s.peerReset(e.Code) })
+}
+
+// h2RespInlineMax bounds the responses the mux read loop writes itself.
+const h2RespInlineMax = 16 << 10
+
+// respondInline relays a response that arrived whole (a unary call's)
+// where it arrived, in the mux session's read loop, when that needs no
+// wait: the app's connection is free to write, its windows take the body,
+// and the frames are flushed without waiting for the socket (what it does
+// not take at once goes on in a goroutine). No goroutine starts, none is
+// woken: the response costs the read loop a write. Otherwise, or for the
+// rest of a response the windows stop, a goroutine relays it (respond).
+func (s *h2Stream) respondInline(ms *mux.Stream) {
+	c := s.c
+	if c.cw.rc == nil || !ms.Complete(h2RespInlineMax) || !c.wmu.TryLock() {
+		go s.respond(ms)
+		return
+	}
+	mr := newMsgReader(ms)
+	mr.fill() // all there: no wait
+	ended, more, abort, err := false, true, uint32(0), c.werr
+	if err == nil {
+		c.cw.nowait = true
+		ended, more, abort, err = s.toH2Now(mr)
+		if err == nil && c.waiting.Load() == 0 {
+			err = c.flushLocked() // else the writer waiting flushes
+		}
+		c.cw.nowait = false
+		if err != nil {
+			c.werr = err
+			c.nc.Close() // the app's read loop ends the streams
+		}
+	}
+	c.wmu.Unlock()
+	switch {
+	case err != nil:
+		mr.release()
+	case more:
+		go s.relay(ms, mr)
+	case abort != 0:
+		mr.release()
+		go s.abort(abort, false) // its write may wait
+	case ended:
+		mr.release()
+		s.ex.finish(c.p, true)
+		s.maybeDone()
+		s.responded(ms)
+	default: // the stream is over
+		mr.release()
 	}
 }
 

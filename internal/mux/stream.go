@@ -168,7 +168,7 @@ func (st *Stream) receive(data []byte, end bool) {
 		st.draining = true
 		st.mu.Unlock()
 		iov := append(st.s.iov[:0], data) // the read loop's scratch: no allocation
-		n := writeNow(st.sinkRaw, iov...)
+		n := WriteNow(st.sinkRaw, iov...)
 		iov[0] = nil
 		st.s.iov = iov[:0]
 		st.mu.Lock()
@@ -238,7 +238,7 @@ func (st *Stream) flushQueued() {
 	st.draining = true
 	st.mu.Unlock()
 
-	n := writeNow(st.sinkRaw, bufs...)
+	n := WriteNow(st.sinkRaw, bufs...)
 
 	st.mu.Lock()
 	st.draining = false
@@ -452,10 +452,12 @@ func (st *Stream) creditLocked(n int) uint32 {
 	return credit
 }
 
-// writeNow writes bufs to a socket (one write, or one writev for several)
-// without waiting for room: what the socket takes now, possibly nothing
-// (an error is left to a blocking write to find and report).
-func writeNow(rc syscall.RawConn, bufs ...[]byte) int {
+// WriteNow writes bufs to a socket (one write, or one writev for several)
+// without waiting for room and returns what the socket took now, possibly
+// nothing (an error is left to a blocking write to find and report). A
+// loop that must not wait for one socket (a session's read loop) writes
+// with it and leaves the rest to a goroutine.
+func WriteNow(rc syscall.RawConn, bufs ...[]byte) int {
 	n := 0
 	rc.Write(func(fd uintptr) bool {
 		for {
