@@ -71,6 +71,9 @@ type h2Conn struct {
 	// A control frame waits in bw for a write to take it (ctl).
 	flushArmed bool
 	flushTimer *time.Timer
+	// Responses written by a mux read loop wait in bw for its flush
+	// (flushAfterReads).
+	afterReads bool
 
 	mu          sync.Mutex
 	sendCond    sync.Cond // connSend or a stream's sendWin grew, or the connection ended
@@ -253,6 +256,36 @@ func (w *connWriter) writeRest() error {
 	_, err := w.nc.Write(w.rest)
 	w.rest = nil
 	return err
+}
+
+// flushAfterReads flushes, from a mux session's read loop once it handled
+// what it read, the responses it wrote (respondInline): without waiting
+// for the socket, nor for the write lock (a goroutine flushes when a
+// writer holds it).
+func (c *h2Conn) flushAfterReads() {
+	if !c.wmu.TryLock() {
+		go func() {
+			c.wmu.Lock()
+			c.flushAfterReadsLocked()
+			c.wmu.Unlock()
+		}()
+		return
+	}
+	c.cw.nowait = true
+	c.flushAfterReadsLocked()
+	c.cw.nowait = false
+	c.wmu.Unlock()
+}
+
+func (c *h2Conn) flushAfterReadsLocked() {
+	c.afterReads = false
+	if c.werr != nil || c.waiting.Load() > 0 {
+		return // a writer waiting flushes
+	}
+	if err := c.flushLocked(); err != nil {
+		c.werr = err
+		c.nc.Close()
+	}
 }
 
 // flushRest writes what a nowait flush left (a goroutine's).

@@ -132,7 +132,7 @@ func (s *h2Stream) openedInline(ms *mux.Stream, end bool, credit int) {
 	if !s.attach(ms, end) {
 		return
 	}
-	ms.OnReadable(func() { s.respondInline(ms) })
+	ms.OnReadable(func(inLoop bool) { s.respondInline(ms, inLoop) })
 }
 
 // opened relays an opened request: the rest of its head when the open did
@@ -181,13 +181,15 @@ func (s *h2Stream) responded(ms *mux.Stream) {
 const h2RespInlineMax = 16 << 10
 
 // respondInline relays a response that arrived whole (a unary call's)
-// where it arrived, in the mux session's read loop, when that needs no
-// wait: the app's connection is free to write, its windows take the body,
-// and the frames are flushed without waiting for the socket (what it does
-// not take at once goes on in a goroutine). No goroutine starts, none is
-// woken: the response costs the read loop a write. Otherwise, or for the
-// rest of a response the windows stop, a goroutine relays it (respond).
-func (s *h2Stream) respondInline(ms *mux.Stream) {
+// where it arrived, when that needs no wait: the app's connection is free
+// to write, its windows take the body, and the frames are flushed without
+// waiting for the socket (what it does not take at once goes on in a
+// goroutine). In the mux session's read loop (inLoop) the flush waits for
+// the frames read with this response: the responses one read brings leave
+// for each app in one write. No goroutine starts, none is woken.
+// Otherwise, or for the rest of a response the windows stop, a goroutine
+// relays it (respond).
+func (s *h2Stream) respondInline(ms *mux.Stream, inLoop bool) {
 	c := s.c
 	if c.cw.rc == nil || !ms.Complete(h2RespInlineMax) || !c.wmu.TryLock() {
 		go s.respond(ms)
@@ -199,8 +201,15 @@ func (s *h2Stream) respondInline(ms *mux.Stream) {
 	if err == nil {
 		c.cw.nowait = true
 		ended, more, abort, err = s.toH2Now(mr)
-		if err == nil && c.waiting.Load() == 0 {
-			err = c.flushLocked() // else the writer waiting flushes
+		switch {
+		case err != nil:
+		case inLoop:
+			if !c.afterReads {
+				c.afterReads = true
+				ms.Session().AfterReads(c.flushAfterReads)
+			}
+		case c.waiting.Load() == 0: // else the writer waiting flushes
+			err = c.flushLocked()
 		}
 		c.cw.nowait = false
 		if err != nil {

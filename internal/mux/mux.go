@@ -172,6 +172,7 @@ type Session struct {
 	queued []*Stream
 	iov    [][]byte  // flushQueued's scratch
 	owned  []*[]byte // flushQueued's scratch
+	after  []func()  // AfterReads'
 
 	wmu     sync.Mutex // serializes frame writes
 	bw      *bufio.Writer
@@ -240,14 +241,28 @@ func (s *Session) moreRead() bool {
 }
 
 // flushSinks writes what the frames read since the last read of the wire
-// queued for sinks: one write per stream. It runs in the read loop, before
-// a read that could wait.
+// queued for sinks, one write per stream, and runs what AfterReads
+// deferred. It runs in the read loop, before a read that could wait.
 func (s *Session) flushSinks() {
 	for i, st := range s.queued {
 		s.queued[i] = nil
 		st.flushQueued()
 	}
 	s.queued = s.queued[:0]
+	for i, f := range s.after {
+		s.after[i] = nil
+		f()
+	}
+	s.after = s.after[:0]
+}
+
+// AfterReads runs f in the read loop once the frames of the bytes read so
+// far are handled, before the loop reads the connection again: what those
+// frames' callbacks (OnReadable's, with inLoop) started, they finish
+// together there, such as one flush for several responses to one app.
+// Call it only from the read loop; f must not wait.
+func (s *Session) AfterReads(f func()) {
+	s.after = append(s.after, f)
 }
 
 func (s *Session) start() {
@@ -493,6 +508,9 @@ func (s *Session) readLoop() {
 			s.write(func(fr *http2.Framer) error { return fr.WriteGoAway(0, http2.ErrCodeProtocol, nil) })
 			s.closeWith(err)
 			return
+		}
+		if s.wire == nil && len(s.after) > 0 {
+			s.flushSinks() // without a wire, each frame is a batch
 		}
 		if len(s.fresh) > 0 && (s.rd.Buffered() == 0 || len(s.fresh) >= maxFresh) {
 			s.acceptFresh()

@@ -57,7 +57,7 @@ type Stream struct {
 	sinkEnded bool  // sinkDone was called
 
 	onReset    func(*ResetError) // OnReset's
-	onReadable func()            // OnReadable's, until it is called
+	onReadable func(inLoop bool) // OnReadable's, until it is called
 }
 
 var _ net.Conn = (*Stream)(nil)
@@ -198,7 +198,7 @@ func (st *Stream) receive(data []byte, end bool) {
 	}
 	st.mu.Unlock()
 	if cb != nil {
-		cb()
+		cb(true)
 	}
 }
 
@@ -277,15 +277,18 @@ func (st *Stream) flushQueued() {
 	s.iov, s.owned = bufs[:0], owned[:0]
 }
 
-// OnReadable calls f once (on no lock; in the session's read loop unless
-// it is so already) when the stream has something to read: data, EOF or
-// a reset. A reader that would otherwise wait in Read starts then, and
-// costs nothing (no goroutine parked, no wake-up) until the peer answers.
-func (st *Stream) OnReadable(f func()) {
+// OnReadable calls f once, on no lock, when the stream has something to
+// read: data, EOF or a reset. A reader that would otherwise wait in Read
+// starts then, and costs nothing (no goroutine parked, no wake-up) until
+// the peer answers. inLoop says f runs in the session's read loop, with
+// the data the loop just read (it may then use Session.AfterReads); it
+// is false when f runs at once (the stream was readable already) or for
+// the stream's end.
+func (st *Stream) OnReadable(f func(inLoop bool)) {
 	st.mu.Lock()
 	if st.buffered > 0 || st.eof || st.reset != nil {
 		st.mu.Unlock()
-		f()
+		f(false)
 		return
 	}
 	st.onReadable = f
@@ -701,7 +704,7 @@ func (st *Stream) finish(err *ResetError) bool {
 	st.onReadable = nil
 	st.mu.Unlock()
 	if onReadable != nil {
-		onReadable()
+		onReadable(false)
 	}
 	if err != nil {
 		st.accepted(err)

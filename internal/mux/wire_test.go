@@ -10,6 +10,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -205,5 +206,61 @@ func TestSinksShareReads(t *testing.T) {
 		case <-time.After(20 * time.Second):
 			t.Fatal("a socket never saw EOF")
 		}
+	}
+}
+
+// The callbacks for data one read brings run in the read loop (inLoop),
+// and what they defer with AfterReads runs once after all of them, before
+// the loop reads again: without more bytes from the peer.
+func TestAfterReads(t *testing.T) {
+	const streams = 8
+	ready := make(chan *Stream, streams)
+	cli := pair(t, Config{}, func(st *Stream) {
+		st.Accept()
+		ready <- st
+	})
+	var seen, inLoop atomic.Int32
+	hooks := make(chan int32, streams)
+	registered := false // the read loop's
+	for range streams {
+		st, err := cli.Open([]byte("r"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		st.OnReadable(func(loop bool) {
+			seen.Add(1)
+			if !loop {
+				return
+			}
+			inLoop.Add(1)
+			if !registered {
+				registered = true
+				cli.AfterReads(func() { hooks <- seen.Load() })
+			}
+		})
+	}
+	// The responses leave in one write: the client reads them at once.
+	var srv []*Stream
+	for range streams {
+		srv = append(srv, <-ready)
+	}
+	s := srv[0].Session()
+	s.Cork()
+	for _, st := range srv {
+		st.WriteClose([]byte("response"))
+	}
+	s.Uncork()
+	select {
+	case n := <-hooks:
+		if n != streams || inLoop.Load() != streams {
+			t.Errorf("AfterReads ran after %d callbacks (%d in the read loop), want after all %d", n, inLoop.Load(), streams)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("AfterReads did not run before the read loop waited for more")
+	}
+	select {
+	case <-hooks:
+		t.Error("AfterReads ran twice")
+	default:
 	}
 }
