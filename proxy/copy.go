@@ -7,6 +7,8 @@ import (
 	"os"
 	"sync"
 	"syscall"
+
+	"github.com/vmesh/vmesh/internal/rawsock"
 )
 
 // Relay buffers grow with the traffic, as Istio's ztunnel does: a
@@ -53,9 +55,11 @@ func copyGrowing(dst io.Writer, src io.Reader) (written int64, err error) {
 		rb.batch = b.MaxBatch()
 	}
 	defer rb.put()
-	if tc, ok := src.(*net.TCPConn); ok {
-		if rc, err := tc.SyscallConn(); err == nil {
-			return copyRaw(dst, rc, &rb)
+	if c, ok := src.(net.Conn); ok {
+		if tc, ok := rawsock.TCP(c); ok {
+			if rc, err := tc.SyscallConn(); err == nil {
+				return copyRaw(dst, rc, &rb)
+			}
 		}
 	}
 	for {
@@ -87,16 +91,14 @@ func copyRaw(dst io.Writer, rc syscall.RawConn, rb *relayBuf) (written int64, er
 	var nr int
 	var rerr error
 	read := func(fd uintptr) bool {
-		buf := rb.get()
-		for {
-			nr, rerr = syscall.Read(int(fd), buf)
-			if rerr != syscall.EINTR {
-				break
-			}
-		}
-		if rerr == syscall.EAGAIN {
+		n, errno := rawsock.Read(fd, rb.get()) // a raw system call, EINTR retried
+		if errno == syscall.EAGAIN {
 			rb.put()
 			return false // park until readable, then call again
+		}
+		nr, rerr = n, nil
+		if errno != 0 {
+			nr, rerr = -1, errno
 		}
 		return true
 	}
@@ -219,10 +221,10 @@ func copyServerToClient(server, client net.Conn) relayResult {
 func copyHalf(dst, src net.Conn) (int64, error) {
 	var n int64
 	var err error
-	_, dstTCP := dst.(*net.TCPConn)
-	_, srcTCP := src.(*net.TCPConn)
-	if dstTCP && srcTCP {
-		n, err = io.Copy(dst, src)
+	dstTCP, dok := rawsock.TCP(dst)
+	srcTCP, sok := rawsock.TCP(src)
+	if dok && sok {
+		n, err = io.Copy(dstTCP, srcTCP) // the kernel splices
 	} else {
 		n, err = copyGrowing(dst, src)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vmesh/vmesh/balance"
+	"github.com/vmesh/vmesh/internal/rawsock"
 )
 
 // The lean HTTP/1 path. One goroutine per accepted connection reads a
@@ -792,7 +793,9 @@ func (h *h1Conn) upstream(l *h1Leg) (*upConn, error) {
 	case l.peer:
 		c, err = p.dialTransport(context.Background(), l.ep, alpnH1)
 	default:
-		c, err = p.dial(context.Background(), l.target)
+		if c, err = p.dial(context.Background(), l.target); err == nil {
+			c = rawsock.Wrap(c)
+		}
 	}
 	if err != nil {
 		return nil, err

@@ -19,6 +19,7 @@ import (
 
 	"github.com/vmesh/vmesh/balance"
 	"github.com/vmesh/vmesh/internal/mux"
+	"github.com/vmesh/vmesh/internal/rawsock"
 )
 
 // The two ends of the frame-level HTTP/2 path (h2fwd.go): the app's
@@ -722,6 +723,7 @@ func (pl *h2Pool) dial(addr netip.AddrPort) (*h2Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	nc = rawsock.Wrap(nc)
 	c := newH2Conn(pl.p, nc, false, nc)
 	c.pool = pl
 	if err := c.start(); err != nil {

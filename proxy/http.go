@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/vmesh/vmesh/internal/rawsock"
 )
 
 // Headers the proxies add between themselves; stripped from what apps send
@@ -34,11 +36,11 @@ const (
 func (p *Proxy) serveHTTPConn(c net.Conn, peeked []byte, bp *[]byte, info *connInfo) {
 	defer putBuf(bp)
 	if info.route.proto == protoHTTP1 {
-		p.serveH1(c, peeked, info.route, "")
+		p.serveH1(rawsock.Wrap(c), peeked, info.route, "")
 		return
 	}
 	if info.route.kind == routeHTTP {
-		p.serveH2Front(c, peeked, info.route)
+		p.serveH2Front(rawsock.Wrap(c), peeked, info.route)
 		return
 	}
 	pc := &peekedConn{Conn: c, peeked: peeked, buf: bp, info: info, done: make(chan struct{})}

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vmesh/vmesh/internal/mux"
+	"github.com/vmesh/vmesh/internal/rawsock"
 )
 
 // handleOutbound serves one connection redirected to the outbound listener:
@@ -129,6 +130,8 @@ func (p *Proxy) dialTransport(ctx context.Context, ep Endpoint, alpn string) (*t
 	}
 	if alpn == alpnMux {
 		raw = mux.NewWire(raw) // a session batches its TLS records through it
+	} else {
+		raw = rawsock.Wrap(raw)
 	}
 	tc := tls.Client(raw, p.clientConfig(ep, alpn))
 	if err := tc.HandshakeContext(ctx); err != nil {

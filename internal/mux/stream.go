@@ -9,7 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/sys/unix"
+
+	"github.com/vmesh/vmesh/internal/rawsock"
 )
 
 // Stream is one stream of a session, used like a TCP connection: Read,
@@ -463,20 +464,12 @@ func (st *Stream) creditLocked(n int) uint32 {
 func WriteNow(rc syscall.RawConn, bufs ...[]byte) int {
 	n := 0
 	rc.Write(func(fd uintptr) bool {
-		for {
-			var m int
-			var err error
-			if len(bufs) == 1 {
-				m, err = syscall.Write(int(fd), bufs[0])
-			} else {
-				m, err = unix.Writev(int(fd), bufs)
-			}
-			if err == syscall.EINTR {
-				continue
-			}
-			n = max(m, 0)
-			return true // never wait
+		if len(bufs) == 1 {
+			n, _ = rawsock.Write(fd, bufs[0])
+		} else {
+			n, _ = rawsock.Writev(fd, bufs)
 		}
+		return true // never wait
 	})
 	return n
 }

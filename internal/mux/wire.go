@@ -4,6 +4,8 @@ import (
 	"net"
 	"sync"
 	"syscall"
+
+	"github.com/vmesh/vmesh/internal/rawsock"
 )
 
 // Wire is the TCP connection under a session's TLS connection
@@ -55,8 +57,10 @@ var (
 	wireWritePool = sync.Pool{New: func() any { b := make([]byte, 0, wireWriteBuf); return &b }}
 )
 
-// NewWire wraps c. It changes nothing until a session starts on it.
-func NewWire(c net.Conn) *Wire { return &Wire{Conn: c} }
+// NewWire wraps c. It changes nothing until a session starts on it, but
+// that a TCP connection's reads and writes are raw system calls
+// (rawsock).
+func NewWire(c net.Conn) *Wire { return &Wire{Conn: rawsock.Wrap(c)} }
 
 // start switches the wire to batching for a session; beforeRead is
 // called before each read that could wait.
