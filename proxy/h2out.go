@@ -133,7 +133,15 @@ func (s *h2Stream) openedInline(ms *mux.Stream, end bool, credit int) {
 	if !s.attach(ms, end) {
 		return
 	}
-	ms.OnReadable(func(inLoop bool) { s.respondInline(ms, inLoop) })
+	ms.OnReadable(func(inLoop bool) {
+		if inLoop {
+			// The rest of the response may be in the frames read with
+			// its start: look once they are handled.
+			ms.Session().AfterReads(func() { s.respondInline(ms, true) })
+			return
+		}
+		s.respondInline(ms, false)
+	})
 }
 
 // opened relays an opened request: the rest of its head when the open did

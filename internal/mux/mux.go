@@ -249,7 +249,8 @@ func (s *Session) flushSinks() {
 		st.flushQueued()
 	}
 	s.queued = s.queued[:0]
-	for i, f := range s.after {
+	for i := 0; i < len(s.after); i++ { // f may defer more
+		f := s.after[i]
 		s.after[i] = nil
 		f()
 	}
@@ -260,7 +261,7 @@ func (s *Session) flushSinks() {
 // far are handled, before the loop reads the connection again: what those
 // frames' callbacks (OnReadable's, with inLoop) started, they finish
 // together there, such as one flush for several responses to one app.
-// Call it only from the read loop; f must not wait.
+// Call it only from the read loop (f too may); f must not wait.
 func (s *Session) AfterReads(f func()) {
 	s.after = append(s.after, f)
 }

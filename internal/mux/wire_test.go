@@ -211,7 +211,8 @@ func TestSinksShareReads(t *testing.T) {
 
 // The callbacks for data one read brings run in the read loop (inLoop),
 // and what they defer with AfterReads runs once after all of them, before
-// the loop reads again: without more bytes from the peer.
+// the loop reads again: without more bytes from the peer; so does what
+// that defers in turn.
 func TestAfterReads(t *testing.T) {
 	const streams = 8
 	ready := make(chan *Stream, streams)
@@ -221,6 +222,7 @@ func TestAfterReads(t *testing.T) {
 	})
 	var seen, inLoop atomic.Int32
 	hooks := make(chan int32, streams)
+	nested := make(chan struct{}, 1)
 	registered := false // the read loop's
 	for range streams {
 		st, err := cli.Open([]byte("r"))
@@ -235,7 +237,10 @@ func TestAfterReads(t *testing.T) {
 			inLoop.Add(1)
 			if !registered {
 				registered = true
-				cli.AfterReads(func() { hooks <- seen.Load() })
+				cli.AfterReads(func() {
+					hooks <- seen.Load()
+					cli.AfterReads(func() { nested <- struct{}{} })
+				})
 			}
 		})
 	}
@@ -257,6 +262,11 @@ func TestAfterReads(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("AfterReads did not run before the read loop waited for more")
+	}
+	select {
+	case <-nested:
+	case <-time.After(5 * time.Second):
+		t.Fatal("what an AfterReads function deferred did not run")
 	}
 	select {
 	case <-hooks:
