@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
 	"log/slog"
@@ -660,10 +661,14 @@ func (c *h2Conn) newRequest(f *http2.MetaHeadersFrame) error {
 		s.answer(405, "connect")
 		return nil
 	}
-	b := appendMsgHead(c.scratch[:0], msgHeaders|endFlag(end), 0)
+	size := msgHead
+	for _, f := range fields {
+		size += len(f.Name) + len(f.Value) + 2*binary.MaxVarintLen16
+	}
+	b := appendMsgHead(make([]byte, 0, size), msgHeaders|endFlag(end), 0)
 	b = appendFields(b, fields)
 	setMsgLen(b)
-	s.upBuf = append(s.upBuf[:0], b...)
+	s.upBuf = b
 	s.upEnd = end
 	s.upBusy = true // the opener writes the request head with the stream's open
 	// Opened once the frames read with it are handled: its body (and
