@@ -186,18 +186,19 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.everReady.Store(true)
 	a.fds.Release() // sockets of a previous configuration nothing took
+	a.log.Info("vmesh is ready", "node", cfg.NodeName(), "identity", a.caClient.NodeID(),
+		"outbound", a.prx.OutboundAddr(), "inbound", a.prx.InboundAddr(), "rules", cfg.Rules.Enabled)
 	// Start-up (CA, certificates, first rules) leaves garbage behind: give
 	// its pages back now rather than at the runtime's leisure, and let the
 	// kernel reclaim the executable's pages start-up touched, so an idle
-	// agent's RSS is its working set.
+	// agent's RSS is its working set. This comes last, after the log line:
+	// code that runs after it faults its pages back in.
 	debug.FreeOSMemory()
 	if _, err := pageOutExecutable(); err != nil {
 		a.log.Debug("trimming resident memory", "err", err)
 	}
 	a.ready.set("")
 	a.opts.Notify(daemon.SdNotifyReady)
-	a.log.Info("vmesh is ready", "node", cfg.NodeName(), "identity", a.caClient.NodeID(),
-		"outbound", a.prx.OutboundAddr(), "inbound", a.prx.InboundAddr(), "rules", cfg.Rules.Enabled)
 
 	<-gctx.Done()
 	return a.finish(g, cancelRun, nil)

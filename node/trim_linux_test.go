@@ -38,7 +38,7 @@ func TestPageOutExecutable(t *testing.T) {
 		t.Errorf("file-backed PSS %d KB -> %d KB after paging out %d KB of the executable; want it at least halved", before, after, n>>10)
 	}
 	// Its read-only mappings are advised random (VmFlags "rr": no
-	// fault-around); its writable data is left alone.
+	// read-ahead); its writable data is not.
 	exe, _ := os.Readlink("/proc/self/exe")
 	smaps, err := os.ReadFile("/proc/self/smaps")
 	if err != nil {
@@ -64,7 +64,7 @@ func TestPageOutExecutable(t *testing.T) {
 		}
 		readOnly++
 		if !rr {
-			t.Errorf("read-only mapping %s %s not advised random (fault-around on)", head[0], head[1])
+			t.Errorf("read-only mapping %s %s not advised random (read-ahead on)", head[0], head[1])
 		}
 	}
 	if readOnly == 0 {
