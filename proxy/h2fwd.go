@@ -998,8 +998,8 @@ func (s *h2Stream) toH2(mr *msgReader) (ended bool) {
 	}
 }
 
-// toH2Now writes the response's messages as toH2 does, from a loop that
-// must not wait (the mux read loop): under wmu, the connection writer in
+// toH2Now writes a response's messages (server role) as toH2 does, from a
+// loop that must not wait (the mux read loop): under wmu, the connection writer in
 // nowait mode, the messages already read into mr. It stops before a
 // message that is not all buffered or whose body the app's windows do
 // not take now: more reports that toH2 goes on from there. abort is a
