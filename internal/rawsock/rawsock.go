@@ -129,29 +129,18 @@ func (c *Conn) opError(op string, err error) error {
 
 // Read is read(2) on fd as a raw system call: for a non-blocking socket,
 // in a syscall.RawConn's Read. EINTR is retried.
-func Read(fd uintptr, p []byte) (int, syscall.Errno) {
-	if len(p) == 0 {
-		return 0, 0
-	}
-	for {
-		n, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
-		if e == 0 {
-			return int(n), 0
-		}
-		if e != syscall.EINTR {
-			return 0, e
-		}
-	}
-}
+func Read(fd uintptr, p []byte) (int, syscall.Errno) { return rw(syscall.SYS_READ, fd, p) }
 
 // Write is write(2) on fd as a raw system call: for a non-blocking socket,
 // in a syscall.RawConn's Write. EINTR is retried.
-func Write(fd uintptr, p []byte) (int, syscall.Errno) {
+func Write(fd uintptr, p []byte) (int, syscall.Errno) { return rw(syscall.SYS_WRITE, fd, p) }
+
+func rw(trap, fd uintptr, p []byte) (int, syscall.Errno) {
 	if len(p) == 0 {
 		return 0, 0
 	}
 	for {
-		n, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+		n, _, e := syscall.RawSyscall(trap, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
 		if e == 0 {
 			return int(n), 0
 		}
