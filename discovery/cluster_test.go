@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -101,10 +102,7 @@ func (a *agent) start(join ...netip.AddrPort) {
 		opts.Logger = slog.New(slog.NewTextHandler(debugLog, &slog.HandlerOptions{Level: slog.LevelDebug})).With("host", a.name)
 	}
 	if a.wrap != nil {
-		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{
-			BindAddrs: []string{a.addr.String()},
-			BindPort:  int(a.port),
-		})
+		nt, err := newNetTransport(netip.AddrPortFrom(a.addr, a.port), log.New(io.Discard, "", 0))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -556,7 +554,7 @@ func (p *partition) isBlocked(from, to string) bool {
 
 // partitionedTransport drops what its host sends to a blocked peer.
 type partitionedTransport struct {
-	*memberlist.NetTransport
+	*netTransport
 	p    *partition
 	self func() string
 }
@@ -567,7 +565,7 @@ func (t *partitionedTransport) WriteTo(b []byte, addr string) (time.Time, error)
 	if t.p.isBlocked(t.self(), addr) {
 		return time.Now(), nil
 	}
-	return t.NetTransport.WriteTo(b, addr)
+	return t.netTransport.WriteTo(b, addr)
 }
 
 func (t *partitionedTransport) WriteToAddress(b []byte, a memberlist.Address) (time.Time, error) {
@@ -578,7 +576,7 @@ func (t *partitionedTransport) DialTimeout(addr string, timeout time.Duration) (
 	if t.p.isBlocked(t.self(), addr) {
 		return nil, errPartitioned
 	}
-	return t.NetTransport.DialTimeout(addr, timeout)
+	return t.netTransport.DialTimeout(addr, timeout)
 }
 
 func (t *partitionedTransport) DialAddressTimeout(a memberlist.Address, timeout time.Duration) (net.Conn, error) {
@@ -591,8 +589,8 @@ func TestPartitionHeals(t *testing.T) {
 	for i := range agents {
 		a := newAgent(t, 40+i)
 		a.wrap = func(inner memberlist.Transport) memberlist.Transport {
-			nt := inner.(*memberlist.NetTransport)
-			return &partitionedTransport{NetTransport: nt, p: p, self: func() string {
+			nt := inner.(*netTransport)
+			return &partitionedTransport{netTransport: nt, p: p, self: func() string {
 				return netip.AddrPortFrom(a.addr, uint16(nt.GetAutoBindPort())).String()
 			}}
 		}

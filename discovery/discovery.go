@@ -424,11 +424,7 @@ func (d *Discovery) start() (*memberlist.Memberlist, error) {
 		}
 	}
 	if inner == nil {
-		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{
-			BindAddrs: []string{conf.BindAddr},
-			BindPort:  conf.BindPort,
-			Logger:    logger,
-		})
+		nt, err := newNetTransport(d.cfg.BindAddr, logger)
 		if err != nil {
 			return nil, fmt.Errorf("starting gossip on %s: %w", d.cfg.BindAddr, err)
 		}

@@ -2,7 +2,10 @@ package discovery
 
 import (
 	"fmt"
+	"io"
+	"log"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"testing"
 	"time"
@@ -11,33 +14,30 @@ import (
 	"github.com/vmesh/vmesh/internal/testbed"
 )
 
-// nsTransport is memberlist's UDP/TCP transport living in a test bed host's
+// nsTransport is the gossip transport (UDP/TCP) living in a test bed host's
 // network namespace: its listeners are bound there, and its dials are made
 // from there (memberlist dials from goroutines that run in the machine's
 // namespace otherwise).
 type nsTransport struct {
-	*memberlist.NetTransport
+	*netTransport
 	h *testbed.Host
 }
 
 func newNSTransport(t *testing.T, h *testbed.Host) memberlist.Transport {
-	var nt *memberlist.NetTransport
+	var nt *netTransport
 	err := h.Do(func() (err error) {
-		nt, err = memberlist.NewNetTransport(&memberlist.NetTransportConfig{
-			BindAddrs: []string{h.Addr.String()},
-			BindPort:  7946,
-		})
+		nt, err = newNetTransport(netip.AddrPortFrom(h.Addr, 7946), log.New(io.Discard, "", 0))
 		return err
 	})
 	if err != nil {
 		t.Fatalf("%s: gossip transport: %v", h.Name, err)
 	}
-	return &nsTransport{NetTransport: nt, h: h}
+	return &nsTransport{netTransport: nt, h: h}
 }
 
 func (t *nsTransport) DialTimeout(addr string, timeout time.Duration) (c net.Conn, err error) {
 	err = t.h.Do(func() error {
-		c, err = t.NetTransport.DialTimeout(addr, timeout)
+		c, err = t.netTransport.DialTimeout(addr, timeout)
 		return err
 	})
 	return c, err
