@@ -18,6 +18,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/vmesh/vmesh/internal/mux"
+	"github.com/vmesh/vmesh/internal/rawsock"
 )
 
 // HTTP/2 forwarded frame by frame. An app's HTTP/2 connection (h2c with
@@ -234,7 +235,7 @@ func (w *connWriter) Write(p []byte) (int, error) {
 	if w.nowait {
 		n := len(p)
 		if len(w.rest) == 0 {
-			p = p[mux.WriteNow(w.rc, p):]
+			p = p[rawsock.WriteNow(w.rc, p):]
 			if len(p) == 0 {
 				return n, nil
 			}

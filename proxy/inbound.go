@@ -8,8 +8,9 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/vmesh/vmesh/internal/mux"
 	"golang.org/x/net/http2"
+
+	"github.com/vmesh/vmesh/internal/mux"
 )
 
 // handleInbound serves one connection accepted on the inbound listener:

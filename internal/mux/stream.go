@@ -169,7 +169,7 @@ func (st *Stream) receive(data []byte, end bool) {
 		st.draining = true
 		st.mu.Unlock()
 		iov := append(st.s.iov[:0], data) // the read loop's scratch: no allocation
-		n := WriteNow(st.sinkRaw, iov...)
+		n := rawsock.WriteNow(st.sinkRaw, iov...)
 		iov[0] = nil
 		st.s.iov = iov[:0]
 		st.mu.Lock()
@@ -239,7 +239,7 @@ func (st *Stream) flushQueued() {
 	st.draining = true
 	st.mu.Unlock()
 
-	n := WriteNow(st.sinkRaw, bufs...)
+	n := rawsock.WriteNow(st.sinkRaw, bufs...)
 
 	st.mu.Lock()
 	st.draining = false
@@ -254,19 +254,18 @@ func (st *Stream) flushQueued() {
 			left -= len(b)
 			chunkPool.Put(c)
 			continue
-		} else {
-			// Not written: back in the stream, in order (nothing was
-			// queued meanwhile: receive runs in this same loop).
-			if len(st.chunks) == 0 {
-				st.off = left
-				if k == 0 {
-					st.off += off
-				}
-			}
-			st.buffered += len(b) - left
-			left = 0
-			st.chunks = append(st.chunks, c)
 		}
+		// Not written: back in the stream, in order (nothing was queued
+		// meanwhile: receive runs in this same loop).
+		if len(st.chunks) == 0 {
+			st.off = left
+			if k == 0 {
+				st.off += off
+			}
+		}
+		st.buffered += len(bufs[k]) - left
+		left = 0
+		st.chunks = append(st.chunks, c)
 	}
 	if credit := st.creditLocked(n); credit > 0 {
 		s.writeAsync(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(st.id, credit) })
@@ -454,24 +453,6 @@ func (st *Stream) creditLocked(n int) uint32 {
 	st.unacked = 0
 	st.recvLeft += credit
 	return credit
-}
-
-// WriteNow writes bufs to a socket (one write, or one writev for several)
-// without waiting for room and returns what the socket took now, possibly
-// nothing (an error is left to a blocking write to find and report). A
-// loop that must not wait for one socket (a session's read loop) writes
-// with it and leaves the rest to a goroutine.
-func WriteNow(rc syscall.RawConn, bufs ...[]byte) int {
-	n := 0
-	rc.Write(func(fd uintptr) bool {
-		if len(bufs) == 1 {
-			n, _ = rawsock.Write(fd, bufs[0])
-		} else {
-			n, _ = rawsock.Writev(fd, bufs)
-		}
-		return true // never wait
-	})
-	return n
 }
 
 // chunkSize is the size of the pooled chunks a stream buffers received data

@@ -127,6 +127,24 @@ func (c *Conn) opError(op string, err error) error {
 	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
 }
 
+// WriteNow writes bufs to a socket (one write, or one writev for several)
+// without waiting for room and returns what the socket took now, possibly
+// nothing (an error is left to a blocking write to find and report). A
+// loop that must not wait for one socket (a mux session's read loop)
+// writes with it and leaves the rest to a goroutine.
+func WriteNow(rc syscall.RawConn, bufs ...[]byte) int {
+	n := 0
+	rc.Write(func(fd uintptr) bool {
+		if len(bufs) == 1 {
+			n, _ = Write(fd, bufs[0])
+		} else {
+			n, _ = Writev(fd, bufs)
+		}
+		return true // never wait
+	})
+	return n
+}
+
 // Read is read(2) on fd as a raw system call: for a non-blocking socket,
 // in a syscall.RawConn's Read. EINTR is retried.
 func Read(fd uintptr, p []byte) (int, syscall.Errno) { return rw(syscall.SYS_READ, fd, p) }
