@@ -32,6 +32,7 @@ var (
 	flagVIPs     = flag.String("bench.vips", "", "the vmesh-vip column's VIPs as http=ADDR,echo=ADDR (default: found through the agent)")
 	flagRender   = flag.String("bench.render", "", "TestRender: a results JSON file to render again into -bench.doc (no measuring)")
 	flagVMeshEnv = flag.String("bench.vmeshenv", "", "environment for the vmesh agents only, as KEY=VALUE,... (e.g. GOMAXPROCS=1)")
+	flagBEnv     = flag.String("bench.benv", "", "environment for the vmesh-b column's agents (added to -bench.vmeshenv's), as KEY=VALUE,...")
 	flagPprof    = flag.Bool("bench.pprof", true, "profile the vmesh proxies (control socket /debug/pprof): CPU under HTTP max rate, h2load, sequential gRPC, iperf3 and new connections, heap holding idle connections")
 )
 
@@ -99,6 +100,18 @@ func TestBench(t *testing.T) {
 			cols = append(cols, c)
 		}
 	}
+	if slices.Contains(want, VMeshB) {
+		if slices.Contains(want, VMeshProxy) {
+			t.Fatalf("columns %s and %s share hosts h5 and h6: ask for one", VMeshB, VMeshProxy)
+		}
+		if c, err := setupVMesh(t, tl, bed.Hosts[4], bed.Hosts[5], VMeshB, nil); err != nil {
+			t.Logf("vmesh-b column unavailable: %v", err)
+			r.report.Unavailable[VMeshB] = err.Error()
+		} else {
+			cols = append(cols, c)
+			r.report.Notes = append(r.report.Notes, "vmesh-b column: the vmesh agents with "+*flagBEnv)
+		}
+	}
 	var vm *column
 	if slices.Contains(want, VMesh) || slices.Contains(want, VMeshVIP) {
 		c, err := setupVMesh(t, tl, bed.Hosts[0], bed.Hosts[1], VMesh, nil)
@@ -148,7 +161,7 @@ func TestBench(t *testing.T) {
 			r.columns = append(r.columns, c)
 		}
 	}
-	for _, name := range []string{Direct, HAProxy, VMesh, VMeshDedicated, VMeshVIP, VMeshProxy} {
+	for _, name := range []string{Direct, HAProxy, VMesh, VMeshB, VMeshDedicated, VMeshVIP, VMeshProxy} {
 		for _, c := range r.columns {
 			if c.name == name {
 				r.report.Columns = append(r.report.Columns, name)

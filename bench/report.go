@@ -24,11 +24,14 @@ const (
 	// VMeshVIP is the vmesh column's agents dialed through the service's
 	// virtual IP instead of the server host's address (balancing rows).
 	VMeshVIP = "vmesh-vip"
+	// VMeshB is the vmesh column again, its agents run with
+	// -bench.benv's environment: an A/B comparison inside one run.
+	VMeshB = "vmesh-b"
 )
 
 // ratioPairs are the comparisons every table shows, when both columns have
 // a value: each proxy against direct, and vmesh against HAProxy.
-var ratioPairs = [][2]string{{HAProxy, Direct}, {VMesh, Direct}, {VMesh, HAProxy}}
+var ratioPairs = [][2]string{{HAProxy, Direct}, {VMesh, Direct}, {VMesh, HAProxy}, {VMeshB, HAProxy}, {VMeshB, VMesh}}
 
 // Report is one harness run: what bench/results/<date>.json holds.
 type Report struct {

@@ -47,7 +47,7 @@ func setupVMesh(t *testing.T, tl *tools, client, server *testbed.Host, name stri
 	if out, err := server.Try(tl.vmesh, "config", "check", spath); err != nil {
 		return nil, fmt.Errorf("server config: %v %s", err, out)
 	}
-	sp := server.Start(t, "prlimit", agentCommand(tl.vmesh, "agent", "--config", spath)...)
+	sp := server.Start(t, "prlimit", agentCommand(name, tl.vmesh, "agent", "--config", spath)...)
 	if err := waitReady(server, tl, sp.Process.Pid, 30*time.Second); err != nil {
 		return nil, fmt.Errorf("server agent: %w", err)
 	}
@@ -65,7 +65,7 @@ func setupVMesh(t *testing.T, tl *tools, client, server *testbed.Host, name stri
 	if err := os.WriteFile(cpath, []byte(ccfg.TOML()), 0o600); err != nil {
 		return nil, err
 	}
-	cp := client.Start(t, "prlimit", agentCommand(tl.vmesh, "agent", "--config", cpath)...)
+	cp := client.Start(t, "prlimit", agentCommand(name, tl.vmesh, "agent", "--config", cpath)...)
 	if err := waitReady(client, tl, cp.Process.Pid, 30*time.Second); err != nil {
 		return nil, fmt.Errorf("client agent: %w", err)
 	}
@@ -193,11 +193,19 @@ func TestColumnScenarios(t *testing.T) {
 }
 
 // agentCommand is prlimit's arguments for running a vmesh agent: the file
-// limit, and -bench.vmeshenv's variables (through env, which keeps the pid).
-func agentCommand(args ...string) []string {
-	out := []string{nofileArg(), "--"}
+// limit, and -bench.vmeshenv's variables (through env, which keeps the pid);
+// the vmesh-b column's agents also get -bench.benv's.
+func agentCommand(column string, args ...string) []string {
+	var env []string
 	if *flagVMeshEnv != "" {
-		out = append(append(out, "env"), strings.Split(*flagVMeshEnv, ",")...)
+		env = strings.Split(*flagVMeshEnv, ",")
+	}
+	if column == VMeshB && *flagBEnv != "" {
+		env = append(env, strings.Split(*flagBEnv, ",")...)
+	}
+	out := []string{nofileArg(), "--"}
+	if len(env) > 0 {
+		out = append(append(out, "env"), env...)
 	}
 	return append(out, args...)
 }
