@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,16 +49,24 @@ type muxPool struct {
 	spread int
 	mu     sync.Mutex
 	ss     map[peerKey][]*mux.Session
-	// dialing counts sessions being dialed per key (as sessions with
-	// streams: streams opened meanwhile do not each dial one).
-	dialing map[peerKey]int
+	// dialing are the sessions being dialed per key. They count as
+	// sessions with streams (streams opened meanwhile do not each dial
+	// one), and while none is live, streams wait for them: a burst of
+	// first requests (h2load's 80 at once) makes one session, not 80.
+	dialing map[peerKey][]*muxDial
 	// closed: Close ran; no new sessions.
 	closed    bool
 	lastSweep time.Time
 }
 
 func newMuxPool(p *Proxy) *muxPool {
-	return &muxPool{p: p, spread: max(1, runtime.GOMAXPROCS(0)), ss: make(map[peerKey][]*mux.Session), dialing: make(map[peerKey]int)}
+	return &muxPool{p: p, spread: max(1, runtime.GOMAXPROCS(0)), ss: make(map[peerKey][]*mux.Session), dialing: make(map[peerKey][]*muxDial)}
+}
+
+// muxDial is a session being dialed.
+type muxDial struct {
+	done chan struct{} // closed when the dial ended
+	err  error         // the dial's error, set before done is closed
 }
 
 // open opens a stream to ep carrying header, on a pooled session with room
@@ -85,21 +94,43 @@ const spreadRequests = 8
 // or nil when one must be dialed first (none, or every one busy enough to
 // spread).
 func (mp *muxPool) pooled(ep Endpoint) *mux.Session {
-	s, spread := mp.session(peerKey{ep.ProxyAddr, ep.Service, ep.Identity}, spreadRequests)
-	if spread {
+	mp.mu.Lock()
+	defer mp.mu.Unlock()
+	s, dial, _ := mp.pickLocked(peerKey{ep.ProxyAddr, ep.Service, ep.Identity}, spreadRequests)
+	if dial {
 		return nil
 	}
 	return s
 }
 
-// openData opens a stream; another session is dialed when every one
-// carries at least spreadAt streams.
+// openData opens a stream; another session is dialed when none is live
+// or being dialed, or when every one carries at least spreadAt streams and
+// fewer than spread are live or being dialed. While none is live but one
+// is being dialed, it waits for that dial (and fails with its error).
 func (mp *muxPool) openData(ctx context.Context, ep Endpoint, header, data []byte, end bool, spreadAt int) (st *mux.Stream, sent, dialed bool, err error) {
 	k := peerKey{ep.ProxyAddr, ep.Service, ep.Identity}
-	for attempt := 0; attempt < 2; attempt++ {
-		s, spread := mp.session(k, spreadAt)
-		if s == nil || spread {
-			ns, derr := mp.dial(ctx, k, ep)
+	for attempt := 0; attempt < 3; attempt++ {
+		mp.mu.Lock()
+		s, dial, wait := mp.pickLocked(k, spreadAt)
+		var d *muxDial
+		if dial {
+			d = &muxDial{done: make(chan struct{})}
+			mp.dialing[k] = append(mp.dialing[k], d)
+		}
+		mp.mu.Unlock()
+		if wait != nil {
+			select {
+			case <-wait.done:
+				if wait.err != nil {
+					return nil, false, false, wait.err
+				}
+				continue
+			case <-ctx.Done():
+				return nil, false, false, ctx.Err()
+			}
+		}
+		if d != nil {
+			ns, derr := mp.dial(ctx, k, ep, d)
 			switch {
 			case derr == nil:
 				s, dialed = ns, true
@@ -118,14 +149,14 @@ func (mp *muxPool) openData(ctx context.Context, ep Endpoint, header, data []byt
 	return nil, false, dialed, errors.New("no mux session to the peer took the stream")
 }
 
-// session returns the live session to k with room for a stream that
-// carries the fewest (nil: none), and whether to dial another to spread
-// the streams; it drops dead sessions and closes those idle for longer
-// than muxIdle.
-func (mp *muxPool) session(k peerKey, spreadAt int) (best *mux.Session, spread bool) {
+// pickLocked returns the live session to k with room for a stream that
+// carries the fewest (nil: none), and whether to dial another: none is
+// live or being dialed, or every live one carries spreadAt streams and
+// fewer than spread are live or being dialed. When none is live but some
+// are being dialed, wait is the first of those. It drops dead sessions and
+// closes those idle for longer than muxIdle.
+func (mp *muxPool) pickLocked(k peerKey, spreadAt int) (best *mux.Session, dial bool, wait *muxDial) {
 	now := time.Now()
-	mp.mu.Lock()
-	defer mp.mu.Unlock()
 	if now.Sub(mp.lastSweep) > muxIdle/4 {
 		mp.sweepLocked(now)
 	}
@@ -135,8 +166,14 @@ func (mp *muxPool) session(k peerKey, spreadAt int) (best *mux.Session, spread b
 			best, fewest = s, n
 		}
 	}
-	spread = best != nil && fewest >= spreadAt && len(mp.ss[k])+mp.dialing[k] < mp.spread
-	return best, spread
+	dialing := mp.dialing[k]
+	switch {
+	case best != nil:
+		return best, fewest >= spreadAt && len(mp.ss[k])+len(dialing) < mp.spread, nil
+	case len(dialing) > 0:
+		return nil, false, dialing[0]
+	}
+	return nil, true, nil
 }
 
 func (mp *muxPool) sweepLocked(now time.Time) {
@@ -162,28 +199,37 @@ func (mp *muxPool) sweepLocked(now time.Time) {
 	}
 }
 
-func (mp *muxPool) dial(ctx context.Context, k peerKey, ep Endpoint) (*mux.Session, error) {
-	mp.mu.Lock()
-	mp.dialing[k]++
-	mp.mu.Unlock()
+// dial makes the session d stands for (openData counted it as being
+// dialed), adds it to the pool and ends d.
+func (mp *muxPool) dial(ctx context.Context, k peerKey, ep Endpoint, d *muxDial) (*mux.Session, error) {
 	tc, err := mp.p.dialTransport(ctx, ep, alpnMux)
-	mp.mu.Lock()
-	if mp.dialing[k]--; mp.dialing[k] == 0 {
-		delete(mp.dialing, k)
+	var s *mux.Session
+	if err == nil {
+		s = mux.Client(tc, muxConfig)
 	}
+	mp.mu.Lock()
+	list := slices.DeleteFunc(mp.dialing[k], func(x *muxDial) bool { return x == d })
+	if len(list) == 0 {
+		delete(mp.dialing, k)
+	} else {
+		mp.dialing[k] = list
+	}
+	switch {
+	case err != nil:
+	case mp.closed:
+		err = errors.New("proxy closed")
+	default:
+		mp.ss[k] = append(mp.ss[k], s)
+	}
+	d.err = err
+	close(d.done)
 	mp.mu.Unlock()
 	if err != nil {
+		if s != nil {
+			s.Close()
+		}
 		return nil, err
 	}
-	s := mux.Client(tc, muxConfig)
-	mp.mu.Lock()
-	if mp.closed {
-		mp.mu.Unlock()
-		s.Close()
-		return nil, errors.New("proxy closed")
-	}
-	mp.ss[k] = append(mp.ss[k], s)
-	mp.mu.Unlock()
 	return s, nil
 }
 

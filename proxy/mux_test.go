@@ -2,13 +2,19 @@ package proxy
 
 import (
 	"bytes"
+	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
+	"strconv"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
 )
 
 // TestOpaqueStreamsShareOneHandshake checks that opaque connections to one
@@ -150,4 +156,80 @@ func TestOpaqueStreamsSpreadOverSessions(t *testing.T) {
 	if len(loads) != 2 || loads[0] != 3 || loads[1] != 3 {
 		t.Errorf("streams per session %v, want [3 3]", loads)
 	}
+}
+
+// A burst of first connections or requests to a peer (h2load opens 80
+// streams at once) makes at most as many sessions as the pool spreads
+// over: while a session is being dialed and none is live, streams wait
+// for it instead of each dialing its own (it made 80 mTLS connections,
+// one request on each: no batching between the proxies).
+func TestMuxBurstDialsSpreadOnly(t *testing.T) {
+	const burst = 40
+	t.Run("opaque", func(t *testing.T) {
+		backend := echoServer(t)
+		d := &recordingDialer{}
+		a, _, _ := meshPair(t, []LocalService{{Name: "redis", Port: 6379, Target: backend, Protocol: "opaque"}}, proxyOpts{dialer: d}, proxyOpts{})
+		a.p.muxes.spread = 2
+		conns := make([]net.Conn, burst)
+		for i := range conns {
+			conns[i] = a.dialOut(t, appAddr(6379)) // accepted, not yet routed to a stream
+		}
+		errs := make(chan error, burst)
+		for i, c := range conns {
+			go func() {
+				msg := []byte(fmt.Sprintf("PING %d\r\n", i))
+				c.Write(msg)
+				got := make([]byte, len(msg))
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+					errs <- fmt.Errorf("connection %d: echo %q, %v", i, got, err)
+					return
+				}
+				errs <- nil
+			}()
+		}
+		for range burst {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := d.count(); got > 2 {
+			t.Errorf("%d sessions (mTLS handshakes) for a burst of %d opaque connections with spread 2, want at most 2", got, burst)
+		}
+	})
+	t.Run("http2", func(t *testing.T) {
+		ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+		d := &recordingDialer{}
+		a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{dialer: d}, proxyOpts{})
+		a.p.muxes.spread = 2
+		tr := &http2.Transport{AllowHTTP: true, DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
+			return a.dialOut(t, appAddr(9090)), nil
+		}}
+		t.Cleanup(tr.CloseIdleConnections)
+		cl := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+		errs := make(chan error, burst)
+		for i := range burst {
+			go func() {
+				resp, err := cl.Get("http://svc:9090/" + strconv.Itoa(i))
+				if err != nil {
+					errs <- err
+					return
+				}
+				b, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if err != nil || string(b) != "ok" {
+					err = fmt.Errorf("request %d: %d %q, %v", i, resp.StatusCode, b, err)
+				}
+				errs <- err
+			}()
+		}
+		for range burst {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := d.count(); got > 2 {
+			t.Errorf("%d sessions (mTLS handshakes) for a burst of %d first requests with spread 2, want at most 2", got, burst)
+		}
+	})
 }
