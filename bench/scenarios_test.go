@@ -119,6 +119,9 @@ func (r *run) maxThroughput() {
 		r.profile("HTTP/1.1 max rate, 16 connections (fortio)", "http16", func(c *column, secs int) {
 			r.fortioMax(c, 16, time.Duration(secs)*time.Second)
 		})
+		r.profile("HTTP/1.1 max rate, 64 connections (fortio)", "http64", func(c *column, secs int) {
+			r.fortioMax(c, 64, time.Duration(secs)*time.Second)
+		})
 	}
 }
 
@@ -193,6 +196,9 @@ func (r *run) grpc() {
 	if *flagPprof {
 		r.profile("gRPC unary calls, sequential", "grpc1", func(c *column, secs int) {
 			r.client(c, time.Duration(secs+60)*time.Second, r.tools.benchtool, "grpc", "-addr", c.target["grpc"], "-c", "1", "-t", strconv.Itoa(secs)+"s")
+		})
+		r.profile("gRPC unary calls, 16 concurrent callers", "grpc16", func(c *column, secs int) {
+			r.client(c, time.Duration(secs+60)*time.Second, r.tools.benchtool, "grpc", "-addr", c.target["grpc"], "-c", "16", "-t", strconv.Itoa(secs)+"s")
 		})
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -18,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vmesh/vmesh/balance"
+	"github.com/vmesh/vmesh/internal/mux"
 	"github.com/vmesh/vmesh/internal/rawsock"
 )
 
@@ -380,7 +382,7 @@ func (h *h1Conn) endpoint(tried []string) (Endpoint, *balance.Choice, bool) {
 // to points the leg at ep (a balanced pick when choice is set).
 func (l *h1Leg) to(ep Endpoint, choice *balance.Choice, r route) {
 	l.ep, l.choice = ep, choice
-	l.key = poolKey{ep.ProxyAddr, ep.Service, ep.Identity}
+	l.key = poolKey{addr: ep.ProxyAddr, service: ep.Service, identity: ep.Identity}
 	l.port = r.dst.Port()
 	if r.balanced {
 		l.port = ep.Addr.Port()
@@ -499,6 +501,10 @@ func (h *h1Conn) exchange() bool {
 	req, resp := &h.req, &h.resp
 	l.m.requests.Inc()
 	start := time.Now()
+	if l.peer {
+		h.p.h1PeerBusy.Add(1)
+		defer h.p.h1PeerBusy.Add(-1)
+	}
 
 	var uc *upConn
 	var bodyDone chan error // set when the body is copied by another goroutine
@@ -609,7 +615,7 @@ func (h *h1Conn) exchange() bool {
 	*bc = bodyCopier{dst: h.bw, src: uc.br}
 	berr := bc.copy(resp.body, resp.length, chunked)
 	if berr == nil {
-		berr = h.bw.Flush()
+		berr = flushH1(h.bw, h.c)
 	}
 	l.m.response(h.p, resp.status, berr == nil && resp.status < 500)
 	if l.peer && resp.status >= 400 {
@@ -781,14 +787,17 @@ func (h *h1Conn) failEarly(l h1Leg, bodyDone chan error, code int, why string) b
 
 // upstream returns a pooled connection for l or dials one.
 func (h *h1Conn) upstream(l *h1Leg) (*upConn, error) {
+	p := h.p
+	if l.peer {
+		l.key.mux = p.h1Mux || p.h1PeerBusy.Load() >= p.h1MuxAt
+	}
 	if uc := l.pool.get(l.key); uc != nil {
 		return uc, nil
 	}
-	p := h.p
 	var c net.Conn
 	var err error
 	switch {
-	case l.peer && p.h1Mux:
+	case l.peer && l.key.mux:
 		c, err = p.openH1Stream(l.ep, l.port)
 	case l.peer:
 		c, err = p.dialTransport(context.Background(), l.ep, alpnH1)
@@ -854,7 +863,7 @@ func (h *h1Conn) sendRequest(uc *upConn, l *h1Leg) (chan error, error) {
 	bw.WriteString("\r\n")
 	switch {
 	case req.body == bodyNone:
-		return nil, bw.Flush()
+		return nil, flushH1(bw, uc.Conn)
 	case req.body == bodyLength && !req.expect100 && int64(h.br.Buffered()) >= req.length:
 		// The whole body is in the read buffer: send it from there and
 		// keep it until the response came, so that the request can be
@@ -865,7 +874,7 @@ func (h *h1Conn) sendRequest(uc *upConn, l *h1Leg) (chan error, error) {
 		}
 		bw.Write(b)
 		req.held = true
-		return nil, bw.Flush()
+		return nil, flushH1(bw, uc.Conn)
 	}
 	// The body is still coming (or waits for 100 Continue): send the head
 	// now and copy the body alongside reading the response.
@@ -891,6 +900,26 @@ func copyRequestBody(done chan<- error, uc *upConn, src *bufio.Reader, kind body
 		// stop waiting for its response (after done holds the cause).
 		uc.SetReadDeadline(time.Now())
 	}
+}
+
+// flushH1 flushes bw, which writes to c. When c is a mux stream (h1Mux),
+// the flushes of the goroutines that run meanwhile are batched with it: the
+// session's flush is held (Cork) while this goroutine lets the others run
+// (runtime.Gosched), and the last of them to finish flushes for all: one
+// system call for the requests (or responses) of many app connections
+// that became ready together, where each used to take one. Alone, the
+// goroutine runs on at once.
+func flushH1(bw *bufio.Writer, c net.Conn) error {
+	st, ok := c.(*mux.Stream)
+	if !ok {
+		return bw.Flush()
+	}
+	s := st.Session()
+	s.Cork()
+	err := bw.Flush()
+	runtime.Gosched()
+	s.Uncork()
+	return err
 }
 
 func writeField(bw *bufio.Writer, name, value []byte) {

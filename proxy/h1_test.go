@@ -647,3 +647,79 @@ func TestH1OverMux(t *testing.T) {
 		t.Errorf("%d mux sessions, want 2 (one per peer and service)", sessions)
 	}
 }
+
+// TestH1MuxWhenBusy: HTTP/1 requests to a peer take keep-alive mTLS
+// connections of their own while few are under way (no hand-off per
+// response), and mux streams once h1MuxAt are (their writes batched):
+// a request alone makes no mux session; of h1MuxAt+2 requests held at the
+// service at once, the last ones ride streams, and every response comes
+// back whole to its own client.
+func TestH1MuxWhenBusy(t *testing.T) {
+	const n = h1MuxAt + 2
+	arrived := make(chan struct{}, n)
+	release := make(chan struct{})
+	ln := listenLocal(t)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/hold" {
+			arrived <- struct{}{}
+			<-release
+		}
+		io.WriteString(w, "answer to "+r.URL.Query().Get("i"))
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	a, _, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Target: addrPort(ln.Addr())}}, proxyOpts{}, proxyOpts{})
+	sessions := func() int {
+		a.p.muxes.mu.Lock()
+		defer a.p.muxes.mu.Unlock()
+		k := 0
+		for _, list := range a.p.muxes.ss {
+			k += len(list)
+		}
+		return k
+	}
+
+	c := a.dialOut(t, appAddr(80))
+	io.WriteString(c, "GET /one?i=0 HTTP/1.1\r\nHost: web\r\n\r\n")
+	if resp, body := readResp(t, bufio.NewReader(c), "GET"); resp.StatusCode != 200 || body != "answer to 0" {
+		t.Fatalf("a request alone: %d %q", resp.StatusCode, body)
+	}
+	if got := sessions(); got != 0 {
+		t.Fatalf("a request alone made %d mux sessions, want 0 (a connection of its own)", got)
+	}
+
+	errs := make(chan error, n)
+	for i := 1; i <= n; i++ {
+		c := a.dialOut(t, appAddr(80))
+		go func() {
+			fmt.Fprintf(c, "GET /hold?i=%d HTTP/1.1\r\nHost: web\r\n\r\n", i)
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				errs <- err
+				return
+			}
+			b, err := io.ReadAll(io.LimitReader(resp.Body, 100))
+			if want := fmt.Sprintf("answer to %d", i); err != nil || resp.StatusCode != 200 || string(b) != want {
+				err = fmt.Errorf("request %d: %d %q (%v), want %q", i, resp.StatusCode, b, err, want)
+			}
+			errs <- err
+		}()
+	}
+	for range n {
+		select {
+		case <-arrived:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the held requests did not all reach the service")
+		}
+	}
+	close(release)
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := sessions(); got == 0 {
+		t.Errorf("%d requests under way at once made no mux session, want their last ones on streams", n)
+	}
+}

@@ -24,6 +24,7 @@ type poolKey struct {
 	addr     netip.AddrPort
 	service  string
 	identity string
+	mux      bool // to a peer proxy: streams of a mux session (h1MuxAt)
 }
 
 // upConn is a keep-alive connection to a peer proxy or a local service.

@@ -82,12 +82,18 @@ type Proxy struct {
 	h1conns sync.Map      // *h1Conn -> struct{}
 	drain   atomic.Bool   // Shutdown began: HTTP/1 connections close after their response
 	h1stop  chan struct{} // closed by Close: ends sweepSlowH1
-	// h1Mux carries the lean path's keep-alive connections to peers as
-	// streams of internal/mux sessions instead of one mTLS connection
-	// each. Off: measured no better at 16-64 connections and ~35 % more
-	// CPU per request at 1 (a hand-off per response); see
-	// BenchmarkHTTP1Mesh/mux. Peers always accept such streams.
-	h1Mux bool
+	// The lean path's keep-alive connections to a peer are mTLS
+	// connections of their own while fewer than h1MuxAt requests are
+	// under way to peers (h1PeerBusy), and streams of internal/mux
+	// sessions from then on: a stream costs a hand-off per response (the
+	// session's read loop to the request's goroutine), ~35 % more CPU per
+	// request at 1000 req/s, but many requests' writes go out in one
+	// system call (flushH1), 15-25 % less CPU per request at 16-64
+	// connections (BENCHMARKS.md). h1Mux (tests) takes streams always.
+	// Peers always accept such streams.
+	h1Mux      bool
+	h1PeerBusy atomic.Int32
+	h1MuxAt    int32
 
 	// The frame-level HTTP/2 path (h2fwd.go): apps' connections, and
 	// connections to local services.
@@ -116,6 +122,9 @@ const (
 	h2StreamWindow = 4 << 20
 	h2ConnWindow   = 4 * h2StreamWindow
 )
+
+// h1MuxAt: see Proxy.h1Mux.
+const h1MuxAt = 4
 
 // New checks cfg and opts and builds a proxy. It starts nothing.
 func New(cfg Config, opts Options) (*Proxy, error) {
@@ -176,6 +185,7 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	p.muxes = newMuxPool(p)
 	p.local = newLocalTransports(p)
 	p.h1peers = newUpPool(h1PeerIdle, 256)
+	p.h1MuxAt = h1MuxAt
 	p.h1local = newUpPool(h1LocalIdle, 256)
 	p.h2local = newH2Pool(p)
 	p.h1stop = make(chan struct{})

@@ -470,6 +470,21 @@ func (s *Session) flush() error {
 	return err
 }
 
+// flushNow flushes what is buffered, corked or not.
+func (s *Session) flushNow() {
+	s.wmu.Lock()
+	err := s.werr
+	if err == nil {
+		if err = s.flush(); err != nil {
+			s.werr = err
+		}
+	}
+	s.wmu.Unlock()
+	if err != nil {
+		s.closeWith(fmt.Errorf("mux: writing: %w", err))
+	}
+}
+
 // Cork holds back the flushes of writes until Uncork: a caller about to
 // write on several streams (responses that arrived together) sends them
 // in one system call.

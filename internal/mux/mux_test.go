@@ -511,3 +511,47 @@ func TestInlineAccept(t *testing.T) {
 	default:
 	}
 }
+
+// A write that runs out of window while the session is corked (a batch of
+// flushes held by another writer) flushes what it wrote before waiting:
+// the peer grants credit only for bytes it received, so leaving them in
+// the buffer until the cork ends would wait forever.
+func TestCorkedWriteWaitingForCredit(t *testing.T) {
+	const size = 4 << 20 // 64 windows
+	got := make(chan int, 1)
+	cli := pair(t, Config{StreamWindow: 64 << 10}, func(st *Stream) {
+		st.Accept()
+		n, _ := io.Copy(io.Discard, st)
+		got <- int(n)
+	})
+	st, err := cli.Open(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli.Cork() // held for the whole write
+	done := make(chan error, 1)
+	go func() {
+		_, err := st.Write(make([]byte, size))
+		if err == nil {
+			err = st.CloseWrite()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a corked write waiting for window credit never finished")
+	}
+	cli.Uncork()
+	select {
+	case n := <-got:
+		if n != size {
+			t.Fatalf("the peer read %d bytes, want %d", n, size)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the peer never read the stream's end")
+	}
+}

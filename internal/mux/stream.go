@@ -519,10 +519,20 @@ func (st *Stream) write(b []byte, end bool) (int, error) {
 	written := 0
 	for len(b) > 0 || end {
 		st.mu.Lock()
-		for st.sendWin <= 0 && len(b) > 0 && st.reset == nil && !st.wclosed {
+		for flushed := false; st.sendWin <= 0 && len(b) > 0 && st.reset == nil && !st.wclosed; {
 			if st.expired(st.wdl) {
 				st.mu.Unlock()
 				return written, os.ErrDeadlineExceeded
+			}
+			if !flushed && st.s.waiting.Load() > 0 {
+				// What this stream wrote before may wait in the
+				// session's buffer for a corked writer's flush: the
+				// peer must see it to grant credit.
+				flushed = true
+				st.mu.Unlock()
+				st.s.flushNow()
+				st.mu.Lock()
+				continue
 			}
 			st.writable.Wait()
 		}
