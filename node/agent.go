@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"strings"
 	"sync"
@@ -156,6 +157,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.Close()
 		return err
 	}
+	if os.Getenv("GOMAXPROCS") == "" {
+		// Before the proxy: its pools spread over this many sessions.
+		cores := runtime.GOMAXPROCS(0)
+		runtime.GOMAXPROCS(cfg.Node.Procs(cores))
+	}
 	a.reg = prometheus.NewRegistry()
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	adv, err := advertiseAddr(cfg)
@@ -187,7 +193,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.everReady.Store(true)
 	a.fds.Release() // sockets of a previous configuration nothing took
 	a.log.Info("vmesh is ready", "node", cfg.NodeName(), "identity", a.caClient.NodeID(),
-		"outbound", a.prx.OutboundAddr(), "inbound", a.prx.InboundAddr(), "rules", cfg.Rules.Enabled)
+		"outbound", a.prx.OutboundAddr(), "inbound", a.prx.InboundAddr(), "rules", cfg.Rules.Enabled, "cores", runtime.GOMAXPROCS(0))
 	// Start-up (CA, certificates, first rules) leaves garbage behind: give
 	// its pages back now rather than at the runtime's leisure, and let the
 	// kernel reclaim the executable's pages start-up touched, so an idle

@@ -76,6 +76,20 @@ type Section struct {
 	// DrainTimeout is how long a stopping agent lets established
 	// connections finish before closing them. Default 10s.
 	DrainTimeout time.Duration `toml:"drain_timeout"`
+	// CPUs is how many cores the agent's code runs on at once
+	// (GOMAXPROCS). Default 0: half the cores the host gives the agent
+	// (its CPU quota counts), at least 1. The environment variable
+	// GOMAXPROCS, when set, wins.
+	CPUs int `toml:"cpus"`
+}
+
+// Procs returns the number of cores the agent runs on (Section.CPUs); auto
+// is the Go runtime's own default, the cores available to the process.
+func (s Section) Procs(auto int) int {
+	if s.CPUs > 0 {
+		return s.CPUs
+	}
+	return max(1, auto/2)
 }
 
 // AdminConfig is the [admin] section.
@@ -213,6 +227,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Node.DrainTimeout < 0 {
 		errs.Add("node.drain_timeout", "must not be negative, got %s", c.Node.DrainTimeout)
+	}
+	if c.Node.CPUs < 0 || c.Node.CPUs > 1024 {
+		errs.Add("node.cpus", "must be 0 (half the cores) to 1024, got %d", c.Node.CPUs)
 	}
 	if !c.Admin.Addr.IsValid() || c.Admin.Addr.Port() == 0 {
 		errs.Add("admin.addr", "must be an address with a non-zero port, e.g. 127.0.0.1:4191")

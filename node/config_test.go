@@ -98,6 +98,7 @@ func TestBadConfig(t *testing.T) {
 		{"bad health", "[[service]]\nname = \"a\"\nport = 1\n[service.health]\ntype = \"icmp\"\n", "service[1].health.type", 5, "tcp"},
 		{"health timeout", "[[service]]\nname = \"a\"\nport = 1\n[service.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n", "service[1].health.timeout", 6, "shorter than interval"},
 		{"bad role", "[ca]\nrole = \"master\"\n", "ca.role", 2, "client"},
+		{"negative cpus", "[node]\ncpus = -2\n", "node.cpus", 2, "must be 0 (half the cores) to 1024"},
 		{"bad trust domain", "[ca]\ntrust_domain = \"Prod Example\"\n", "ca.trust_domain", 2, "trust domain"},
 		{"bad ca url", "[ca]\nurl = \"http://ca:4192\"\n", "ca.url", 2, "https"},
 		{"bad join", "[gossip]\njoin = [\"not an address\"]\n", "gossip.join", 2, "not an ip"},
@@ -312,5 +313,17 @@ func TestAgentRefusesUnencryptedGossip(t *testing.T) {
 	cfg.Gossip.KeyFile = "/etc/vmesh/gossip.key"
 	if _, err := New(Options{Config: cfg}); err != nil {
 		t.Errorf("with a key file: %v", err)
+	}
+}
+
+// node.cpus: 0 runs the agent on half the cores it has (at least one),
+// leaving the rest to the host's apps; a number runs it on that many.
+func TestProcs(t *testing.T) {
+	for _, c := range []struct{ cpus, auto, want int }{
+		{0, 1, 1}, {0, 2, 1}, {0, 3, 1}, {0, 8, 4}, {0, 64, 32}, {3, 2, 3}, {1, 16, 1},
+	} {
+		if got := (Section{CPUs: c.cpus}).Procs(c.auto); got != c.want {
+			t.Errorf("cpus = %d on %d cores: %d, want %d", c.cpus, c.auto, got, c.want)
+		}
 	}
 }

@@ -51,7 +51,7 @@ func parts(cfg Config, levelVar bool) []part {
 		}
 		return out
 	}
-	node := pick("node.name", "node.data_dir", "node.log_format")
+	node := pick("node.name", "node.data_dir", "node.log_format", "node.cpus")
 	if !levelVar {
 		node["node.log_level"] = cfg.Node.LogLevel
 	}
