@@ -63,15 +63,20 @@ func appendFields(b []byte, fs []hpack.HeaderField) []byte {
 // parseFields decodes a plain header block into fs (reused).
 func parseFields(b []byte, fs []hpack.HeaderField) ([]hpack.HeaderField, error) {
 	fs = fs[:0]
-	for len(b) > 0 {
+	if fs == nil {
+		fs = make([]hpack.HeaderField, 0, 16)
+	}
+	// One allocation for the block: every name and value is a substring.
+	all := string(b)
+	for off := 0; off < len(all); {
 		var f hpack.HeaderField
 		for i := 0; i < 2; i++ {
-			n, k := binary.Uvarint(b)
-			if k <= 0 || n > uint64(len(b)-k) {
+			n, k := binary.Uvarint(b[off:])
+			if k <= 0 || n > uint64(len(b)-off-k) {
 				return nil, errMsgField
 			}
-			s := string(b[k : k+int(n)])
-			b = b[k+int(n):]
+			s := all[off+k : off+k+int(n)]
+			off += k + int(n)
 			if i == 0 {
 				f.Name = s
 			} else {

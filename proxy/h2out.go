@@ -443,7 +443,7 @@ var (
 // fields; ok=false for a malformed request (a stream error).
 func newExchange(fields []hpack.HeaderField) (ex *h2Exchange, out []hpack.HeaderField, ok bool) {
 	ex = &h2Exchange{start: time.Now()}
-	out = fields[:0:0]
+	out = make([]hpack.HeaderField, 0, len(fields))
 	scheme := false
 	for _, f := range fields {
 		if !validH2Field(f) {
