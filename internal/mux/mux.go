@@ -225,6 +225,10 @@ func newSession(conn net.Conn, client bool, cfg Config, accept func(*Stream)) *S
 	s.rd = bufio.NewReaderSize(conn, 32<<10)
 	s.fr = http2.NewFramer(s.bw, s.rd)
 	s.fr.SetMaxReadFrameSize(maxFrame)
+	// One DATA frame object for every read: a frame's bytes are copied
+	// (or written to a sink) before the next read, as they must be anyway
+	// (they live in the framer's read buffer).
+	s.fr.SetReuseFrames()
 	s.lastRead.Store(time.Now().UnixNano())
 	if s.wire = wireOf(conn); s.wire != nil {
 		s.wire.start(s.flushSinks)
