@@ -908,10 +908,13 @@ func copyRequestBody(done chan<- error, uc *upConn, src *bufio.Reader, kind body
 // (runtime.Gosched), and the last of them to finish flushes for all: one
 // system call for the requests (or responses) of many app connections
 // that became ready together, where each used to take one. Alone, the
-// goroutine runs on at once.
+// goroutine runs on at once. Only a flush the stream's window takes now
+// is held so: one that must wait for credit would hold back every other
+// stream's flushes on the session while it waits (the only writer of a
+// stream is its goroutine: its window only grows meanwhile).
 func flushH1(bw *bufio.Writer, c net.Conn) error {
 	st, ok := c.(*mux.Stream)
-	if !ok {
+	if !ok || bw.Buffered() > st.SendWindow() {
 		return bw.Flush()
 	}
 	s := st.Session()

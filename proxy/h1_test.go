@@ -12,11 +12,14 @@ import (
 	"net/http"
 	"net/netip"
 	"os/exec"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/vmesh/vmesh/internal/mux"
 )
 
 // h1App is the app behind B in the HTTP/1 correctness tests.
@@ -721,5 +724,78 @@ func TestH1MuxWhenBusy(t *testing.T) {
 	}
 	if got := sessions(); got == 0 {
 		t.Errorf("%d requests under way at once made no mux session, want their last ones on streams", n)
+	}
+}
+
+// TestFlushH1WaitingStream: a batched flush (flushH1) that must wait for
+// window credit does not hold the session's other flushes while it waits:
+// one app's stalled stream would otherwise stall every request on the
+// peer session.
+func TestFlushH1WaitingStream(t *testing.T) {
+	ln := listenLocal(t)
+	got := make(chan string, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		srv := mux.Server(c, mux.Config{StreamWindow: 64 << 10}, func(st *mux.Stream) {
+			st.Accept()
+			if st.Header()[0] == 's' {
+				return // never read: its window runs out
+			}
+			b := make([]byte, 5)
+			if _, err := io.ReadFull(st, b); err == nil {
+				got <- string(b)
+			}
+		})
+		srv.Serve()
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli := mux.Client(c, mux.Config{StreamWindow: 64 << 10})
+	t.Cleanup(func() { cli.Close() })
+	stalled, err := cli.Open([]byte("s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stalled.Write(make([]byte, 64<<10)); err != nil { // the whole window
+		t.Fatal(err)
+	}
+	bw := bufio.NewWriter(stalled)
+	bw.WriteString("more than the window takes")
+	go flushH1(bw, stalled) // waits for credit that never comes
+	// Until that flush waits (a state, not an event: seen in the stacks).
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		buf := make([]byte, 1<<20)
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		if strings.Contains(stacks, "sync.(*Cond).Wait") && strings.Contains(stacks, "proxy.flushH1") &&
+			strings.Contains(stacks, "mux.(*Stream).write") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the stalled stream's flush never waited for credit")
+		}
+		runtime.Gosched()
+	}
+
+	other, err := cli.Open([]byte("o"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	obw := bufio.NewWriter(other)
+	obw.WriteString("hello")
+	if err := flushH1(obw, other); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case s := <-got:
+		if s != "hello" {
+			t.Fatalf("the other stream got %q", s)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a flush waiting for credit on one stream held back another stream's flush")
 	}
 }

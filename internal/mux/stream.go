@@ -569,6 +569,14 @@ func (st *Stream) write(b []byte, end bool) (int, error) {
 	return written, nil
 }
 
+// SendWindow returns how many bytes a write may send now without waiting
+// for the peer's credit.
+func (st *Stream) SendWindow() int {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return int(max(0, st.sendWin))
+}
+
 // TryWrite sends b, and the half-close after it when end is set, only if
 // the stream's window takes all of b now: it never waits. It reports
 // whether it sent; false with a nil error means "no room now, use Write".
