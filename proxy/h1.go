@@ -789,7 +789,7 @@ func (h *h1Conn) failEarly(l h1Leg, bodyDone chan error, code int, why string) b
 func (h *h1Conn) upstream(l *h1Leg) (*upConn, error) {
 	p := h.p
 	if l.peer {
-		l.key.mux = p.h1Mux || p.h1PeerBusy.Load() >= p.h1MuxAt
+		l.key.mux = p.h1Mux || p.h1PeerBusy.Load() >= h1MuxAt
 	}
 	if uc := l.pool.get(l.key); uc != nil {
 		return uc, nil

@@ -93,7 +93,6 @@ type Proxy struct {
 	// Peers always accept such streams.
 	h1Mux      bool
 	h1PeerBusy atomic.Int32
-	h1MuxAt    int32
 
 	// The frame-level HTTP/2 path (h2fwd.go): apps' connections, and
 	// connections to local services.
@@ -185,7 +184,6 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	p.muxes = newMuxPool(p)
 	p.local = newLocalTransports(p)
 	p.h1peers = newUpPool(h1PeerIdle, 256)
-	p.h1MuxAt = h1MuxAt
 	p.h1local = newUpPool(h1LocalIdle, 256)
 	p.h2local = newH2Pool(p)
 	p.h1stop = make(chan struct{})
