@@ -11,6 +11,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -293,6 +295,13 @@ allow = ["spiffe://e2e.test/svc/redis"]
 		return err == nil && strings.Count(m, "alive") == 3 && strings.Contains(out, "web") &&
 			regexp.MustCompile(`redis\s+redis\.vmesh\s+\S+\s+ca1\s+\S+\s+\S+( \(opaque\))?\s+passing`).MatchString(out)
 	})
+
+	// node.cpus by default: the agent runs on half the host's cores, at
+	// least one (the Go runtime's gauge of GOMAXPROCS).
+	if mm := regexp.MustCompile(`(?m)^go_sched_gomaxprocs_threads (\S+)$`).FindStringSubmatch(
+		cli.Run(t, "curl", "-sf", "http://127.0.0.1:4191/metrics")); mm == nil || mm[1] != strconv.Itoa(max(1, runtime.NumCPU()/2)) {
+		t.Errorf("go_sched_gomaxprocs_threads: %v, want %d (half of %d cores)", mm, max(1, runtime.NumCPU()/2), runtime.NumCPU())
+	}
 
 	t.Logf("step: %s", "HTTP through both proxies")
 	// HTTP through both proxies, with mTLS and identities in the metrics.
