@@ -52,6 +52,10 @@ const (
 	h2fMaxHeaderList = 64 << 10
 	h2fLocalIdle     = 30 * time.Second
 	h2fCreditBatch   = 32 << 10
+	// h2fUpRoom is the room a stream's first queued message leaves for
+	// what follows it in the same read (a unary body, a response's body
+	// and trailers): one allocation, not one per message.
+	h2fUpRoom = 512
 )
 
 // h2Conn is one HTTP/2 connection the proxy terminates: an app's (server
@@ -62,6 +66,7 @@ type h2Conn struct {
 	server bool
 	fr     *http2.Framer
 	rd     *bufio.Reader
+	hd     *h2Headers // the read loop's header blocks
 
 	wmu     sync.Mutex // the write side: fr's writes, bw, cw, henc
 	waiting atomic.Int32
@@ -146,8 +151,8 @@ func newH2Conn(p *Proxy, nc net.Conn, server bool, rd io.Reader) *h2Conn {
 	c.bw = bufio.NewWriterSize(&c.cw, 16<<10)
 	c.rd = bufio.NewReaderSize(rd, 16<<10)
 	c.fr = http2.NewFramer(c.bw, c.rd)
-	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = h2fMaxHeaderList
+	c.hd = newH2Headers(h2fMaxHeaderList)
 	c.fr.SetReuseFrames()
 	c.henc = hpack.NewEncoder(&c.hbuf)
 	return c
@@ -410,7 +415,17 @@ func (c *h2Conn) readLoop() error {
 			return err
 		}
 		if err := c.handle(f); err != nil {
-			c.goAway(http2.ErrCodeProtocol)
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				c.streamError(se.StreamID, se.Code)
+				continue
+			}
+			code := http2.ErrCodeProtocol
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				code = http2.ErrCode(ce)
+			}
+			c.goAway(code)
 			return err
 		}
 		if c.rd.Buffered() == 0 && (len(c.pending) > 0 || len(c.opens) > 0) {
@@ -425,15 +440,16 @@ func (c *h2Conn) readLoop() error {
 func (c *h2Conn) handle(f http2.Frame) error {
 	id := f.Header().StreamID
 	switch f := f.(type) {
-	case *http2.MetaHeadersFrame:
-		s := c.stream(id)
-		if s == nil {
-			if !c.server {
-				return nil // a stream we reset
-			}
-			return c.newRequest(f)
+	case *http2.HeadersFrame:
+		if err := c.hd.begin(f); err != nil || !f.HeadersEnded() {
+			return err
 		}
-		return s.headersFromH2(f)
+		return c.headers()
+	case *http2.ContinuationFrame:
+		if err := c.hd.fragment(f.HeaderBlockFragment()); err != nil || !f.HeadersEnded() {
+			return err
+		}
+		return c.headers()
 	case *http2.DataFrame:
 		return c.data(f)
 	case *http2.WindowUpdateFrame:
@@ -630,9 +646,24 @@ func endFlag(end bool) byte {
 	return 0
 }
 
+// headers takes a header block read whole (c.hd).
+func (c *h2Conn) headers() error {
+	if err := c.hd.finish(); err != nil {
+		return err
+	}
+	s := c.stream(c.hd.stream)
+	if s == nil {
+		if !c.server {
+			return nil // a stream we reset
+		}
+		return c.newRequest(c.hd)
+	}
+	return s.headersFromH2(c.hd)
+}
+
 // newRequest (server role) takes the app's HEADERS opening a stream.
-func (c *h2Conn) newRequest(f *http2.MetaHeadersFrame) error {
-	id := f.StreamID
+func (c *h2Conn) newRequest(f *h2Headers) error {
+	id := f.stream
 	if id%2 != 1 || id <= c.lastPeer {
 		return errors.New("http2: bad stream ID " + strconv.FormatUint(uint64(id), 10))
 	}
@@ -644,13 +675,13 @@ func (c *h2Conn) newRequest(f *http2.MetaHeadersFrame) error {
 		c.ctl(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
 		return nil
 	}
-	if f.Truncated {
+	if f.truncated {
 		c.ctl(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
 		return nil
 	}
-	ex, fields, ok := newExchange(f.Fields)
+	ex, fields, ok := newExchange(f.fields)
 	s := c.addStream(id, ex)
-	end := f.StreamEnded()
+	end := f.end
 	c.mu.Lock()
 	s.recvEnd = end
 	c.mu.Unlock()
@@ -666,7 +697,7 @@ func (c *h2Conn) newRequest(f *http2.MetaHeadersFrame) error {
 	for _, f := range fields {
 		size += len(f.Name) + len(f.Value) + 2*binary.MaxVarintLen16
 	}
-	b := appendMsgHead(make([]byte, 0, size), msgHeaders|endFlag(end), 0)
+	b := appendMsgHead(make([]byte, 0, size+h2fUpRoom), msgHeaders|endFlag(end), 0)
 	b = appendFields(b, fields)
 	setMsgLen(b)
 	s.upBuf = b
@@ -696,13 +727,13 @@ func (c *h2Conn) addStream(id uint32, ex *h2Exchange) *h2Stream {
 
 // headersFromH2 takes a HEADERS frame on an open stream: trailers from the
 // app (server role); a response head or trailers from the service.
-func (s *h2Stream) headersFromH2(f *http2.MetaHeadersFrame) error {
+func (s *h2Stream) headersFromH2(f *h2Headers) error {
 	c := s.c
-	end := f.StreamEnded()
+	end := f.end
 	c.mu.Lock()
 	if s.recvEnd {
 		c.mu.Unlock()
-		c.streamError(f.StreamID, http2.ErrCodeStreamClosed)
+		c.streamError(f.stream, http2.ErrCodeStreamClosed)
 		return nil
 	}
 	kind := byte(msgTrailers)
@@ -716,25 +747,25 @@ func (s *h2Stream) headersFromH2(f *http2.MetaHeadersFrame) error {
 	}
 	s.recvEnd = end
 	c.mu.Unlock()
-	if f.Truncated {
+	if f.truncated {
 		s.abort(uint32(http2.ErrCodeInternal), false)
 		return nil
 	}
 	if !c.server {
 		if kind == msgHeaders {
-			status, _ := strconv.Atoi(f.PseudoValue("status"))
+			status, _ := strconv.Atoi(pseudo(f.fields, ":status"))
 			if status >= 200 {
 				c.mu.Lock()
 				s.finalSeen = true
 				c.mu.Unlock()
-				s.ex.head(c.p, status, f.Fields)
+				s.ex.head(c.p, status, f.fields)
 			}
 		} else {
-			s.ex.trailers(f.Fields)
+			s.ex.trailers(f.fields)
 		}
 	}
 	b := appendMsgHead(c.scratch[:0], kind|endFlag(end), 0)
-	b = appendFields(b, f.Fields)
+	b = appendFields(b, f.fields)
 	setMsgLen(b)
 	c.scratch = b
 	s.up(b, 0, end)
@@ -752,6 +783,9 @@ func (s *h2Stream) up(msg []byte, credit int, end bool) {
 	if s.upClosed {
 		s.mu.Unlock()
 		return
+	}
+	if s.upBuf == nil {
+		s.upBuf = make([]byte, 0, len(msg)+h2fUpRoom)
 	}
 	s.upBuf = append(s.upBuf, msg...)
 	s.upCredit += credit

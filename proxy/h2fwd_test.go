@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -81,6 +82,31 @@ func (r *rawH2) headers(id uint32, end bool, kv ...string) {
 		r.enc.WriteField(hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
 	}
 	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: r.buf.Bytes(), EndStream: end, EndHeaders: true}); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+// headersSplit sends a request head ending its stream as a HEADERS frame
+// and CONTINUATIONs: the block cut into parts pieces of equal size.
+func (r *rawH2) headersSplit(id uint32, parts int, kv ...string) {
+	r.t.Helper()
+	r.buf.Reset()
+	for i := 0; i < len(kv); i += 2 {
+		r.enc.WriteField(hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
+	}
+	block := r.buf.Bytes()
+	n := (len(block) + parts - 1) / parts
+	var err error
+	for first := true; err == nil && (first || len(block) > 0); first = false {
+		frag := block[:min(n, len(block))]
+		block = block[len(frag):]
+		if first {
+			err = r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: frag, EndStream: true, EndHeaders: len(block) == 0})
+		} else {
+			err = r.fr.WriteContinuation(id, len(block) == 0, frag)
+		}
+	}
+	if err != nil {
 		r.t.Fatal(err)
 	}
 }
@@ -183,6 +209,102 @@ func TestH2ForwardMalformed(t *testing.T) {
 	}
 	if n := served.Load(); n != 1 {
 		t.Errorf("the service served %d requests, want 1 (only the good one)", n)
+	}
+}
+
+// TestH2HeaderBlocks checks the client proxy's reading of header blocks
+// (h2Headers): a block split over CONTINUATION frames, mid-field, is one
+// request; each field HTTP/2 forbids resets its stream with PROTOCOL_ERROR;
+// a list that goes over the limit in its last fragment is refused
+// (REFUSED_STREAM) with the HPACK state still in step (the next request,
+// which indexes a field of the refused one, is served); none of them
+// reaches the service; a block that is not HPACK ends the connection with
+// COMPRESSION_ERROR, a fragment after the limit was hit with
+// PROTOCOL_ERROR (x/net's Framer's rules).
+func TestH2HeaderBlocks(t *testing.T) {
+	var served atomic.Int32
+	ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) {
+		served.Add(1)
+		io.WriteString(w, r.URL.Path+" "+r.Header.Get("x-big-0"))
+	})
+	a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{}, proxyOpts{})
+	r := newRawH2(t, a, 9090)
+	req := func(path string, extra ...string) []string {
+		return append([]string{":method", "GET", ":scheme", "http", ":authority", "svc", ":path", path}, extra...)
+	}
+	id := uint32(1)
+	r.headersSplit(id, 7, req("/split", "x-a", "1", "x-b", "2")...)
+	if status, body, _, reset := r.response(id); reset || status != "200" || body != "/split " {
+		t.Errorf("a block in 7 fragments: %q %q (reset %v), want 200 \"/split \"", status, body, reset)
+	}
+	for _, c := range []struct {
+		name string
+		kv   []string
+	}{
+		{"uppercase name", req("/", "X-Up", "1")},
+		{"name not a token", req("/", "a b", "1")},
+		{"value with NUL", req("/", "x-a", "a\x00b")},
+		{"value with LF", req("/", "x-a", "a\nb")},
+		{"pseudo-header after a field", []string{":method", "GET", "x-a", "1", ":scheme", "http", ":authority", "svc", ":path", "/"}},
+		{"unknown pseudo-header", append([]string{":foo", "x"}, req("/")...)},
+		{"duplicate pseudo-header", append([]string{":path", "/a"}, req("/")...)},
+		{"response pseudo-header in a request", append([]string{":status", "200"}, req("/")...)},
+	} {
+		id += 2
+		r.headersSplit(id, 1, c.kv...)
+		if _, _, code, reset := r.response(id); !reset || code != http2.ErrCodeProtocol {
+			t.Errorf("%s: stream not reset with PROTOCOL_ERROR (reset %v, code %v)", c.name, reset, code)
+		}
+	}
+	big := strings.Repeat("v", 2000)
+	bigFields := func(n int) []string {
+		var kv []string
+		for i := range n {
+			kv = append(kv, "x-big-"+strconv.Itoa(i), big)
+		}
+		return kv
+	}
+	id += 2
+	// 33 fields of 2 KB: the 64 KiB list limit is hit by the last one, in
+	// the last of 5 fragments.
+	r.headersSplit(id, 5, req("/big", bigFields(33)...)...)
+	if _, _, code, reset := r.response(id); !reset || code != http2.ErrCodeRefusedStream {
+		t.Errorf("a list over the limit: reset %v code %v, want REFUSED_STREAM", reset, code)
+	}
+	id += 2
+	r.headersSplit(id, 2, req("/after", "x-big-0", big)...) // indexed from the refused block's entries
+	if status, body, _, reset := r.response(id); reset || status != "200" || body != "/after "+big {
+		t.Errorf("a request after the refused one: %q (%d bytes of body, reset %v), want 200", status, len(body), reset)
+	}
+	if n := served.Load(); n != 2 {
+		t.Errorf("the service served %d requests, want 2 (only the good ones)", n)
+	}
+	id += 2
+	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, EndStream: true, EndHeaders: true}); err != nil {
+		t.Fatal(err)
+	}
+	if code := r.goAway(); code != http2.ErrCodeCompression {
+		t.Errorf("GOAWAY %v after a block that is not HPACK, want COMPRESSION_ERROR", code)
+	}
+	r = newRawH2(t, a, 9090)
+	r.headersSplit(1, 6, req("/big", bigFields(40)...)...) // the limit hit in the 5th of 6 fragments
+	if code := r.goAway(); code != http2.ErrCodeProtocol {
+		t.Errorf("GOAWAY %v after a fragment past the list limit, want PROTOCOL_ERROR", code)
+	}
+}
+
+// goAway reads frames until a GOAWAY and returns its code.
+func (r *rawH2) goAway() http2.ErrCode {
+	r.t.Helper()
+	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		f, err := r.fr.ReadFrame()
+		if err != nil {
+			r.t.Fatalf("no GOAWAY: %v", err)
+		}
+		if g, ok := f.(*http2.GoAwayFrame); ok {
+			return g.ErrCode
+		}
 	}
 }
 

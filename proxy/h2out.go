@@ -440,10 +440,11 @@ var (
 )
 
 // newExchange checks a request head and returns it without the mesh's own
-// fields; ok=false for a malformed request (a stream error).
+// fields, filtered in place (fields is the caller's scratch); ok=false for
+// a malformed request (a stream error).
 func newExchange(fields []hpack.HeaderField) (ex *h2Exchange, out []hpack.HeaderField, ok bool) {
 	ex = &h2Exchange{start: time.Now()}
-	out = make([]hpack.HeaderField, 0, len(fields))
+	out = fields[:0]
 	scheme := false
 	for _, f := range fields {
 		if !validH2Field(f) {
@@ -543,13 +544,8 @@ func validH2Field(f hpack.HeaderField) bool {
 	switch f.Name {
 	case ":method", ":scheme", ":authority", ":path", ":protocol":
 	default:
-		if !httpguts.ValidHeaderFieldName(f.Name) {
+		if !validFieldName(f.Name) {
 			return false
-		}
-		for i := 0; i < len(f.Name); i++ {
-			if c := f.Name[i]; 'A' <= c && c <= 'Z' {
-				return false
-			}
 		}
 	}
 	return httpguts.ValidHeaderFieldValue(f.Value)

@@ -178,6 +178,7 @@ type Session struct {
 	bw      *bufio.Writer
 	fr      *http2.Framer
 	waiting atomic.Int32 // writers queued on wmu: the last one flushes
+	dhdr    [9]byte      // writeDataFrames' frame header (a local one escapes through bw: an allocation per frame)
 	werr    error        // guarded by wmu: the first write error
 
 	lastRead atomic.Int64 // unix nanos of the last frame read
@@ -393,9 +394,9 @@ func (s *Session) writeDataFrames(id uint32, b []byte, end bool) error {
 		if end && last {
 			flags = byte(http2.FlagDataEndStream)
 		}
-		hdr := [9]byte{byte(m >> 16), byte(m >> 8), byte(m), byte(http2.FrameData), flags,
+		s.dhdr = [9]byte{byte(m >> 16), byte(m >> 8), byte(m), byte(http2.FrameData), flags,
 			byte(id >> 24), byte(id >> 16), byte(id >> 8), byte(id)}
-		s.bw.Write(hdr[:])
+		s.bw.Write(s.dhdr[:])
 		if _, err := s.bw.Write(b[:m]); err != nil {
 			return err
 		}
