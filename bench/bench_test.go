@@ -33,6 +33,9 @@ var (
 	flagRender   = flag.String("bench.render", "", "TestRender: a results JSON file to render again into -bench.doc (no measuring)")
 	flagVMeshEnv = flag.String("bench.vmeshenv", "", "environment for the vmesh agents only, as KEY=VALUE,... (e.g. GOMAXPROCS=1)")
 	flagBEnv     = flag.String("bench.benv", "", "environment for the vmesh-b column's agents (added to -bench.vmeshenv's), as KEY=VALUE,...")
+	flagBBin     = flag.String("bench.bbin", "", "a vmesh binary for the vmesh-b column's agents instead of the one built from this tree (an A/B of two builds in one run)")
+	flagTrace    = flag.String("bench.trace", "", "profiles (comma list of labels, e.g. grpc16) to also take a runtime trace of, for go tool trace")
+	flagAllocs   = flag.String("bench.allocs", "", "profiles (comma list of labels) to also take the allocations of (a delta heap profile: go tool pprof -sample_index=alloc_space)")
 	flagPprof    = flag.Bool("bench.pprof", true, "profile the vmesh proxies (control socket /debug/pprof): CPU under HTTP max rate, h2load, sequential gRPC, iperf3 and new connections, heap holding idle connections")
 )
 
@@ -109,7 +112,11 @@ func TestBench(t *testing.T) {
 			r.report.Unavailable[VMeshB] = err.Error()
 		} else {
 			cols = append(cols, c)
-			r.report.Notes = append(r.report.Notes, "vmesh-b column: the vmesh agents with "+*flagBEnv)
+			note := "vmesh-b column: the vmesh agents with environment " + *flagBEnv
+			if *flagBBin != "" {
+				note += ", binary " + *flagBBin
+			}
+			r.report.Notes = append(r.report.Notes, note)
 		}
 	}
 	var vm *column

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -247,8 +248,40 @@ func (r *run) profile(load, label string, run func(c *column, secs int)) {
 				ch <- got{host, b, err}
 			}()
 		}
+		// What -bench.trace and -bench.allocs ask for, taken over the
+		// same seconds: a runtime trace, the allocations (a delta profile).
+		type extra struct{ path, ext string }
+		var extras []extra
+		if slices.Contains(strings.Split(*flagTrace, ","), label) {
+			extras = append(extras, extra{"/debug/pprof/trace", "trace"})
+		}
+		if slices.Contains(strings.Split(*flagAllocs, ","), label) {
+			extras = append(extras, extra{"/debug/pprof/allocs", "allocs.pprof"})
+		}
+		more := make(chan got, len(c.controls)*len(extras))
+		for _, x := range extras {
+			for host, sock := range c.controls {
+				go func() {
+					b, err := fetchUnix(sock, fmt.Sprintf("%s?seconds=%d", x.path, secs), time.Duration(secs+30)*time.Second)
+					more <- got{host + "-" + x.ext, b, err}
+				}()
+			}
+		}
 		time.Sleep(200 * time.Millisecond)
 		run(c, secs)
+		for range cap(more) {
+			g := <-more
+			host, ext, _ := strings.Cut(g.host, "-")
+			path := filepath.Join(r.outDir(), fmt.Sprintf("%s-%s-%s-%s.%s", r.stamp(), c.name, host, label, ext))
+			if g.err == nil {
+				g.err = os.WriteFile(path, g.data, 0o644)
+			}
+			if g.err != nil {
+				r.t.Logf("%s %s %s: %v", ext, c.name, host, g.err)
+				continue
+			}
+			r.t.Logf("%s of the %s proxy on %s under %s: %s", ext, c.name, host, load, path)
+		}
 		for range c.controls {
 			g := <-ch
 			if g.err != nil {
@@ -257,13 +290,7 @@ func (r *run) profile(load, label string, run func(c *column, secs int)) {
 				r.report.Notes = append(r.report.Notes, msg)
 				continue
 			}
-			dir := *flagOut
-			if dir == "" {
-				dir = r.tools.dir
-			}
-			os.MkdirAll(dir, 0o755)
-			stamp := strings.NewReplacer(":", "", "-", "").Replace(r.report.Date)
-			path := filepath.Join(dir, fmt.Sprintf("%s-%s-%s-%s.cpu.pprof", stamp, c.name, g.host, label))
+			path := filepath.Join(r.outDir(), fmt.Sprintf("%s-%s-%s-%s.cpu.pprof", r.stamp(), c.name, g.host, label))
 			if err := os.WriteFile(path, g.data, 0o644); err != nil {
 				r.t.Log(err)
 				continue
@@ -288,6 +315,21 @@ func (r *run) profile(load, label string, run func(c *column, secs int)) {
 			r.t.Logf("CPU profile of the %s proxy on %s under %s (%s):\n%s", c.name, g.host, load, path, firstLines(string(out), 40))
 		}
 	}
+}
+
+// outDir is where profiles go: -bench.out, else the tools' directory.
+func (r *run) outDir() string {
+	dir := *flagOut
+	if dir == "" {
+		dir = r.tools.dir
+	}
+	os.MkdirAll(dir, 0o755)
+	return dir
+}
+
+// stamp is the run's date as file names carry it.
+func (r *run) stamp() string {
+	return strings.NewReplacer(":", "", "-", "").Replace(r.report.Date)
 }
 
 func firstLines(s string, n int) string {
@@ -327,13 +369,7 @@ func (r *run) heapProfiles(c *column, what, tag string) {
 			r.t.Logf("heap profile %s %s: %v", c.name, host, err)
 			continue
 		}
-		dir := *flagOut
-		if dir == "" {
-			dir = r.tools.dir
-		}
-		os.MkdirAll(dir, 0o755)
-		stamp := strings.NewReplacer(":", "", "-", "").Replace(r.report.Date)
-		path := filepath.Join(dir, fmt.Sprintf("%s-%s-%s-%s.heap.pprof", stamp, c.name, host, tag))
+		path := filepath.Join(r.outDir(), fmt.Sprintf("%s-%s-%s-%s.heap.pprof", r.stamp(), c.name, host, tag))
 		if err := os.WriteFile(path, b, 0o644); err != nil {
 			r.t.Log(err)
 			continue

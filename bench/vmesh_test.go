@@ -194,7 +194,8 @@ func TestColumnScenarios(t *testing.T) {
 
 // agentCommand is prlimit's arguments for running a vmesh agent: the file
 // limit, and -bench.vmeshenv's variables (through env, which keeps the pid);
-// the vmesh-b column's agents also get -bench.benv's.
+// the vmesh-b column's agents also get -bench.benv's, and run -bench.bbin's
+// binary when set.
 func agentCommand(column string, args ...string) []string {
 	var env []string
 	if *flagVMeshEnv != "" {
@@ -202,6 +203,9 @@ func agentCommand(column string, args ...string) []string {
 	}
 	if column == VMeshB && *flagBEnv != "" {
 		env = append(env, strings.Split(*flagBEnv, ",")...)
+	}
+	if column == VMeshB && *flagBBin != "" {
+		args = append([]string{*flagBBin}, args[1:]...)
 	}
 	out := []string{nofileArg(), "--"}
 	if len(env) > 0 {
