@@ -305,6 +305,7 @@ func (c *column) url(path string) string { return "http://" + c.target["http"] +
 // usage is what the proxies used during one run.
 type usage struct {
 	cpu     time.Duration // CPU time of all the column's proxies
+	sys     time.Duration // the part of cpu in the kernel (system calls, and the network stack they run)
 	peakRSS int64         // peak of the sum of their RSS, bytes
 }
 
@@ -313,7 +314,7 @@ func (c *column) during(fn func() error) (usage, error) {
 	if len(c.procs) == 0 {
 		return usage{}, fn()
 	}
-	cpu0 := c.cpuTicks()
+	user0, sys0 := c.cpuTicks()
 	var (
 		peak int64
 		wg   sync.WaitGroup
@@ -337,22 +338,25 @@ func (c *column) during(fn func() error) (usage, error) {
 	close(stop)
 	wg.Wait()
 	peak = max(peak, c.rss())
+	user1, sys1 := c.cpuTicks()
 	// /proc/<pid>/stat counts in USER_HZ, 100 on Linux.
-	return usage{cpu: time.Duration(c.cpuTicks()-cpu0) * 10 * time.Millisecond, peakRSS: peak}, err
+	const tick = 10 * time.Millisecond
+	return usage{cpu: time.Duration(user1-user0+sys1-sys0) * tick, sys: time.Duration(sys1-sys0) * tick, peakRSS: peak}, err
 }
 
-func (c *column) cpuTicks() int64 {
-	var sum int64
+// cpuTicks sums the column's proxies' user and kernel CPU time.
+func (c *column) cpuTicks() (user, system int64) {
 	for _, p := range c.procs {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.pid))
 		if err != nil {
 			continue
 		}
-		if n, err := ParseProcStat(string(b)); err == nil {
-			sum += n
+		if u, s, err := ParseProcStat(string(b)); err == nil {
+			user += u
+			system += s
 		}
 	}
-	return sum
+	return user, system
 }
 
 func (c *column) rss() int64 {

@@ -191,26 +191,26 @@ func ParseRedisBenchmark(out string) (map[string]RedisResult, error) {
 	return res, nil
 }
 
-// ParseProcStat returns utime+stime, in clock ticks, from the content of
-// /proc/<pid>/stat.
-func ParseProcStat(stat string) (int64, error) {
+// ParseProcStat returns utime and stime (user and kernel CPU), in clock
+// ticks, from the content of /proc/<pid>/stat.
+func ParseProcStat(stat string) (user, system int64, err error) {
 	// The command name (field 2) is in parentheses and may hold spaces:
 	// count fields after the last ')'.
 	i := strings.LastIndexByte(stat, ')')
 	if i < 0 {
-		return 0, fmt.Errorf("parsing proc stat: no command name")
+		return 0, 0, fmt.Errorf("parsing proc stat: no command name")
 	}
 	f := strings.Fields(stat[i+1:])
 	// f[0] is field 3 (state); utime and stime are fields 14 and 15.
 	if len(f) < 13 {
-		return 0, fmt.Errorf("parsing proc stat: %d fields", len(f)+2)
+		return 0, 0, fmt.Errorf("parsing proc stat: %d fields", len(f)+2)
 	}
 	ut, err1 := strconv.ParseInt(f[11], 10, 64)
 	st, err2 := strconv.ParseInt(f[12], 10, 64)
 	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("parsing proc stat: utime %q stime %q", f[11], f[12])
+		return 0, 0, fmt.Errorf("parsing proc stat: utime %q stime %q", f[11], f[12])
 	}
-	return ut + st, nil
+	return ut, st, nil
 }
 
 // ParseVmRSS returns VmRSS in bytes from the content of /proc/<pid>/status.

@@ -222,13 +222,13 @@ func TestParseRedisBenchmark(t *testing.T) {
 func TestParseProc(t *testing.T) {
 	// A command name with spaces and parentheses must not shift fields.
 	stat := "4242 (vm (a) b) S 1 4242 4242 0 -1 4194560 1000 0 0 0 1234 567 0 0 20 0 9 0 100 2000000 3000 18446744073709551615"
-	got, err := ParseProcStat(stat)
-	if err != nil || got != 1234+567 {
-		t.Errorf("ParseProcStat = %d, %v; want 1801", got, err)
+	user, system, err := ParseProcStat(stat)
+	if err != nil || user != 1234 || system != 567 {
+		t.Errorf("ParseProcStat = %d, %d, %v; want 1234, 567", user, system, err)
 	}
 	self, err := os.ReadFile("/proc/self/stat")
 	if err == nil {
-		if _, err := ParseProcStat(string(self)); err != nil {
+		if _, _, err := ParseProcStat(string(self)); err != nil {
 			t.Errorf("own /proc/self/stat: %v", err)
 		}
 	}

@@ -30,11 +30,13 @@ func (r *run) warmup(c *column) {
 	r.client(c, 30*time.Second, r.tools.fortio, "load", "-qps", "500", "-uniform", "-c", "16", "-t", "1s", "-quiet", c.url("/"))
 }
 
-// perOp records the proxies' CPU per operation of a run, if the column
-// has proxies.
+// perOp records the proxies' CPU per operation of a run, and the part of
+// it in the kernel (system calls and the network stack they run), if the
+// column has proxies.
 func (r *run) perOp(group, name string, c *column, u usage, ops int64) {
 	if len(c.procs) > 0 && ops > 0 {
 		r.report.Add(group, name, "µs", "lower", c.name, float64(u.cpu.Microseconds())/float64(ops))
+		r.report.Add(group, name+", in the kernel", "µs", "lower", c.name, float64(u.sys.Microseconds())/float64(ops))
 	}
 }
 
