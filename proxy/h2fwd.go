@@ -467,11 +467,15 @@ func (c *h2Conn) handle(f http2.Frame) error {
 			return nil
 		}
 		c.mu.Lock()
-		done := f.ErrCode == http2.ErrCodeNo && s.recvEnd
+		// The peer sent all it will and wants no more: a server that
+		// answered before reading the whole request (NO_ERROR, RFC 9113
+		// 8.1), or whose stream closed with its response and so refuses
+		// the rest of the request (Go's server: STREAM_CLOSED), or any
+		// code from a service after its whole response — which, whole,
+		// still goes through. From an app (server role) only NO_ERROR: an
+		// app that resets a request it has sent cancels it.
+		done := s.recvEnd && (f.ErrCode == http2.ErrCodeNo || !c.server)
 		if done {
-			// The peer sent all it will and wants no more (a server that
-			// answered before reading the whole request, RFC 9113 8.1):
-			// what it sent still goes through.
 			s.sentEnd = true
 			c.sendCond.Broadcast()
 		}

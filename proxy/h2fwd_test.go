@@ -308,6 +308,61 @@ func (r *rawH2) goAway() http2.ErrCode {
 	}
 }
 
+// TestH2ForwardResetAfterResponse checks a service that sends its whole
+// response and then resets the stream — with NO_ERROR (RFC 9113 8.1: stop
+// sending the request), or with another code (Go's HTTP/2 server answers
+// request DATA that arrives after it closed the stream with
+// STREAM_CLOSED) — all in one write, so the service side's proxy reads the
+// reset with the response it has not yet forwarded: the app still gets the
+// whole response, never a 502 or a reset in its place.
+func TestH2ForwardResetAfterResponse(t *testing.T) {
+	ln := listenLocal(t)
+	ap := serveConns(ln, func(c net.Conn) {
+		defer c.Close()
+		pre := make([]byte, len(http2.ClientPreface))
+		if _, err := io.ReadFull(c, pre); err != nil {
+			return
+		}
+		fr := http2.NewFramer(c, c)
+		var hb bytes.Buffer
+		enc := hpack.NewEncoder(&hb)
+		fr.WriteSettings()
+		code := http2.ErrCodeNo
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					fr.WriteSettingsAck()
+				}
+			case *http2.HeadersFrame:
+				// Response head, body and the reset in one write.
+				var out bytes.Buffer
+				w := http2.NewFramer(&out, nil)
+				hb.Reset()
+				enc.WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
+				w.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: hb.Bytes(), EndHeaders: true})
+				w.WriteData(f.StreamID, true, []byte("early"))
+				w.WriteRSTStream(f.StreamID, code)
+				c.Write(out.Bytes())
+				code = map[http2.ErrCode]http2.ErrCode{http2.ErrCodeNo: http2.ErrCodeStreamClosed, http2.ErrCodeStreamClosed: http2.ErrCodeCancel}[code]
+			}
+		}
+	})
+	a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{}, proxyOpts{})
+	r := newRawH2(t, a, 9090)
+	for i, code := range []string{"NO_ERROR", "STREAM_CLOSED", "CANCEL"} {
+		id := uint32(1 + 2*i)
+		r.headers(id, false, ":method", "POST", ":scheme", "http", ":authority", "svc", ":path", "/upload")
+		if status, body, rc, reset := r.response(id); reset || status != "200" || body != "early" {
+			t.Errorf("reset %s after the response: the app got %q %q (reset %v %v), want 200 \"early\"", code, status, body, reset, rc)
+		}
+	}
+}
+
 // TestH2ForwardEarlyResponse checks a service that answers before it read
 // the request body, then resets the rest of the request with NO_ERROR
 // (RFC 9113 8.1; Go's HTTP/2 server does): the app gets the whole
