@@ -401,32 +401,31 @@ func (c *h2Conn) readLoop() error {
 		}
 	}
 	for {
+		// A stream error ends its stream only; the loop goes on to the
+		// flush below all the same (the requests read with it must not
+		// wait for more bytes).
+		var se http2.StreamError
 		f, err := c.fr.ReadFrame()
 		if err != nil {
-			var se http2.StreamError
-			if errors.As(err, &se) {
-				c.streamError(se.StreamID, se.Code)
-				continue
+			if !errors.As(err, &se) {
+				var ce http2.ConnectionError
+				if errors.As(err, &ce) {
+					c.goAway(http2.ErrCode(ce))
+				}
+				return err
 			}
-			var ce http2.ConnectionError
-			if errors.As(err, &ce) {
-				c.goAway(http2.ErrCode(ce))
+			c.streamError(se.StreamID, se.Code)
+		} else if err := c.handle(f); err != nil {
+			if !errors.As(err, &se) {
+				code := http2.ErrCodeProtocol
+				var ce http2.ConnectionError
+				if errors.As(err, &ce) {
+					code = http2.ErrCode(ce)
+				}
+				c.goAway(code)
+				return err
 			}
-			return err
-		}
-		if err := c.handle(f); err != nil {
-			var se http2.StreamError
-			if errors.As(err, &se) {
-				c.streamError(se.StreamID, se.Code)
-				continue
-			}
-			code := http2.ErrCodeProtocol
-			var ce http2.ConnectionError
-			if errors.As(err, &ce) {
-				code = http2.ErrCode(ce)
-			}
-			c.goAway(code)
-			return err
+			c.streamError(se.StreamID, se.Code)
 		}
 		if c.rd.Buffered() == 0 && (len(c.pending) > 0 || len(c.opens) > 0) {
 			c.flushPending()

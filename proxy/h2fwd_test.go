@@ -256,6 +256,44 @@ func TestH2HeaderBlocks(t *testing.T) {
 			t.Errorf("%s: stream not reset with PROTOCOL_ERROR (reset %v, code %v)", c.name, reset, code)
 		}
 	}
+	// A good request and a bad one in one write: the bad one's stream
+	// error must not leave the good one waiting for more bytes.
+	var both bytes.Buffer
+	w := http2.NewFramer(&both, nil)
+	for i, kv := range [][]string{req("/together"), req("/", "X-Up", "1")} {
+		r.buf.Reset()
+		for j := 0; j < len(kv); j += 2 {
+			r.enc.WriteField(hpack.HeaderField{Name: kv[j], Value: kv[j+1]})
+		}
+		w.WriteHeaders(http2.HeadersFrameParam{StreamID: id + 2 + 2*uint32(i), BlockFragment: r.buf.Bytes(), EndStream: true, EndHeaders: true})
+	}
+	if _, err := r.c.Write(both.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	good, bad := id+2, id+4
+	id = bad
+	var body string
+	goodDone, badReset := false, false
+	for !goodDone || !badReset {
+		switch f := r.next().(type) {
+		case *http2.DataFrame:
+			if f.StreamID == good {
+				body += string(f.Data())
+				goodDone = f.StreamEnded()
+			}
+		case *http2.RSTStreamFrame:
+			if f.StreamID == bad && f.ErrCode == http2.ErrCodeProtocol {
+				badReset = true
+			} else {
+				t.Fatalf("RST_STREAM %v for stream %d", f.ErrCode, f.StreamID)
+			}
+		case *http2.GoAwayFrame:
+			t.Fatalf("GOAWAY %v", f.ErrCode)
+		}
+	}
+	if body != "/together " {
+		t.Errorf("a good request written with a bad one: body %q, want \"/together \"", body)
+	}
 	big := strings.Repeat("v", 2000)
 	bigFields := func(n int) []string {
 		var kv []string
@@ -276,8 +314,8 @@ func TestH2HeaderBlocks(t *testing.T) {
 	if status, body, _, reset := r.response(id); reset || status != "200" || body != "/after "+big {
 		t.Errorf("a request after the refused one: %q (%d bytes of body, reset %v), want 200", status, len(body), reset)
 	}
-	if n := served.Load(); n != 2 {
-		t.Errorf("the service served %d requests, want 2 (only the good ones)", n)
+	if n := served.Load(); n != 3 {
+		t.Errorf("the service served %d requests, want 3 (only the good ones)", n)
 	}
 	id += 2
 	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, EndStream: true, EndHeaders: true}); err != nil {
