@@ -142,6 +142,11 @@ func (a *Agent) uid() uint32 {
 
 func (a *Agent) sub(name string) *slog.Logger { return a.opts.Logger.With("subsystem", name) }
 
+// runtimeProcs is the Go runtime's own GOMAXPROCS, the cores available to
+// the process, read before any agent changed it: an agent run again in the
+// same process (tests) starts from it, not from its predecessor's half.
+var runtimeProcs = runtime.GOMAXPROCS(0)
+
 // Run starts everything in an order that never exposes the host to broken
 // traffic, and blocks until ctx is done; it then shuts down (see shutdown).
 //
@@ -159,8 +164,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	if os.Getenv("GOMAXPROCS") == "" {
 		// Before the proxy: its pools spread over this many sessions.
-		cores := runtime.GOMAXPROCS(0)
-		runtime.GOMAXPROCS(cfg.Node.Procs(cores))
+		runtime.GOMAXPROCS(cfg.Node.Procs(runtimeProcs))
 	}
 	a.reg = prometheus.NewRegistry()
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
