@@ -75,7 +75,8 @@ func newVIPMesh(t *testing.T) *vipMesh {
 	ca := newTestCA(t, "vmesh.test")
 	m := &vipMesh{backends: map[string]*backend{}}
 	vip := netip.MustParseAddr("240.0.0.10")
-	a := startProxy(t, "a", ca, proxyOpts{})
+	// The catalog maps vip to web before the proxy serves.
+	a := startProxy(t, "a", ca, proxyOpts{tune: func(a *testProxy) { a.p.opts.Catalog = vipCatalog{a.cat, vip, "web"} }})
 	m.a = a
 	for _, name := range []string{"b1", "b2"} {
 		be := &backend{name: name}
@@ -95,7 +96,6 @@ func newVIPMesh(t *testing.T) *vipMesh {
 			Labels: map[string]string{"version": "v" + name[1:]},
 		})
 	}
-	a.p.opts.Catalog = vipCatalog{a.cat, vip, "web"}
 	m.client = &http.Client{Transport: &http.Transport{DialContext: a.dialContext, MaxIdleConnsPerHost: 8}, Timeout: 10 * time.Second}
 	t.Cleanup(m.client.CloseIdleConnections)
 	m.url = "http://" + vip.String() + ":8080"

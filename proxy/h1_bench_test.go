@@ -100,8 +100,8 @@ func benchHTTP1(b *testing.B, mode string, conns int, pace time.Duration) {
 	mesh := mode != "direct"
 	var a *testProxy
 	if mesh {
-		a, _, _ = meshPair(b, []LocalService{{Name: "web", Port: 80, Target: backend}}, proxyOpts{}, proxyOpts{})
-		a.p.h1Mux = mode == "mux"
+		a, _, _ = meshPair(b, []LocalService{{Name: "web", Port: 80, Target: backend}},
+			proxyOpts{tune: func(a *testProxy) { a.p.h1Mux = mode == "mux" }}, proxyOpts{})
 	}
 	req := []byte("GET /bench HTTP/1.1\r\nHost: web\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n")
 	type client struct {

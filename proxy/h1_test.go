@@ -566,8 +566,8 @@ func TestH1IdleServerClose(t *testing.T) {
 	}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
-	a, b, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Target: addrPort(ln.Addr())}}, proxyOpts{}, proxyOpts{})
-	b.p.h1local.checkAfter = 0
+	a, _, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Target: addrPort(ln.Addr())}}, proxyOpts{},
+		proxyOpts{tune: func(b *testProxy) { b.p.h1local.checkAfter = 0 }})
 	client := &http.Client{Transport: &http.Transport{DialContext: a.dialContext}}
 	t.Cleanup(client.CloseIdleConnections)
 	for i := range 3 {
@@ -619,8 +619,8 @@ func TestH1ClientGoneWhileWaiting(t *testing.T) {
 func TestH1OverMux(t *testing.T) {
 	app := startH1App(t)
 	ws := upgradeServer(t)
-	a, _, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Target: app.addr}, {Name: "ws", Port: 8081, Target: ws}}, proxyOpts{}, proxyOpts{})
-	a.p.h1Mux = true
+	a, _, _ := meshPair(t, []LocalService{{Name: "web", Port: 80, Target: app.addr}, {Name: "ws", Port: 8081, Target: ws}},
+		proxyOpts{tune: func(a *testProxy) { a.p.h1Mux = true }}, proxyOpts{})
 	c := a.dialOut(t, appAddr(80))
 	io.WriteString(c, "POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\nb1"+
 		"POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nb2\r\n0\r\n\r\n")

@@ -128,6 +128,10 @@ type proxyOpts struct {
 	verify   VerifyPeerFunc
 	dialer   Dialer
 	logger   *slog.Logger // nil: testLogger
+	// tune changes the proxy's internals before it serves: a change after
+	// Serve starts races its accept loop (the race detector sees no order
+	// through the sockets a test's traffic takes).
+	tune func(*testProxy)
 }
 
 func testLogger(t testing.TB) *slog.Logger {
@@ -167,6 +171,9 @@ func startProxy(t testing.TB, name string, ca *testCA, o proxyOpts) *testProxy {
 		t.Fatal(err)
 	}
 	tp.p = p
+	if o.tune != nil {
+		o.tune(tp)
+	}
 	done := make(chan error, 1)
 	go func() { done <- p.Serve(context.Background()) }()
 	t.Cleanup(func() {

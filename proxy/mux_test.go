@@ -77,14 +77,13 @@ func TestOpaqueStalledStreamDoesNotBlockOthers(t *testing.T) {
 	a, _, _ := meshPair(t, []LocalService{
 		{Name: "sink", Port: 7000, Target: sink, Protocol: "opaque"},
 		{Name: "echo", Port: 7001, Target: backend, Protocol: "opaque"},
-	}, proxyOpts{dialer: d, cfg: func(c *Config) { c.MultiplexOpaque = true }}, proxyOpts{})
+	}, proxyOpts{dialer: d, cfg: func(c *Config) { c.MultiplexOpaque = true }, tune: spread(1)}, proxyOpts{})
 	// Release the sink before the proxies close (cleanups run last first):
 	// a proxy's Close waits for relays blocked writing to it.
 	t.Cleanup(func() { close(stalled) })
 	// Pools are per (peer, service identity): address the sink as the echo
-	// service so both streams share one pooled connection (one session:
-	// no spreading over cores).
-	a.p.muxes.spread = 1
+	// service so both streams share one pooled connection (one session, by
+	// spread(1): no spreading over cores).
 	ep := a.cat.Resolve(appAddr(7001)).Endpoint
 	ep.Addr = appAddr(7000)
 	a.cat.add(ep)
@@ -130,8 +129,7 @@ func TestOpaqueStreamsSpreadOverSessions(t *testing.T) {
 	backend := echoServer(t)
 	svc := LocalService{Name: "redis", Port: 6379, Target: backend, Protocol: "opaque"}
 	d := &recordingDialer{}
-	a, _, _ := meshPair(t, []LocalService{svc}, proxyOpts{dialer: d}, proxyOpts{})
-	a.p.muxes.spread = 2
+	a, _, _ := meshPair(t, []LocalService{svc}, proxyOpts{dialer: d, tune: spread(2)}, proxyOpts{})
 	for i := range 6 {
 		c := a.dialOut(t, appAddr(6379)) // left open: its stream stays
 		msg := []byte(fmt.Sprintf("PING %d\r\n", i))
@@ -168,8 +166,7 @@ func TestMuxBurstDialsSpreadOnly(t *testing.T) {
 	t.Run("opaque", func(t *testing.T) {
 		backend := echoServer(t)
 		d := &recordingDialer{}
-		a, _, _ := meshPair(t, []LocalService{{Name: "redis", Port: 6379, Target: backend, Protocol: "opaque"}}, proxyOpts{dialer: d}, proxyOpts{})
-		a.p.muxes.spread = 2
+		a, _, _ := meshPair(t, []LocalService{{Name: "redis", Port: 6379, Target: backend, Protocol: "opaque"}}, proxyOpts{dialer: d, tune: spread(2)}, proxyOpts{})
 		conns := make([]net.Conn, burst)
 		for i := range conns {
 			conns[i] = a.dialOut(t, appAddr(6379)) // accepted, not yet routed to a stream
@@ -200,8 +197,7 @@ func TestMuxBurstDialsSpreadOnly(t *testing.T) {
 	t.Run("http2", func(t *testing.T) {
 		ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
 		d := &recordingDialer{}
-		a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{dialer: d}, proxyOpts{})
-		a.p.muxes.spread = 2
+		a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{dialer: d, tune: spread(2)}, proxyOpts{})
 		tr := &http2.Transport{AllowHTTP: true, DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
 			return a.dialOut(t, appAddr(9090)), nil
 		}}
@@ -232,4 +228,10 @@ func TestMuxBurstDialsSpreadOnly(t *testing.T) {
 			t.Errorf("%d sessions (mTLS handshakes) for a burst of %d first requests with spread 2, want at most 2", got, burst)
 		}
 	})
+}
+
+// spread is a proxyOpts tune: opaque streams to one peer spread over at
+// most n sessions.
+func spread(n int) func(*testProxy) {
+	return func(tp *testProxy) { tp.p.muxes.spread = n }
 }
