@@ -52,6 +52,9 @@ const (
 	h2fMaxHeaderList = 64 << 10
 	h2fLocalIdle     = 30 * time.Second
 	h2fCreditBatch   = 32 << 10
+	// h2fMaxFrame is the largest frame read: SETTINGS_MAX_FRAME_SIZE's
+	// default, never raised (larger is a FRAME_SIZE_ERROR).
+	h2fMaxFrame = 16 << 10
 	// h2fUpRoom is the room a stream's first queued message leaves for
 	// what follows it in the same read (a unary body, a response's body
 	// and trailers): one allocation, not one per message.
@@ -79,8 +82,9 @@ type h2Conn struct {
 	flushArmed bool
 	flushTimer *time.Timer
 	// Responses written by a mux read loop wait in bw for its flush
-	// (flushAfterReads).
-	afterReads bool
+	// (flushAfterReads, bound once in afterReadsFn: no allocation a call).
+	afterReads   bool
+	afterReadsFn func()
 
 	mu          sync.Mutex
 	sendCond    sync.Cond // connSend or a stream's sendWin grew, or the connection ended
@@ -144,13 +148,15 @@ func newH2Conn(p *Proxy, nc net.Conn, server bool, rd io.Reader) *h2Conn {
 		connRecv: h2fConnWindow,
 	}
 	c.sendCond.L = &c.mu
+	c.afterReadsFn = c.flushAfterReads
 	c.cw.c, c.cw.nc = c, nc
 	if sc, ok := nc.(syscall.Conn); ok {
 		c.cw.rc, _ = sc.SyscallConn()
 	}
 	c.bw = bufio.NewWriterSize(&c.cw, 16<<10)
-	c.rd = bufio.NewReaderSize(rd, 16<<10)
+	c.rd = bufio.NewReaderSize(rd, h2fMaxFrame) // readFrame peeks at whole frames
 	c.fr = http2.NewFramer(c.bw, c.rd)
+	c.fr.SetMaxReadFrameSize(h2fMaxFrame)
 	c.fr.MaxHeaderListSize = h2fMaxHeaderList
 	c.hd = newH2Headers(h2fMaxHeaderList)
 	c.fr.SetReuseFrames()
@@ -234,13 +240,14 @@ type connWriter struct {
 	rc     syscall.RawConn // nil: no socket beneath, nowait is never set
 	nowait bool
 	rest   []byte // bytes the socket did not take in nowait, first out
+	now    rawsock.NowWriter
 }
 
 func (w *connWriter) Write(p []byte) (int, error) {
 	if w.nowait {
 		n := len(p)
 		if len(w.rest) == 0 {
-			p = p[rawsock.WriteNow(w.rc, p):]
+			p = p[w.now.WriteOne(w.rc, p):]
 			if len(p) == 0 {
 				return n, nil
 			}
@@ -319,15 +326,41 @@ func (c *h2Conn) uncork() {
 	c.write(func(*http2.Framer) error { return nil }, true)
 }
 
-// ctl writes a control frame from the read loop (a PING or SETTINGS ack,
-// a WINDOW_UPDATE) without flushing it: the next write takes it along (a
-// gRPC client pings after every DATA it sends, and the response follows),
-// or ctlDelay later a timer flushes it. The read loop never waits behind
-// a writer that waits for the socket: then a goroutine writes it.
-func (c *h2Conn) ctl(f func(*http2.Framer) error) {
+// h2Ctl is a control frame the read loop answers with: a SETTINGS or PING
+// ack, a WINDOW_UPDATE (val: the increment), an RST_STREAM (val: the
+// code). A value, not a closure: the read loop writes one for nearly every
+// call (a gRPC client pings after every DATA it sends), and a closure
+// handed on escapes.
+type h2Ctl struct {
+	typ  http2.FrameType
+	id   uint32
+	val  uint32
+	data [8]byte
+}
+
+func (f h2Ctl) write(fr *http2.Framer) error {
+	switch f.typ {
+	case http2.FrameSettings:
+		return fr.WriteSettingsAck()
+	case http2.FramePing:
+		return fr.WritePing(true, f.data)
+	case http2.FrameWindowUpdate:
+		return fr.WriteWindowUpdate(f.id, f.val)
+	case http2.FrameRSTStream:
+		return fr.WriteRSTStream(f.id, http2.ErrCode(f.val))
+	}
+	return nil
+}
+
+// ctl writes a control frame from the read loop without flushing it: the
+// next write takes it along (a gRPC client pings after every DATA it
+// sends, and the response follows), or ctlDelay later a timer flushes it.
+// The read loop never waits behind a writer that waits for the socket:
+// then a goroutine writes it.
+func (c *h2Conn) ctl(f h2Ctl) {
 	c.waiting.Add(1)
 	if c.wmu.TryLock() {
-		if c.writeLocked(f, false) == nil && !c.flushArmed {
+		if c.writeLocked(f.write, false) == nil && !c.flushArmed {
 			c.flushArmed = true
 			if c.flushTimer == nil {
 				c.flushTimer = time.AfterFunc(ctlDelay, c.flushLater)
@@ -339,7 +372,7 @@ func (c *h2Conn) ctl(f func(*http2.Framer) error) {
 		return
 	}
 	c.waiting.Add(-1)
-	go c.write(f, true)
+	go c.write(f.write, true)
 }
 
 // ctlDelay bounds how long a control frame waits for a write to take it.
@@ -404,23 +437,19 @@ func (c *h2Conn) readLoop() error {
 		// A stream error ends its stream only; the loop goes on to the
 		// flush below all the same (the requests read with it must not
 		// wait for more bytes).
-		var se http2.StreamError
-		f, err := c.fr.ReadFrame()
+		readFailed, err := c.readFrame()
 		if err != nil {
-			if !errors.As(err, &se) {
-				var ce http2.ConnectionError
-				if errors.As(err, &ce) {
-					c.goAway(http2.ErrCode(ce))
+			se, ok := streamErrorOf(err)
+			if !ok {
+				if readFailed {
+					return err // nothing to tell a connection that cannot be read
 				}
-				return err
-			}
-			c.streamError(se.StreamID, se.Code)
-		} else if err := c.handle(f); err != nil {
-			if !errors.As(err, &se) {
 				code := http2.ErrCodeProtocol
 				var ce http2.ConnectionError
 				if errors.As(err, &ce) {
 					code = http2.ErrCode(ce)
+				} else if errors.Is(err, http2.ErrFrameTooLarge) {
+					code = http2.ErrCodeFrameSize
 				}
 				c.goAway(code)
 				return err
@@ -436,54 +465,181 @@ func (c *h2Conn) readLoop() error {
 	}
 }
 
+// streamErrorOf reports whether err ends one stream only. The framer and
+// h2Headers return the value itself; errors.As, which would cost the read
+// loop an allocation a frame, is for wrapped ones.
+func streamErrorOf(err error) (http2.StreamError, bool) {
+	if se, ok := err.(http2.StreamError); ok {
+		return se, true
+	}
+	var se http2.StreamError
+	ok := errors.As(err, &se)
+	return se, ok
+}
+
+// readFrame reads the next frame and handles it. The frames every call
+// brings besides DATA — HEADERS, CONTINUATION, PING, WINDOW_UPDATE,
+// RST_STREAM — are parsed here, in the read buffer (frameLean), with the
+// Framer's checks: its parsers allocate an object for each. The Framer
+// reads their headers (its size limit and frame order checks: a header
+// block's CONTINUATIONs follow it on its stream, nothing else between)
+// and the other frames (DATA's object is reused). readFailed: the
+// connection could not be read.
+func (c *h2Conn) readFrame() (readFailed bool, err error) {
+	fh, err := c.fr.ReadFrameHeader()
+	if err != nil {
+		var ce http2.ConnectionError
+		return !errors.As(err, &ce) && !errors.Is(err, http2.ErrFrameTooLarge), err
+	}
+	switch fh.Type {
+	case http2.FrameHeaders, http2.FrameContinuation, http2.FramePing, http2.FrameWindowUpdate, http2.FrameRSTStream:
+		// A frame is at most h2fMaxFrame, the read buffer's size.
+		p, err := c.rd.Peek(int(fh.Length))
+		if err != nil {
+			return true, err
+		}
+		c.rd.Discard(len(p))
+		return false, c.frameLean(fh, p)
+	}
+	f, err := c.fr.ReadFrameForHeader(fh)
+	if err != nil {
+		if _, ok := streamErrorOf(err); ok {
+			return false, err
+		}
+		var ce http2.ConnectionError
+		return !errors.As(err, &ce), err
+	}
+	return false, c.handle(f)
+}
+
+// frameLean handles a frame readFrame parsed itself; p is its payload,
+// valid until the next read.
+func (c *h2Conn) frameLean(fh http2.FrameHeader, p []byte) error {
+	id := fh.StreamID
+	switch fh.Type {
+	case http2.FrameHeaders:
+		if id == 0 {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		pad := 0
+		if fh.Flags.Has(http2.FlagHeadersPadded) {
+			if len(p) < 1 {
+				return http2.ConnectionError(http2.ErrCodeFrameSize)
+			}
+			pad, p = int(p[0]), p[1:]
+		}
+		if fh.Flags.Has(http2.FlagHeadersPriority) {
+			if len(p) < 5 {
+				return http2.ConnectionError(http2.ErrCodeFrameSize)
+			}
+			p = p[5:] // the dependency and weight: priorities are not used
+		}
+		if pad > len(p) {
+			// RFC 9113 6.2: a connection error (the Framer makes it a
+			// stream error, leaving HPACK out of step with the peer).
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if err := c.hd.begin(id, fh.Flags.Has(http2.FlagHeadersEndStream), p[:len(p)-pad]); err != nil ||
+			!fh.Flags.Has(http2.FlagHeadersEndHeaders) {
+			return err
+		}
+		return c.headers()
+	case http2.FrameContinuation:
+		if err := c.hd.fragment(p); err != nil || !fh.Flags.Has(http2.FlagContinuationEndHeaders) {
+			return err
+		}
+		return c.headers()
+	case http2.FramePing:
+		if len(p) != 8 {
+			return http2.ConnectionError(http2.ErrCodeFrameSize)
+		}
+		if id != 0 {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if !fh.Flags.Has(http2.FlagPingAck) {
+			f := h2Ctl{typ: http2.FramePing}
+			copy(f.data[:], p)
+			c.ctl(f)
+		}
+	case http2.FrameWindowUpdate:
+		if len(p) != 4 {
+			return http2.ConnectionError(http2.ErrCodeFrameSize)
+		}
+		inc := binary.BigEndian.Uint32(p) & 0x7fffffff
+		if inc == 0 {
+			if id == 0 {
+				return http2.ConnectionError(http2.ErrCodeProtocol)
+			}
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
+		}
+		return c.windowUpdate(id, inc)
+	case http2.FrameRSTStream:
+		if len(p) != 4 {
+			return http2.ConnectionError(http2.ErrCodeFrameSize)
+		}
+		if id == 0 {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		c.rstStream(id, http2.ErrCode(binary.BigEndian.Uint32(p)))
+	}
+	return nil
+}
+
+// h2fMaxWindow is the largest flow-control window (RFC 9113 6.9.1).
+const h2fMaxWindow = 1<<31 - 1
+
+// windowUpdate takes a WINDOW_UPDATE: credit to send on the connection
+// (id 0) or a stream. A window past 2^31-1 is a flow-control error.
+func (c *h2Conn) windowUpdate(id, inc uint32) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if id == 0 {
+		c.connSend += int64(inc)
+		if c.connSend > h2fMaxWindow {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+	} else if s := c.streams[id]; s != nil {
+		s.sendWin += int64(inc)
+		if s.sendWin > h2fMaxWindow {
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
+		}
+	}
+	c.sendCond.Broadcast()
+	return nil
+}
+
+// rstStream takes the peer's RST_STREAM.
+func (c *h2Conn) rstStream(id uint32, code http2.ErrCode) {
+	s := c.stream(id)
+	if s == nil {
+		return
+	}
+	c.mu.Lock()
+	// The peer sent all it will and wants no more: a server that
+	// answered before reading the whole request (NO_ERROR, RFC 9113
+	// 8.1), or whose stream closed with its response and so refuses
+	// the rest of the request (Go's server: STREAM_CLOSED), or any
+	// code from a service after its whole response — which, whole,
+	// still goes through. From an app (server role) only NO_ERROR: an
+	// app that resets a request it has sent cancels it.
+	done := s.recvEnd && (code == http2.ErrCodeNo || !c.server)
+	if done {
+		s.sentEnd = true
+		c.sendCond.Broadcast()
+	}
+	c.mu.Unlock()
+	if done {
+		s.maybeDone()
+		return
+	}
+	s.abort(uint32(code), true)
+}
+
+// handle handles a frame the Framer parsed.
 func (c *h2Conn) handle(f http2.Frame) error {
-	id := f.Header().StreamID
 	switch f := f.(type) {
-	case *http2.HeadersFrame:
-		if err := c.hd.begin(f); err != nil || !f.HeadersEnded() {
-			return err
-		}
-		return c.headers()
-	case *http2.ContinuationFrame:
-		if err := c.hd.fragment(f.HeaderBlockFragment()); err != nil || !f.HeadersEnded() {
-			return err
-		}
-		return c.headers()
 	case *http2.DataFrame:
 		return c.data(f)
-	case *http2.WindowUpdateFrame:
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		if id == 0 {
-			c.connSend += int64(f.Increment)
-		} else if s := c.streams[id]; s != nil {
-			s.sendWin += int64(f.Increment)
-		}
-		c.sendCond.Broadcast()
-	case *http2.RSTStreamFrame:
-		s := c.stream(id)
-		if s == nil {
-			return nil
-		}
-		c.mu.Lock()
-		// The peer sent all it will and wants no more: a server that
-		// answered before reading the whole request (NO_ERROR, RFC 9113
-		// 8.1), or whose stream closed with its response and so refuses
-		// the rest of the request (Go's server: STREAM_CLOSED), or any
-		// code from a service after its whole response — which, whole,
-		// still goes through. From an app (server role) only NO_ERROR: an
-		// app that resets a request it has sent cancels it.
-		done := s.recvEnd && (f.ErrCode == http2.ErrCodeNo || !c.server)
-		if done {
-			s.sentEnd = true
-			c.sendCond.Broadcast()
-		}
-		c.mu.Unlock()
-		if done {
-			s.maybeDone()
-			return nil
-		}
-		s.abort(uint32(f.ErrCode), true)
 	case *http2.SettingsFrame:
 		if f.IsAck() {
 			return nil
@@ -491,12 +647,7 @@ func (c *h2Conn) handle(f http2.Frame) error {
 		if err := c.settings(f); err != nil {
 			return err
 		}
-		c.ctl(func(fr *http2.Framer) error { return fr.WriteSettingsAck() })
-	case *http2.PingFrame:
-		if !f.IsAck() {
-			data := f.Data
-			c.ctl(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
-		}
+		c.ctl(h2Ctl{typ: http2.FrameSettings})
 	case *http2.GoAwayFrame:
 		c.mu.Lock()
 		c.goaway = true
@@ -562,7 +713,7 @@ func (c *h2Conn) streamError(id uint32, code http2.ErrCode) {
 		s.abort(uint32(code), false)
 		return
 	}
-	c.ctl(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, code) })
+	c.ctl(h2Ctl{typ: http2.FrameRSTStream, id: id, val: uint32(code)})
 }
 
 // goAway tells the peer the connection ends, with code.
@@ -602,7 +753,7 @@ func (c *h2Conn) data(f *http2.DataFrame) error {
 		inc := c.connUnacked
 		c.connUnacked = 0
 		c.connRecv += int64(inc)
-		c.ctl(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(0, inc) })
+		c.ctl(h2Ctl{typ: http2.FrameWindowUpdate, val: inc})
 	}
 	s := c.stream(f.StreamID)
 	if s == nil {
@@ -675,11 +826,11 @@ func (c *h2Conn) newRequest(f *h2Headers) error {
 	refused := c.goaway || len(c.streams) >= h2fMaxStreams
 	c.mu.Unlock()
 	if refused {
-		c.ctl(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
+		c.ctl(h2Ctl{typ: http2.FrameRSTStream, id: id, val: uint32(http2.ErrCodeRefusedStream)})
 		return nil
 	}
 	if f.truncated {
-		c.ctl(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
+		c.ctl(h2Ctl{typ: http2.FrameRSTStream, id: id, val: uint32(http2.ErrCodeRefusedStream)})
 		return nil
 	}
 	ex, fields, ok := newExchange(f.fields)
@@ -939,7 +1090,7 @@ func (s *h2Stream) credit(n int) {
 	c.mu.Unlock()
 	if inc > 0 {
 		id := s.id
-		c.ctl(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(id, inc) })
+		c.ctl(h2Ctl{typ: http2.FrameWindowUpdate, id: id, val: inc})
 	}
 }
 

@@ -728,3 +728,98 @@ func FuzzH2Messages(f *testing.F) {
 		}
 	})
 }
+
+// TestH2FrameChecks: the frames an app's connection reads without the
+// Framer's parsers (HEADERS, CONTINUATION, PING, WINDOW_UPDATE,
+// RST_STREAM) are checked as RFC 9113 asks; padding and priority fields
+// are taken off a header block; a frame over the 16 KiB the proxy
+// advertises is refused.
+func TestH2FrameChecks(t *testing.T) {
+	ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, r.URL.Path)
+	})
+	a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{}, proxyOpts{})
+	block := func(r *rawH2, path string) []byte {
+		r.buf.Reset()
+		for _, f := range []hpack.HeaderField{{Name: ":method", Value: "GET"}, {Name: ":scheme", Value: "http"}, {Name: ":authority", Value: "svc"}, {Name: ":path", Value: path}} {
+			r.enc.WriteField(f)
+		}
+		return bytes.Clone(r.buf.Bytes())
+	}
+	raw := func(r *rawH2, typ http2.FrameType, flags http2.Flags, id uint32, p []byte) {
+		t.Helper()
+		if err := r.fr.WriteRawFrame(typ, flags, id, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const endAll = http2.FlagHeadersEndStream | http2.FlagHeadersEndHeaders
+
+	r := newRawH2(t, a, 9090)
+	// Padded, with a priority: pad length 3, dependency and weight, the
+	// block, 3 bytes of padding.
+	p := append([]byte{3, 0, 0, 0, 0, 16}, block(r, "/padded")...)
+	raw(r, http2.FrameHeaders, endAll|http2.FlagHeadersPadded|http2.FlagHeadersPriority, 1, append(p, 0, 0, 0))
+	if status, body, _, reset := r.response(1); reset || status != "200" || body != "/padded" {
+		t.Errorf("a padded HEADERS with a priority: %q %q (reset %v), want 200 \"/padded\"", status, body, reset)
+	}
+	// A PING is acknowledged with its data.
+	raw(r, http2.FramePing, 0, 0, []byte("vmesh-01"))
+	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		f, err := r.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("no PING ack: %v", err)
+		}
+		if pf, ok := f.(*http2.PingFrame); ok {
+			if !pf.IsAck() || string(pf.Data[:]) != "vmesh-01" {
+				t.Errorf("PING answered with ack %v, data %q; want an ack of \"vmesh-01\"", pf.IsAck(), pf.Data[:])
+			}
+			break
+		}
+	}
+	// A zero increment on a stream resets that stream only.
+	raw(r, http2.FrameHeaders, http2.FlagHeadersEndHeaders, 3, block(r, "/open"))
+	raw(r, http2.FrameWindowUpdate, 0, 3, []byte{0, 0, 0, 0})
+	if _, _, code, reset := r.response(3); !reset || code != http2.ErrCodeProtocol {
+		t.Errorf("WINDOW_UPDATE of 0 on a stream: reset %v code %v, want PROTOCOL_ERROR", reset, code)
+	}
+	raw(r, http2.FrameHeaders, endAll, 5, block(r, "/after"))
+	if status, body, _, reset := r.response(5); reset || status != "200" || body != "/after" {
+		t.Errorf("a request after a stream's error: %q %q (reset %v), want 200", status, body, reset)
+	}
+
+	for _, c := range []struct {
+		name string
+		send func(r *rawH2)
+		want http2.ErrCode
+	}{
+		{"PING of 7 bytes", func(r *rawH2) { raw(r, http2.FramePing, 0, 0, make([]byte, 7)) }, http2.ErrCodeFrameSize},
+		{"PING on a stream", func(r *rawH2) { raw(r, http2.FramePing, 0, 1, make([]byte, 8)) }, http2.ErrCodeProtocol},
+		{"WINDOW_UPDATE of 3 bytes", func(r *rawH2) { raw(r, http2.FrameWindowUpdate, 0, 0, []byte{0, 0, 1}) }, http2.ErrCodeFrameSize},
+		{"WINDOW_UPDATE of 0 on the connection", func(r *rawH2) { raw(r, http2.FrameWindowUpdate, 0, 0, []byte{0, 0, 0, 0}) }, http2.ErrCodeProtocol},
+		{"connection window past 2^31-1", func(r *rawH2) { raw(r, http2.FrameWindowUpdate, 0, 0, []byte{0x7f, 0xff, 0xff, 0xff}) }, http2.ErrCodeFlowControl},
+		{"RST_STREAM on stream 0", func(r *rawH2) { raw(r, http2.FrameRSTStream, 0, 0, []byte{0, 0, 0, 8}) }, http2.ErrCodeProtocol},
+		{"RST_STREAM of 3 bytes", func(r *rawH2) { raw(r, http2.FrameRSTStream, 0, 1, []byte{0, 0, 8}) }, http2.ErrCodeFrameSize},
+		{"HEADERS on stream 0", func(r *rawH2) { raw(r, http2.FrameHeaders, endAll, 0, block(r, "/")) }, http2.ErrCodeProtocol},
+		{"padding longer than the frame", func(r *rawH2) {
+			raw(r, http2.FrameHeaders, endAll|http2.FlagHeadersPadded, 1, append([]byte{200}, block(r, "/")...))
+		}, http2.ErrCodeProtocol},
+		{"priority cut short", func(r *rawH2) { raw(r, http2.FrameHeaders, endAll|http2.FlagHeadersPriority, 1, []byte{0, 0, 0}) }, http2.ErrCodeFrameSize},
+		{"a frame over 16 KiB", func(r *rawH2) {
+			raw(r, http2.FrameHeaders, http2.FlagHeadersEndHeaders, 1, block(r, "/"))
+			raw(r, http2.FrameData, 0, 1, make([]byte, 16<<10+1))
+		}, http2.ErrCodeFrameSize},
+		{"CONTINUATION without HEADERS", func(r *rawH2) { raw(r, http2.FrameContinuation, http2.FlagContinuationEndHeaders, 1, block(r, "/")) }, http2.ErrCodeProtocol},
+		{"a PING inside a header block", func(r *rawH2) {
+			raw(r, http2.FrameHeaders, http2.FlagHeadersEndStream, 1, block(r, "/"))
+			raw(r, http2.FramePing, 0, 0, make([]byte, 8))
+		}, http2.ErrCodeProtocol},
+	} {
+		r := newRawH2(t, a, 9090)
+		c.send(r)
+		if code := r.goAway(); code != c.want {
+			t.Errorf("%s: GOAWAY %v, want %v", c.name, code, c.want)
+		}
+	}
+}

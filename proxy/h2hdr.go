@@ -59,14 +59,15 @@ func newH2Headers(max uint32) *h2Headers {
 	return h
 }
 
-// begin starts a block with its HEADERS frame and decodes its fragment.
-func (h *h2Headers) begin(f *http2.HeadersFrame) error {
+// begin starts a block with its HEADERS frame (of stream, END_STREAM set
+// when end) and decodes its fragment.
+func (h *h2Headers) begin(stream uint32, end bool, frag []byte) error {
 	clear(h.fields) // no strings kept alive past their block
-	h.stream, h.end, h.fields = f.StreamID, f.StreamEnded(), h.fields[:0]
+	h.stream, h.end, h.fields = stream, end, h.fields[:0]
 	h.remain, h.trailers = h.max, h.max
 	h.sawRegular, h.truncated, h.invalid = false, false, nil
 	h.dec.SetEmitEnabled(true)
-	return h.fragment(f.HeaderBlockFragment())
+	return h.fragment(frag)
 }
 
 // fragment decodes the next piece of the block (the Framer has checked

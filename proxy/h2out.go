@@ -215,7 +215,7 @@ func (s *h2Stream) respondInline(ms *mux.Stream, inLoop bool) {
 		case inLoop:
 			if !c.afterReads {
 				c.afterReads = true
-				ms.Session().AfterReads(c.flushAfterReads)
+				ms.Session().AfterReads(c.afterReadsFn)
 			}
 		case c.waiting.Load() == 0: // else the writer waiting flushes
 			err = c.flushLocked()

@@ -48,6 +48,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/vmesh/vmesh/internal/rawsock"
 )
 
 // Config tunes a session. Zero fields mean their defaults.
@@ -170,9 +172,10 @@ type Session struct {
 	// sinks have data queued, written before the wire's next read.
 	wire   *Wire
 	queued []*Stream
-	iov    [][]byte  // flushQueued's scratch
-	owned  []*[]byte // flushQueued's scratch
-	after  []func()  // AfterReads'
+	iov    [][]byte          // flushQueued's scratch
+	now    rawsock.NowWriter // the read loop's writes to sinks
+	owned  []*[]byte         // flushQueued's scratch
+	after  []func()          // AfterReads'
 
 	wmu     sync.Mutex // serializes frame writes
 	bw      *bufio.Writer

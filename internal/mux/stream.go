@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
-
-	"github.com/vmesh/vmesh/internal/rawsock"
 )
 
 // Stream is one stream of a session, used like a TCP connection: Read,
@@ -168,10 +166,7 @@ func (st *Stream) receive(data []byte, end bool) {
 		// hand-off, no goroutine, no copy.
 		st.draining = true
 		st.mu.Unlock()
-		iov := append(st.s.iov[:0], data) // the read loop's scratch: no allocation
-		n := rawsock.WriteNow(st.sinkRaw, iov...)
-		iov[0] = nil
-		st.s.iov = iov[:0]
+		n := st.s.now.WriteOne(st.sinkRaw, data)
 		st.mu.Lock()
 		st.draining = false
 		st.sunk += int64(n)
@@ -239,7 +234,7 @@ func (st *Stream) flushQueued() {
 	st.draining = true
 	st.mu.Unlock()
 
-	n := rawsock.WriteNow(st.sinkRaw, bufs...)
+	n := s.now.Write(st.sinkRaw, bufs)
 
 	st.mu.Lock()
 	st.draining = false

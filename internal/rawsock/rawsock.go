@@ -127,21 +127,45 @@ func (c *Conn) opError(op string, err error) error {
 	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
 }
 
-// WriteNow writes bufs to a socket (one write, or one writev for several)
-// without waiting for room and returns what the socket took now, possibly
-// nothing (an error is left to a blocking write to find and report). A
-// loop that must not wait for one socket (a mux session's read loop)
-// writes with it and leaves the rest to a goroutine.
-func WriteNow(rc syscall.RawConn, bufs ...[]byte) int {
-	n := 0
-	rc.Write(func(fd uintptr) bool {
-		if len(bufs) == 1 {
-			n, _ = Write(fd, bufs[0])
-		} else {
-			n, _ = Writev(fd, bufs)
-		}
-		return true // never wait
-	})
+// NowWriter writes to a socket (one write, or one writev for several
+// buffers) without waiting for room and returns what the socket took now,
+// possibly nothing (an error is left to a blocking write to find and
+// report). A loop that must not wait for one socket (a mux session's read
+// loop) writes with it and leaves the rest to a goroutine. The loop keeps
+// one NowWriter: its callback is bound once, so a write allocates nothing
+// (a closure handed to RawConn.Write escapes). Not for concurrent use.
+type NowWriter struct {
+	bufs [][]byte
+	one  [1][]byte
+	n    int
+	fn   func(uintptr) bool
+}
+
+func (w *NowWriter) write(fd uintptr) bool {
+	if len(w.bufs) == 1 {
+		w.n, _ = Write(fd, w.bufs[0])
+	} else {
+		w.n, _ = Writev(fd, w.bufs)
+	}
+	return true // never wait
+}
+
+// Write writes bufs to rc's socket.
+func (w *NowWriter) Write(rc syscall.RawConn, bufs [][]byte) int {
+	if w.fn == nil {
+		w.fn = w.write
+	}
+	w.bufs, w.n = bufs, 0
+	rc.Write(w.fn)
+	w.bufs = nil
+	return w.n
+}
+
+// WriteOne writes p to rc's socket.
+func (w *NowWriter) WriteOne(rc syscall.RawConn, p []byte) int {
+	w.one[0] = p
+	n := w.Write(rc, w.one[:])
+	w.one[0] = nil
 	return n
 }
 
