@@ -2,9 +2,14 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
+	"strings"
+	"sync/atomic"
 	"testing"
+
+	"golang.org/x/sync/errgroup"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -12,11 +17,16 @@ import (
 )
 
 // BenchmarkGRPCMesh measures one grpc-go unary call (a 64-byte echo),
-// sequential, direct and through two proxies on loopback. cpu-us/op is
-// the whole process's CPU per call (client, server and both proxies).
+// direct and through two proxies on loopback: sequential, and from 16
+// callers on one client connection ("16"). cpu-us/op is the whole
+// process's CPU per call (client, server and both proxies).
 func BenchmarkGRPCMesh(b *testing.B) {
-	for _, mode := range []string{"direct", "mesh"} {
-		b.Run(mode, func(b *testing.B) {
+	for _, name := range []string{"direct", "mesh", "direct16", "mesh16"} {
+		b.Run(name, func(b *testing.B) {
+			mode, callers := name, 1
+			if strings.HasSuffix(name, "16") {
+				mode, callers = strings.TrimSuffix(name, "16"), 16
+			}
 			ln := listenLocal(b)
 			srv := grpc.NewServer(grpc.Creds(insecure.NewCredentials()))
 			srv.RegisterService((&testEcho{}).desc(), nil)
@@ -39,20 +49,35 @@ func BenchmarkGRPCMesh(b *testing.B) {
 			}
 			b.Cleanup(func() { cc.Close() })
 			in := wrapperspb.Bytes(make([]byte, 64))
-			call := func() {
+			call := func() error {
 				out := new(wrapperspb.BytesValue)
 				if err := cc.Invoke(context.Background(), "/"+testEchoService+"/Echo", in, out); err != nil {
-					b.Fatal(err)
+					return err
 				}
 				if len(out.Value) != 64 {
-					b.Fatalf("echo returned %d bytes, want 64", len(out.Value))
+					return fmt.Errorf("echo returned %d bytes, want 64", len(out.Value))
 				}
+				return nil
 			}
-			call()
+			if err := call(); err != nil {
+				b.Fatal(err)
+			}
 			start := processUsage()
 			b.ResetTimer()
-			for range b.N {
-				call()
+			var next atomic.Int64
+			var g errgroup.Group
+			for range callers {
+				g.Go(func() error {
+					for next.Add(1) <= int64(b.N) {
+						if err := call(); err != nil {
+							return err
+						}
+					}
+					return nil
+				})
+			}
+			if err := g.Wait(); err != nil {
+				b.Fatal(err)
 			}
 			b.StopTimer()
 			end := processUsage()

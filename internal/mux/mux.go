@@ -184,7 +184,11 @@ type Session struct {
 	dhdr    [9]byte      // writeDataFrames' frame header (a local one escapes through bw: an allocation per frame)
 	werr    error        // guarded by wmu: the first write error
 
-	lastRead atomic.Int64 // unix nanos of the last frame read
+	// The keep-alive's view of reads: readSince is set by the read loop
+	// (a flag, not a clock read per frame), and the keep-alive loop turns
+	// it into lastRead, unix nanos, at its tick.
+	lastRead  atomic.Int64
+	readSince atomic.Bool
 
 	mu       sync.Mutex
 	streams  map[uint32]*Stream
@@ -527,7 +531,9 @@ func (s *Session) readLoop() {
 			s.closeWith(fmt.Errorf("mux: reading: %w", err))
 			return
 		}
-		s.lastRead.Store(time.Now().UnixNano())
+		if !s.readSince.Load() {
+			s.readSince.Store(true)
+		}
 		if err := s.handle(f); err != nil {
 			s.write(func(fr *http2.Framer) error { return fr.WriteGoAway(0, http2.ErrCodeProtocol, nil) })
 			s.closeWith(err)
@@ -676,7 +682,11 @@ func (s *Session) keepAliveLoop() {
 			return
 		case <-t.C:
 		}
-		silent := time.Since(time.Unix(0, s.lastRead.Load()))
+		now := time.Now()
+		if s.readSince.Swap(false) {
+			s.lastRead.Store(now.UnixNano())
+		}
+		silent := now.Sub(time.Unix(0, s.lastRead.Load()))
 		if silent > 3*every {
 			s.closeWith(fmt.Errorf("mux: peer silent for %v", silent.Round(time.Second)))
 			return

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -553,5 +554,50 @@ func TestCorkedWriteWaitingForCredit(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the peer never read the stream's end")
+	}
+}
+
+// TestKeepAlive: an idle session whose peer answers stays up, pinging;
+// one whose peer has gone silent (it reads, never writes: a host that
+// died behind a stateful firewall) is closed after 3 × KeepAlive.
+func TestKeepAlive(t *testing.T) {
+	const every = 30 * time.Millisecond
+	cli := pair(t, Config{KeepAlive: every}, echo)
+	select {
+	case <-cli.Done():
+		t.Fatalf("an idle session with a live peer closed: %v", cli.Err())
+	case <-time.After(10 * every):
+	}
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(io.Discard, c) // reads the pings, never answers
+	}()
+	cc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	silent := Client(cc, Config{KeepAlive: every})
+	defer silent.Close()
+	select {
+	case <-silent.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("a session whose peer is silent still open after 5s")
+	}
+	if took := time.Since(start); took < 3*every {
+		t.Errorf("closed after %v, before 3 × KeepAlive", took)
+	}
+	if err := silent.Err(); err == nil || !strings.Contains(err.Error(), "silent") {
+		t.Errorf("closed with %v, want the peer silent", err)
 	}
 }
