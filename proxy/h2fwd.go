@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -55,6 +56,11 @@ const (
 	// h2fMaxFrame is the largest frame read: SETTINGS_MAX_FRAME_SIZE's
 	// default, never raised (larger is a FRAME_SIZE_ERROR).
 	h2fMaxFrame = 16 << 10
+	// h2fMaxQueuedCtl bounds the control frames waiting, each in a
+	// goroutine, for a writer blocked on the socket (ctl): a peer that
+	// floods PINGs, SETTINGS or resets while it reads nothing ends its
+	// connection with ENHANCE_YOUR_CALM (x/net's server allows 10,000).
+	h2fMaxQueuedCtl = 1000
 	// h2fUpRoom is the room a stream's first queued message leaves for
 	// what follows it in the same read (a unary body, a response's body
 	// and trailers): one allocation, not one per message.
@@ -81,6 +87,7 @@ type h2Conn struct {
 	// A control frame waits in bw for a write to take it (ctl).
 	flushArmed bool
 	flushTimer *time.Timer
+	ctlQueued  atomic.Int32 // control frames waiting for wmu in goroutines (ctl)
 	// Responses written by a mux read loop wait in bw for its flush
 	// (flushAfterReads, bound once in afterReadsFn: no allocation a call).
 	afterReads   bool
@@ -356,8 +363,11 @@ func (f h2Ctl) write(fr *http2.Framer) error {
 // next write takes it along (a gRPC client pings after every DATA it
 // sends, and the response follows), or ctlDelay later a timer flushes it.
 // The read loop never waits behind a writer that waits for the socket:
-// then a goroutine writes it.
-func (c *h2Conn) ctl(f h2Ctl) {
+// then a goroutine writes it, and past h2fMaxQueuedCtl such goroutines the
+// connection is closed and errH2CtlFlood returned (a peer that sends
+// control frames and reads none of the answers would otherwise hold a
+// goroutine per frame).
+func (c *h2Conn) ctl(f h2Ctl) error {
 	c.waiting.Add(1)
 	if c.wmu.TryLock() {
 		if c.writeLocked(f.write, false) == nil && !c.flushArmed {
@@ -369,11 +379,26 @@ func (c *h2Conn) ctl(f h2Ctl) {
 			}
 		}
 		c.wmu.Unlock()
-		return
+		return nil
 	}
 	c.waiting.Add(-1)
-	go c.write(f.write, true)
+	if c.ctlQueued.Add(1) > h2fMaxQueuedCtl {
+		c.ctlQueued.Add(-1)
+		if c.nc.Close() == nil { // the blocked writer fails, the read loop ends
+			c.p.log.Warn("closed an HTTP/2 connection whose peer sends control frames (PING, SETTINGS, RST_STREAM) and reads none of the answers", "peer", c.nc.RemoteAddr(), "queued", h2fMaxQueuedCtl)
+		}
+		return errH2CtlFlood
+	}
+	go func() {
+		c.write(f.write, true)
+		c.ctlQueued.Add(-1)
+	}()
+	return nil
 }
+
+// errH2CtlFlood ends a connection whose peer queued more than
+// h2fMaxQueuedCtl control frames it does not read the answers to.
+var errH2CtlFlood = fmt.Errorf("http2: more than %d control frames queued unread: %w", h2fMaxQueuedCtl, http2.ConnectionError(http2.ErrCodeEnhanceYourCalm))
 
 // ctlDelay bounds how long a control frame waits for a write to take it.
 const ctlDelay = time.Millisecond
@@ -454,7 +479,9 @@ func (c *h2Conn) readLoop() error {
 				c.goAway(code)
 				return err
 			}
-			c.streamError(se.StreamID, se.Code)
+			if err := c.streamError(se.StreamID, se.Code); err != nil {
+				return err
+			}
 		}
 		if c.rd.Buffered() == 0 && (len(c.pending) > 0 || len(c.opens) > 0) {
 			c.flushPending()
@@ -559,7 +586,7 @@ func (c *h2Conn) frameLean(fh http2.FrameHeader, p []byte) error {
 		if !fh.Flags.Has(http2.FlagPingAck) {
 			f := h2Ctl{typ: http2.FramePing}
 			copy(f.data[:], p)
-			c.ctl(f)
+			return c.ctl(f)
 		}
 	case http2.FrameWindowUpdate:
 		if len(p) != 4 {
@@ -647,7 +674,7 @@ func (c *h2Conn) handle(f http2.Frame) error {
 		if err := c.settings(f); err != nil {
 			return err
 		}
-		c.ctl(h2Ctl{typ: http2.FrameSettings})
+		return c.ctl(h2Ctl{typ: http2.FrameSettings})
 	case *http2.GoAwayFrame:
 		c.mu.Lock()
 		c.goaway = true
@@ -707,13 +734,14 @@ func (c *h2Conn) stream(id uint32) *h2Stream {
 	return c.streams[id]
 }
 
-// streamError resets one stream the peer got wrong.
-func (c *h2Conn) streamError(id uint32, code http2.ErrCode) {
+// streamError resets one stream the peer got wrong (an error: the peer
+// floods, see ctl).
+func (c *h2Conn) streamError(id uint32, code http2.ErrCode) error {
 	if s := c.stream(id); s != nil {
 		s.abort(uint32(code), false)
-		return
+		return nil
 	}
-	c.ctl(h2Ctl{typ: http2.FrameRSTStream, id: id, val: uint32(code)})
+	return c.ctl(h2Ctl{typ: http2.FrameRSTStream, id: id, val: uint32(code)})
 }
 
 // goAway tells the peer the connection ends, with code.
@@ -753,7 +781,9 @@ func (c *h2Conn) data(f *http2.DataFrame) error {
 		inc := c.connUnacked
 		c.connUnacked = 0
 		c.connRecv += int64(inc)
-		c.ctl(h2Ctl{typ: http2.FrameWindowUpdate, val: inc})
+		if err := c.ctl(h2Ctl{typ: http2.FrameWindowUpdate, val: inc}); err != nil {
+			return err
+		}
 	}
 	s := c.stream(f.StreamID)
 	if s == nil {
@@ -765,8 +795,7 @@ func (c *h2Conn) data(f *http2.DataFrame) error {
 	c.mu.Lock()
 	if s.recvEnd {
 		c.mu.Unlock()
-		c.streamError(f.StreamID, http2.ErrCodeStreamClosed)
-		return nil
+		return c.streamError(f.StreamID, http2.ErrCodeStreamClosed)
 	}
 	s.recvWin -= n
 	if s.recvWin < 0 {
@@ -826,12 +855,10 @@ func (c *h2Conn) newRequest(f *h2Headers) error {
 	refused := c.goaway || len(c.streams) >= h2fMaxStreams
 	c.mu.Unlock()
 	if refused {
-		c.ctl(h2Ctl{typ: http2.FrameRSTStream, id: id, val: uint32(http2.ErrCodeRefusedStream)})
-		return nil
+		return c.ctl(h2Ctl{typ: http2.FrameRSTStream, id: id, val: uint32(http2.ErrCodeRefusedStream)})
 	}
 	if f.truncated {
-		c.ctl(h2Ctl{typ: http2.FrameRSTStream, id: id, val: uint32(http2.ErrCodeRefusedStream)})
-		return nil
+		return c.ctl(h2Ctl{typ: http2.FrameRSTStream, id: id, val: uint32(http2.ErrCodeRefusedStream)})
 	}
 	ex, fields, ok := newExchange(f.fields)
 	s := c.addStream(id, ex)
@@ -887,8 +914,7 @@ func (s *h2Stream) headersFromH2(f *h2Headers) error {
 	c.mu.Lock()
 	if s.recvEnd {
 		c.mu.Unlock()
-		c.streamError(f.stream, http2.ErrCodeStreamClosed)
-		return nil
+		return c.streamError(f.stream, http2.ErrCodeStreamClosed)
 	}
 	kind := byte(msgTrailers)
 	if !c.server && !s.finalSeen {
@@ -1089,8 +1115,7 @@ func (s *h2Stream) credit(n int) {
 	}
 	c.mu.Unlock()
 	if inc > 0 {
-		id := s.id
-		c.ctl(h2Ctl{typ: http2.FrameWindowUpdate, id: id, val: inc})
+		c.ctl(h2Ctl{typ: http2.FrameWindowUpdate, id: s.id, val: inc}) // a flood closes the connection
 	}
 }
 

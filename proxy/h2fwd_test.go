@@ -10,6 +10,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -822,4 +824,58 @@ func TestH2FrameChecks(t *testing.T) {
 			t.Errorf("%s: GOAWAY %v, want %v", c.name, code, c.want)
 		}
 	}
+}
+
+// TestH2ControlFlood: an app that sends control frames (here PINGs) and
+// reads none of the answers while the connection's writer waits for the
+// socket does not get a goroutine per frame from its agent: past
+// h2fMaxQueuedCtl queued answers the connection is closed.
+func TestH2ControlFlood(t *testing.T) {
+	ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{}, proxyOpts{})
+	r := newRawH2(t, a, 9090)
+	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		f, err := r.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("no SETTINGS from the proxy: %v", err)
+		}
+		if _, ok := f.(*http2.SettingsFrame); ok {
+			break
+		}
+	}
+	// The app's connection, as the proxy holds it; its write lock held
+	// here stands for a writer blocked on a socket the app does not read.
+	var hc *h2Conn
+	eventually(t, "the proxy to serve the app's HTTP/2 connection", func() bool {
+		a.p.h2front.Range(func(k, _ any) bool { hc = k.(*h2Conn); return false })
+		return hc != nil
+	})
+	hc.wmu.Lock()
+	unlocked := false
+	unlock := func() {
+		if !unlocked {
+			unlocked = true
+			hc.wmu.Unlock()
+		}
+	}
+	defer unlock()
+	base := runtime.NumGoroutine()
+	var pings bytes.Buffer
+	w := http2.NewFramer(&pings, nil)
+	for range h2fMaxQueuedCtl + 500 {
+		w.WritePing(false, [8]byte{'f', 'l', 'o', 'o', 'd'})
+	}
+	r.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	r.c.Write(pings.Bytes()) // may fail: the proxy closes mid-flood
+	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := io.Copy(io.Discard, r.c)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the connection still open after %d unanswerable PINGs (%d goroutines more than before them)", h2fMaxQueuedCtl+500, runtime.NumGoroutine()-base)
+	}
+	if n := runtime.NumGoroutine() - base; n > h2fMaxQueuedCtl+50 {
+		t.Errorf("%d goroutines more than before the flood, want at most about %d", n, h2fMaxQueuedCtl)
+	}
+	unlock()
+	eventually(t, "the queued answers' goroutines to end", func() bool { return hc.ctlQueued.Load() == 0 })
 }
