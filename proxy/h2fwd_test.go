@@ -336,14 +336,21 @@ func TestH2HeaderBlocks(t *testing.T) {
 // goAway reads frames until a GOAWAY and returns its code.
 func (r *rawH2) goAway() http2.ErrCode {
 	r.t.Helper()
+	return r.await("GOAWAY", func(f http2.Frame) bool { _, ok := f.(*http2.GoAwayFrame); return ok }).(*http2.GoAwayFrame).ErrCode
+}
+
+// await reads frames until one matches and returns it; what names it for
+// the failure.
+func (r *rawH2) await(what string, match func(http2.Frame) bool) http2.Frame {
+	r.t.Helper()
 	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	for {
 		f, err := r.fr.ReadFrame()
 		if err != nil {
-			r.t.Fatalf("no GOAWAY: %v", err)
+			r.t.Fatalf("no %s: %v", what, err)
 		}
-		if g, ok := f.(*http2.GoAwayFrame); ok {
-			return g.ErrCode
+		if match(f) {
+			return f
 		}
 	}
 }
@@ -767,18 +774,9 @@ func TestH2FrameChecks(t *testing.T) {
 	}
 	// A PING is acknowledged with its data.
 	raw(r, http2.FramePing, 0, 0, []byte("vmesh-01"))
-	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	for {
-		f, err := r.fr.ReadFrame()
-		if err != nil {
-			t.Fatalf("no PING ack: %v", err)
-		}
-		if pf, ok := f.(*http2.PingFrame); ok {
-			if !pf.IsAck() || string(pf.Data[:]) != "vmesh-01" {
-				t.Errorf("PING answered with ack %v, data %q; want an ack of \"vmesh-01\"", pf.IsAck(), pf.Data[:])
-			}
-			break
-		}
+	pf := r.await("PING ack", func(f http2.Frame) bool { _, ok := f.(*http2.PingFrame); return ok }).(*http2.PingFrame)
+	if !pf.IsAck() || string(pf.Data[:]) != "vmesh-01" {
+		t.Errorf("PING answered with ack %v, data %q; want an ack of \"vmesh-01\"", pf.IsAck(), pf.Data[:])
 	}
 	// A zero increment on a stream resets that stream only.
 	raw(r, http2.FrameHeaders, http2.FlagHeadersEndHeaders, 3, block(r, "/open"))
@@ -834,16 +832,7 @@ func TestH2ControlFlood(t *testing.T) {
 	ap, _ := h2Backend(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
 	a, _, _ := meshPair(t, []LocalService{{Name: "svc", Port: 9090, Target: ap, Protocol: "http2"}}, proxyOpts{}, proxyOpts{})
 	r := newRawH2(t, a, 9090)
-	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	for {
-		f, err := r.fr.ReadFrame()
-		if err != nil {
-			t.Fatalf("no SETTINGS from the proxy: %v", err)
-		}
-		if _, ok := f.(*http2.SettingsFrame); ok {
-			break
-		}
-	}
+	r.await("SETTINGS from the proxy", func(f http2.Frame) bool { _, ok := f.(*http2.SettingsFrame); return ok })
 	// The app's connection, as the proxy holds it; its write lock held
 	// here stands for a writer blocked on a socket the app does not read.
 	var hc *h2Conn
