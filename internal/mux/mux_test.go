@@ -561,7 +561,9 @@ func TestCorkedWriteWaitingForCredit(t *testing.T) {
 // one whose peer has gone silent (it reads, never writes: a host that
 // died behind a stateful firewall) is closed after 3 × KeepAlive.
 func TestKeepAlive(t *testing.T) {
-	const every = 30 * time.Millisecond
+	// Ticks far apart enough that a loaded machine (CI, -race) answers a
+	// PING within two of them.
+	const every = 50 * time.Millisecond
 	cli := pair(t, Config{KeepAlive: every}, echo)
 	select {
 	case <-cli.Done():
