@@ -24,6 +24,23 @@ func pair(t testing.TB, cfg Config, handle func(*Stream)) *Session {
 // pairInline is pair with the server session's inline handler (SetInline).
 func pairInline(t testing.TB, cfg Config, handle func(*Stream), inline func(*Stream) bool) *Session {
 	t.Helper()
+	cc, sc := tcpPair(t)
+	// Wires on both sides, as the proxy has them: sinks are written in
+	// batches from the read loop, flushes leave in one write.
+	srv := Server(NewWire(sc), cfg, handle)
+	if inline != nil {
+		srv.SetInline(inline, nil)
+	}
+	go srv.Serve()
+	cli := Client(NewWire(cc), cfg)
+	t.Cleanup(func() { cli.Close(); srv.Close() })
+	return cli
+}
+
+// tcpPair returns both ends of a real TCP loopback connection: the
+// dialed one and the accepted one.
+func tcpPair(t testing.TB) (dialed, accepted net.Conn) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -46,16 +63,7 @@ func pairInline(t testing.TB, cfg Config, handle func(*Stream), inline func(*Str
 	if sc == nil {
 		t.Fatal("accept failed")
 	}
-	// Wires on both sides, as the proxy has them: sinks are written in
-	// batches from the read loop, flushes leave in one write.
-	srv := Server(NewWire(sc), cfg, handle)
-	if inline != nil {
-		srv.SetInline(inline, nil)
-	}
-	go srv.Serve()
-	cli := Client(NewWire(cc), cfg)
-	t.Cleanup(func() { cli.Close(); srv.Close() })
-	return cli
+	return cc, sc
 }
 
 // echo accepts a stream and echoes it, half-closing after its peer did.
@@ -571,23 +579,9 @@ func TestKeepAlive(t *testing.T) {
 	case <-time.After(10 * every):
 	}
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(io.Discard, c) // reads the pings, never answers
-	}()
-	cc, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	cc, sc := tcpPair(t)
+	defer sc.Close()
+	go io.Copy(io.Discard, sc) // reads the pings, never answers
 	start := time.Now()
 	silent := Client(cc, Config{KeepAlive: every})
 	defer silent.Close()
