@@ -617,7 +617,16 @@ func (st *Stream) CloseWrite() error {
 	}
 	st.wclosed = true
 	st.writable.Broadcast()
+	// The peer's end read already: the stream is over once this END
+	// leaves, and it stops counting against the session's limit before
+	// it does (as HTTP/2 closes a stream on sending its END after the
+	// peer's). Otherwise a peer that reads the END and opens another
+	// stream at once could be refused: the slot was still taken here.
+	done := st.eof && st.buffered == 0 && st.reset == nil && !st.closed
 	st.mu.Unlock()
+	if done {
+		st.finish(nil)
+	}
 	err := st.s.write(func(fr *http2.Framer) error { return fr.WriteData(st.id, true, nil) })
 	st.maybeDone()
 	return err
