@@ -86,6 +86,10 @@ type endpoint struct {
 	ewma  float64 // nanoseconds
 	stamp time.Time
 	seen  bool // observed at least once: ewma is measured, not assumed
+	// The current stall: when its last slow answer came, and the average
+	// before it began.
+	peakAt   time.Time
+	peakBase float64
 }
 
 // New returns an empty balancer.
@@ -144,7 +148,7 @@ func (c *Choice) Observe(latency time.Duration, err error) {
 	if err != nil {
 		v = max(v, c.b.opts.penalty())
 	}
-	c.ep.observe(v, c.b.opts)
+	c.ep.observe(v, latency, err != nil, c.b.opts)
 }
 
 // Release ends the request or connection: it no longer counts as in
@@ -276,7 +280,9 @@ func (e *endpoint) decayed(now time.Time, o Options) float64 {
 	return e.ewma * math.Exp(-dt/o.decay())
 }
 
-func (e *endpoint) observe(v float64, o Options) {
+// observe records v, the latency of a request that took took, or the
+// failure penalty of one that failed.
+func (e *endpoint) observe(v float64, took time.Duration, failed bool, o Options) {
 	now := o.now()
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -287,8 +293,18 @@ func (e *endpoint) observe(v float64, o Options) {
 		// Peak-sensitive: a slower observation moves the average
 		// halfway at once, but at most doubles it: an endpoint that
 		// stays slow is avoided after a few requests, one outlier (a GC
-		// pause) is not remembered for the whole decay time.
-		e.ewma = min(e.ewma+(v-e.ewma)*peakWeight, 2*e.ewma)
+		// pause) is not remembered for the whole decay time. Slow
+		// answers to requests that were in flight together (this one
+		// started before the previous slow answer came) are one stall
+		// of the endpoint, observed once: a VM descheduled for 10 ms
+		// with eight requests in flight doubles its average, not
+		// multiplies it by 2^8. Failures are not jitter: each one
+		// counts.
+		if failed || now.Sub(e.peakAt) >= took {
+			e.peakBase = e.ewma
+		}
+		e.ewma = max(e.ewma, min(e.peakBase+(v-e.peakBase)*peakWeight, 2*e.peakBase))
+		e.peakAt = now
 	default:
 		// Faster: decay toward it over Decay, and by at least
 		// minWeight per observation, so a busy endpoint's average
