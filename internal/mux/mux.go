@@ -14,7 +14,10 @@
 // window: each stream has its own (Config.StreamWindow), so one stalled
 // stream can never hold back another's credit (the equal-window deadlock
 // ztunnel hit cannot happen), and a session buffers at most MaxStreams ×
-// StreamWindow.
+// StreamWindow, plus the unread data of streams that ended in both
+// directions: as in HTTP/2, a stream counts against MaxStreams until
+// each side has sent its END (or one reset it), not until its data is
+// read.
 //
 // Writes from all streams share one buffered writer: a writer flushes only
 // when no other writer is waiting, so frames ready at the same time leave
@@ -192,6 +195,7 @@ type Session struct {
 
 	mu       sync.Mutex
 	streams  map[uint32]*Stream
+	open     int    // streams counting against MaxStreams (Stream.counted)
 	nextID   uint32 // client: next stream ID to open
 	lastPeer uint32 // server: highest stream ID the peer opened
 	closed   bool
@@ -309,7 +313,7 @@ func (s *Session) Err() error {
 func (s *Session) Load() (streams int, available bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	n := len(s.streams)
+	n := s.open
 	return n, !s.closed && !s.goaway && n < s.cfg.maxStreams() && s.nextID < 1<<31-1
 }
 
@@ -350,7 +354,7 @@ func (s *Session) OpenWith(header, data []byte, end bool) (st *Stream, sent bool
 		switch {
 		case s.closed || s.goaway || s.nextID >= 1<<31-1:
 			openErr = ErrSessionClosed
-		case len(s.streams) >= s.cfg.maxStreams():
+		case s.open >= s.cfg.maxStreams():
 			openErr = errors.New("mux: session full")
 		}
 		if openErr != nil {
@@ -361,6 +365,8 @@ func (s *Session) OpenWith(header, data []byte, end bool) (st *Stream, sent bool
 		s.nextID += 2
 		st = newStream(s, id, nil)
 		s.streams[id] = st
+		st.counted = true
+		s.open++
 		s.idleAt = time.Time{}
 		s.mu.Unlock()
 		if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: header, EndHeaders: true}); err != nil {
@@ -369,8 +375,12 @@ func (s *Session) OpenWith(header, data []byte, end bool) (st *Stream, sent bool
 		if int64(len(data)) > st.sendWin || (len(data) == 0 && !end) {
 			return nil
 		}
+		// Under the stream's lock: the read loop reads both once the
+		// peer answers (it cannot have yet: these frames are not sent).
+		st.mu.Lock()
 		st.sendWin -= int64(len(data))
 		st.wclosed = end
+		st.mu.Unlock()
 		sent = true
 		return s.writeDataFrames(id, data, end)
 	})
@@ -629,13 +639,15 @@ func (s *Session) incoming(id uint32, f *http2.HeadersFrame) error {
 		return fmt.Errorf("mux: peer opened stream %d after %d", id, s.lastPeer)
 	}
 	s.lastPeer = id
-	if s.closed || len(s.streams) >= s.cfg.maxStreams() || len(f.HeaderBlockFragment()) > s.cfg.maxHeader() {
+	if s.closed || s.open >= s.cfg.maxStreams() || len(f.HeaderBlockFragment()) > s.cfg.maxHeader() {
 		s.mu.Unlock()
 		s.writeAsync(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
 		return nil
 	}
 	st := newStream(s, id, append([]byte(nil), f.HeaderBlockFragment()...))
 	s.streams[id] = st
+	st.counted = true
+	s.open++
 	s.idleAt = time.Time{}
 	s.mu.Unlock()
 	if f.StreamEnded() {
@@ -649,6 +661,17 @@ func (s *Session) incoming(id uint32, f *http2.HeadersFrame) error {
 	return nil
 }
 
+// ended stops st counting against MaxStreams: it ended in both
+// directions (its data may still be unread).
+func (s *Session) ended(st *Stream) {
+	s.mu.Lock()
+	if st.counted {
+		st.counted = false
+		s.open--
+	}
+	s.mu.Unlock()
+}
+
 func (s *Session) stream(id uint32) *Stream {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -657,6 +680,10 @@ func (s *Session) stream(id uint32) *Stream {
 
 func (s *Session) remove(id uint32) {
 	s.mu.Lock()
+	if st := s.streams[id]; st != nil && st.counted {
+		st.counted = false
+		s.open--
+	}
 	delete(s.streams, id)
 	if len(s.streams) == 0 && s.idleAt.IsZero() {
 		s.idleAt = time.Now()

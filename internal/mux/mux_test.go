@@ -119,6 +119,41 @@ func TestConcurrentOpens(t *testing.T) {
 	}
 }
 
+// A stream counts against MaxStreams until both sides sent their END, not
+// until its data is read: with a limit of one, a client that read the
+// server's END opens the next stream at once, though the server's app has
+// not read the first stream's request (as an HTTP/2 peer would).
+func TestEndedStreamFreesItsSlot(t *testing.T) {
+	held := make(chan *Stream, 4)
+	cli := pair(t, Config{MaxStreams: 1}, func(st *Stream) {
+		st.Accept()
+		st.Write([]byte("answer"))
+		st.CloseWrite()
+		held <- st // its request stays unread
+	})
+	for i := range 3 {
+		st, err := cli.Open(nil)
+		if err != nil {
+			t.Fatalf("stream %d: open: %v", i, err)
+		}
+		if err := st.Accepted(5 * time.Second); err != nil {
+			t.Fatalf("stream %d: %v (refused: the ended stream before it still held the slot)", i, err)
+		}
+		st.Write(bytes.Repeat([]byte{'r'}, 1000))
+		st.CloseWrite()
+		got, err := io.ReadAll(st)
+		if err != nil || string(got) != "answer" {
+			t.Fatalf("stream %d: read %q, %v", i, got, err)
+		}
+		st.Close()
+		select {
+		case <-held:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("stream %d: the server's handler never ran", i)
+		}
+	}
+}
+
 // The server half-closes first and still receives everything the client
 // sends afterwards, more than one window of it.
 func TestServerClosesFirst(t *testing.T) {

@@ -41,6 +41,7 @@ type Stream struct {
 	ack      bool // client: the server accepted the stream
 	ackCh    chan struct{}
 	closed   bool // removed from the session
+	counted  bool // guarded by s.mu: counts against the session's MaxStreams
 
 	rdl, wdl time.Time // deadlines
 	timer    *time.Timer
@@ -156,7 +157,11 @@ func (st *Stream) receive(data []byte, end bool) {
 			st.queued = true
 			st.s.queued = append(st.s.queued, st)
 		}
+		both := end && st.wclosed
 		st.mu.Unlock()
+		if both {
+			st.s.ended(st)
+		}
 		return
 	}
 	if len(data) > 0 && st.sinkRaw != nil && !st.draining && !st.sinkEnded && st.buffered == 0 {
@@ -192,7 +197,11 @@ func (st *Stream) receive(data []byte, end bool) {
 	} else {
 		cb = nil
 	}
+	both := end && st.wclosed
 	st.mu.Unlock()
+	if both {
+		st.s.ended(st)
+	}
 	if cb != nil {
 		cb(true)
 	}
@@ -550,7 +559,11 @@ func (st *Stream) write(b []byte, end bool) (int, error) {
 			st.wclosed = true
 			st.writable.Broadcast()
 		}
+		both := last && st.eof
 		st.mu.Unlock()
+		if both {
+			st.s.ended(st) // before the END leaves (CloseWrite)
+		}
 		chunk := b[:n]
 		if err := st.s.write(func(fr *http2.Framer) error { return st.s.writeDataFrames(st.id, chunk, last) }); err != nil {
 			return written, err
@@ -591,7 +604,11 @@ func (st *Stream) TryWrite(b []byte, end bool) (bool, error) {
 	}
 	st.sendWin -= int64(len(b))
 	st.wclosed = end
+	both := end && st.eof
 	st.mu.Unlock()
+	if both {
+		st.s.ended(st) // before the END leaves (CloseWrite)
+	}
 	err := st.s.write(func(fr *http2.Framer) error { return st.s.writeDataFrames(st.id, b, end) })
 	if end {
 		st.maybeDone()
@@ -617,13 +634,18 @@ func (st *Stream) CloseWrite() error {
 	}
 	st.wclosed = true
 	st.writable.Broadcast()
-	// The peer's end read already: the stream is over once this END
+	// The peer's end received already: the stream is over once this END
 	// leaves, and it stops counting against the session's limit before
 	// it does (as HTTP/2 closes a stream on sending its END after the
-	// peer's). Otherwise a peer that reads the END and opens another
-	// stream at once could be refused: the slot was still taken here.
+	// peer's), whether or not its data was read. Otherwise a peer that
+	// reads the END and opens another stream at once could be refused:
+	// the slot was still taken here.
+	both := st.eof
 	done := st.eof && st.buffered == 0 && st.reset == nil && !st.closed
 	st.mu.Unlock()
+	if both {
+		st.s.ended(st)
+	}
 	if done {
 		st.finish(nil)
 	}
