@@ -193,6 +193,9 @@ type Session struct {
 	lastRead  atomic.Int64
 	readSince atomic.Bool
 
+	async   atomic.Int32 // writeAsync's writes waiting
+	flooded atomic.Bool  // writeAsync passed maxAsyncWrites: the session ends
+
 	mu       sync.Mutex
 	streams  map[uint32]*Stream
 	open     int    // streams counting against MaxStreams (Stream.counted)
@@ -521,10 +524,32 @@ func (s *Session) Uncork() {
 }
 
 // writeAsync writes a control frame without blocking the caller (the read
-// loop must never wait on the connection's write side).
+// loop must never wait on the connection's write side). Past
+// maxAsyncWrites waiting at once (a peer that sends PINGs or opens
+// streams it will not read the answers of) the session ends: a goroutine
+// per frame would otherwise grow without bound.
 func (s *Session) writeAsync(f func(*http2.Framer) error) {
-	go s.write(f)
+	if s.async.Add(1) > maxAsyncWrites {
+		s.async.Add(-1)
+		if !s.flooded.Swap(true) {
+			// Not here: the caller may hold a stream's lock, which
+			// closing takes.
+			go s.closeWith(errControlFlood)
+		}
+		return
+	}
+	go func() {
+		s.write(f)
+		s.async.Add(-1)
+	}()
 }
+
+// maxAsyncWrites bounds the control frames waiting to be written (HTTP/2
+// servers close a connection at a similar count: x/net's at 10,000 queued
+// control frames).
+const maxAsyncWrites = 1000
+
+var errControlFlood = errors.New("mux: the peer sent more control frames than it read the answers of (over 1000 waiting)")
 
 func (s *Session) readLoop() {
 	for {

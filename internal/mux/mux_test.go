@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
 )
 
 // pair starts a server session on one end of a real TCP loopback
@@ -151,6 +153,34 @@ func TestEndedStreamFreesItsSlot(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatalf("stream %d: the server's handler never ran", i)
 		}
+	}
+}
+
+// A peer that sends PINGs while the session cannot write their acks (it
+// does not read them) ends the session once 1,000 wait, instead of
+// holding a goroutine per PING.
+func TestPingFloodEndsSession(t *testing.T) {
+	cc, sc := tcpPair(t)
+	srv := Server(NewWire(sc), Config{}, func(st *Stream) { st.Reset(CodeCancel) })
+	go srv.Serve()
+	cli := Client(NewWire(cc), Config{})
+	t.Cleanup(func() { cli.Close(); srv.Close() })
+
+	srv.wmu.Lock() // the server's writer is stuck: no ack leaves
+	base := runtime.NumGoroutine()
+	for i := range 1500 {
+		if err := cli.write(func(fr *http2.Framer) error { return fr.WritePing(false, [8]byte{byte(i)}) }); err != nil {
+			break // the server closed the connection
+		}
+	}
+	select {
+	case <-srv.Done():
+	case <-time.After(5 * time.Second):
+		t.Errorf("the session is still up after 1,500 PINGs with no ack written; %d goroutines more than before", runtime.NumGoroutine()-base)
+	}
+	srv.wmu.Unlock()
+	if err := srv.Err(); !errors.Is(err, errControlFlood) {
+		t.Errorf("session ended with %v, want the flood error", err)
 	}
 }
 
