@@ -54,8 +54,9 @@ test: lint unit fuzz compose-test systemd-test
 
 # bench: the benchmark harness (bench/, ~16 minutes on 2 cores, as root):
 # vmesh vs direct vs HAProxy on test-bed hosts (issues 13 and 14's rows:
-# HTTP/1.1, h2c, gRPC, WebSocket, opaque bulk and new connections, memory,
-# VIP balancing; see BENCHMARKS.md); prints a table, writes
+# HTTP/1.1, h2c, gRPC, WebSocket, opaque bulk and new connections, system
+# calls per request (perf), memory, VIP balancing; see BENCHMARKS.md);
+# prints a table, writes
 # bench/results/<date>.json and rewrites the results section of
 # BENCHMARKS.md. Then the packages' go test -bench micro-benchmarks.
 # BENCHFLAGS passes harness flags, e.g. BENCHFLAGS="-bench.rounds 1".

@@ -40,7 +40,7 @@ var (
 )
 
 // scenarios are the harness's scenarios, in the order they run.
-var scenarios = []string{"fixed", "max", "h2", "grpc", "ws", "bulk", "conns", "redis", "memory", "balance"}
+var scenarios = []string{"fixed", "max", "h2", "grpc", "ws", "bulk", "conns", "redis", "syscalls", "memory", "balance"}
 
 // nobody runs every load client: vmesh's rules never redirect the agent's
 // own uid (root here), so clients must run as another user to be captured.
@@ -192,7 +192,7 @@ func TestBench(t *testing.T) {
 		fn   func()
 	}{
 		{"fixed", r.fixedRate}, {"max", r.maxThroughput}, {"h2", r.h2load}, {"grpc", r.grpc}, {"ws", r.websocket},
-		{"bulk", r.bulk}, {"conns", r.newConns}, {"redis", r.redis},
+		{"bulk", r.bulk}, {"conns", r.newConns}, {"redis", r.redis}, {"syscalls", r.syscalls},
 	} {
 		if only(s.name) {
 			s.fn()

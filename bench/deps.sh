@@ -3,7 +3,7 @@
 # packages when missing (fortio comes from the Go module proxy, installed by
 # the harness itself). Needs root.
 set -euo pipefail
-pkgs=(iproute2 iptables util-linux nghttp2-client iperf3 redis-tools redis-server haproxy)
+pkgs=(iproute2 iptables util-linux nghttp2-client iperf3 redis-tools redis-server haproxy linux-perf)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

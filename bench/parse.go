@@ -478,3 +478,28 @@ func addrsIn(v any) []netip.Addr {
 	}
 	return nil
 }
+
+// ParsePerfStat reads `perf stat -x,` output: the count of each event by
+// its name. An event perf could not count is an error.
+func ParsePerfStat(s string) (map[string]int64, error) {
+	counts := map[string]int64{}
+	for _, line := range strings.Split(s, "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		f := strings.Split(line, ",")
+		if len(f) < 3 {
+			return nil, fmt.Errorf("perf stat: unexpected line %q", line)
+		}
+		n, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("perf stat: %s: not counted (%q)", f[2], f[0])
+		}
+		counts[f[2]] = n
+	}
+	if len(counts) == 0 {
+		return nil, fmt.Errorf("perf stat: no counts in %q", s)
+	}
+	return counts, nil
+}

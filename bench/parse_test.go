@@ -398,3 +398,19 @@ func TestAgentConfigTOML(t *testing.T) {
 		}
 	}
 }
+
+func TestParsePerfStat(t *testing.T) {
+	out := "# started on Fri Dec  4 23:59:01 2026\n\n109452,,raw_syscalls:sys_enter,645603,100.00,,\n1771,,context-switches,645603,100.00,,\n"
+	got, err := ParsePerfStat(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(map[string]int64{"raw_syscalls:sys_enter": 109452, "context-switches": 1771}, got); diff != "" {
+		t.Errorf("counts (-want +got):\n%s", diff)
+	}
+	for _, bad := range []string{"", "<not counted>,,context-switches,0,0.00,,\n", "garbage\n"} {
+		if _, err := ParsePerfStat(bad); err == nil {
+			t.Errorf("ParsePerfStat(%q): no error", bad)
+		}
+	}
+}
