@@ -10,10 +10,10 @@ import (
 	"time"
 )
 
-const gSys = "System calls and context switches of the proxies per operation (perf stat, both hosts, one run each)"
+const gSys = "System calls, context switches and page faults of the proxies per operation (perf stat, both hosts, one run each)"
 
-// syscalls counts the proxies' system calls and context switches per
-// operation under the HTTP/1.1, h2c, gRPC and WebSocket loads: where the
+// syscalls counts the proxies' system calls, context switches and page
+// faults per operation under the HTTP/1.1, h2c, gRPC and WebSocket loads: where the
 // kernel part of the CPU rows comes from, and how many times a request
 // wakes a proxy. One run each (counts, not timings, vary little), after
 // the measured rounds, so that perf's tracepoint does not slow them.
@@ -68,6 +68,7 @@ func (r *run) syscalls() {
 			}
 			r.report.Add(gSys, l.name+": system calls "+l.unit, "", "lower", c.name, float64(counts["raw_syscalls:sys_enter"])/float64(ops))
 			r.report.Add(gSys, l.name+": context switches "+l.unit, "", "lower", c.name, float64(counts["context-switches"])/float64(ops))
+			r.report.Add(gSys, l.name+": page faults "+l.unit, "", "lower", c.name, float64(counts["page-faults"])/float64(ops))
 		}
 	}
 }
@@ -80,7 +81,7 @@ func (r *run) perfStat(c *column, load func(*column) (int64, error)) (map[string
 		pids = append(pids, strconv.Itoa(p.pid))
 	}
 	out := filepath.Join(r.t.TempDir(), "perf.csv")
-	cmd := exec.Command("perf", "stat", "-x,", "-o", out, "-e", "raw_syscalls:sys_enter,context-switches", "-p", strings.Join(pids, ","))
+	cmd := exec.Command("perf", "stat", "-x,", "-o", out, "-e", "raw_syscalls:sys_enter,context-switches,page-faults", "-p", strings.Join(pids, ","))
 	if err := cmd.Start(); err != nil {
 		return nil, 0, err
 	}
