@@ -46,6 +46,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -194,6 +195,7 @@ type Session struct {
 	readSince atomic.Bool
 
 	async   atomic.Int32 // writeAsync's writes waiting
+	yield   atomic.Bool  // writeAsync started a write: the read loop lets it run
 	flooded atomic.Bool  // writeAsync passed maxAsyncWrites: the session ends
 
 	mu       sync.Mutex
@@ -542,6 +544,7 @@ func (s *Session) writeAsync(f func(*http2.Framer) error) {
 		s.write(f)
 		s.async.Add(-1)
 	}()
+	s.yield.Store(true)
 }
 
 // maxAsyncWrites bounds the control frames waiting to be written (HTTP/2
@@ -569,7 +572,16 @@ func (s *Session) readLoop() {
 		if !s.readSince.Load() {
 			s.readSince.Store(true)
 		}
-		if err := s.handle(f); err != nil {
+		err = s.handle(f)
+		if s.yield.Load() {
+			// A credit or an ack is waiting to be written: let it go
+			// now. On one core the read loop would otherwise keep the
+			// core until its socket is empty, and the peer, out of
+			// window, wait for the credit all that time.
+			s.yield.Store(false)
+			runtime.Gosched()
+		}
+		if err != nil {
 			s.write(func(fr *http2.Framer) error { return fr.WriteGoAway(0, http2.ErrCodeProtocol, nil) })
 			s.closeWith(err)
 			return
