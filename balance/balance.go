@@ -86,9 +86,9 @@ type endpoint struct {
 	ewma  float64 // nanoseconds
 	stamp time.Time
 	seen  bool // observed at least once: ewma is measured, not assumed
-	// The current stall: when its last slow answer came, and the average
-	// before it began.
-	peakAt   time.Time
+	// The current stall: when it began (its first slow answer came),
+	// and the average before it.
+	stallAt  time.Time
 	peakBase float64
 }
 
@@ -294,17 +294,18 @@ func (e *endpoint) observe(v float64, took time.Duration, failed bool, o Options
 		// halfway at once, but at most doubles it: an endpoint that
 		// stays slow is avoided after a few requests, one outlier (a GC
 		// pause) is not remembered for the whole decay time. Slow
-		// answers to requests that were in flight together (this one
-		// started before the previous slow answer came) are one stall
-		// of the endpoint, observed once: a VM descheduled for 10 ms
-		// with eight requests in flight doubles its average, not
-		// multiplies it by 2^8. Failures are not jitter: each one
-		// counts.
-		if failed || now.Sub(e.peakAt) >= took {
-			e.peakBase = e.ewma
+		// answers to requests that were in flight when a stall began
+		// (they started before its first slow answer came) are that
+		// stall, observed once: a VM descheduled for 10 ms with eight
+		// requests in flight doubles its average, not multiplies it by
+		// 2^8. A request started after it observes anew, so an endpoint
+		// that stays slow under load doubles its average once per round
+		// of requests until it reaches its latency. Failures are not
+		// jitter: each one counts.
+		if failed || !now.Add(-took).Before(e.stallAt) {
+			e.stallAt, e.peakBase = now, e.ewma
 		}
 		e.ewma = max(e.ewma, min(e.peakBase+(v-e.peakBase)*peakWeight, 2*e.peakBase))
-		e.peakAt = now
 	default:
 		// Faster: decay toward it over Decay, and by at least
 		// minWeight per observation, so a busy endpoint's average

@@ -385,7 +385,11 @@ func (s *Session) OpenWith(header, data []byte, end bool) (st *Stream, sent bool
 		st.mu.Lock()
 		st.sendWin -= int64(len(data))
 		st.wclosed = end
+		both := end && st.eof
 		st.mu.Unlock()
+		if both {
+			s.ended(st)
+		}
 		sent = true
 		return s.writeDataFrames(id, data, end)
 	})
@@ -456,6 +460,10 @@ func (s *Session) closeWith(err error) {
 	s.err = err
 	streams := s.streams
 	s.streams = map[uint32]*Stream{}
+	for _, st := range streams {
+		st.counted = false
+	}
+	s.open = 0
 	s.mu.Unlock()
 	s.conn.Close()
 	for _, st := range streams {
@@ -699,7 +707,13 @@ func (s *Session) incoming(id uint32, f *http2.HeadersFrame) error {
 }
 
 // ended stops st counting against MaxStreams: it ended in both
-// directions (its data may still be unread).
+// directions (its data may still be unread). When this side's END is the
+// last, ended runs under the write lock just before the END is written,
+// as HTTP/2 closes a stream on sending it: a server frees the slot before
+// its END can reach the client (which may open another stream the moment
+// it reads it), and a client cannot write a HEADERS opened in the freed
+// slot ahead of its END (the server would still count the stream, and
+// refuse the new one).
 func (s *Session) ended(st *Stream) {
 	s.mu.Lock()
 	if st.counted {

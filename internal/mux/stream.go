@@ -561,11 +561,13 @@ func (st *Stream) write(b []byte, end bool) (int, error) {
 		}
 		both := last && st.eof
 		st.mu.Unlock()
-		if both {
-			st.s.ended(st) // before the END leaves (CloseWrite)
-		}
 		chunk := b[:n]
-		if err := st.s.write(func(fr *http2.Framer) error { return st.s.writeDataFrames(st.id, chunk, last) }); err != nil {
+		if err := st.s.write(func(fr *http2.Framer) error {
+			if both {
+				st.s.ended(st) // before the END, under the write lock (Session.ended)
+			}
+			return st.s.writeDataFrames(st.id, chunk, last)
+		}); err != nil {
 			return written, err
 		}
 		written += int(n)
@@ -606,10 +608,12 @@ func (st *Stream) TryWrite(b []byte, end bool) (bool, error) {
 	st.wclosed = end
 	both := end && st.eof
 	st.mu.Unlock()
-	if both {
-		st.s.ended(st) // before the END leaves (CloseWrite)
-	}
-	err := st.s.write(func(fr *http2.Framer) error { return st.s.writeDataFrames(st.id, b, end) })
+	err := st.s.write(func(fr *http2.Framer) error {
+		if both {
+			st.s.ended(st) // before the END, under the write lock (Session.ended)
+		}
+		return st.s.writeDataFrames(st.id, b, end)
+	})
 	if end {
 		st.maybeDone()
 	}
@@ -634,22 +638,16 @@ func (st *Stream) CloseWrite() error {
 	}
 	st.wclosed = true
 	st.writable.Broadcast()
-	// The peer's end received already: the stream is over once this END
-	// leaves, and it stops counting against the session's limit before
-	// it does (as HTTP/2 closes a stream on sending its END after the
-	// peer's), whether or not its data was read. Otherwise a peer that
-	// reads the END and opens another stream at once could be refused:
-	// the slot was still taken here.
+	// The peer's end received already: the stream is over with this END
+	// and stops counting against the session's limit (Session.ended).
 	both := st.eof
-	done := st.eof && st.buffered == 0 && st.reset == nil && !st.closed
 	st.mu.Unlock()
-	if both {
-		st.s.ended(st)
-	}
-	if done {
-		st.finish(nil)
-	}
-	err := st.s.write(func(fr *http2.Framer) error { return fr.WriteData(st.id, true, nil) })
+	err := st.s.write(func(fr *http2.Framer) error {
+		if both {
+			st.s.ended(st)
+		}
+		return fr.WriteData(st.id, true, nil)
+	})
 	st.maybeDone()
 	return err
 }
