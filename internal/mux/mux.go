@@ -385,10 +385,9 @@ func (s *Session) OpenWith(header, data []byte, end bool) (st *Stream, sent bool
 		st.mu.Lock()
 		st.sendWin -= int64(len(data))
 		st.wclosed = end
-		both := end && st.eof
 		st.mu.Unlock()
-		if both {
-			s.ended(st)
+		if end {
+			st.endSending()
 		}
 		sent = true
 		return s.writeDataFrames(id, data, end)
@@ -708,7 +707,9 @@ func (s *Session) incoming(id uint32, f *http2.HeadersFrame) error {
 
 // ended stops st counting against MaxStreams: it ended in both
 // directions (its data may still be unread). When this side's END is the
-// last, ended runs under the write lock just before the END is written,
+// last, ended runs under the write lock just before the END is written
+// (Stream.endSending; the read loop frees the slot on the peer's END only
+// once this side's is written or being written),
 // as HTTP/2 closes a stream on sending it: a server frees the slot before
 // its END can reach the client (which may open another stream the moment
 // it reads it), and a client cannot write a HEADERS opened in the freed

@@ -42,6 +42,7 @@ type Stream struct {
 	ackCh    chan struct{}
 	closed   bool // removed from the session
 	counted  bool // guarded by s.mu: counts against the session's MaxStreams
+	endSent  bool // this side's END is written (or being written, under the write lock)
 
 	rdl, wdl time.Time // deadlines
 	timer    *time.Timer
@@ -157,7 +158,7 @@ func (st *Stream) receive(data []byte, end bool) {
 			st.queued = true
 			st.s.queued = append(st.s.queued, st)
 		}
-		both := end && st.wclosed
+		both := end && st.endSent
 		st.mu.Unlock()
 		if both {
 			st.s.ended(st)
@@ -197,7 +198,7 @@ func (st *Stream) receive(data []byte, end bool) {
 	} else {
 		cb = nil
 	}
-	both := end && st.wclosed
+	both := end && st.endSent
 	st.mu.Unlock()
 	if both {
 		st.s.ended(st)
@@ -559,12 +560,11 @@ func (st *Stream) write(b []byte, end bool) (int, error) {
 			st.wclosed = true
 			st.writable.Broadcast()
 		}
-		both := last && st.eof
 		st.mu.Unlock()
 		chunk := b[:n]
 		if err := st.s.write(func(fr *http2.Framer) error {
-			if both {
-				st.s.ended(st) // before the END, under the write lock (Session.ended)
+			if last {
+				st.endSending()
 			}
 			return st.s.writeDataFrames(st.id, chunk, last)
 		}); err != nil {
@@ -606,11 +606,10 @@ func (st *Stream) TryWrite(b []byte, end bool) (bool, error) {
 	}
 	st.sendWin -= int64(len(b))
 	st.wclosed = end
-	both := end && st.eof
 	st.mu.Unlock()
 	err := st.s.write(func(fr *http2.Framer) error {
-		if both {
-			st.s.ended(st) // before the END, under the write lock (Session.ended)
+		if end {
+			st.endSending()
 		}
 		return st.s.writeDataFrames(st.id, b, end)
 	})
@@ -638,18 +637,27 @@ func (st *Stream) CloseWrite() error {
 	}
 	st.wclosed = true
 	st.writable.Broadcast()
-	// The peer's end received already: the stream is over with this END
-	// and stops counting against the session's limit (Session.ended).
-	both := st.eof
 	st.mu.Unlock()
 	err := st.s.write(func(fr *http2.Framer) error {
-		if both {
-			st.s.ended(st)
-		}
+		st.endSending()
 		return fr.WriteData(st.id, true, nil)
 	})
 	st.maybeDone()
 	return err
+}
+
+// endSending marks this side's END as written: the caller holds the
+// session's write lock and writes the END next. When the peer's END came
+// already the stream is over, and stops counting against the session's
+// limit now (Session.ended).
+func (st *Stream) endSending() {
+	st.mu.Lock()
+	st.endSent = true
+	both := st.eof
+	st.mu.Unlock()
+	if both {
+		st.s.ended(st)
+	}
 }
 
 // CloseRead tells the stream this side will read no more. The peer is not
