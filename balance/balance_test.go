@@ -330,3 +330,41 @@ func simulate(t *testing.T, n, inflight int, latency func(key string, start time
 	}
 	return got
 }
+
+// An endpoint whose first answer was slow (a fresh connection: the peer
+// finishes its TLS handshake and dials its service inside it) is shared
+// again soon once it answers as fast as the other, though both answer in
+// a fraction of a millisecond, where ratios are large and mean nothing.
+// (Seen on the compose example after a restart: 195 requests of 200 to
+// one host, the other's worst answer 2-3 ms.) The cold endpoint waits
+// for an exploration to be measured again, so a few runs in a hundred
+// still give it less than a fifth: 3-22 of 200 runs here, 75-89 without
+// the cost floor.
+func TestSubMillisecondColdStartRecovers(t *testing.T) {
+	short := 0
+	for range 200 {
+		clk := newClock()
+		b := New(Options{Now: clk.now})
+		b.Update(two(100, 100))
+		first := map[string]bool{}
+		got := map[string]int{}
+		for range 200 {
+			c, _ := b.Pick(nil)
+			got[c.Key]++
+			l := 150 * time.Microsecond
+			if c.Key == "a" && !first["a"] {
+				l = 2500 * time.Microsecond
+			}
+			first[c.Key] = true
+			clk.add(l)
+			c.Observe(l, nil)
+			c.Release()
+		}
+		if got["a"] < 40 {
+			short++
+		}
+	}
+	if short > 30 {
+		t.Errorf("a, slow only on its first answer: under 40 of 200 requests in %d of 200 runs", short)
+	}
+}
