@@ -144,11 +144,7 @@ type Choice struct {
 // Observe records how long the request took to answer (HTTP: to the
 // response headers) or the connection to open (TCP), or that it failed.
 func (c *Choice) Observe(latency time.Duration, err error) {
-	v := float64(latency)
-	if err != nil {
-		v = max(v, c.b.opts.penalty())
-	}
-	c.ep.observe(v, latency, err != nil, c.b.opts)
+	c.ep.observe(latency, err != nil, c.b.opts)
 }
 
 // Release ends the request or connection: it no longer counts as in
@@ -290,9 +286,13 @@ func (e *endpoint) decayed(now time.Time, o Options) float64 {
 	return e.ewma * math.Exp(-dt/o.decay())
 }
 
-// observe records v, the latency of a request that took took, or the
-// failure penalty of one that failed.
-func (e *endpoint) observe(v float64, took time.Duration, failed bool, o Options) {
+// observe records a request that took took, or failed after it (counted
+// as at least the failure penalty).
+func (e *endpoint) observe(took time.Duration, failed bool, o Options) {
+	v := float64(took)
+	if failed {
+		v = max(v, o.penalty())
+	}
 	now := o.now()
 	e.mu.Lock()
 	defer e.mu.Unlock()
