@@ -127,16 +127,21 @@ func (r *run) maxThroughput() {
 	}
 }
 
+// runH2load runs h2load (h2c, 8 connections × 10 streams) for secs
+// seconds.
+func (r *run) runH2load(c *column, secs int) (H2loadResult, error) {
+	out, err := r.client(c, time.Duration(secs+60)*time.Second, "h2load", "-c", "8", "-m", "10", "-D", strconv.Itoa(secs), c.url("/"))
+	if err != nil {
+		return H2loadResult{}, err
+	}
+	return ParseH2load(out)
+}
+
 func (r *run) h2load() {
 	r.rounds("h2load", "h2", func(c *column, round int) error {
 		var res H2loadResult
-		u, err := c.during(func() error {
-			out, err := r.client(c, *flagDur+time.Minute, "h2load", "-c", "8", "-m", "10",
-				"-D", strconv.Itoa(int(flagDur.Seconds())), c.url("/"))
-			if err != nil {
-				return err
-			}
-			res, err = ParseH2load(out)
+		u, err := c.during(func() (err error) {
+			res, err = r.runH2load(c, int(flagDur.Seconds()))
 			return err
 		})
 		if err != nil {
@@ -156,7 +161,7 @@ func (r *run) h2load() {
 	r.flushPeaks(gH2)
 	if *flagPprof {
 		r.profile("h2load h2c, 8 connections × 10 streams", "h2load", func(c *column, secs int) {
-			r.client(c, time.Duration(secs+60)*time.Second, "h2load", "-c", "8", "-m", "10", "-D", strconv.Itoa(secs), c.url("/"))
+			r.runH2load(c, secs)
 		})
 	}
 }
@@ -176,6 +181,16 @@ func (r *run) loopClient(c *column, dur time.Duration, args ...string) (LoopResu
 	return res, u, err
 }
 
+// grpcLoop runs benchtool grpc with conc callers on one connection.
+func (r *run) grpcLoop(c *column, dur time.Duration, conc int) (LoopResult, usage, error) {
+	return r.loopClient(c, dur, "grpc", "-addr", c.target["grpc"], "-c", strconv.Itoa(conc))
+}
+
+// wsLoop runs benchtool ws: 16 WebSocket connections echoing in turn.
+func (r *run) wsLoop(c *column, dur time.Duration) (LoopResult, usage, error) {
+	return r.loopClient(c, dur, "ws", "-url", "ws://"+c.target["http"]+"/ws", "-c", "16")
+}
+
 func (r *run) grpc() {
 	for _, conc := range []int{1, 16} {
 		name := "sequential"
@@ -183,7 +198,7 @@ func (r *run) grpc() {
 			name = fmt.Sprintf("%d concurrent callers, one client connection", conc)
 		}
 		r.rounds("grpc "+name, "grpc", func(c *column, round int) error {
-			res, u, err := r.loopClient(c, *flagDur, "grpc", "-addr", c.target["grpc"], "-c", strconv.Itoa(conc))
+			res, u, err := r.grpcLoop(c, *flagDur, conc)
 			if err != nil {
 				return err
 			}
@@ -197,17 +212,17 @@ func (r *run) grpc() {
 	r.flushPeaks(gGRPC)
 	if *flagPprof {
 		r.profile("gRPC unary calls, sequential", "grpc1", func(c *column, secs int) {
-			r.client(c, time.Duration(secs+60)*time.Second, r.tools.benchtool, "grpc", "-addr", c.target["grpc"], "-c", "1", "-t", strconv.Itoa(secs)+"s")
+			r.grpcLoop(c, time.Duration(secs)*time.Second, 1)
 		})
 		r.profile("gRPC unary calls, 16 concurrent callers", "grpc16", func(c *column, secs int) {
-			r.client(c, time.Duration(secs+60)*time.Second, r.tools.benchtool, "grpc", "-addr", c.target["grpc"], "-c", "16", "-t", strconv.Itoa(secs)+"s")
+			r.grpcLoop(c, time.Duration(secs)*time.Second, 16)
 		})
 	}
 }
 
 func (r *run) websocket() {
 	r.rounds("websocket", "ws", func(c *column, round int) error {
-		res, u, err := r.loopClient(c, *flagDur, "ws", "-url", "ws://"+c.target["http"]+"/ws", "-c", "16")
+		res, u, err := r.wsLoop(c, *flagDur)
 		if err != nil {
 			return err
 		}

@@ -31,23 +31,19 @@ func (r *run) syscalls() {
 			return res.Count, err
 		}},
 		{"h2load h2c, 8 connections × 10 streams", "per request", func(c *column) (int64, error) {
-			out, err := r.client(c, *flagDur+time.Minute, "h2load", "-c", "8", "-m", "10", "-D", strconv.Itoa(int(flagDur.Seconds())), c.url("/"))
-			if err != nil {
-				return 0, err
-			}
-			res, err := ParseH2load(out)
+			res, err := r.runH2load(c, int(flagDur.Seconds()))
 			return res.Succeeded, err
 		}},
 		{"gRPC sequential", "per call", func(c *column) (int64, error) {
-			res, _, err := r.loopClient(c, *flagDur, "grpc", "-addr", c.target["grpc"], "-c", "1")
+			res, _, err := r.grpcLoop(c, *flagDur, 1)
 			return res.Ops, err
 		}},
 		{"gRPC 16 concurrent callers", "per call", func(c *column) (int64, error) {
-			res, _, err := r.loopClient(c, *flagDur, "grpc", "-addr", c.target["grpc"], "-c", "16")
+			res, _, err := r.grpcLoop(c, *flagDur, 16)
 			return res.Ops, err
 		}},
 		{"WebSocket echo, 16 connections", "per message", func(c *column) (int64, error) {
-			res, _, err := r.loopClient(c, *flagDur, "ws", "-url", "ws://"+c.target["http"]+"/ws", "-c", "16")
+			res, _, err := r.wsLoop(c, *flagDur)
 			return res.Ops, err
 		}},
 	}
